@@ -1,0 +1,203 @@
+//! The example app that rolld runs in `examples/rolld.yml` and in its tests.
+//!
+//! `rolld-example-backend PORT [--unhealthy] [--start-delay MS]` listens on 127.0.0.1:PORT:
+//! - `GET /` answers `hello from PORT (pid PID)`;
+//! - `?delay=MS` on any path delays the answer;
+//! - `GET /pid` answers the pid; `GET /health` answers 200 (503 with `--unhealthy`);
+//! - `GET /stream?chunks=N&delay=MS` streams N numbered chunks, MS apart;
+//! - `GET /bytes?n=N` answers N bytes;
+//! - `POST` (any path) echoes the request body;
+//! - a request with `Upgrade:` switches protocols (101) and echoes raw bytes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+struct Options {
+    port: u16,
+    unhealthy: bool,
+    start_delay: Duration,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut args = std::env::args().skip(1);
+    let mut port = None;
+    let mut unhealthy = false;
+    let mut start_delay = Duration::ZERO;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--unhealthy" => unhealthy = true,
+            "--start-delay" => {
+                let ms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--start-delay takes milliseconds")?;
+                start_delay = Duration::from_millis(ms);
+            }
+            "--port" => port = args.next().and_then(|v| v.parse().ok()),
+            other => {
+                port = Some(
+                    other
+                        .parse()
+                        .map_err(|_| format!("`{other}` is not a port"))?,
+                )
+            }
+        }
+    }
+    let port = port.ok_or("usage: rolld-example-backend PORT [--unhealthy] [--start-delay MS]")?;
+    Ok(Options {
+        port,
+        unhealthy,
+        start_delay,
+    })
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    port: u16,
+    unhealthy: bool,
+) -> Result<Response<Body>, Infallible> {
+    if let Some(ms) = query(&req, "delay") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if req.headers().contains_key(http::header::UPGRADE) {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut response = Response::new(full(Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        response.headers_mut().insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_static("echo"),
+        );
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        return Ok(response);
+    }
+    if req.method() == Method::POST {
+        return Ok(Response::new(req.into_body().boxed()));
+    }
+    let response = match req.uri().path() {
+        "/pid" => Response::new(full(std::process::id().to_string())),
+        "/health" if unhealthy => {
+            let mut r = Response::new(full("unhealthy\n"));
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            r
+        }
+        "/health" => Response::new(full("ok\n")),
+        "/bytes" => {
+            let n = query(&req, "n").unwrap_or(0) as usize;
+            Response::new(full(vec![b'x'; n]))
+        }
+        "/stream" => {
+            let chunks = query(&req, "chunks").unwrap_or(3);
+            let pause = Duration::from_millis(query(&req, "chunk_delay").unwrap_or(10));
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(async move {
+                for i in 0..chunks {
+                    if tx.send(Bytes::from(format!("chunk {i}\n"))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            });
+            Response::new(Chunks(rx).boxed())
+        }
+        _ => Response::new(full(format!(
+            "hello from {port} (pid {})\n",
+            std::process::id()
+        ))),
+    };
+    Ok(response)
+}
+
+/// A body fed by a channel: each message is one chunk on the wire.
+struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let options = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("rolld-example-backend: {e}");
+            std::process::exit(2);
+        }
+    };
+    tokio::time::sleep(options.start_delay).await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], options.port));
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("rolld-example-backend: cannot listen on {addr}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!("listening on {addr} (pid {})", std::process::id());
+    let (port, unhealthy) = (options.port, options.unhealthy);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, port, unhealthy));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}

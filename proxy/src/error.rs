@@ -1,0 +1,61 @@
+//! Why the proxy answered a request itself, and the one mapping to a status code.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::ResponseBody;
+
+/// A request the proxy could not pass to an upstream, or whose upstream failed.
+/// Details go to the log; the client gets only the status and a generic line.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no upstream is ready")]
+    NoUpstream,
+    #[error("connecting to {upstream} failed: {source}")]
+    Connect {
+        upstream: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("upstream {upstream} failed: {source}")]
+    Upstream {
+        upstream: std::net::SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("every attempt to send the request failed")]
+    Exhausted,
+    #[error("request is not valid for forwarding: {0}")]
+    BadRequest(&'static str),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Exhausted => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The answer the client sees.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let status = self.status();
+        let body = match status {
+            StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable\n",
+            StatusCode::BAD_GATEWAY => "502 Bad Gateway\n",
+            _ => "400 Bad Request\n",
+        };
+        let mut response = Response::new(ResponseBody::full(Bytes::from_static(body.as_bytes())));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,274 @@
+//! Forwarding one request: route it, rewrite it, send it, and hand back a response
+//! whose body carries the request's lease.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::PathAndQuery;
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use crate::body::{RequestBody, ResponseBody, UpstreamBody};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::pool::Conn;
+use crate::upstream::{InFlight, Upstreams};
+
+/// Settings of the forwarding path.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Longest wait for a TCP connection to an upstream.
+    pub connect_timeout: Duration,
+    /// How long an upstream whose connect failed is skipped by the balancer.
+    pub down_period: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout: Duration::from_secs(5),
+            down_period: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The reverse proxy: shared by every connection of the front listener.
+#[derive(Debug)]
+pub struct Proxy {
+    upstreams: Arc<Upstreams>,
+    config: ProxyConfig,
+}
+
+/// Who is on the other end of a front connection, computed once per connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Client { addr, ip }
+    }
+}
+
+impl Proxy {
+    pub fn new(upstreams: Arc<Upstreams>, config: ProxyConfig) -> Self {
+        Proxy { upstreams, config }
+    }
+
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
+    }
+
+    /// Answers one client request, from an upstream or with an error of the proxy's own.
+    pub async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<ResponseBody> {
+        let method = req.method().clone();
+        match self.forward(req, client).await {
+            Ok(response) => response,
+            Err(err) => {
+                match &err {
+                    ProxyError::NoUpstream => debug!(client = %client.addr, %method, "503: {err}"),
+                    _ => warn!(client = %client.addr, %method, "{}: {err}", err.status().as_u16()),
+                }
+                err.into_response()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client: &Client,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let mut lease = InFlight::route(self.upstreams.current()).ok_or(ProxyError::NoUpstream)?;
+        let upgrade = headers::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        if parts.headers.get(header::HOST).is_none() {
+            // HTTP/2 and absolute-form requests carry the host in the URI instead.
+            if let Some(value) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+        parts.uri = origin_form(&parts.uri);
+        parts.version = http::Version::HTTP_11;
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        headers::set_forwarded(&mut parts.headers, &client.ip);
+        // A request without a body and with an idempotent method can be sent again if
+        // a reused connection turns out dead after it was written (the app crashed, or
+        // closed the idle connection at that moment). Keep what it takes to rebuild it
+        // only when that can happen.
+        let replay = (body.is_end_stream() && parts.method.is_idempotent() && !upgrade)
+            .then(|| Replay::of(&parts));
+        let req = Request::from_parts(parts, RequestBody::new(body));
+        let (mut response, conn) = self.send(req, replay, &mut lease).await?;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, lease));
+                let (parts, _) = response.into_parts();
+                return Ok(Response::from_parts(parts, ResponseBody::empty()));
+            }
+        }
+
+        let (mut parts, body) = response.into_parts();
+        // A message with both framings is ambiguous: keep the chunked framing hyper
+        // decoded, and do not reuse a connection that spoke that way.
+        let reusable = !(parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts.headers.contains_key(header::CONTENT_LENGTH));
+        if !reusable {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        let conn = reusable.then_some(conn);
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::Upstream(UpstreamBody::new(body, lease, conn)),
+        ))
+    }
+}
+
+impl Proxy {
+    /// Sends `req` to the lease's upstream. Connect failures move the request to another
+    /// upstream of the set (nothing was sent, so any method is safe); a dead reused
+    /// connection gets the request again on a fresh one when it was never written, or
+    /// when `replay` says it can be rebuilt.
+    async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+        mut replay: Option<Replay>,
+        lease: &mut InFlight,
+    ) -> Result<(Response<Incoming>, Conn), ProxyError> {
+        let mut fresh = false;
+        for _attempt in 0..MAX_ATTEMPTS {
+            let upstream = lease.upstream().clone();
+            let checkout = if fresh {
+                upstream.pool.connect(self.config.connect_timeout).await
+            } else {
+                upstream.pool.checkout(self.config.connect_timeout).await
+            };
+            let mut conn = match checkout {
+                Ok(conn) => conn,
+                Err(source) => {
+                    upstream.mark_down_for(self.config.down_period);
+                    if !lease.reroute() {
+                        return Err(ProxyError::Connect {
+                            upstream: upstream.addr(),
+                            source,
+                        });
+                    }
+                    warn!(upstream = %upstream.addr(), error = %source, "connect failed, trying another upstream");
+                    continue;
+                }
+            };
+            let mut err = match conn.sender.try_send_request(req).await {
+                Ok(response) => return Ok((response, conn)),
+                Err(err) => err,
+            };
+            let retry = match err.take_message() {
+                Some(unsent) => Some(unsent),
+                None if conn.reused => replay.take().map(Replay::build),
+                None => None,
+            };
+            match retry {
+                Some(again) if conn.reused => {
+                    debug!(upstream = %upstream.addr(), error = %err.error(), "reused connection failed; sending again on a new one");
+                    req = again;
+                    fresh = true;
+                }
+                _ => {
+                    return Err(ProxyError::Upstream {
+                        upstream: upstream.addr(),
+                        source: err.into_error(),
+                    })
+                }
+            }
+        }
+        Err(ProxyError::Exhausted)
+    }
+}
+
+/// Attempts at sending one request: connects to other upstreams and resends together.
+const MAX_ATTEMPTS: usize = 4;
+
+/// What it takes to send a body-less request again.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of(parts: &http::request::Parts) -> Self {
+        Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        }
+    }
+
+    fn build(self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// The request target as an upstream expects it: path and query only.
+fn origin_form(uri: &Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri.clone();
+    }
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::from(path)
+}
+
+/// Carries bytes both ways after a protocol switch. The lease lives as long as the
+/// tunnel, so a drain waits for the upgraded connection to close.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    lease: InFlight,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            debug!(upstream = %lease.upstream().addr(), error = %err, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        debug!(upstream = %lease.upstream().addr(), error = %err, "upgraded connection ended");
+    }
+    drop(lease);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let uri: Uri = "http://example.test/a?b=1".parse().expect("uri");
+        assert_eq!(origin_form(&uri), "/a?b=1");
+        let uri: Uri = "/x".parse().expect("uri");
+        assert_eq!(origin_form(&uri), "/x");
+    }
+}

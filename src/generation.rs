@@ -1,0 +1,375 @@
+//! One generation: the set of app processes started together by one roll.
+//!
+//! Each process has a keeper task that starts it, restarts it with backoff if it dies
+//! while its generation serves, and stops its whole process group when told to (or
+//! when the [`Generation`] is dropped). The proxy's view of each process, its
+//! [`Upstream`], is marked unavailable while the process is down.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use rolld_proxy::{Upstream, UpstreamSet};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, Health};
+use crate::guard::Guard;
+use crate::health::{self, StartFailed};
+use crate::output::{self, Sink};
+use crate::process::{self, Exit, Reaper, Spawner, Spec};
+
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A process that ran this long without dying starts its next backoff from the minimum.
+const HEALTHY_RESET: Duration = Duration::from_secs(60);
+
+/// How to stop a process group.
+#[derive(Clone, Copy, Debug)]
+pub struct StopHow {
+    pub signal: Signal,
+    pub timeout: Duration,
+}
+
+impl StopHow {
+    pub fn from_config(config: &Config) -> Self {
+        StopHow {
+            signal: config.app.stop_signal,
+            timeout: config.app.stop_timeout,
+        }
+    }
+}
+
+/// What every keeper shares: the machinery to start, reap and guard processes.
+pub struct Context {
+    pub spawner: Spawner,
+    pub reaper: Reaper,
+    pub guard: Arc<Guard>,
+    /// Set once, on shutdown: every keeper stops its process this way.
+    pub shutdown: watch::Receiver<Option<StopHow>>,
+    /// Never sent on: every keeper holds the context, so the receiver sees the channel
+    /// close when the last keeper (and the supervisor) let go of it.
+    #[allow(dead_code)]
+    pub alive: mpsc::Sender<()>,
+}
+
+/// A process's state as its keeper reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcessState {
+    Starting,
+    Running(Pid),
+    Restarting,
+    /// Exited, and not restarted (its generation was not serving).
+    Exited(String),
+    Stopped,
+}
+
+struct Process {
+    port: u16,
+    state: watch::Receiver<ProcessState>,
+    stop: Option<oneshot::Sender<StopHow>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// One set of processes, from start to stop.
+pub struct Generation {
+    pub id: u64,
+    pub ports: Vec<u16>,
+    processes: Vec<Process>,
+    /// While true, a process that dies is restarted; before the swap, it fails the roll.
+    serving: Arc<AtomicBool>,
+}
+
+impl Generation {
+    /// Starts one process per port. `set` is the proxy's view of them, if there is a proxy.
+    pub fn spawn(
+        ctx: &Arc<Context>,
+        id: u64,
+        ports: &[u16],
+        config: &Config,
+        set: Option<&UpstreamSet>,
+    ) -> Generation {
+        let serving = Arc::new(AtomicBool::new(false));
+        let processes = ports
+            .iter()
+            .map(|&port| {
+                let (state_tx, state) = watch::channel(ProcessState::Starting);
+                let (stop, stop_rx) = oneshot::channel();
+                let keeper = Keeper {
+                    ctx: ctx.clone(),
+                    generation: id,
+                    port,
+                    spec: spec_for(config, port),
+                    stdout: sink(config.app.stdout.as_deref(), port, Sink::Stdout),
+                    stderr: sink(config.app.stderr.as_deref(), port, Sink::Stderr),
+                    health: config.app.health.clone(),
+                    upstream: set.and_then(|s| s.get(health::local(port)).cloned()),
+                    serving: serving.clone(),
+                    state: state_tx,
+                    default_stop: StopHow::from_config(config),
+                };
+                let done = tokio::spawn(keeper.run(stop_rx));
+                Process {
+                    port,
+                    state,
+                    stop: Some(stop),
+                    done: Some(done),
+                }
+            })
+            .collect();
+        Generation {
+            id,
+            ports: ports.to_vec(),
+            processes,
+            serving,
+        }
+    }
+
+    /// Waits until every process passes its health check; the first failure ends the wait.
+    pub async fn wait_ready(&self, health: &crate::config::Health) -> Result<(), StartFailed> {
+        let mut waits = JoinSet::new();
+        for p in &self.processes {
+            let (port, state, health) = (p.port, p.state.clone(), health.clone());
+            waits.spawn(async move { health::wait_ready(port, &health, state).await });
+        }
+        while let Some(result) = waits.join_next().await {
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(failed)) => return Err(failed),
+                Err(join) => {
+                    return Err(StartFailed::Exited {
+                        port: 0,
+                        how: format!("health check task failed: {join}"),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// From now on a process that dies is restarted (true), or left dead (false).
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::SeqCst);
+    }
+
+    /// Process ids of the running processes, for logs.
+    pub fn pids(&self) -> Vec<i32> {
+        self.processes
+            .iter()
+            .filter_map(|p| match &*p.state.borrow() {
+                ProcessState::Running(pid) => Some(pid.as_raw()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Stops every process group (`how.signal`, then SIGKILL after `how.timeout`) and
+    /// waits until all are gone and reaped.
+    pub async fn terminate(mut self, how: StopHow) {
+        self.set_serving(false);
+        for p in &mut self.processes {
+            if let Some(stop) = p.stop.take() {
+                let _ = stop.send(how);
+            }
+        }
+        for p in &mut self.processes {
+            if let Some(done) = p.done.take() {
+                let _ = done.await;
+            }
+        }
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Dropping the stop senders tells each keeper to stop its process; the keepers
+        // are tracked by `Context::alive`, so shutdown still waits for them.
+        self.set_serving(false);
+    }
+}
+
+fn spec_for(config: &Config, port: u16) -> Spec {
+    let mut environment = vec![("PORT".to_string(), port.to_string())];
+    environment.extend(config.app.environment.iter().cloned());
+    Spec {
+        argv: config.command_for(port),
+        directory: config.app.directory.clone(),
+        environment,
+        capture_output: true,
+    }
+}
+
+fn sink(path: Option<&std::path::Path>, port: u16, default: Sink) -> Sink {
+    match path {
+        Some(path) => Sink::File(crate::config::fill(&path.display().to_string(), port).into()),
+        None => default,
+    }
+}
+
+struct Keeper {
+    ctx: Arc<Context>,
+    generation: u64,
+    port: u16,
+    spec: Spec,
+    stdout: Sink,
+    stderr: Sink,
+    health: Health,
+    upstream: Option<Arc<Upstream>>,
+    serving: Arc<AtomicBool>,
+    state: watch::Sender<ProcessState>,
+    default_stop: StopHow,
+}
+
+/// Why a keeper's wait on its running process ended.
+enum Ended {
+    Exited(Option<Exit>),
+    Stop(StopHow),
+}
+
+impl Keeper {
+    async fn run(self, mut stop: oneshot::Receiver<StopHow>) {
+        let mut shutdown = self.ctx.shutdown.clone();
+        let port = self.port;
+        let mut backoff = BACKOFF_MIN;
+        let mut restarted = false;
+        loop {
+            let started = Instant::now();
+            let ended = match self.start().await {
+                Err(err) => {
+                    error!(port, error = %err, command = ?self.spec.argv, "cannot start process");
+                    Ended::Exited(None)
+                }
+                Ok(pid) => {
+                    let mut exit = self.ctx.reaper.wait(pid);
+                    let ended = self
+                        .watch(pid, restarted, &mut exit, &mut stop, &mut shutdown)
+                        .await;
+                    match ended {
+                        Ended::Stop(how) => {
+                            let status = process::terminate(
+                                pid,
+                                &mut exit,
+                                how.signal,
+                                how.timeout,
+                                &self.ctx.guard,
+                            )
+                            .await;
+                            let status =
+                                status.map_or_else(|| "unknown".to_string(), |s| s.to_string());
+                            info!(generation = self.generation, port, pid = pid.as_raw(), %status, "process stopped");
+                            self.state.send_replace(ProcessState::Stopped);
+                            return;
+                        }
+                        Ended::Exited(status) => {
+                            // Its workers, if any, go with it.
+                            process::signal_group(pid, Signal::SIGKILL);
+                            self.ctx.guard.forget(pid);
+                            Ended::Exited(status)
+                        }
+                    }
+                }
+            };
+            let Ended::Exited(status) = ended else { return };
+            let how = status.map_or_else(|| "could not start".to_string(), |s| s.to_string());
+            if let Some(upstream) = &self.upstream {
+                upstream.set_available(false);
+            }
+            if !self.serving.load(Ordering::SeqCst) {
+                self.state.send_replace(ProcessState::Exited(how));
+                return;
+            }
+            if started.elapsed() >= HEALTHY_RESET {
+                backoff = BACKOFF_MIN;
+            }
+            error!(
+                generation = self.generation,
+                port,
+                "process exited unexpectedly ({how}); restarting in {}",
+                humantime::format_duration(backoff)
+            );
+            self.state.send_replace(ProcessState::Restarting);
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = &mut stop => { self.state.send_replace(ProcessState::Stopped); return; }
+                _ = shutdown.wait_for(Option::is_some) => { self.state.send_replace(ProcessState::Stopped); return; }
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            restarted = true;
+        }
+    }
+
+    async fn start(&self) -> std::io::Result<Pid> {
+        let mut child = self.ctx.spawner.spawn(self.spec.clone()).await?;
+        let pid = Pid::from_raw(child.id() as i32);
+        self.ctx.guard.watch(pid);
+        if let Some(out) = child.stdout.take() {
+            output::capture(OwnedFd::from(out), self.port, self.stdout.clone());
+        }
+        if let Some(err) = child.stderr.take() {
+            output::capture(OwnedFd::from(err), self.port, self.stderr.clone());
+        }
+        info!(
+            generation = self.generation,
+            port = self.port,
+            pid = pid.as_raw(),
+            "process started"
+        );
+        self.state.send_replace(ProcessState::Running(pid));
+        Ok(pid)
+    }
+
+    /// Waits while the process runs. After a restart the proxy routes to it again only
+    /// once it passes its health check.
+    async fn watch(
+        &self,
+        pid: Pid,
+        restarted: bool,
+        exit: &mut oneshot::Receiver<Exit>,
+        stop: &mut oneshot::Receiver<StopHow>,
+        shutdown: &mut watch::Receiver<Option<StopHow>>,
+    ) -> Ended {
+        let ready = async {
+            if restarted {
+                health::wait_ready(self.port, &self.health, self.state.subscribe()).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::pin!(ready);
+        let mut checking = restarted;
+        loop {
+            tokio::select! {
+                result = &mut ready, if checking => {
+                    checking = false;
+                    match result {
+                        Ok(()) => {
+                            info!(generation = self.generation, port = self.port, pid = pid.as_raw(), "restarted process is ready");
+                            if let Some(upstream) = &self.upstream {
+                                upstream.set_available(true);
+                            }
+                        }
+                        Err(failed) => {
+                            warn!(port = self.port, "{failed}; killing it to try again");
+                            process::signal_group(pid, Signal::SIGKILL);
+                        }
+                    }
+                }
+                status = &mut *exit => return Ended::Exited(status.ok()),
+                how = &mut *stop => return Ended::Stop(how.unwrap_or(self.default_stop)),
+                how = shutdown.wait_for(Option::is_some) => {
+                    return Ended::Stop(how.ok().and_then(|h| *h).unwrap_or(self.default_stop));
+                }
+            }
+        }
+    }
+}
+
+/// The proxy's addresses for `ports`.
+pub fn addrs(ports: &[u16]) -> Vec<SocketAddr> {
+    ports.iter().map(|&p| health::local(p)).collect()
+}

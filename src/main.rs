@@ -1,0 +1,267 @@
+//! rolld: restart a group of app-server processes gracefully, without losing a request.
+//!
+//! # Layout
+//! - `main`: arguments, logging, and the one place that prints an error and picks the
+//!   exit code (2: bad config or usage, 1: runtime failure).
+//! - [`config`]: the YAML file, parsed and validated into a typed [`config::Config`].
+//! - [`supervisor`]: owns the state; turns commands into rolls and shutdown.
+//! - [`rolling`]: one roll as named steps; the only caller of the upstream swap.
+//! - [`generation`]: one set of processes, each with a keeper that restarts or stops it.
+//! - [`health`]: readiness polling and smoke tests.
+//! - [`process`]: spawning from one thread, reaping in one place, stopping a group.
+//! - [`output`]: child stdout/stderr into prefixed log lines.
+//! - [`guard`]: the process that kills every app if rolld itself is killed.
+//! - [`signals`]: signals into commands.
+//!
+//! Data flows one way: config -> supervisor -> generation -> proxy upstream set.
+
+mod config;
+mod generation;
+mod guard;
+mod health;
+mod output;
+mod process;
+mod rolling;
+mod signals;
+mod supervisor;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Action, Config, PortPlan, SmokeTest};
+
+/// Restart a group of app-server processes gracefully, without losing a request.
+///
+/// rolld starts your app processes (a command with a {port} placeholder), serves them
+/// behind its built-in reverse proxy, and on SIGHUP rolls them: it starts a new set on
+/// other ports, waits until it is healthy, swaps the proxy over, waits until the old set
+/// has no request in flight, and stops it.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// Config file to run (the same as `rolld run FILE`).
+    config: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace); RUST_LOG takes precedence.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run in the foreground: start the processes, roll them on SIGHUP, stop on SIGTERM.
+    Run {
+        /// The config file (YAML).
+        config: PathBuf,
+    },
+    /// Validate a config file and print the plan it resolves to; exit 0 if valid, 2 if not.
+    Check {
+        /// The config file (YAML).
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match (cli.command, cli.config) {
+        (Some(Cmd::Check { config }), _) => check(&config),
+        (Some(Cmd::Run { config }), _) | (None, Some(config)) => run(&config),
+        (None, None) => {
+            eprintln!("rolld: no config file given\n\nUsage: rolld [run] CONFIG | rolld check CONFIG\nSee `rolld --help`.");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|err| {
+        eprintln!("rolld: {err}");
+        ExitCode::from(2)
+    })
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    print!("{}", plan(&config));
+    ExitCode::SUCCESS
+}
+
+/// The resolved plan, as `rolld check` prints it.
+fn plan(config: &Config) -> String {
+    use std::fmt::Write;
+    let app = &config.app;
+    let mut out = String::new();
+    let _ = writeln!(out, "config {} is valid", config.path.display());
+    match config.listen {
+        Some(addr) => {
+            let _ = writeln!(
+                out,
+                "proxy:        listening on {addr}, balance {}",
+                app.balance
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "proxy:        none (no `listen`); another balancer is expected in front"
+            );
+        }
+    }
+    let _ = writeln!(out, "command:      {}", app.cmd);
+    let _ = writeln!(out, "directory:    {}", app.directory.display());
+    if !app.environment.is_empty() {
+        let vars: Vec<String> = app
+            .environment
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let _ = writeln!(out, "environment:  {}", vars.join(" "));
+    }
+    for (name, path) in [("stdout", &app.stdout), ("stderr", &app.stderr)] {
+        let target = path
+            .as_ref()
+            .map_or_else(|| format!("rolld's {name}"), |p| p.display().to_string());
+        let _ = writeln!(out, "{name}:       {target}");
+    }
+    match &app.ports {
+        PortPlan::Worksets(sets) => {
+            for (i, set) in sets.iter().enumerate() {
+                let ports: Vec<String> = set.iter().map(u16::to_string).collect();
+                let _ = writeln!(out, "set {}:        ports {}", i + 1, ports.join(", "));
+            }
+            if let Some(&port) = sets.first().and_then(|s| s.first()) {
+                let _ = writeln!(
+                    out,
+                    "first cmd:    {}",
+                    shell_words::join(config.command_for(port))
+                );
+            }
+        }
+        PortPlan::Pick { count, range } => {
+            let _ = writeln!(
+                out,
+                "sets:         {count} process(es) on free ports picked from {}-{}",
+                range.start(),
+                range.end()
+            );
+        }
+    }
+    let _ = writeln!(out, "health:       {}", app.health);
+    for test in &app.smoke_tests {
+        match test {
+            SmokeTest::CheckAllHttpPorts => {
+                let _ = writeln!(
+                    out,
+                    "smoke test:   check_all_http_ports (GET / on every port answers 200)"
+                );
+            }
+        }
+    }
+    for action in &app.after_start {
+        match action {
+            Action::ReplaceFile { template, output } => {
+                let _ = writeln!(
+                    out,
+                    "after start:  replace_file {} -> {}",
+                    template.display(),
+                    output.display()
+                );
+            }
+            Action::RunProc { command } => {
+                let _ = writeln!(out, "after start:  run_proc {command}");
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "drain:        up to {} for in-flight requests of the old set",
+        humantime::format_duration(app.drain_timeout)
+    );
+    let _ = writeln!(
+        out,
+        "stop:         {} to each process group, SIGKILL after {}",
+        app.stop_signal,
+        humantime::format_duration(app.stop_timeout)
+    );
+    out
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    // SAFETY: no thread has been started yet; the runtime is built below.
+    let guard = match unsafe { guard::Guard::start() } {
+        Ok(guard) => Arc::new(guard),
+        Err(err) => {
+            eprintln!("rolld: cannot start the guard process: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("rolld: cannot start the runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let commands = signals::listen()?;
+        let listener = match config.listen {
+            Some(addr) => Some(rolld_proxy::bind(addr).map_err(|err| {
+                std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
+            })?),
+            None => None,
+        };
+        if let Some(addr) = config.listen {
+            info!(%addr, "listening");
+        }
+        info!(guard = guard.pid().as_raw(), config = %config.path.display(), "rolld {} starting", env!("CARGO_PKG_VERSION"));
+        supervisor::Supervisor::new(config, guard)?.run(listener, commands).await
+    });
+    // Do not wait for stray tasks (tunnels of cut connections) at exit.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => {
+            info!("rolld stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("rolld: {err}");
+            ExitCode::from(1)
+        }
+    }
+}

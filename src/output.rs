@@ -1,0 +1,158 @@
+//! Child output: read continuously, each line prefixed with the process's port and
+//! appended to its log file.
+//!
+//! The pipe is always drained, so a child never blocks on a full pipe; when the file
+//! cannot be written, rolld says so in its own log, drops the lines and keeps trying.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tracing::{info, warn};
+
+/// Bumped to make every writer reopen its file (log rotation).
+pub static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// Longest line kept whole; longer ones are split.
+const MAX_LINE: usize = 64 * 1024;
+/// Pause between attempts to open a file that could not be opened.
+const RETRY_OPEN: Duration = Duration::from_secs(5);
+
+/// Where one stream of a child goes.
+#[derive(Clone, Debug)]
+pub enum Sink {
+    File(PathBuf),
+    Stdout,
+    Stderr,
+}
+
+/// Drains `fd` until the child closes it, writing prefixed lines to `sink`.
+pub fn capture(fd: OwnedFd, port: u16, sink: Sink) {
+    let rx = match pipe::Receiver::from_owned_fd(fd) {
+        Ok(rx) => rx,
+        Err(err) => {
+            warn!(port, error = %err, "cannot read the output of the process");
+            return;
+        }
+    };
+    tokio::spawn(pump(rx, port, sink));
+}
+
+async fn pump(mut rx: pipe::Receiver, port: u16, sink: Sink) {
+    let mut writer = Writer::new(sink);
+    // Open (and create) the file at once, so it exists and a problem shows at start.
+    if let Sink::File(path) = &writer.sink {
+        let path = path.clone();
+        writer.file(&path);
+    }
+    let prefix = format!("[{port}] ");
+    let mut buf = Vec::with_capacity(8 * 1024);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let n = match rx.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut start = 0;
+        while let Some(end) = buf[start..].iter().position(|&b| b == b'\n') {
+            writer.line(&prefix, &buf[start..start + end + 1]);
+            start += end + 1;
+        }
+        buf.drain(..start);
+        if buf.len() >= MAX_LINE {
+            buf.push(b'\n');
+            writer.line(&prefix, &buf);
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        buf.push(b'\n');
+        writer.line(&prefix, &buf);
+    }
+}
+
+struct Writer {
+    sink: Sink,
+    file: Option<File>,
+    opened_at: u64,
+    /// When the last open failed, so opens are retried now and then, not per line.
+    failed_at: Option<Instant>,
+}
+
+impl Writer {
+    fn new(sink: Sink) -> Self {
+        Writer {
+            sink,
+            file: None,
+            opened_at: 0,
+            failed_at: None,
+        }
+    }
+
+    fn line(&mut self, prefix: &str, line: &[u8]) {
+        let mut out = Vec::with_capacity(prefix.len() + line.len());
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(line);
+        let result = match &self.sink {
+            Sink::Stdout => std::io::stdout().lock().write_all(&out),
+            Sink::Stderr => std::io::stderr().lock().write_all(&out),
+            Sink::File(path) => {
+                let path = path.clone();
+                match self.file(&path) {
+                    Some(file) => file.write_all(&out),
+                    None => return,
+                }
+            }
+        };
+        if let Err(err) = result {
+            if let Sink::File(path) = &self.sink {
+                warn!(path = %path.display(), error = %err, "cannot write process output; dropping it until the file is writable");
+                self.file = None;
+                self.failed_at = Some(Instant::now());
+            }
+        }
+    }
+
+    fn file(&mut self, path: &Path) -> Option<&mut File> {
+        let generation = REOPEN.load(Ordering::Relaxed);
+        if self.opened_at != generation {
+            self.file = None;
+            self.failed_at = None;
+        }
+        if self.file.is_none() {
+            if self.failed_at.is_some_and(|t| t.elapsed() < RETRY_OPEN) {
+                return None;
+            }
+            match open_log(path) {
+                Ok(file) => {
+                    if self.failed_at.take().is_some() {
+                        info!(path = %path.display(), "process output file is writable again");
+                    }
+                    self.file = Some(file);
+                    self.opened_at = generation;
+                }
+                Err(err) => {
+                    if self.failed_at.is_none() {
+                        warn!(path = %path.display(), error = %err, "cannot open process output file; dropping output until it can be opened");
+                    }
+                    self.failed_at = Some(Instant::now());
+                    return None;
+                }
+            }
+        }
+        self.file.as_mut()
+    }
+}
+
+fn open_log(path: &Path) -> std::io::Result<File> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    OpenOptions::new().create(true).append(true).open(path)
+}

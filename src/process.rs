@@ -1,0 +1,250 @@
+//! Starting, reaping and stopping child processes.
+//!
+//! Every child is forked by one long-lived thread, because `PR_SET_PDEATHSIG` fires
+//! when the *thread* that forked exits, and every child is reaped by one [`Reaper`], so
+//! no exit status is lost to another `wait` and no zombie is left.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use crate::guard::Guard;
+
+/// How a child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(Signal),
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(code) => write!(f, "exit code {code}"),
+            Exit::Signal(sig) => write!(f, "killed by {sig}"),
+        }
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub argv: Vec<String>,
+    pub directory: PathBuf,
+    pub environment: Vec<(String, String)>,
+    /// Pipe stdout and stderr to rolld (else they go to /dev/null).
+    pub capture_output: bool,
+}
+
+/// Held while forking and while reaping. When `exec` fails, std reaps the failed child
+/// itself inside `spawn`; a concurrent `waitpid(-1)` must not take that child first.
+static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+type SpawnRequest = (Spec, oneshot::Sender<io::Result<Child>>);
+
+/// Forks children from one thread that lives as long as rolld.
+#[derive(Clone)]
+pub struct Spawner {
+    requests: mpsc::Sender<SpawnRequest>,
+}
+
+impl Spawner {
+    pub fn start() -> io::Result<Spawner> {
+        let (requests, rx) = mpsc::channel::<SpawnRequest>();
+        let parent = std::process::id();
+        std::thread::Builder::new()
+            .name("rolld-spawner".into())
+            .spawn(move || {
+                for (spec, reply) in rx {
+                    let _ = reply.send(spawn_now(&spec, parent));
+                }
+            })?;
+        Ok(Spawner { requests })
+    }
+
+    /// Starts `spec` in a process group of its own, stdin from /dev/null.
+    pub async fn spawn(&self, spec: Spec) -> io::Result<Child> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send((spec, reply))
+            .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+        rx.await
+            .map_err(|_| io::Error::other("the spawner thread dropped the request"))?
+    }
+}
+
+fn spawn_now(spec: &Spec, parent: u32) -> io::Result<Child> {
+    let (program, args) = spec
+        .argv
+        .split_first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .current_dir(&spec.directory)
+        .envs(spec.environment.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .process_group(0);
+    if spec.capture_output {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    } else {
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+    }
+    // SAFETY: the closure only makes async-signal-safe system calls (prctl, getppid).
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // rolld may have died between fork and prctl; then nobody would kill us.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(io::Error::other("rolld exited while starting this process"));
+            }
+            Ok(())
+        });
+    }
+    let _forking = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    command.spawn()
+}
+
+enum Slot {
+    Waiting(oneshot::Sender<Exit>),
+    Exited(Exit),
+}
+
+/// Reaps every child of rolld and hands each exit to whoever waits for that pid.
+#[derive(Clone)]
+pub struct Reaper {
+    slots: Arc<Mutex<HashMap<i32, Slot>>>,
+}
+
+impl Reaper {
+    /// Starts reaping on SIGCHLD. Must be called inside the runtime.
+    pub fn start() -> io::Result<Reaper> {
+        let mut sigchld = signal(SignalKind::child())?;
+        let reaper = Reaper {
+            slots: Arc::new(Mutex::new(HashMap::new())),
+        };
+        let this = reaper.clone();
+        tokio::spawn(async move {
+            loop {
+                this.reap();
+                if sigchld.recv().await.is_none() {
+                    return;
+                }
+            }
+        });
+        Ok(reaper)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reap(&self) {
+        let _forking = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let (pid, exit) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Exit::Signal(sig)),
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(_) => continue,
+                Err(Errno::EINTR) => continue,
+                Err(err) => {
+                    warn!(error = %err, "waitpid failed");
+                    return;
+                }
+            };
+            debug!(pid = pid.as_raw(), %exit, "reaped");
+            let mut slots = self.lock();
+            match slots.remove(&pid.as_raw()) {
+                Some(Slot::Waiting(tx)) => {
+                    let _ = tx.send(exit);
+                }
+                _ => {
+                    slots.insert(pid.as_raw(), Slot::Exited(exit));
+                }
+            }
+        }
+    }
+
+    /// Resolves with the exit of `pid`, even if it already exited.
+    pub fn wait(&self, pid: Pid) -> oneshot::Receiver<Exit> {
+        let (tx, rx) = oneshot::channel();
+        let mut slots = self.lock();
+        match slots.remove(&pid.as_raw()) {
+            Some(Slot::Exited(exit)) => {
+                let _ = tx.send(exit);
+            }
+            _ => {
+                slots.insert(pid.as_raw(), Slot::Waiting(tx));
+            }
+        }
+        rx
+    }
+}
+
+/// Signals a whole process group; a group already gone is not an error.
+pub fn signal_group(pgid: Pid, sig: Signal) {
+    match killpg(pgid, sig) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(err) => {
+            warn!(pgid = pgid.as_raw(), signal = %sig, error = %err, "cannot signal process group")
+        }
+    }
+}
+
+/// Whether any process of the group is still alive.
+fn group_alive(pgid: Pid) -> bool {
+    !matches!(killpg(pgid, None), Err(Errno::ESRCH))
+}
+
+/// Stops the process group led by `pgid`: `sig`, then up to `timeout` for the leader
+/// and the rest of its group to exit, then SIGKILL. Returns the leader's exit.
+pub async fn terminate(
+    pgid: Pid,
+    exit: &mut oneshot::Receiver<Exit>,
+    sig: Signal,
+    timeout: Duration,
+    guard: &Guard,
+) -> Option<Exit> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    signal_group(pgid, sig);
+    let mut status = tokio::time::timeout_at(deadline, &mut *exit)
+        .await
+        .ok()
+        .and_then(Result::ok);
+    // The leader is gone; give the rest of its group (forked workers) the same deadline.
+    while status.is_some() && group_alive(pgid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if status.is_none() || group_alive(pgid) {
+        if sig != Signal::SIGKILL {
+            warn!(
+                pgid = pgid.as_raw(),
+                ?timeout,
+                "process group still running after {sig}; sending SIGKILL"
+            );
+        }
+        signal_group(pgid, Signal::SIGKILL);
+    }
+    if status.is_none() {
+        status = tokio::time::timeout(Duration::from_secs(10), &mut *exit)
+            .await
+            .ok()
+            .and_then(Result::ok);
+    }
+    guard.forget(pgid);
+    status
+}

@@ -1,0 +1,201 @@
+//! A roll, as named steps: plan the next ports, start the next generation, wait until
+//! it is healthy, smoke-test it, swap the proxy's upstreams, drain the old generation
+//! and stop it. Every failure before the swap stops the new generation and leaves the
+//! old one serving, untouched. This is the only caller of [`Upstreams::swap`].
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::Rng;
+use rolld_proxy::{UpstreamSet, Upstreams};
+use tracing::{error, info, warn};
+
+use crate::config::{Config, PortPlan, SmokeTest};
+use crate::generation::{self, Context, Generation, StopHow};
+use crate::health;
+
+/// Everything a roll needs, moved into its task and back.
+pub struct Roll {
+    pub ctx: Arc<Context>,
+    pub config: Config,
+    pub upstreams: Option<Arc<Upstreams>>,
+    /// The generation serving now (none at start-up).
+    pub current: Option<Generation>,
+    /// Id of the generation to start.
+    pub id: u64,
+    /// Which workset to use (ignored when ports are picked).
+    pub workset: usize,
+}
+
+/// What a roll leaves behind.
+pub struct Rolled {
+    /// The generation serving afterwards: the new one, or the old one after a rollback.
+    pub current: Option<Generation>,
+    pub outcome: Result<(), String>,
+}
+
+impl Roll {
+    pub async fn run(mut self) -> Rolled {
+        let started = Instant::now();
+        let id = self.id;
+        let outcome = self.step_through().await;
+        match &outcome {
+            Ok(()) => info!(generation = id, elapsed = ?started.elapsed(), "roll finished"),
+            Err(why) => error!(generation = id, "roll failed, rolled back: {why}"),
+        }
+        Rolled {
+            current: self.current,
+            outcome,
+        }
+    }
+
+    async fn step_through(&mut self) -> Result<(), String> {
+        let app = &self.config.app;
+        let current_ports: Vec<u16> = self
+            .current
+            .as_ref()
+            .map(|g| g.ports.clone())
+            .unwrap_or_default();
+        let ports = next_ports(&app.ports, self.workset, &current_ports)?;
+        info!(
+            generation = self.id,
+            ?ports,
+            "starting {} process(es)",
+            ports.len()
+        );
+
+        // 1. start, 2. wait until healthy, 3. smoke-test.
+        let set = self
+            .upstreams
+            .as_ref()
+            .map(|_| UpstreamSet::new(self.id, &generation::addrs(&ports), app.balance));
+        let next = Generation::spawn(&self.ctx, self.id, &ports, &self.config, set.as_ref());
+        let checked = async {
+            next.wait_ready(&app.health)
+                .await
+                .map_err(|e| e.to_string())?;
+            info!(
+                generation = self.id,
+                "{n}/{n} processes healthy",
+                n = ports.len()
+            );
+            for test in &app.smoke_tests {
+                match test {
+                    SmokeTest::CheckAllHttpPorts => {
+                        health::check_all_http_ports(&ports, app.health.timeout).await?
+                    }
+                }
+            }
+            Ok::<(), String>(())
+        };
+        if let Err(why) = checked.await {
+            next.terminate(StopHow::from_config(&self.config)).await;
+            return Err(format!(
+                "generation {}: {why}; new processes stopped, the old set keeps serving",
+                self.id
+            ));
+        }
+
+        // 4. swap: from here on new requests go to the new set.
+        next.set_serving(true);
+        let drain = match (&self.upstreams, set) {
+            (Some(upstreams), Some(set)) => Some(upstreams.swap(Arc::new(set))),
+            _ => None,
+        };
+        info!(generation = self.id, pids = ?next.pids(), "swapped: new set serving");
+        if !app.after_start.is_empty() {
+            warn!("after_start actions (replace_file, run_proc) are not run yet by this version of rolld; skipped");
+        }
+        let Some(old) = self.current.replace(next) else {
+            return Ok(());
+        };
+
+        // 5. drain the old set, 6. stop it.
+        old.set_serving(false);
+        if let Some(mut drain) = drain {
+            let in_flight = drain.in_flight();
+            info!(
+                generation = old.id,
+                "draining {in_flight} request(s) in flight"
+            );
+            match drain.wait_timeout(app.drain_timeout).await {
+                Ok(()) => info!(generation = old.id, "old set drained"),
+                Err(cut) => warn!(
+                    generation = old.id,
+                    "drain_timeout ({}) passed with {} request(s) in flight; they will be cut",
+                    humantime::format_duration(app.drain_timeout),
+                    cut.in_flight
+                ),
+            }
+        }
+        let old_id = old.id;
+        old.terminate(StopHow::from_config(&self.config)).await;
+        info!(generation = old_id, "old set stopped");
+        Ok(())
+    }
+}
+
+/// The ports of the next generation.
+fn next_ports(plan: &PortPlan, workset: usize, current: &[u16]) -> Result<Vec<u16>, String> {
+    match plan {
+        PortPlan::Worksets(sets) => {
+            let ports = sets[workset % sets.len()].clone();
+            if let Some(p) = ports.iter().find(|p| current.contains(p)) {
+                return Err(format!(
+                    "port {p} of the next workset is still used by the serving set"
+                ));
+            }
+            Ok(ports)
+        }
+        PortPlan::Pick { count, range } => pick_free_ports(*count, range.clone(), current),
+    }
+}
+
+/// `count` ports from `range` that nothing listens on, avoiding `current`. The scan
+/// starts at a random port so that several rollds on one machine rarely collide.
+fn pick_free_ports(
+    count: usize,
+    range: std::ops::RangeInclusive<u16>,
+    current: &[u16],
+) -> Result<Vec<u16>, String> {
+    let (lo, hi) = (*range.start() as u32, *range.end() as u32);
+    let size = hi - lo + 1;
+    let offset = rand::thread_rng().gen_range(0..size);
+    let avoid: HashSet<u16> = current.iter().copied().collect();
+    let ports: Vec<u16> = (0..size)
+        .map(|i| (lo + (offset + i) % size) as u16)
+        .filter(|p| !avoid.contains(p))
+        .filter(|&p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
+        .take(count)
+        .collect();
+    if ports.len() < count {
+        return Err(format!(
+            "only {} free port(s) in {lo}-{hi}, {count} needed",
+            ports.len()
+        ));
+    }
+    Ok(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worksets_alternate_and_never_overlap_the_serving_set() {
+        let plan = PortPlan::Worksets(vec![vec![1, 2], vec![3, 4]]);
+        assert_eq!(next_ports(&plan, 0, &[]), Ok(vec![1, 2]));
+        assert_eq!(next_ports(&plan, 1, &[1, 2]), Ok(vec![3, 4]));
+        assert_eq!(next_ports(&plan, 2, &[3, 4]), Ok(vec![1, 2]));
+        assert!(next_ports(&plan, 0, &[1, 2]).is_err());
+    }
+
+    #[test]
+    fn picked_ports_are_free_and_avoid_the_serving_set() {
+        let ports = pick_free_ports(3, 40000..=40100, &[40000, 40001]).expect("free ports");
+        assert_eq!(ports.len(), 3);
+        assert!(ports.iter().all(|p| (40002..=40100).contains(p)));
+        assert!(pick_free_ports(5, 40000..=40001, &[]).is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! The life of rolld's processes: crashes are restarted, SIGTERM stops everything
+//! gracefully, SIGKILL to rolld leaves nothing behind, output lands in prefixed logs.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::support::*;
+
+/// An app that forks a worker into its process group before exec'ing the server.
+fn forking_cmd() -> String {
+    format!("sh -c \"sleep 300 & exec {BACKEND} $0\" {{port}}")
+}
+
+#[test]
+fn sigkill_to_rolld_leaves_no_process_behind() {
+    let fixture = Fixture::new(2).cmd(forking_cmd());
+    let mut rolld = Rolld::start(&fixture);
+    let leaders = rolld.pids_of(1);
+    assert_eq!(leaders.len(), 2);
+    let members: Vec<i32> = leaders.iter().flat_map(|&l| group_members(l)).collect();
+    assert!(
+        members.len() >= 4,
+        "each group has the server and its sleeping worker: {members:?}"
+    );
+    rolld.signal(Signal::SIGKILL);
+    rolld.wait_exit(SOON);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    wait_until("every app process gone", Duration::from_secs(2), || {
+        members.iter().all(|&p| !alive(p))
+    });
+    assert!(Instant::now() <= deadline);
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_then_stops_everything() {
+    let fixture = Fixture::new(2).cmd(forking_cmd());
+    let mut rolld = Rolld::start(&fixture);
+    let members: Vec<i32> = rolld
+        .pids_of(1)
+        .iter()
+        .flat_map(|&l| group_members(l))
+        .collect();
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let slow = rt.spawn(async move { get(&client(), port, "/?delay=1500").await });
+    std::thread::sleep(Duration::from_millis(300));
+    rolld.signal(Signal::SIGTERM);
+    let (status, body) = rt
+        .block_on(slow)
+        .expect("task")
+        .expect("in-flight request completes");
+    assert_eq!(status, 200);
+    assert!(body.starts_with("hello from"));
+    let status = rolld.wait_exit(SOON);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "graceful shutdown exits 0:\n{}",
+        rolld.log()
+    );
+    for pid in members {
+        assert!(!alive(pid), "process {pid} survived shutdown");
+    }
+    // The listener is closed: new connections are refused.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once() {
+    let fixture = Fixture::new(1);
+    let mut rolld = Rolld::start(&fixture);
+    let pids = rolld.pids_of(1);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let _slow = rt.spawn(async move { get(&client(), port, "/?delay=20000").await });
+    std::thread::sleep(Duration::from_millis(300));
+    rolld.signal(Signal::SIGTERM);
+    rolld.wait_log("shutting down", 1);
+    rolld.signal(Signal::SIGTERM);
+    let start = Instant::now();
+    let status = rolld.wait_exit(SOON);
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "did not wait for the 20 s request"
+    );
+    assert_ne!(status.code(), Some(0));
+    wait_until("app gone", Duration::from_secs(2), || !alive(pids[0]));
+}
+
+#[test]
+fn a_crashed_process_is_restarted_on_its_port_and_serves_again() {
+    let fixture = Fixture::new(2);
+    let rolld = Rolld::start(&fixture);
+    let pids = rolld.pids_of(1);
+    let port = fixture.sets[0][0];
+    let (_, victim) = get_blocking(port, "/pid").expect("direct answer");
+    let victim: i32 = victim.parse().expect("pid");
+    assert!(pids.contains(&victim));
+    kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill the app");
+    rolld.wait_log("restarted process is ready", 1);
+    let (_, replacement) = get_blocking(port, "/pid").expect("the port serves again");
+    let replacement: i32 = replacement.parse().expect("pid");
+    assert_ne!(replacement, victim);
+    assert!(rolld
+        .log()
+        .contains("process exited unexpectedly (killed by SIGKILL); restarting in 1s"));
+    // Through the proxy, every answer comes from a live process.
+    for _ in 0..20 {
+        let (status, _) = get_blocking(rolld.listen, "/").expect("proxy answers");
+        assert_eq!(status, 200);
+    }
+}
+
+#[test]
+fn a_crashed_process_does_not_turn_into_client_errors() {
+    let fixture = Fixture::new(2);
+    let rolld = Rolld::start(&fixture);
+    let (_, victim) = get_blocking(fixture.sets[0][0], "/pid").expect("direct answer");
+    kill(Pid::from_raw(victim.parse().expect("pid")), Signal::SIGKILL).expect("kill");
+    // Right after the crash, before the restart: the proxy routes around the dead port.
+    for _ in 0..50 {
+        let (status, body) = get_blocking(rolld.listen, "/").expect("proxy answers");
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[test]
+fn child_output_goes_to_templated_files_with_a_port_prefix() {
+    let fixture = Fixture::new(1)
+        .extra("  stdout: 'logs/app-{port}.out'\n  stderr: 'logs/app-{numproc}.err'\n");
+    let rolld = Rolld::start(&fixture);
+    let port = fixture.sets[0][0];
+    let path = rolld.dir.path().join(format!("logs/app-{port}.out"));
+    wait_until("the app's first line", SOON, || {
+        std::fs::read_to_string(&path)
+            .is_ok_and(|s| s.contains(&format!("[{port}] listening on 127.0.0.1:{port}")))
+    });
+    assert!(rolld
+        .dir
+        .path()
+        .join(format!("logs/app-{port}.err"))
+        .exists());
+}
+
+#[test]
+fn an_unwritable_log_file_does_not_stop_the_app() {
+    let fixture = Fixture::new(1).extra("  stdout: '/proc/rolld-cannot-write-here/{port}.log'\n");
+    let rolld = Rolld::start(&fixture);
+    assert!(
+        rolld.log().contains("cannot open process output file"),
+        "{}",
+        rolld.log()
+    );
+    let pid = rolld.pids_of(1)[0];
+    assert!(alive(pid));
+    assert_eq!(get_blocking(rolld.listen, "/").expect("serves").0, 200);
+}
+
+#[test]
+fn the_old_set_of_a_forking_app_leaves_no_worker_behind_after_a_roll() {
+    let fixture = Fixture::new(1).cmd(forking_cmd());
+    let rolld = Rolld::start(&fixture);
+    let leader = rolld.pids_of(1)[0];
+    let members = group_members(leader);
+    assert!(members.len() >= 2, "{members:?}");
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+    for pid in members {
+        assert!(!alive(pid), "worker {pid} of the old set survived the roll");
+    }
+}

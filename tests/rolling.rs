@@ -1,0 +1,332 @@
+//! Rolling on SIGHUP: under load nothing is lost, long requests outlive their roll,
+//! and a bad new set or a bad config leaves the old set serving.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::support::*;
+
+/// One request of the load: what to send, and the exact body expected back.
+struct LoadRequest {
+    method: &'static str,
+    path: String,
+    body: Vec<u8>,
+    expected: Expected,
+}
+
+enum Expected {
+    Prefix(&'static [u8]),
+    Exactly(Vec<u8>),
+}
+
+impl LoadRequest {
+    /// The n-th request: a GET answered after 0-200 ms, a streamed multi-chunk body, or
+    /// a POST whose body comes back echoed.
+    fn nth(n: usize) -> LoadRequest {
+        let delay = (n * 37) % 200;
+        match n % 3 {
+            0 => LoadRequest {
+                method: "GET",
+                path: format!("/?delay={delay}"),
+                body: vec![],
+                expected: Expected::Prefix(b"hello from "),
+            },
+            1 => LoadRequest {
+                method: "GET",
+                path: "/stream?chunks=5&chunk_delay=15".into(),
+                body: vec![],
+                expected: Expected::Exactly(
+                    (0..5)
+                        .map(|i| format!("chunk {i}\n"))
+                        .collect::<String>()
+                        .into_bytes(),
+                ),
+            },
+            _ => {
+                let body = format!("payload {n} ").repeat(50 + n % 500).into_bytes();
+                LoadRequest {
+                    method: "POST",
+                    path: format!("/echo?delay={delay}"),
+                    expected: Expected::Exactly(body.clone()),
+                    body,
+                }
+            }
+        }
+    }
+
+    fn accepts(&self, got: &[u8]) -> bool {
+        match &self.expected {
+            Expected::Prefix(p) => got.starts_with(p),
+            Expected::Exactly(e) => got == e.as_slice(),
+        }
+    }
+}
+
+#[test]
+fn five_rolls_under_load_lose_no_request() {
+    let fixture = Fixture::new(4);
+    let rolld = Rolld::start(&fixture);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let counter = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..40 {
+        let (stop, ok, errors, counter) =
+            (stop.clone(), ok.clone(), errors.clone(), counter.clone());
+        workers.push(rt.spawn(async move {
+            let client = client();
+            let started = Instant::now();
+            // Bounded in time and count whatever happens.
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                if n > 200_000 {
+                    break;
+                }
+                let load = LoadRequest::nth(n);
+                let (method, path) = (load.method, &load.path);
+                match request(&client, method, port, path, &load.body).await {
+                    Ok((200, _, got)) if load.accepts(&got) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok((status, _, got)) => errors.lock().expect("lock").push(format!(
+                        "{method} {path}: status {status}, body {:?}",
+                        String::from_utf8_lossy(&got[..got.len().min(80)])
+                    )),
+                    Err(e) => errors
+                        .lock()
+                        .expect("lock")
+                        .push(format!("{method} {path}: {e}")),
+                }
+            }
+        }));
+    }
+
+    wait_until("load to flow", SOON, || ok.load(Ordering::Relaxed) > 100);
+    for roll in 1..=5u64 {
+        let old = rolld.pids_of(roll);
+        assert_eq!(old.len(), 4, "generation {roll} has four processes");
+        rolld.signal(Signal::SIGHUP);
+        rolld.wait_log("roll finished", roll as usize + 1);
+        let new = rolld.pids_of(roll + 1);
+        assert_eq!(new.len(), 4);
+        for pid in &old {
+            assert!(
+                !alive(*pid),
+                "old process {pid} of generation {roll} still runs after the roll"
+            );
+        }
+        for pid in &new {
+            assert!(alive(*pid), "new process {pid} runs");
+        }
+        let served: i32 = get_blocking(port, "/pid")
+            .expect("proxy answers")
+            .1
+            .parse()
+            .expect("a pid");
+        assert!(
+            new.contains(&served),
+            "answer from {served}, not one of the new set {new:?}"
+        );
+        // Let the load run against the new set for a moment before the next roll.
+        let before = ok.load(Ordering::Relaxed);
+        wait_until("requests on the new set", SOON, || {
+            ok.load(Ordering::Relaxed) > before + 50
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(async {
+        for w in workers {
+            w.await.expect("load worker");
+        }
+    });
+    let errors = errors.lock().expect("lock");
+    assert!(
+        errors.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        errors.len(),
+        ok.load(Ordering::Relaxed) + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(ok.load(Ordering::Relaxed) > 500, "the load ran");
+}
+
+#[test]
+fn a_request_longer_than_the_roll_completes_on_its_old_process() {
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let long = rt.spawn(async move { get(&client(), port, "/?delay=3000").await });
+    // The request is in flight once the proxy has routed it; give it a moment to be sent.
+    std::thread::sleep(Duration::from_millis(300));
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("swapped: new set serving", 2);
+    assert!(
+        alive(old[0]),
+        "the old process must not be stopped while its request is in flight"
+    );
+    let (status, body) = rt.block_on(long).expect("task").expect("long request");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains(&format!("pid {}", old[0])),
+        "answered by the old process: {body}"
+    );
+    rolld.wait_log("roll finished", 2);
+    wait_until("old process gone", SOON, || !alive(old[0]));
+    assert!(
+        rolld.log().contains("draining 1 request(s) in flight"),
+        "{}",
+        rolld.log()
+    );
+}
+
+#[test]
+fn a_new_set_that_fails_its_health_check_rolls_back() {
+    let fixture = Fixture::new(2).extra("");
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    let bad = Fixture {
+        cmd: format!("{BACKEND} {{port}} --unhealthy"),
+        ..fixture
+    };
+    let yaml = bad
+        .yaml()
+        .replace("start_timeout: 20s", "start_timeout: 1s");
+    rolld.write_config(&yaml);
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll failed, rolled back", 1);
+    let new = rolld.pids_of(2);
+    assert_eq!(new.len(), 2, "the new set was started");
+    for pid in &new {
+        wait_until("failed new process gone", SOON, || !alive(*pid));
+    }
+    for pid in &old {
+        assert!(alive(*pid), "old process {pid} keeps running");
+    }
+    let served: i32 = get_blocking(rolld.listen, "/pid")
+        .expect("proxy answers")
+        .1
+        .parse()
+        .expect("pid");
+    assert!(old.contains(&served), "old set keeps serving");
+    assert!(
+        rolld.log().contains("answered 503, wanted 200"),
+        "the log says why"
+    );
+}
+
+#[test]
+fn a_new_set_that_exits_at_once_rolls_back_without_waiting_for_the_timeout() {
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    rolld.write_config(
+        &Fixture {
+            cmd: "/bin/false {port}".into(),
+            ..fixture
+        }
+        .yaml(),
+    );
+    let started = Instant::now();
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll failed, rolled back", 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "an exit fails the roll at once, not after start_timeout (20s)"
+    );
+    assert!(
+        rolld.log().contains("exited during start-up"),
+        "{}",
+        rolld.log()
+    );
+    assert!(alive(old[0]));
+    assert!(get_blocking(rolld.listen, "/")
+        .expect("proxy answers")
+        .1
+        .contains("hello"));
+}
+
+#[test]
+fn an_invalid_config_is_refused_on_sighup_and_the_old_set_keeps_serving() {
+    let fixture = Fixture::new(2);
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    rolld.write_config(&fixture.yaml().replace("workset:", "worksett:"));
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll refused", 1);
+    assert!(
+        rolld.log().contains("worksett"),
+        "the refusal names the problem"
+    );
+    assert_eq!(
+        rolld.count_log("process started"),
+        2,
+        "nothing new was started"
+    );
+    for pid in &old {
+        assert!(alive(*pid));
+    }
+    let served: i32 = get_blocking(rolld.listen, "/pid")
+        .expect("proxy answers")
+        .1
+        .parse()
+        .expect("pid");
+    assert!(old.contains(&served));
+    // A fixed file rolls again.
+    rolld.write_config(&fixture.yaml());
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+}
+
+#[test]
+fn sighups_during_a_roll_queue_exactly_one_more_roll() {
+    let fixture = Fixture::new(1).cmd(format!("{BACKEND} {{port}} --start-delay 1500"));
+    let rolld = Rolld::start(&fixture);
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("starting 1 process(es) generation=2", 1);
+    for _ in 0..3 {
+        rolld.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rolld.wait_log("roll finished generation=3", 1);
+    // Nothing else is queued: wait for the time a fourth roll would need to start.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(rolld.count_log("roll finished"), 3, "{}", rolld.log());
+    assert!(!rolld.log().contains("generation=4"));
+}
+
+#[test]
+fn requests_before_the_first_set_is_ready_get_503_with_retry_after() {
+    let fixture = Fixture::new(1).cmd(format!("{BACKEND} {{port}} --start-delay 3000"));
+    let rolld = Rolld::spawn(&fixture.yaml(), fixture.listen);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = client();
+    let port = rolld.listen;
+    let (status, headers) = rt.block_on(async {
+        let start = Instant::now();
+        loop {
+            match request(&client, "GET", port, "/", b"").await {
+                Ok((status, headers, _)) => return (status, headers),
+                Err(_) if start.elapsed() < SOON => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("proxy never answered: {e}"),
+            }
+        }
+    });
+    assert_eq!(status, 503);
+    assert_eq!(
+        headers.get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    rolld.wait_log("roll finished", 1);
+    assert_eq!(get_blocking(port, "/").expect("served").0, 200);
+}

@@ -1,0 +1,322 @@
+//! Test support: run the real rolld binary on a fixture config with free ports, wait on
+//! conditions with deadlines, and clean up every process even when a test fails.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub const ROLLD: &str = env!("CARGO_BIN_EXE_rolld");
+pub const BACKEND: &str = env!("CARGO_BIN_EXE_rolld-example-backend");
+
+/// A generous deadline for anything that should happen "soon" on a loaded machine.
+pub const SOON: Duration = Duration::from_secs(30);
+
+/// Ports that were free a moment ago, all distinct.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `pid` is a live process (a zombie counts as dead: it runs no code and holds
+/// no port; only its parent, or init, can still reap it).
+pub fn alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Live processes whose process group is `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let fields: Vec<String> = stat
+                        .rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .map(String::from)
+                        .collect();
+                    Some(fields.get(2)?.parse::<i32>().ok()? == pgid && fields[0] != "Z")
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A config for `backend` processes on two worksets of `per_set` free ports, behind the
+/// proxy on a free port. `extra` is appended under `app-servers:`.
+pub struct Fixture {
+    pub listen: u16,
+    pub sets: Vec<Vec<u16>>,
+    pub cmd: String,
+    pub extra: String,
+}
+
+impl Fixture {
+    pub fn new(per_set: usize) -> Fixture {
+        let ports = free_ports(1 + 2 * per_set);
+        Fixture {
+            listen: ports[0],
+            sets: vec![
+                ports[1..1 + per_set].to_vec(),
+                ports[1 + per_set..].to_vec(),
+            ],
+            cmd: format!("{BACKEND} {{port}}"),
+            extra: String::new(),
+        }
+    }
+
+    pub fn cmd(mut self, cmd: impl Into<String>) -> Self {
+        self.cmd = cmd.into();
+        self
+    }
+
+    pub fn extra(mut self, extra: &str) -> Self {
+        self.extra.push_str(extra);
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let sets: String = self
+            .sets
+            .iter()
+            .map(|s| format!("    - numprocs: {s:?}\n"))
+            .collect();
+        format!(
+            "listen: 127.0.0.1:{}\napp-servers:\n  cmd: '{}'\n  workset:\n{sets}  health: {{path: /health, interval: 20ms, start_timeout: 20s}}\n  smoke_test:\n    - check_all_http_ports: numprocs\n  stop_timeout: 5s\n{}",
+            self.listen, self.cmd, self.extra
+        )
+    }
+}
+
+/// A running rolld. Dropping it kills it and every process it started.
+pub struct Rolld {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub listen: u16,
+}
+
+impl Rolld {
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("rolld.yml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("rolld.log")
+    }
+
+    /// Starts rolld on `fixture` and waits until its first set serves.
+    pub fn start(fixture: &Fixture) -> Rolld {
+        let rolld = Rolld::spawn(&fixture.yaml(), fixture.listen);
+        rolld.wait_log("roll finished", 1);
+        rolld
+    }
+
+    /// Starts rolld on `yaml` without waiting for anything.
+    pub fn spawn(yaml: &str, listen: u16) -> Rolld {
+        let dir = tempfile::tempdir().expect("temp dir");
+        fs::write(dir.path().join("rolld.yml"), yaml).expect("write config");
+        let log = fs::File::create(dir.path().join("rolld.log")).expect("log file");
+        let out = fs::File::create(dir.path().join("rolld.out")).expect("out file");
+        let child = Command::new(ROLLD)
+            .arg(dir.path().join("rolld.yml"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(log)
+            .spawn()
+            .expect("start rolld");
+        Rolld {
+            child: Some(child),
+            dir,
+            listen,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid()), sig).expect("signal rolld");
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits until `needle` appears `times` times in rolld's log.
+    pub fn wait_log(&self, needle: &str, times: usize) {
+        let start = Instant::now();
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= times {
+                return;
+            }
+            assert!(
+                start.elapsed() < SOON,
+                "timed out waiting for {times}x `{needle}` in rolld's log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pids of generation `generation`'s processes, from the log.
+    pub fn pids_of(&self, generation: u64) -> Vec<i32> {
+        let tag = format!("process started generation={generation} ");
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&tag))
+            .filter_map(|l| l.rsplit("pid=").next()?.trim().parse().ok())
+            .collect()
+    }
+
+    /// Every pid rolld logged as started.
+    pub fn all_pids(&self) -> Vec<i32> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("process started"))
+            .filter_map(|l| l.rsplit("pid=").next()?.trim().parse().ok())
+            .collect()
+    }
+
+    /// Waits for rolld to exit, up to `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("rolld still ours");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "rolld did not exit within {deadline:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn write_config(&self, yaml: &str) {
+        // Write then rename, so rolld never reads half a file.
+        let tmp = self.dir.path().join("rolld.yml.tmp");
+        fs::write(&tmp, yaml).expect("write config");
+        fs::rename(&tmp, self.config_path()).expect("replace config");
+    }
+}
+
+impl Drop for Rolld {
+    fn drop(&mut self) {
+        let pids = self.all_pids();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- rolld log ({}) ---\n{}",
+                self.log_path().display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// A small HTTP/1.1 keep-alive client for the tests.
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http()
+}
+
+/// Sends a request and reads the whole answer.
+pub async fn request(
+    client: &HttpClient,
+    method: &str,
+    port: u16,
+    path: &str,
+    body: &[u8],
+) -> Result<(u16, http::HeaderMap, Bytes), String> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://127.0.0.1:{port}{path}"))
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .map_err(|e| e.to_string())?;
+    let res = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e:?}"))?
+        .to_bytes();
+    Ok((status, headers, body))
+}
+
+pub async fn get(client: &HttpClient, port: u16, path: &str) -> Result<(u16, String), String> {
+    let (status, _, body) = request(client, "GET", port, path, b"").await?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A blocking GET on a fresh runtime, for tests that are otherwise synchronous.
+pub fn get_blocking(port: u16, path: &str) -> Result<(u16, String), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async { get(&client(), port, path).await })
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

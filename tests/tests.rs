@@ -1,0 +1,7 @@
+//! rolld's integration tests: the real binary, real processes, real sockets.
+
+mod support;
+
+mod config;
+mod lifecycle;
+mod rolling;
