@@ -171,3 +171,46 @@ fn the_old_set_of_a_forking_app_leaves_no_worker_behind_after_a_roll() {
         assert!(!alive(pid), "worker {pid} of the old set survived the roll");
     }
 }
+
+/// The inode of the socket listening on `port`, from the kernel's table.
+fn listening_inode(port: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        (local_port == port && f.get(3)? == &"0A").then(|| f.get(9).map(|s| s.to_string()))?
+    })
+}
+
+#[test]
+fn apps_get_stdin_from_dev_null_and_never_inherit_the_listener() {
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let pid = rolld.pids_of(1)[0];
+    let stdin = std::fs::read_link(format!("/proc/{pid}/fd/0")).expect("stdin link");
+    assert_eq!(stdin, std::path::Path::new("/dev/null"));
+    let inode = listening_inode(rolld.listen).expect("rolld's listener is in /proc/net/tcp");
+    let needle = format!("socket:[{inode}]");
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds") {
+        let target = std::fs::read_link(fd.expect("fd").path()).unwrap_or_default();
+        assert_ne!(
+            target.display().to_string(),
+            needle,
+            "the app holds rolld's listener"
+        );
+    }
+}
+
+#[test]
+fn sigterm_during_start_up_stops_the_starting_processes() {
+    let fixture = Fixture::new(2).cmd(format!("{BACKEND} {{port}} --start-delay 2000"));
+    let mut rolld = Rolld::spawn(&fixture.yaml(), fixture.listen);
+    rolld.wait_log("process started", 2);
+    let pids = rolld.pids_of(1);
+    rolld.signal(Signal::SIGTERM);
+    let status = rolld.wait_exit(SOON);
+    assert_eq!(status.code(), Some(0), "{}", rolld.log());
+    for pid in pids {
+        assert!(!alive(pid), "starting process {pid} survived");
+    }
+}

@@ -330,3 +330,48 @@ fn requests_before_the_first_set_is_ready_get_503_with_retry_after() {
     rolld.wait_log("roll finished", 1);
     assert_eq!(get_blocking(port, "/").expect("served").0, 200);
 }
+
+#[test]
+fn a_drain_that_times_out_says_how_many_requests_it_cut() {
+    let fixture = Fixture::new(1).extra("  drain_timeout: 1s\n");
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let long = rt.spawn(async move { get(&client(), port, "/?delay=20000").await });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the drain stopped at drain_timeout"
+    );
+    assert!(
+        rolld
+            .log()
+            .contains("with 1 request(s) in flight; they will be cut"),
+        "{}",
+        rolld.log()
+    );
+    wait_until("old process stopped", SOON, || !alive(old[0]));
+    let cut = rt.block_on(long).expect("task");
+    assert!(
+        !matches!(cut, Ok((200, _))),
+        "the cut request fails visibly (502 or a broken response), never as a success: {cut:?}"
+    );
+}
+
+#[test]
+fn old_processes_are_reaped_not_left_as_zombies() {
+    let fixture = Fixture::new(2);
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+    for pid in old {
+        wait_until("old process reaped", SOON, || {
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        });
+    }
+}
