@@ -4,6 +4,7 @@
 //! - `GET /` answers `hello from PORT (pid PID)`;
 //! - `?delay=MS` on any path delays the answer;
 //! - `GET /pid` answers the pid; `GET /health` answers 200 (503 with `--unhealthy`);
+//! - `GET /env?name=VAR` answers the value of an environment variable;
 //! - `GET /stream?chunks=N&delay=MS` streams N numbered chunks, MS apart;
 //! - `GET /bytes?n=N` answers N bytes;
 //! - `POST` (any path) echoes the request body;
@@ -117,6 +118,14 @@ async fn handle(
     }
     let response = match req.uri().path() {
         "/pid" => Response::new(full(std::process::id().to_string())),
+        "/env" => {
+            let name = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("name="))
+                .unwrap_or("");
+            Response::new(full(std::env::var(name).unwrap_or_default()))
+        }
         "/health" if unhealthy => {
             let mut r = Response::new(full("unhealthy\n"));
             *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;

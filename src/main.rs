@@ -30,6 +30,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use nix::sys::signal::{SigHandler, Signal};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -216,6 +217,12 @@ fn plan(config: &Config) -> String {
 }
 
 fn run(path: &Path) -> ExitCode {
+    // Until the runtime's handlers are installed a SIGHUP or SIGUSR1 would kill rolld;
+    // ignore them meanwhile (the handlers replace this, and exec resets it for children).
+    for sig in [Signal::SIGHUP, Signal::SIGUSR1] {
+        // SAFETY: SIG_IGN runs no code in a signal context.
+        let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigIgn) };
+    }
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,

@@ -375,3 +375,66 @@ fn old_processes_are_reaped_not_left_as_zombies() {
         });
     }
 }
+
+#[test]
+fn processes_mode_picks_free_ports_for_every_set() {
+    let listen = free_ports(1)[0];
+    let yaml = format!(
+        "listen: 127.0.0.1:{listen}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 2\n  port_range: 41000-41999\n  environment: {{GREETING: hi there}}\n"
+    );
+    let rolld = Rolld::spawn(&yaml, listen);
+    rolld.wait_log("roll finished", 1);
+    let ports_of = |generation: u64| -> Vec<u16> {
+        rolld
+            .log()
+            .lines()
+            .filter(|l| l.contains(&format!("process started generation={generation} ")))
+            .filter_map(|l| {
+                l.split("port=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let first = ports_of(1);
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|p| (41000..=41999).contains(p)));
+    assert_eq!(
+        get_blocking(first[0], "/env?name=GREETING").expect("env").1,
+        "hi there"
+    );
+    assert_eq!(
+        get_blocking(first[0], "/env?name=PORT").expect("env").1,
+        first[0].to_string()
+    );
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+    let second = ports_of(2);
+    assert_eq!(second.len(), 2);
+    assert!(
+        second.iter().all(|p| !first.contains(p)),
+        "{first:?} then {second:?}"
+    );
+    for _ in 0..10 {
+        let answer = get_blocking(listen, "/").expect("served").1;
+        assert!(
+            second
+                .iter()
+                .any(|p| answer.contains(&format!("hello from {p} "))),
+            "{answer} from {second:?}"
+        );
+    }
+}
+
+#[test]
+fn a_sighup_while_the_first_set_starts_rolls_once_it_serves() {
+    let fixture = Fixture::new(1).cmd(format!("{BACKEND} {{port}} --start-delay 500"));
+    let rolld = Rolld::spawn(&fixture.yaml(), fixture.listen);
+    rolld.wait_log("process started", 1);
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished generation=2", 1);
+    assert!(alive(rolld.pid()), "rolld survives an early SIGHUP");
+}
