@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use rolld_proxy::Balance;
+use rolld_proxy::{Balance, ProxyConfig};
 use serde::Deserialize;
 
 /// A configuration that cannot be used, with the file, key and line to fix.
@@ -33,8 +33,35 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<String>,
+    proxy: Option<RawProxy>,
+    user: Option<String>,
+    group: Option<String>,
     #[serde(rename = "app-servers")]
     app_servers: RawAppServers,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    client_header_timeout: Option<String>,
+    keepalive_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    body_idle_timeout: Option<String>,
+    max_body_size: Option<RawSize>,
+    max_header_size: Option<RawSize>,
+    max_connections: Option<usize>,
+    trusted_proxies: Option<Vec<String>>,
+    fail_timeout: Option<String>,
+    access_log: Option<bool>,
+}
+
+/// A byte size: a number, or a string with a k/m/g suffix as nginx writes them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -99,7 +126,19 @@ pub struct Config {
     pub path: PathBuf,
     /// Front listener of the built-in proxy; `None` when another balancer is in front.
     pub listen: Option<SocketAddr>,
+    /// Settings of the built-in proxy.
+    pub proxy: ProxyConfig,
+    /// Who rolld and its processes run as after binding the listener.
+    pub run_as: Option<RunAs>,
     pub app: AppServers,
+}
+
+/// The unprivileged user (and group) to switch to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: nix::unistd::Uid,
+    pub gid: nix::unistd::Gid,
 }
 
 #[derive(Clone, Debug)]
@@ -271,6 +310,8 @@ impl Validator<'_> {
 impl RawConfig {
     fn validate(self, text: &str, base: &Path) -> Result<Config, String> {
         let v = Validator { text, base };
+        let proxy = validate_proxy(&v, self.proxy)?;
+        let run_as = validate_run_as(&v, self.user, self.group)?;
         let app = self.app_servers;
 
         let listen = match self.listen.as_deref().map(str::trim) {
@@ -481,6 +522,8 @@ impl RawConfig {
         Ok(Config {
             path: PathBuf::new(), // set by `Config::parse`, which knows the file
             listen,
+            proxy,
+            run_as,
             app: AppServers {
                 cmd: app.cmd,
                 argv,
@@ -507,6 +550,147 @@ impl RawConfig {
             },
         })
     }
+}
+
+fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, String> {
+    let d = ProxyConfig::default();
+    let Some(raw) = raw else { return Ok(d) };
+    let duration =
+        |key: &str, value: Option<&str>, default: Duration| -> Result<Duration, String> {
+            let d = v.duration(&format!("proxy.{key}"), value, default)?;
+            if d.is_zero() {
+                return Err(v.err(&format!("proxy.{key}"), "must be longer than zero"));
+            }
+            Ok(d)
+        };
+    let max_body_size = match raw.max_body_size {
+        None => d.max_body_size,
+        Some(size) => match parse_size(v, "proxy.max_body_size", size)? {
+            0 => None,
+            n => Some(n),
+        },
+    };
+    let max_header_size = match raw.max_header_size {
+        None => d.max_header_size,
+        Some(size) => {
+            let n = parse_size(v, "proxy.max_header_size", size)?;
+            if !(8192..=16 * 1024 * 1024).contains(&n) {
+                return Err(v.err("proxy.max_header_size", "must be between 8k and 16m"));
+            }
+            n as usize
+        }
+    };
+    let max_connections = raw.max_connections.unwrap_or(d.max_connections);
+    if max_connections == 0 {
+        return Err(v.err("proxy.max_connections", "must be at least 1"));
+    }
+    let mut trusted_proxies = Vec::new();
+    for text in raw.trusted_proxies.unwrap_or_default() {
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                v.err(
+                    "proxy.trusted_proxies",
+                    format!("`{text}` is not an address or CIDR range (e.g. 10.0.0.0/8)"),
+                )
+            })?;
+        trusted_proxies.push(net);
+    }
+    Ok(ProxyConfig {
+        client_header_timeout: duration(
+            "client_header_timeout",
+            raw.client_header_timeout.as_deref(),
+            d.client_header_timeout,
+        )?,
+        keepalive_timeout: duration(
+            "keepalive_timeout",
+            raw.keepalive_timeout.as_deref(),
+            d.keepalive_timeout,
+        )?,
+        connect_timeout: duration(
+            "connect_timeout",
+            raw.connect_timeout.as_deref(),
+            d.connect_timeout,
+        )?,
+        response_timeout: duration(
+            "response_timeout",
+            raw.response_timeout.as_deref(),
+            d.response_timeout,
+        )?,
+        body_idle_timeout: duration(
+            "body_idle_timeout",
+            raw.body_idle_timeout.as_deref(),
+            d.body_idle_timeout,
+        )?,
+        max_body_size,
+        max_header_size,
+        max_connections,
+        trusted_proxies,
+        down_period: duration("fail_timeout", raw.fail_timeout.as_deref(), d.down_period)?,
+        access_log: raw.access_log.unwrap_or(d.access_log),
+    })
+}
+
+fn parse_size(v: &Validator, key: &str, raw: RawSize) -> Result<u64, String> {
+    let text = match raw {
+        RawSize::Bytes(n) => return Ok(n),
+        RawSize::Text(text) => text,
+    };
+    let t = text.trim().to_ascii_lowercase();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t.as_str(), ""),
+    };
+    let unit: u64 = match unit.trim() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        _ => 0,
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .filter(|_| unit > 0)
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| {
+            v.err(
+                key,
+                format!("`{text}` is not a size; write e.g. 512k, 10m, 1g (0: no limit)"),
+            )
+        })
+}
+
+fn validate_run_as(
+    v: &Validator,
+    user: Option<String>,
+    group: Option<String>,
+) -> Result<Option<RunAs>, String> {
+    use nix::unistd::{Group, User};
+    let Some(name) = user else {
+        if group.is_some() {
+            return Err(v.err("group", "needs `user` too"));
+        }
+        return Ok(None);
+    };
+    let found = User::from_name(&name)
+        .map_err(|e| v.err("user", format!("cannot look up `{name}`: {e}")))?
+        .ok_or_else(|| v.err("user", format!("no user `{name}` on this machine")))?;
+    let gid = match group {
+        None => found.gid,
+        Some(group) => {
+            Group::from_name(&group)
+                .map_err(|e| v.err("group", format!("cannot look up `{group}`: {e}")))?
+                .ok_or_else(|| v.err("group", format!("no group `{group}` on this machine")))?
+                .gid
+        }
+    };
+    Ok(Some(RunAs {
+        user: name,
+        uid: found.uid,
+        gid,
+    }))
 }
 
 fn validate_worksets(v: &Validator, sets: &[Vec<u16>]) -> Result<(), String> {

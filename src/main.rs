@@ -137,6 +137,45 @@ fn plan(config: &Config) -> String {
             );
         }
     }
+    if config.listen.is_some() {
+        let p = &config.proxy;
+        let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+        let _ = writeln!(
+            out,
+            "timeouts:     client header {}, keep-alive {}, connect {}, response {}, body idle {}",
+            d(p.client_header_timeout),
+            d(p.keepalive_timeout),
+            d(p.connect_timeout),
+            d(p.response_timeout),
+            d(p.body_idle_timeout)
+        );
+        let body = p
+            .max_body_size
+            .map_or_else(|| "unlimited".to_string(), |n| format!("{n} bytes"));
+        let _ = writeln!(
+            out,
+            "limits:       body {body}, header {} bytes, {} connections",
+            p.max_header_size, p.max_connections
+        );
+        let trusted: Vec<String> = p.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        let trusted = if trusted.is_empty() {
+            "none".to_string()
+        } else {
+            trusted.join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "trusted:      {trusted}; access log {}",
+            if p.access_log { "on" } else { "off" }
+        );
+    }
+    if let Some(run_as) = &config.run_as {
+        let _ = writeln!(
+            out,
+            "run as:       {} (uid {}, gid {})",
+            run_as.user, run_as.uid, run_as.gid
+        );
+    }
     let _ = writeln!(out, "command:      {}", app.cmd);
     let _ = writeln!(out, "directory:    {}", app.directory.display());
     if !app.environment.is_empty() {
@@ -216,6 +255,17 @@ fn plan(config: &Config) -> String {
     out
 }
 
+/// Switches to `run_as` for good: supplementary groups, group, then user.
+fn drop_privileges(run_as: &config::RunAs) -> nix::Result<()> {
+    use nix::unistd::{getuid, setgid, setgroups, setuid};
+    if getuid() == run_as.uid {
+        return Ok(());
+    }
+    setgroups(&[run_as.gid])?;
+    setgid(run_as.gid)?;
+    setuid(run_as.uid)
+}
+
 fn run(path: &Path) -> ExitCode {
     // Until the runtime's handlers are installed a SIGHUP or SIGUSR1 would kill rolld;
     // ignore them meanwhile (the handlers replace this, and exec resets it for children).
@@ -227,6 +277,21 @@ fn run(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // Bind first: port 80 needs root, the rest of rolld does not.
+    let listener = match config.listen.map(|addr| (addr, rolld_proxy::bind(addr))) {
+        None => None,
+        Some((_, Ok(listener))) => Some(listener),
+        Some((addr, Err(err))) => {
+            eprintln!("rolld: cannot listen on {addr}: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(run_as) = &config.run_as {
+        if let Err(err) = drop_privileges(run_as) {
+            eprintln!("rolld: cannot switch to user `{}`: {err}", run_as.user);
+            return ExitCode::from(1);
+        }
+    }
     // SAFETY: no thread has been started yet; the runtime is built below.
     let guard = match unsafe { guard::Guard::start() } {
         Ok(guard) => Arc::new(guard),
@@ -247,12 +312,6 @@ fn run(path: &Path) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         let commands = signals::listen()?;
-        let listener = match config.listen {
-            Some(addr) => Some(rolld_proxy::bind(addr).map_err(|err| {
-                std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
-            })?),
-            None => None,
-        };
         if let Some(addr) = config.listen {
             info!(%addr, "listening");
         }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rolld_proxy::{Proxy, ProxyConfig, ServerConfig, Upstreams};
+use rolld_proxy::{Proxy, Upstreams};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -72,18 +72,10 @@ impl Supervisor {
     ) -> Result<(), RunError> {
         let (stop_accepting, server) = match (listener, &self.upstreams) {
             (Some(listener), Some(upstreams)) => {
-                let proxy = Arc::new(Proxy::new(upstreams.clone(), ProxyConfig::default()));
+                let proxy = Arc::new(Proxy::new(upstreams.clone(), self.config.proxy.clone()));
                 let (tx, rx) = oneshot::channel::<Duration>();
-                let server = tokio::spawn(async move {
-                    let (grace_tx, grace_rx) = oneshot::channel();
-                    let shutdown = async move {
-                        let grace = rx.await.unwrap_or(Duration::ZERO);
-                        let _ = grace_tx.send(grace);
-                    };
-                    let grace = async move { grace_rx.await.unwrap_or(Duration::ZERO) };
-                    rolld_proxy::serve(listener, proxy, ServerConfig::default(), shutdown, grace)
-                        .await
-                });
+                let shutdown = async move { rx.await.unwrap_or(Duration::ZERO) };
+                let server = tokio::spawn(rolld_proxy::serve(listener, proxy, shutdown));
                 (Some(tx), Some(server))
             }
             _ => (None, None),

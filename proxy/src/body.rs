@@ -4,42 +4,135 @@
 //! the service future has returned, so the lease must live in the body to count the
 //! request until its last byte is sent or the client goes away.
 
+use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
 
+use crate::access::AccessLog;
+use crate::activity::Busy;
 use crate::pool::Conn;
 use crate::upstream::InFlight;
 
-/// A client's request body on its way to an upstream.
+/// Why a body was cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// The request body grew past `max_body_size`.
+    TooLarge,
+    /// No byte moved for `body_idle_timeout`.
+    Idle,
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BodyError::TooLarge => "request body larger than max_body_size",
+            BodyError::Idle => "body idle for longer than body_idle_timeout",
+        })
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Cuts a body that moves no byte for a while. The timer is only created once the body
+/// actually waits, so a body that is read in one go costs nothing.
+struct IdleTimer {
+    timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    fn new(timeout: Duration) -> Self {
+        IdleTimer {
+            timeout,
+            sleep: None,
+        }
+    }
+
+    fn progress(&mut self) {
+        if let Some(sleep) = self.sleep.as_mut() {
+            sleep.as_mut().reset(Instant::now() + self.timeout);
+        }
+    }
+
+    /// Called when the body is pending: Ready means it has been idle too long.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let timeout = self.timeout;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        sleep.as_mut().poll(cx)
+    }
+}
+
+/// A client's request body on its way to an upstream, bounded in size and idleness.
 pub struct RequestBody {
     /// `None` for a request rebuilt to be sent again, which never had a body.
     inner: Option<Incoming>,
+    /// Bytes still allowed.
+    remaining: u64,
+    idle: IdleTimer,
 }
 
 impl RequestBody {
-    pub(crate) fn new(inner: Incoming) -> Self {
-        RequestBody { inner: Some(inner) }
+    pub(crate) fn new(inner: Incoming, limit: Option<u64>, idle: Duration) -> Self {
+        RequestBody {
+            inner: Some(inner),
+            remaining: limit.unwrap_or(u64::MAX),
+            idle: IdleTimer::new(idle),
+        }
     }
 
     pub(crate) fn empty() -> Self {
-        RequestBody { inner: None }
+        RequestBody {
+            inner: None,
+            remaining: 0,
+            idle: IdleTimer::new(Duration::MAX),
+        }
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().inner {
-            Some(inner) => Pin::new(inner).poll_frame(cx),
-            None => Poll::Ready(None),
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle.progress();
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge.into())));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.idle.poll_expired(cx) {
+                Poll::Ready(()) => {
+                    this.inner = None;
+                    Poll::Ready(Some(Err(BodyError::Idle.into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
@@ -55,7 +148,13 @@ impl Body for RequestBody {
 }
 
 /// What the proxy sends back to a client.
-pub enum ResponseBody {
+pub struct ResponseBody {
+    kind: Kind,
+    /// Keeps the client connection's keep-alive clock stopped until the body ends.
+    _busy: Option<Busy>,
+}
+
+enum Kind {
     /// Streamed from an upstream, holding the request's lease.
     Upstream(UpstreamBody),
     /// An answer of the proxy's own (errors).
@@ -64,11 +163,29 @@ pub enum ResponseBody {
 
 impl ResponseBody {
     pub(crate) fn full(bytes: Bytes) -> Self {
-        ResponseBody::Full(Some(bytes))
+        ResponseBody {
+            kind: Kind::Full(Some(bytes)),
+            _busy: None,
+        }
     }
 
     pub(crate) fn empty() -> Self {
-        ResponseBody::Full(None)
+        ResponseBody {
+            kind: Kind::Full(None),
+            _busy: None,
+        }
+    }
+
+    pub(crate) fn upstream(body: UpstreamBody) -> Self {
+        ResponseBody {
+            kind: Kind::Upstream(body),
+            _busy: None,
+        }
+    }
+
+    pub(crate) fn with_busy(mut self, busy: Option<Busy>) -> Self {
+        self._busy = busy;
+        self
     }
 }
 
@@ -78,14 +195,24 @@ pub struct UpstreamBody {
     body: Incoming,
     lease: Option<InFlight>,
     conn: Option<Conn>,
+    idle: IdleTimer,
+    access: Option<Box<AccessLog>>,
 }
 
 impl UpstreamBody {
-    pub(crate) fn new(body: Incoming, lease: InFlight, conn: Option<Conn>) -> Self {
+    pub(crate) fn new(
+        body: Incoming,
+        lease: InFlight,
+        conn: Option<Conn>,
+        idle: Duration,
+        access: Option<Box<AccessLog>>,
+    ) -> Self {
         UpstreamBody {
             body,
             lease: Some(lease),
             conn,
+            idle: IdleTimer::new(idle),
+            access,
         }
     }
 
@@ -95,6 +222,17 @@ impl UpstreamBody {
         }
         self.lease = None;
     }
+
+    fn fail(&mut self, why: &dyn fmt::Display) {
+        if let Some(lease) = self.lease.as_ref() {
+            tracing::warn!(upstream = %lease.upstream().addr(), "response body cut: {why}");
+        }
+        if let Some(access) = self.access.as_mut() {
+            access.complete = false;
+        }
+        self.conn = None;
+        self.lease = None;
+    }
 }
 
 impl Drop for UpstreamBody {
@@ -102,48 +240,64 @@ impl Drop for UpstreamBody {
         // Bodies that are empty from the start (HEAD, 204, 304) are never polled.
         if self.body.is_end_stream() {
             self.finish();
+        } else if let Some(access) = self.access.as_mut() {
+            access.complete = false;
         }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ResponseBody::Upstream(up) => {
-                let polled = Pin::new(&mut up.body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(None) => up.finish(),
-                    Poll::Ready(Some(Ok(_))) if up.body.is_end_stream() => up.finish(),
-                    Poll::Ready(Some(Err(_))) => {
-                        up.conn = None;
-                        up.lease = None;
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    up.idle.progress();
+                    if let (Some(access), Some(data)) = (up.access.as_mut(), frame.data_ref()) {
+                        access.bytes += data.len() as u64;
                     }
-                    _ => {}
+                    if up.body.is_end_stream() {
+                        up.finish();
+                    }
+                    Poll::Ready(Some(Ok(frame)))
                 }
-                polled
-            }
+                Poll::Ready(Some(Err(err))) => {
+                    up.fail(&err);
+                    Poll::Ready(Some(Err(err.into())))
+                }
+                Poll::Ready(None) => {
+                    up.finish();
+                    Poll::Ready(None)
+                }
+                Poll::Pending => match up.idle.poll_expired(cx) {
+                    Poll::Ready(()) => {
+                        up.fail(&BodyError::Idle);
+                        Poll::Ready(Some(Err(BodyError::Idle.into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                },
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            ResponseBody::Full(bytes) => bytes.is_none(),
-            ResponseBody::Upstream(up) => up.body.is_end_stream(),
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(up) => up.body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            ResponseBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            ResponseBody::Full(None) => SizeHint::with_exact(0),
-            ResponseBody::Upstream(up) => up.body.size_hint(),
+        match &self.kind {
+            Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Upstream(up) => up.body.size_hint(),
         }
     }
 }

@@ -23,6 +23,15 @@ pub enum ProxyError {
     },
     #[error("every attempt to send the request failed")]
     Exhausted,
+    #[error("upstream {upstream} sent no response headers within {after:?}")]
+    Timeout {
+        upstream: std::net::SocketAddr,
+        after: std::time::Duration,
+    },
+    #[error("request body larger than max_body_size")]
+    BodyTooLarge,
+    #[error("client sent no request body bytes within body_idle_timeout")]
+    ClientBodyIdle,
     #[error("request is not valid for forwarding: {0}")]
     BadRequest(&'static str),
 }
@@ -34,6 +43,9 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Exhausted => {
                 StatusCode::BAD_GATEWAY
             }
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientBodyIdle => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
     }
@@ -44,6 +56,9 @@ impl ProxyError {
         let body = match status {
             StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable\n",
             StatusCode::BAD_GATEWAY => "502 Bad Gateway\n",
+            StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout\n",
+            StatusCode::PAYLOAD_TOO_LARGE => "413 Payload Too Large\n",
+            StatusCode::REQUEST_TIMEOUT => "408 Request Timeout\n",
             _ => "400 Bad Request\n",
         };
         let mut response = Response::new(ResponseBody::full(Bytes::from_static(body.as_bytes())));
@@ -55,6 +70,13 @@ impl ProxyError {
         );
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(
+            status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        ) {
+            // The rest of the request body was not read: this connection cannot go on.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

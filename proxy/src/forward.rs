@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
@@ -11,29 +11,14 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-use crate::body::{RequestBody, ResponseBody, UpstreamBody};
+use crate::access::AccessLog;
+use crate::activity::{Activity, Busy};
+use crate::body::{BodyError, RequestBody, ResponseBody, UpstreamBody};
+use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::pool::Conn;
 use crate::upstream::{InFlight, Upstreams};
-
-/// Settings of the forwarding path.
-#[derive(Clone, Debug)]
-pub struct ProxyConfig {
-    /// Longest wait for a TCP connection to an upstream.
-    pub connect_timeout: Duration,
-    /// How long an upstream whose connect failed is skipped by the balancer.
-    pub down_period: Duration,
-}
-
-impl Default for ProxyConfig {
-    fn default() -> Self {
-        ProxyConfig {
-            connect_timeout: Duration::from_secs(5),
-            down_period: Duration::from_secs(1),
-        }
-    }
-}
 
 /// The reverse proxy: shared by every connection of the front listener.
 #[derive(Debug)]
@@ -43,17 +28,25 @@ pub struct Proxy {
 }
 
 /// Who is on the other end of a front connection, computed once per connection.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Client {
     pub addr: SocketAddr,
     ip: HeaderValue,
+    /// Whether its X-Forwarded-* headers are kept.
+    trusted: bool,
+    activity: Arc<Activity>,
 }
 
 impl Client {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub(crate) fn new(addr: SocketAddr, activity: Arc<Activity>, config: &ProxyConfig) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Client { addr, ip }
+        Client {
+            addr,
+            ip,
+            trusted: config.trusts(addr.ip()),
+            activity,
+        }
     }
 }
 
@@ -66,17 +59,43 @@ impl Proxy {
         &self.upstreams
     }
 
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
     /// Answers one client request, from an upstream or with an error of the proxy's own.
     pub async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<ResponseBody> {
+        let busy = client.activity.begin();
+        let started = Instant::now();
+        let access = self.config.access_log.then(|| {
+            Box::new(AccessLog {
+                client: client.addr,
+                method: req.method().clone(),
+                path: req
+                    .uri()
+                    .path_and_query()
+                    .map_or_else(|| "/".to_string(), |p| p.to_string()),
+                status: StatusCode::OK,
+                upstream: None,
+                bytes: 0,
+                started,
+                complete: true,
+            })
+        });
         let method = req.method().clone();
-        match self.forward(req, client).await {
+        match self.forward(req, client, busy, access).await {
             Ok(response) => response,
-            Err(err) => {
+            Err((err, access)) => {
                 match &err {
                     ProxyError::NoUpstream => debug!(client = %client.addr, %method, "503: {err}"),
                     _ => warn!(client = %client.addr, %method, "{}: {err}", err.status().as_u16()),
                 }
-                err.into_response()
+                let response = err.into_response();
+                if let Some(mut access) = access {
+                    access.status = response.status();
+                    access.bytes = response.body().size_hint().exact().unwrap_or(0);
+                }
+                response
             }
         }
     }
@@ -85,8 +104,18 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: &Client,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        let mut lease = InFlight::route(self.upstreams.current()).ok_or(ProxyError::NoUpstream)?;
+        busy: Busy,
+        mut access: Option<Box<AccessLog>>,
+    ) -> Result<Response<ResponseBody>, (ProxyError, Option<Box<AccessLog>>)> {
+        if let Some(limit) = self.config.max_body_size {
+            if req.body().size_hint().lower() > limit {
+                return Err((ProxyError::BodyTooLarge, access));
+            }
+        }
+        let Some(mut lease) = InFlight::route(self.upstreams.current()) else {
+            return Err((ProxyError::NoUpstream, access));
+        };
+
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
@@ -103,19 +132,53 @@ impl Proxy {
         parts.uri = origin_form(&parts.uri);
         parts.version = http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        headers::set_forwarded(&mut parts.headers, &client.ip);
+        // rolld answers `Expect: 100-continue` to the client itself (when the body is
+        // first read); the upstream gets the body without the handshake.
+        parts.headers.remove(header::EXPECT);
+        headers::set_forwarded(&mut parts.headers, &client.ip, client.trusted);
+
         // A request without a body and with an idempotent method can be sent again if
         // a reused connection turns out dead after it was written (the app crashed, or
         // closed the idle connection at that moment). Keep what it takes to rebuild it
         // only when that can happen.
         let replay = (body.is_end_stream() && parts.method.is_idempotent() && !upgrade)
             .then(|| Replay::of(&parts));
-        let req = Request::from_parts(parts, RequestBody::new(body));
-        let (mut response, conn) = self.send(req, replay, &mut lease).await?;
+        let body = RequestBody::new(
+            body,
+            self.config.max_body_size,
+            self.config.body_idle_timeout,
+        );
+        let req = Request::from_parts(parts, body);
+        let sent = tokio::time::timeout(
+            self.config.response_timeout,
+            self.send(req, replay, &mut lease),
+        )
+        .await;
+        let upstream = lease.upstream().addr();
+        if let Some(access) = access.as_mut() {
+            access.upstream = Some(upstream);
+        }
+        let (mut response, conn) = match sent {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(err)) => return Err((err, access)),
+            Err(_) => {
+                return Err((
+                    ProxyError::Timeout {
+                        upstream,
+                        after: self.config.response_timeout,
+                    },
+                    access,
+                ))
+            }
+        };
+        if let Some(access) = access.as_mut() {
+            access.status = response.status();
+        }
+
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, lease));
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, lease, busy));
                 let (parts, _) = response.into_parts();
                 return Ok(Response::from_parts(parts, ResponseBody::empty()));
             }
@@ -131,14 +194,13 @@ impl Proxy {
         }
         headers::strip_hop_by_hop(&mut parts.headers, false);
         let conn = reusable.then_some(conn);
+        let body = UpstreamBody::new(body, lease, conn, self.config.body_idle_timeout, access);
         Ok(Response::from_parts(
             parts,
-            ResponseBody::Upstream(UpstreamBody::new(body, lease, conn)),
+            ResponseBody::upstream(body).with_busy(Some(busy)),
         ))
     }
-}
 
-impl Proxy {
     /// Sends `req` to the lease's upstream. Connect failures move the request to another
     /// upstream of the set (nothing was sent, so any method is safe); a dead reused
     /// connection gets the request again on a fresh one when it was never written, or
@@ -175,6 +237,12 @@ impl Proxy {
                 Ok(response) => return Ok((response, conn)),
                 Err(err) => err,
             };
+            if let Some(cut) = body_error(err.error()) {
+                return Err(match cut {
+                    BodyError::TooLarge => ProxyError::BodyTooLarge,
+                    BodyError::Idle => ProxyError::ClientBodyIdle,
+                });
+            }
             let retry = match err.take_message() {
                 Some(unsent) => Some(unsent),
                 None if conn.reused => replay.take().map(Replay::build),
@@ -196,6 +264,18 @@ impl Proxy {
         }
         Err(ProxyError::Exhausted)
     }
+}
+
+/// The [`BodyError`] behind a failed send, if the request body was cut by rolld.
+fn body_error(err: &hyper::Error) -> Option<BodyError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(cut) = e.downcast_ref::<BodyError>() {
+            return Some(*cut);
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// Attempts at sending one request: connects to other upstreams and resends together.
@@ -244,6 +324,7 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     lease: InFlight,
+    busy: Busy,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
@@ -257,7 +338,7 @@ async fn tunnel(
     if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         debug!(upstream = %lease.upstream().addr(), error = %err, "upgraded connection ended");
     }
-    drop(lease);
+    drop((lease, busy));
 }
 
 #[cfg(test)]

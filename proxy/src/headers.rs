@@ -59,9 +59,41 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Tells the upstream who the client is. Forwarding headers sent by the client are
-/// replaced: only rolld's own view of the connection is trusted.
-pub(crate) fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue) {
+/// Tells the upstream who the client is. From a trusted proxy, the forwarding headers
+/// it sent are kept and the client's address is appended; from anyone else they are
+/// replaced, so a client cannot claim another address.
+pub(crate) fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, trusted: bool) {
+    if trusted {
+        let chain: Vec<u8> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .filter(|v| !v.is_empty())
+            .chain(std::iter::once(client_ip.as_bytes()))
+            .collect::<Vec<_>>()
+            .join(&b", "[..]);
+        // The first address in the chain is the original client, as the proxy before us
+        // saw it.
+        let real = headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| HeaderValue::from_str(v.trim()).ok())
+            .unwrap_or_else(|| client_ip.clone());
+        if let Ok(value) = HeaderValue::from_bytes(&chain) {
+            headers.insert(&X_FORWARDED_FOR, value);
+        }
+        headers.insert(&X_REAL_IP, real);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(host) = headers.get(header::HOST).cloned() {
+                headers.insert(&X_FORWARDED_HOST, host);
+            }
+        }
+        return;
+    }
     headers.insert(&X_FORWARDED_FOR, client_ip.clone());
     headers.insert(&X_REAL_IP, client_ip.clone());
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -121,9 +153,22 @@ mod tests {
     #[test]
     fn spoofed_forwarding_headers_are_replaced() {
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("host", "example.test")]);
-        set_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"));
+        set_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"), false);
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-host"], "example.test");
+    }
+
+    #[test]
+    fn a_trusted_proxy_chain_is_kept_and_extended() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.7, 10.0.0.2"),
+            ("x-forwarded-proto", "https"),
+            ("host", "example.test"),
+        ]);
+        set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.3"), true);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2, 10.0.0.3");
+        assert_eq!(h["x-real-ip"], "203.0.113.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 }

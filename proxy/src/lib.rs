@@ -7,14 +7,20 @@
 //! # Layout
 //! - [`upstream`]: the swappable set of upstreams, balancing, and the per-request lease.
 //! - [`drain`]: waiting for a replaced set's last request.
+//! - [`config`]: every setting, with production defaults.
 //! - `forward`: the per-request path (route, rewrite, send, stream back).
 //! - `pool`: keep-alive connections to each upstream.
 //! - `body`: request and response bodies, the response carrying the lease.
 //! - `headers`: hop-by-hop and forwarding headers.
+//! - `activity`: the client connection's IO, with the header and keep-alive timeouts.
+//! - `access`: the access log line.
 //! - [`error`]: failures the proxy answers itself, mapped to status codes in one place.
 //! - [`server`]: binding, accepting, graceful shutdown.
 
+mod access;
+mod activity;
 mod body;
+pub mod config;
 pub mod drain;
 pub mod error;
 mod forward;
@@ -23,9 +29,10 @@ mod pool;
 pub mod server;
 pub mod upstream;
 
-pub use body::{RequestBody, ResponseBody};
+pub use body::{BodyError, RequestBody, ResponseBody};
+pub use config::ProxyConfig;
 pub use drain::{Drain, DrainTimedOut};
 pub use error::ProxyError;
-pub use forward::{Client, Proxy, ProxyConfig};
-pub use server::{bind, serve, ServerConfig};
+pub use forward::{Client, Proxy};
+pub use server::{bind, serve};
 pub use upstream::{Balance, InFlight, Upstream, UpstreamSet, Upstreams};

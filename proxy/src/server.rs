@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+use crate::activity::{ClientIo, Timeouts};
 use crate::forward::{Client, Proxy};
 
 /// Pending connections the kernel queues before rolld accepts them.
@@ -32,43 +34,44 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Settings of the front connections.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    /// Longest time a client may take to send a request's headers.
-    pub header_read_timeout: Duration,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            header_read_timeout: Duration::from_secs(30),
-        }
-    }
-}
-
-/// Serves `listener` until `shutdown` resolves, then stops accepting, lets each
-/// connection finish its current exchange (idle keep-alive connections close at once)
-/// for up to `grace`, and returns.
+/// Serves `listener` until `shutdown` resolves to a grace period, then stops accepting,
+/// lets each connection finish its current exchange (idle keep-alive connections close
+/// at once, busy HTTP/1 ones answer with `Connection: close`, HTTP/2 ones get GOAWAY)
+/// for up to that grace period, and returns.
 pub async fn serve(
     listener: std::net::TcpListener,
     proxy: Arc<Proxy>,
-    config: ServerConfig,
-    shutdown: impl Future<Output = ()>,
-    grace: impl Future<Output = Duration>,
+    shutdown: impl Future<Output = Duration>,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
+    let config = proxy.config().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
+        // Our own IO enforces the header and keep-alive timeouts (see `activity`).
+        .header_read_timeout(None)
+        .max_buf_size(config.max_header_size.max(8192))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(config.max_header_size.min(u32::MAX as usize) as u32);
+    let timeouts = Timeouts::from_config(&config);
     let graceful = GracefulShutdown::new();
+    // Backpressure: at max_connections the loop stops accepting, and new clients wait
+    // in the kernel's queue instead of being refused or crashing rolld.
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
     tokio::pin!(shutdown);
 
-    loop {
+    let grace = loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break Duration::ZERO,
+            },
+            grace = &mut shutdown => break grace,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -79,31 +82,32 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            grace = &mut shutdown => break grace,
         };
         if let Err(err) = stream.set_nodelay(true) {
             debug!(client = %peer, error = %err, "set_nodelay failed");
         }
+        let (io, activity) = ClientIo::new(stream, timeouts);
+        let client = Arc::new(Client::new(peer, activity, &config));
         let proxy = proxy.clone();
-        let client = Client::new(peer);
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             let client = client.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
         });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(io, service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(err) = conn.await {
                 debug!(client = %peer, error = %err, "client connection ended");
             }
+            drop(permit);
         });
-    }
+    };
 
     drop(listener);
-    let grace = grace.await;
     let open = graceful.count();
     info!(
         connections = open,

@@ -1,0 +1,62 @@
+//! The proxy's settings, with the defaults a production front proxy needs.
+
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+/// Every knob of the proxy. [`Default`] gives production defaults.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Longest time a client may take to send a request's headers, from its first byte
+    /// (slowloris).
+    pub client_header_timeout: Duration,
+    /// An idle keep-alive client connection is closed after this.
+    pub keepalive_timeout: Duration,
+    /// Longest wait for a TCP connection to an upstream.
+    pub connect_timeout: Duration,
+    /// Longest wait for an upstream's response headers once the request is sent (then 504).
+    pub response_timeout: Duration,
+    /// A body that moves no byte for this long, either way, is cut.
+    pub body_idle_timeout: Duration,
+    /// Largest request body accepted (413 beyond); `None`: no limit.
+    pub max_body_size: Option<u64>,
+    /// Largest request head (request line and headers) accepted (431 beyond).
+    pub max_header_size: usize,
+    /// Client connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Peers whose X-Forwarded-* headers are kept (and appended to); from anyone else
+    /// they are replaced.
+    pub trusted_proxies: Vec<IpNet>,
+    /// How long an upstream whose connect failed is skipped by the balancer.
+    pub down_period: Duration,
+    /// One log line per request (target `rolld::access`).
+    pub access_log: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            client_header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(75),
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            body_idle_timeout: Duration::from_secs(60),
+            max_body_size: Some(100 * 1024 * 1024),
+            max_header_size: 64 * 1024,
+            max_connections: 10_000,
+            trusted_proxies: Vec::new(),
+            down_period: Duration::from_secs(2),
+            access_log: false,
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub(crate) fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
+    }
+}
