@@ -10,8 +10,8 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -31,6 +31,9 @@ pub(crate) struct Activity {
     /// When the last request ended, in ms since `epoch`.
     idle_since_ms: AtomicU64,
     epoch: Instant,
+    /// The connection task, parked in a read while a request was in progress: when the
+    /// last request ends it must wake to start the keep-alive clock.
+    parked: Mutex<Option<Waker>>,
 }
 
 impl Activity {
@@ -40,6 +43,7 @@ impl Activity {
             started: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            parked: Mutex::new(None),
         })
     }
 
@@ -64,7 +68,12 @@ impl Drop for Busy {
         let a = &self.0;
         let since = a.epoch.elapsed().as_millis() as u64;
         a.idle_since_ms.store(since, Ordering::Release);
-        a.busy.fetch_sub(1, Ordering::AcqRel);
+        if a.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let parked = a.parked.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(waker) = parked {
+                waker.wake();
+            }
+        }
     }
 }
 
@@ -114,13 +123,25 @@ impl ClientIo {
         (io, activity)
     }
 
-    fn read_deadline(&mut self) -> Option<Instant> {
+    fn read_deadline(&mut self, cx: &mut Context<'_>) -> Option<Instant> {
         let started = self.activity.started.load(Ordering::Acquire);
         if self.header_started.is_some_and(|(_, n)| n != started) {
             self.header_started = None;
         }
         if self.activity.busy.load(Ordering::Acquire) > 0 {
-            return None;
+            let mut parked = self
+                .activity
+                .parked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !parked.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *parked = Some(cx.waker().clone());
+            }
+            drop(parked);
+            // The request may have ended while we registered.
+            if self.activity.busy.load(Ordering::Acquire) > 0 {
+                return None;
+            }
         }
         Some(match self.header_started {
             Some((start, _)) => start + self.timeouts.header,
@@ -130,7 +151,11 @@ impl ClientIo {
 
     /// Waits for the earliest deadline; Ready means it has passed.
     fn poll_deadline(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<io::Error> {
-        let read = if reading { self.read_deadline() } else { None };
+        let read = if reading {
+            self.read_deadline(cx)
+        } else {
+            None
+        };
         let write = self.write_stalled.map(|s| s + self.timeouts.write_idle);
         let Some(deadline) = [read, write].into_iter().flatten().min() else {
             return Poll::Pending;

@@ -41,6 +41,23 @@ impl std::error::Error for BodyError {}
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The client's request body could not be read (invalid chunked framing, the client
+/// went away): the request is the client's fault, not the upstream's.
+#[derive(Debug)]
+pub struct ClientBodyFailed(pub hyper::Error);
+
+impl fmt::Display for ClientBodyFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "reading the client's request body failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
 /// Cuts a body that moves no byte for a while. The timer is only created once the body
 /// actually waits, so a body that is read in one go costs nothing.
 struct IdleTimer {
@@ -124,7 +141,7 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(ClientBodyFailed(err).into()))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => match this.idle.poll_expired(cx) {
                 Poll::Ready(()) => {

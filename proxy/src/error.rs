@@ -73,7 +73,7 @@ impl ProxyError {
         }
         if matches!(
             status,
-            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT | StatusCode::BAD_REQUEST
         ) {
             // The rest of the request body was not read: this connection cannot go on.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use crate::access::AccessLog;
 use crate::activity::{Activity, Busy};
-use crate::body::{BodyError, RequestBody, ResponseBody, UpstreamBody};
+use crate::body::{BodyError, ClientBodyFailed, RequestBody, ResponseBody, UpstreamBody};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::headers;
@@ -237,11 +237,8 @@ impl Proxy {
                 Ok(response) => return Ok((response, conn)),
                 Err(err) => err,
             };
-            if let Some(cut) = body_error(err.error()) {
-                return Err(match cut {
-                    BodyError::TooLarge => ProxyError::BodyTooLarge,
-                    BodyError::Idle => ProxyError::ClientBodyIdle,
-                });
+            if let Some(cut) = client_fault(err.error()) {
+                return Err(cut);
             }
             let retry = match err.take_message() {
                 Some(unsent) => Some(unsent),
@@ -266,12 +263,18 @@ impl Proxy {
     }
 }
 
-/// The [`BodyError`] behind a failed send, if the request body was cut by rolld.
-fn body_error(err: &hyper::Error) -> Option<BodyError> {
+/// A failed send that was the client's doing: its body was too large, idle, or broken.
+fn client_fault(err: &hyper::Error) -> Option<ProxyError> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
     while let Some(e) = source {
         if let Some(cut) = e.downcast_ref::<BodyError>() {
-            return Some(*cut);
+            return Some(match cut {
+                BodyError::TooLarge => ProxyError::BodyTooLarge,
+                BodyError::Idle => ProxyError::ClientBodyIdle,
+            });
+        }
+        if e.is::<ClientBodyFailed>() {
+            return Some(ProxyError::BadRequest("the request body could not be read"));
         }
         source = e.source();
     }

@@ -1,0 +1,768 @@
+//! The proxy, end to end over real sockets: headers, upgrades, retries, balancing,
+//! timeouts, limits, errors, protocols and shutdown.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rolld_proxy::{Balance, ProxyConfig};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn config() -> ProxyConfig {
+    ProxyConfig::default()
+}
+
+async fn front_for(upstream: &Upstream) -> Front {
+    Front::start(config(), &[upstream.addr], Balance::LeastConn).await
+}
+
+// ---- headers ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hop_by_hop_request_headers_stay_on_their_hop_and_forwarding_headers_are_set() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let answer = raw(
+        front.addr,
+        b"GET /a?b=1 HTTP/1.1\r\nHost: example.test\r\nConnection: keep-alive, X-Secret, close\r\nKeep-Alive: timeout=5\r\nX-Secret: 1\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\nProxy: http://evil.test\r\nUpgrade: h2c\r\nX-Kept: yes\r\n\r\n",
+        SOON,
+    )
+    .await;
+    assert!(
+        text(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        text(&answer)
+    );
+    let got = up.received().to_ascii_lowercase();
+    assert!(got.starts_with("get /a?b=1 http/1.1\r\n"), "{got}");
+    assert!(
+        got.contains("host: example.test\r\n"),
+        "Host is preserved: {got}"
+    );
+    assert!(got.contains("x-kept: yes\r\n"));
+    for gone in [
+        "keep-alive:",
+        "x-secret",
+        "te:",
+        "proxy-connection",
+        "proxy:",
+        "upgrade:",
+        "connection: keep-alive",
+    ] {
+        assert!(
+            !got.contains(gone),
+            "`{gone}` must not reach the upstream: {got}"
+        );
+    }
+    assert!(got.contains("x-forwarded-for: 127.0.0.1\r\n"), "{got}");
+    assert!(got.contains("x-real-ip: 127.0.0.1\r\n"));
+    assert!(got.contains("x-forwarded-proto: http\r\n"));
+    assert!(got.contains("x-forwarded-host: example.test\r\n"));
+}
+
+#[tokio::test]
+async fn hop_by_hop_response_headers_stay_on_their_hop() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Internal\r\nX-Internal: 1\r\nKeep-Alive: timeout=3\r\nX-App: yes\r\n\r\nhi"
+            .to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let answer = text(
+        &raw(
+            front.addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            SOON,
+        )
+        .await,
+    )
+    .to_ascii_lowercase();
+    assert!(answer.contains("x-app: yes"), "{answer}");
+    assert!(!answer.contains("x-internal"), "{answer}");
+    assert!(!answer.contains("keep-alive:"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nhi"), "{answer}");
+}
+
+#[tokio::test]
+async fn x_forwarded_for_from_an_untrusted_client_is_replaced() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    raw(
+        front.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n",
+        SOON,
+    )
+    .await;
+    let got = up.received().to_ascii_lowercase();
+    assert!(!got.contains("6.6.6.6"), "{got}");
+    assert!(got.contains("x-forwarded-for: 127.0.0.1\r\n"));
+    assert!(got.contains("x-forwarded-proto: http\r\n"));
+}
+
+#[tokio::test]
+async fn x_forwarded_for_from_a_trusted_proxy_is_extended() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.trusted_proxies = vec!["127.0.0.0/8".parse().expect("net")];
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    raw(
+        front.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n",
+        SOON,
+    )
+    .await;
+    let got = up.received().to_ascii_lowercase();
+    assert!(
+        got.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\r\n"),
+        "{got}"
+    );
+    assert!(got.contains("x-real-ip: 203.0.113.9\r\n"), "{got}");
+    assert!(got.contains("x-forwarded-proto: https\r\n"), "{got}");
+}
+
+// ---- request framing --------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_request_with_content_length_and_chunked_never_smuggles_a_second_request() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let answer = raw(
+        front.addr,
+        b"POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 48\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        SOON,
+    )
+    .await;
+    let answer = text(&answer);
+    // Either refused, or answered once and the connection closed.
+    assert!(
+        answer.starts_with("HTTP/1.1 400") || answer.matches("HTTP/1.1 ").count() == 1,
+        "{answer}"
+    );
+    let got = up.received().to_ascii_lowercase();
+    assert!(
+        !got.contains("/smuggled"),
+        "the smuggled request reached the upstream: {got}"
+    );
+    if got.contains("/first") {
+        assert!(
+            !got.contains("content-length"),
+            "forwarded with both framings: {got}"
+        );
+        assert!(got.contains("transfer-encoding: chunked"), "{got}");
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_chunked_body_is_rejected() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let answer = text(
+        &raw(
+            front.addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nnot hex\r\n0\r\n\r\n",
+            SOON,
+        )
+        .await,
+    );
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn oversize_headers_get_431() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.max_header_size = 8192;
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let answer = text(&raw(front.addr, big.as_bytes(), SOON).await);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        0,
+        "nothing reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_body_over_max_body_size_gets_413() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.max_body_size = Some(1000);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    // Announced by Content-Length: refused before any upstream is contacted.
+    let answer = text(
+        &raw(
+            front.addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
+            SOON,
+        )
+        .await,
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+    // Chunked, growing past the limit on the way.
+    let mut req = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        req.extend_from_slice(format!("1f4\r\n{}\r\n", "b".repeat(500)).as_bytes());
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let answer = text(&raw(front.addr, &req, SOON).await);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // Within the limit it passes.
+    let answer = text(
+        &raw(
+            front.addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+            SOON,
+        )
+        .await,
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+// ---- upgrades -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_upgrade_passes_through_and_counts_as_in_flight_until_it_closes() {
+    let up = Upstream::start(Script::UpgradeEcho).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .expect("send");
+    let head = read_until(&mut s, b"\r\n\r\n", 1, SOON).await;
+    assert!(text(&head).starts_with("HTTP/1.1 101"), "{}", text(&head));
+    assert!(up.received().to_ascii_lowercase().contains("upgrade: echo"));
+    s.write_all(b"ping").await.expect("send");
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo).await.expect("echo");
+    assert_eq!(&echo, b"ping");
+    let set = front.upstreams.current();
+    assert_eq!(set.in_flight(), 1, "the upgraded connection is in flight");
+    drop(set);
+    let mut drain = front
+        .upstreams
+        .swap(std::sync::Arc::new(rolld_proxy::UpstreamSet::empty()));
+    assert!(
+        drain
+            .wait_timeout(Duration::from_millis(300))
+            .await
+            .is_err(),
+        "the drain waits for the tunnel"
+    );
+    drop(s);
+    drain
+        .wait_timeout(SOON)
+        .await
+        .expect("the drain ends when the tunnel closes");
+}
+
+// ---- retries and balancing ----------------------------------------------------------------
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_on_another_upstream() {
+    let up = Upstream::start(Script::Reply(ok("alive"))).await;
+    let front = Front::start(config(), &[dead_port(), up.addr], Balance::RoundRobin).await;
+    for _ in 0..10 {
+        // A POST too: nothing was sent, so any method is safe to retry.
+        let answer = text(
+            &raw(
+                front.addr,
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+                SOON,
+            )
+            .await,
+        );
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("alive"),
+            "{answer}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn round_robin_alternates_exactly() {
+    let a = Upstream::start(Script::Reply(ok("a"))).await;
+    let b = Upstream::start(Script::Reply(ok("b"))).await;
+    let front = Front::start(config(), &[a.addr, b.addr], Balance::RoundRobin).await;
+    let mut answers = String::new();
+    for _ in 0..10 {
+        let answer = text(
+            &raw(
+                front.addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                SOON,
+            )
+            .await,
+        );
+        answers.push_str(&answer[answer.len() - 1..]);
+    }
+    assert_eq!(answers.matches('a').count(), 5, "{answers}");
+    assert!(
+        answers == "ababababab" || answers == "bababababa",
+        "{answers}"
+    );
+}
+
+#[tokio::test]
+async fn least_conn_sends_new_requests_to_the_idle_upstream() {
+    let slow = Upstream::start(Script::Silent).await;
+    let fast = Upstream::start(Script::Reply(ok("fast"))).await;
+    let front = Front::start(config(), &[slow.addr, fast.addr], Balance::LeastConn).await;
+    // Occupy the slow one (it never answers).
+    let mut hold = Vec::new();
+    while slow.connections.load(Ordering::SeqCst) == 0 {
+        let mut s = TcpStream::connect(front.addr).await.expect("connect");
+        s.write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        hold.push(s);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hold.truncate(hold.len());
+    for _ in 0..10 {
+        let answer = text(
+            &raw(
+                front.addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                SOON,
+            )
+            .await,
+        );
+        assert!(answer.ends_with("fast"), "{answer}");
+    }
+}
+
+// ---- timeouts ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_gives_504() {
+    let up = Upstream::start(Script::Silent).await;
+    let mut cfg = config();
+    cfg.response_timeout = Duration::from_millis(500);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let answer = text(
+        &raw(
+            front.addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            SOON,
+        )
+        .await,
+    );
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(
+        answer.ends_with("504 Gateway Timeout\n"),
+        "a short plain body: {answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_sending_headers_one_byte_at_a_time_is_cut_at_the_header_timeout() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.client_header_timeout = Duration::from_secs(1);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    let started = Instant::now();
+    let request =
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut cut = false;
+    for byte in request {
+        if s.write_all(&[*byte]).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if started.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+    }
+    let rest = read_until_closed(&mut s, Duration::from_secs(3)).await;
+    assert!(
+        cut || !text(&rest).contains("200 OK"),
+        "the slow client was served: {}",
+        text(&rest)
+    );
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.keepalive_timeout = Duration::from_millis(700);
+    cfg.client_header_timeout = Duration::from_secs(30);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let first = read_until(&mut s, b"hi", 1, SOON).await;
+    assert!(text(&first).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let rest = read_until_closed(&mut s, SOON).await;
+    assert!(rest.is_empty());
+    let idle = started.elapsed();
+    assert!(
+        idle >= Duration::from_millis(500) && idle < Duration::from_secs(10),
+        "closed after {idle:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_body_that_stalls_is_cut_after_the_idle_timeout() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial".to_vec(),
+    ))
+    .await;
+    let mut cfg = config();
+    cfg.body_idle_timeout = Duration::from_millis(500);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let started = Instant::now();
+    let answer = raw(front.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", SOON).await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let answer = text(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("partial"),
+        "{answer}"
+    );
+    assert_eq!(front.upstreams.current().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_client_body_that_stalls_gets_408() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.body_idle_timeout = Duration::from_millis(500);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .expect("send");
+    let answer = text(&read_until_closed(&mut s, SOON).await);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
+// ---- failures ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_upstream_closing_mid_body_gives_a_broken_body_not_a_short_success() {
+    let up = Upstream::start(Script::ReplyAndClose(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let answer = text(&raw(front.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", SOON).await);
+    // The client sees the announced length and fewer bytes, then the connection closes.
+    assert!(answer.contains("content-length: 100"), "{answer}");
+    assert!(answer.ends_with("only this"), "{answer}");
+    // The same through a chunked upstream response: no terminating chunk.
+    let up = Upstream::start(Script::ReplyAndClose(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let answer = text(&raw(front.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", SOON).await);
+    assert!(
+        answer.contains("abcd") && !answer.ends_with("0\r\n\r\n"),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn errors_are_502_503_with_retry_after_and_short_plain_bodies() {
+    let front = Front::start(config(), &[], Balance::LeastConn).await;
+    let answer = text(
+        &raw(
+            front.addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            SOON,
+        )
+        .await,
+    );
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    let front = Front::start(config(), &[dead_port()], Balance::LeastConn).await;
+    let answer = text(
+        &raw(
+            front.addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            SOON,
+        )
+        .await,
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 502") && answer.ends_with("502 Bad Gateway\n"),
+        "{answer}"
+    );
+    assert!(answer
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain"));
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_upstream_request_and_the_count_goes_down() {
+    let up = Upstream::start(Script::Silent).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let deadline = Instant::now() + SOON;
+    while front.upstreams.current().in_flight() == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(s);
+    while front.upstreams.current().in_flight() != 0 || up.closed_early.load(Ordering::SeqCst) == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "in flight stays {}",
+            front.upstreams.current().in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---- protocols -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let a = Upstream::start(Script::Reply(ok("x"))).await;
+    let front = front_for(&a).await;
+    let answer = text(
+        &raw(
+            front.addr,
+            b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            SOON,
+        )
+        .await,
+    );
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 3, "{answer}");
+    let got = a.received();
+    let (p1, p2, p3) = (got.find("GET /1"), got.find("GET /2"), got.find("GET /3"));
+    assert!(p1 < p2 && p2 < p3 && p1.is_some(), "{got}");
+}
+
+#[tokio::test]
+async fn head_and_304_answers_leak_no_body_into_the_next_response() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nETag: \"x\"\r\n\r\n".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("send");
+    let answer = text(&read_until_closed(&mut s, SOON).await);
+    assert_eq!(answer.matches("HTTP/1.1 304").count(), 2, "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "no body bytes: {answer:?}");
+
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\nHEAD /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("send");
+    let answer = text(&read_until_closed(&mut s, SOON).await);
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("content-length: 5"));
+    assert!(answer.ends_with("\r\n\r\n"), "{answer:?}");
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_then_the_body_is_forwarded() {
+    let up = Upstream::start(Script::Reply(ok("got it"))).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n").await.expect("send");
+    let interim = read_until(&mut s, b"\r\n\r\n", 1, SOON).await;
+    assert!(
+        text(&interim).starts_with("HTTP/1.1 100"),
+        "{}",
+        text(&interim)
+    );
+    s.write_all(b"hello").await.expect("body");
+    let answer = text(&read_until_closed(&mut s, SOON).await);
+    assert!(answer.ends_with("got it"), "{answer}");
+    let got = up.received().to_ascii_lowercase();
+    assert!(
+        got.ends_with("\r\n\r\nhello") && !got.contains("expect:"),
+        "{got}"
+    );
+}
+
+#[tokio::test]
+async fn connection_close_is_honoured() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let started = Instant::now();
+    let answer = text(&read_until_closed(&mut s, SOON).await);
+    assert!(
+        answer.ends_with("hi") && started.elapsed() < Duration::from_secs(5),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
+    let up = Upstream::start(Script::Reply(ok("over h2"))).await;
+    let front = front_for(&up).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = format!("http://{}/h2", front.addr).parse().expect("uri");
+    let response = client.get(uri).await.expect("h2 request");
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    use http_body_util::BodyExt;
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(&body[..], b"over h2");
+    assert!(
+        up.received().starts_with("GET /h2 HTTP/1.1\r\n"),
+        "HTTP/1.1 to the upstream"
+    );
+}
+
+// ---- load and shutdown --------------------------------------------------------------------
+
+#[tokio::test]
+async fn five_hundred_slow_clients_do_not_stop_a_normal_request() {
+    let up = Upstream::start(Script::Reply(ok("served"))).await;
+    let front = front_for(&up).await;
+    let mut slow = Vec::new();
+    for _ in 0..500 {
+        let mut s = TcpStream::connect(front.addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .expect("partial headers");
+        slow.push(s);
+    }
+    let started = Instant::now();
+    let answer = text(
+        &raw(
+            front.addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            SOON,
+        )
+        .await,
+    );
+    assert!(answer.ends_with("served"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn at_max_connections_new_clients_wait_instead_of_failing() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.max_connections = 2;
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let a = TcpStream::connect(front.addr).await.expect("connect");
+    let _b = TcpStream::connect(front.addr).await.expect("connect");
+    let third = tokio::spawn({
+        let addr = front.addr;
+        async move {
+            text(
+                &raw(
+                    addr,
+                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    SOON,
+                )
+                .await,
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !third.is_finished(),
+        "a third client is not served while two connections are open"
+    );
+    drop(a);
+    let answer = third.await.expect("task");
+    assert!(answer.ends_with("hi"), "served once a slot frees: {answer}");
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_lets_busy_ones_finish_with_connection_close() {
+    let up = Upstream::start(Script::Reply(ok("late"))).await;
+    let silent = Upstream::start(Script::Silent).await;
+    let _ = silent;
+    let mut front = front_for(&up).await;
+    // An idle keep-alive connection.
+    let mut idle = TcpStream::connect(front.addr).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    read_until(&mut idle, b"late", 1, SOON).await;
+    let done = front.shutdown(SOON);
+    let rest = read_until_closed(&mut idle, SOON).await;
+    assert!(
+        rest.is_empty(),
+        "idle connection closed without another answer"
+    );
+    tokio::time::timeout(SOON, done)
+        .await
+        .expect("shutdown finishes")
+        .expect("task")
+        .expect("serve");
+    assert!(
+        TcpStream::connect(front.addr).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn a_busy_connection_gets_connection_close_on_shutdown() {
+    let up = Upstream::start(Script::Silent).await;
+    let mut cfg = config();
+    cfg.response_timeout = Duration::from_millis(800);
+    let mut front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let deadline = Instant::now() + SOON;
+    while up.connections.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let done = front.shutdown(SOON);
+    let answer = text(&read_until_closed(&mut s, SOON).await).to_ascii_lowercase();
+    assert!(
+        answer.starts_with("http/1.1 504"),
+        "the busy request still gets its answer: {answer}"
+    );
+    assert!(answer.contains("connection: close"), "{answer}");
+    tokio::time::timeout(SOON, done)
+        .await
+        .expect("shutdown finishes")
+        .expect("task")
+        .expect("serve");
+}
