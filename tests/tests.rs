@@ -4,4 +4,5 @@ mod support;
 
 mod config;
 mod lifecycle;
+mod proxying;
 mod rolling;

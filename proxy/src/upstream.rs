@@ -317,6 +317,20 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_whose_connect_failed_is_skipped_for_a_while() {
+        let set = Arc::new(UpstreamSet::new(1, &addrs(2), Balance::RoundRobin));
+        set.upstreams[0].mark_down_for(Duration::from_secs(60));
+        for _ in 0..10 {
+            assert_eq!(InFlight::route(set.clone()).expect("upstream").index, 1);
+        }
+        set.upstreams[0].set_available(true);
+        let picked: Vec<_> = (0..4)
+            .map(|_| InFlight::route(set.clone()).expect("upstream").index)
+            .collect();
+        assert!(picked.contains(&0), "available again: {picked:?}");
+    }
+
+    #[test]
     fn empty_set_routes_nothing() {
         assert!(InFlight::route(Arc::new(UpstreamSet::empty())).is_none());
     }

@@ -766,3 +766,50 @@ async fn a_busy_connection_gets_connection_close_on_shutdown() {
         .expect("task")
         .expect("serve");
 }
+
+#[tokio::test]
+async fn an_upstream_that_closes_kept_alive_connections_causes_no_client_error() {
+    // The app closes every connection after answering, without saying so: the pooled
+    // connection is dead when the next request takes it, and that request is sent again.
+    let up = Upstream::start(Script::ReplyAndClose(ok("fine"))).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    for i in 0..10 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let answer = text(&read_until(&mut s, b"fine", 1, SOON).await);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("fine"),
+            "request {i}: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_answer_with_both_framings_loses_its_content_length_and_its_connection() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    for _ in 0..2 {
+        let answer = text(
+            &raw(
+                front.addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                SOON,
+            )
+            .await,
+        );
+        let lower = answer.to_ascii_lowercase();
+        assert!(!lower.contains("content-length: 3"), "{answer}");
+        assert!(lower.contains("ok"), "{answer}");
+    }
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        2,
+        "that upstream connection was not reused"
+    );
+}

@@ -1,0 +1,169 @@
+//! The built-in proxy as rolld runs it: upgrades across rolls, the access log, the
+//! `proxy:` section, and dropping root after binding.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use nix::sys::signal::Signal;
+
+use crate::support::*;
+
+#[test]
+fn an_upgraded_connection_keeps_working_across_a_roll_and_holds_its_old_process() {
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1)[0];
+    let mut ws = TcpStream::connect(("127.0.0.1", rolld.listen)).expect("connect");
+    ws.set_read_timeout(Some(SOON)).expect("timeout");
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .expect("handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte).expect("101 head");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let echo = |ws: &mut TcpStream, msg: &[u8]| {
+        ws.write_all(msg).expect("send");
+        let mut back = vec![0u8; msg.len()];
+        ws.read_exact(&mut back).expect("echo");
+        assert_eq!(back, msg);
+    };
+    echo(&mut ws, b"before the roll");
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("swapped: new set serving", 2);
+    rolld.wait_log("draining 1 request(s) in flight", 1);
+    echo(&mut ws, b"during the roll");
+    assert!(
+        alive(old),
+        "the old process stays while the upgraded connection is open"
+    );
+    assert_eq!(
+        rolld.count_log("roll finished"),
+        1,
+        "the roll waits for the socket"
+    );
+    drop(ws);
+    rolld.wait_log("roll finished", 2);
+    wait_until("old process stopped", SOON, || !alive(old));
+}
+
+#[test]
+fn the_access_log_has_one_line_per_request() {
+    let fixture = Fixture::new(1);
+    let yaml = format!("proxy:\n  access_log: true\n{}", fixture.yaml());
+    let rolld = Rolld::spawn(&yaml, fixture.listen);
+    rolld.wait_log("roll finished", 1);
+    for _ in 0..3 {
+        assert_eq!(
+            get_blocking(rolld.listen, "/bytes?n=10").expect("served").0,
+            200
+        );
+    }
+    rolld.wait_log("rolld::access", 3);
+    let line = rolld
+        .log()
+        .lines()
+        .find(|l| l.contains("rolld::access"))
+        .map(String::from)
+        .expect("a line");
+    for field in [
+        "client=127.0.0.1:",
+        "method=GET",
+        "path=/bytes?n=10",
+        "status=200",
+        "bytes=10",
+        "duration_ms=",
+        "upstream=127.0.0.1:",
+    ] {
+        assert!(line.contains(field), "`{field}` missing from: {line}");
+    }
+}
+
+#[test]
+fn the_proxy_section_is_validated() {
+    let fixture = Fixture::new(1);
+    let check = |proxy: &str| {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("rolld.yml");
+        std::fs::write(&path, format!("proxy:\n{proxy}\n{}", fixture.yaml())).expect("write");
+        let out = std::process::Command::new(ROLLD)
+            .arg("check")
+            .arg(&path)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = check("  max_body_size: 10m\n  client_header_timeout: 5s\n  trusted_proxies: [10.0.0.0/8, 127.0.0.1]");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("body 10485760 bytes")
+            && out.contains("client header 5s")
+            && out.contains("10.0.0.0/8, 127.0.0.1/32"),
+        "{out}"
+    );
+    for (bad, wanted) in [
+        ("  max_body_size: lots", "max_body_size"),
+        ("  colour: red", "colour"),
+        ("  trusted_proxies: [somewhere]", "trusted_proxies"),
+        ("  response_timeout: 0s", "response_timeout"),
+    ] {
+        let (code, out) = check(bad);
+        assert_eq!(code, Some(2), "{bad}: {out}");
+        assert!(
+            out.contains(wanted) && out.contains("line 2"),
+            "{bad}: {out}"
+        );
+    }
+}
+
+#[test]
+fn rolld_and_its_processes_run_as_the_configured_user_after_binding() {
+    if !nix::unistd::getuid().is_root() {
+        let msg = "SKIPPED: dropping privileges needs root";
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{msg}, and CI runs as root"
+        );
+        eprintln!("{msg}");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("lookup")
+        .expect("user nobody exists");
+    let fixture = Fixture::new(1);
+    let yaml = format!("user: nobody\n{}", fixture.yaml());
+    let rolld = Rolld::spawn(&yaml, fixture.listen);
+    // nobody must be able to read the config (rolls re-read it) and write logs here.
+    std::fs::set_permissions(
+        rolld.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    rolld.wait_log("roll finished", 1);
+    let uid_of = |pid: i32| -> u32 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("uid")
+    };
+    assert_eq!(uid_of(rolld.pid()), nobody.uid.as_raw(), "rolld itself");
+    let app = rolld.pids_of(1)[0];
+    assert_eq!(uid_of(app), nobody.uid.as_raw(), "its app process");
+    assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+}
