@@ -129,7 +129,7 @@ impl Proxy {
                 parts.headers.insert(header::HOST, value);
             }
         }
-        parts.uri = origin_form(&parts.uri);
+        parts.uri = origin_form(std::mem::take(&mut parts.uri));
         parts.version = http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         // rolld answers `Expect: 100-continue` to the client itself (when the body is
@@ -310,9 +310,9 @@ impl Replay {
 }
 
 /// The request target as an upstream expects it: path and query only.
-fn origin_form(uri: &Uri) -> Uri {
+fn origin_form(uri: Uri) -> Uri {
     if uri.scheme().is_none() && uri.authority().is_none() {
-        return uri.clone();
+        return uri;
     }
     let path = uri
         .path_and_query()
@@ -351,8 +351,8 @@ mod tests {
     #[test]
     fn absolute_form_becomes_origin_form() {
         let uri: Uri = "http://example.test/a?b=1".parse().expect("uri");
-        assert_eq!(origin_form(&uri), "/a?b=1");
+        assert_eq!(origin_form(uri), "/a?b=1");
         let uri: Uri = "/x".parse().expect("uri");
-        assert_eq!(origin_form(&uri), "/x");
+        assert_eq!(origin_form(uri), "/x");
     }
 }

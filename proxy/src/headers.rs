@@ -31,17 +31,23 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection: upgrade` survive so the next hop can switch protocols too.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
+        // The usual tokens name no header or one removed below anyway; only other
+        // tokens cost an allocation.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| {
+                !["close", "keep-alive", "upgrade", "te"]
+                    .iter()
+                    .any(|k| t.eq_ignore_ascii_case(k))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
-            if !(upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
-            }
+            headers.remove(&name);
         }
         headers.remove(header::CONNECTION);
     }
