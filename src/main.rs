@@ -8,6 +8,8 @@
 //! - [`rolling`]: one roll as named steps; the only caller of the upstream swap.
 //! - [`generation`]: one set of processes, each with a keeper that restarts or stops it.
 //! - [`health`]: readiness polling and smoke tests.
+//! - [`actions`]: `after_start`: rendered upstream files and reload commands (nginx mode).
+//! - [`connections`]: open TCP connections per port, for draining behind another balancer.
 //! - [`process`]: spawning from one thread, reaping in one place, stopping a group.
 //! - [`output`]: child stdout/stderr into prefixed log lines.
 //! - [`guard`]: the process that kills every app if rolld itself is killed.
@@ -15,7 +17,9 @@
 //!
 //! Data flows one way: config -> supervisor -> generation -> proxy upstream set.
 
+mod actions;
 mod config;
+mod connections;
 mod generation;
 mod guard;
 mod health;
@@ -113,6 +117,34 @@ fn check(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     print!("{}", plan(&config));
+    // Show what the balancer will get, rendered for the first set.
+    let (ports, which) = match &config.app.ports {
+        PortPlan::Worksets(sets) => (sets[0].clone(), "set 1".to_string()),
+        PortPlan::Pick { count, range } => {
+            let ports: Vec<u16> = (*range.start()..=*range.end()).take(*count).collect();
+            (
+                ports,
+                "example ports; the real ones are picked at each roll".to_string(),
+            )
+        }
+    };
+    for action in &config.app.after_start {
+        if let Action::ReplaceFile { template, output } = action {
+            match actions::render(template, &ports, 1) {
+                Ok(text) => {
+                    println!("\n--- {} ({which}) ---", output.display());
+                    print!("{text}");
+                    if !text.ends_with('\n') {
+                        println!();
+                    }
+                }
+                Err(why) => {
+                    eprintln!("rolld: config {}: {why}", config.path.display());
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
     ExitCode::SUCCESS
 }
 
@@ -241,9 +273,14 @@ fn plan(config: &Config) -> String {
             }
         }
     }
+    let waits_for = match (config.listen.is_some(), app.after_start.is_empty()) {
+        (true, true) => "in-flight requests of the old set",
+        (true, false) => "in-flight requests of the old set, then its connections to close",
+        (false, _) => "connections to the old set to close",
+    };
     let _ = writeln!(
         out,
-        "drain:        up to {} for in-flight requests of the old set",
+        "drain:        up to {} for {waits_for}",
         humantime::format_duration(app.drain_timeout)
     );
     let _ = writeln!(

@@ -29,6 +29,8 @@ pub enum Sink {
     File(PathBuf),
     Stdout,
     Stderr,
+    /// rolld's own log (the output of `run_proc` commands).
+    Log,
 }
 
 /// Drains `fd` until the child closes it, writing prefixed lines to `sink`.
@@ -100,6 +102,11 @@ impl Writer {
         out.extend_from_slice(prefix.as_bytes());
         out.extend_from_slice(line);
         let result = match &self.sink {
+            Sink::Log => {
+                let text = String::from_utf8_lossy(line);
+                info!(target: "rolld::run_proc", "{}", text.trim_end());
+                return;
+            }
             Sink::Stdout => std::io::stdout().lock().write_all(&out),
             Sink::Stderr => std::io::stderr().lock().write_all(&out),
             Sink::File(path) => {

@@ -11,7 +11,9 @@ use rand::Rng;
 use rolld_proxy::{UpstreamSet, Upstreams};
 use tracing::{error, info, warn};
 
+use crate::actions;
 use crate::config::{Config, PortPlan, SmokeTest};
+use crate::connections;
 use crate::generation::{self, Context, Generation, StopHow};
 use crate::health;
 
@@ -97,22 +99,43 @@ impl Roll {
             ));
         }
 
-        // 4. swap: from here on new requests go to the new set.
+        // 4. after_start (another balancer), then swap: from here on new requests go to
+        // the new set. A failed action has already been undone.
+        if !app.after_start.is_empty() {
+            let folder = self
+                .config
+                .path
+                .parent()
+                .unwrap_or(std::path::Path::new("/"));
+            if let Err(why) =
+                actions::run_after_start(&self.ctx, &app.after_start, folder, &ports, self.id).await
+            {
+                // The balancer may have sent requests to the new set before it was
+                // pointed back: let them finish first.
+                let deadline = tokio::time::Instant::now() + app.drain_timeout;
+                let timeout = humantime::format_duration(app.drain_timeout).to_string();
+                drain_connections(self.id, &ports, deadline, &timeout).await;
+                next.terminate(StopHow::from_config(&self.config)).await;
+                return Err(format!(
+                    "generation {}: {why}; new processes stopped, the old set keeps serving",
+                    self.id
+                ));
+            }
+        }
         next.set_serving(true);
         let drain = match (&self.upstreams, set) {
             (Some(upstreams), Some(set)) => Some(upstreams.swap(Arc::new(set))),
             _ => None,
         };
         info!(generation = self.id, pids = ?next.pids(), "swapped: new set serving");
-        if !app.after_start.is_empty() {
-            warn!("after_start actions (replace_file, run_proc) are not run yet by this version of rolld; skipped");
-        }
         let Some(old) = self.current.replace(next) else {
             return Ok(());
         };
 
         // 5. drain the old set, 6. stop it.
         old.set_serving(false);
+        let deadline = tokio::time::Instant::now() + app.drain_timeout;
+        let timeout = humantime::format_duration(app.drain_timeout).to_string();
         if let Some(mut drain) = drain {
             let in_flight = drain.in_flight();
             info!(
@@ -123,11 +146,15 @@ impl Roll {
                 Ok(()) => info!(generation = old.id, "old set drained"),
                 Err(cut) => warn!(
                     generation = old.id,
-                    "drain_timeout ({}) passed with {} request(s) in flight; they will be cut",
-                    humantime::format_duration(app.drain_timeout),
+                    "drain_timeout ({timeout}) passed with {} request(s) in flight; they will be cut",
                     cut.in_flight
                 ),
             }
+        }
+        // Another balancer in front: its connections to the old set are the only sign
+        // of requests rolld can see.
+        if self.upstreams.is_none() || !app.after_start.is_empty() {
+            drain_connections(old.id, &old.ports, deadline, &timeout).await;
         }
         let old_id = old.id;
         old.terminate(StopHow::from_config(&self.config)).await;
@@ -135,6 +162,61 @@ impl Roll {
         Ok(())
     }
 }
+
+/// Waits until no TCP connection to `ports` has been open for [`QUIET`], or `deadline`.
+///
+/// A balancer's reload command may return before the reload is complete (nginx's does):
+/// until then its old workers can still open connections to these ports, so a single
+/// look at zero connections is not enough.
+async fn drain_connections(
+    generation: u64,
+    ports: &[u16],
+    deadline: tokio::time::Instant,
+    timeout: &str,
+) {
+    let mut logged = false;
+    let mut quiet_since: Option<tokio::time::Instant> = None;
+    loop {
+        let open = match connections::open_to(ports) {
+            Ok(open) => open,
+            Err(e) => {
+                warn!(
+                    generation,
+                    "cannot read the kernel's TCP tables ({e}); not waiting for connections"
+                );
+                return;
+            }
+        };
+        let now = tokio::time::Instant::now();
+        if open == 0 {
+            let since = *quiet_since.get_or_insert(now);
+            if now.duration_since(since) >= QUIET || now >= deadline {
+                info!(generation, "no connection to the old set is open");
+                return;
+            }
+            tokio::time::sleep(CONNECTION_POLL).await;
+            continue;
+        }
+        quiet_since = None;
+        if !logged {
+            info!(
+                generation,
+                "waiting for {open} connection(s) to the old set to close"
+            );
+            logged = true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(generation, "drain_timeout ({timeout}) passed with {open} connection(s) to the old set open; they will be cut");
+            return;
+        }
+        tokio::time::sleep(CONNECTION_POLL).await;
+    }
+}
+
+/// How often the kernel's TCP tables are read while draining without a proxy.
+const CONNECTION_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long no connection must be open before a set counts as drained by connections.
+const QUIET: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The ports of the next generation.
 fn next_ports(plan: &PortPlan, workset: usize, current: &[u16]) -> Result<Vec<u16>, String> {

@@ -7,6 +7,11 @@ use crate::support::{Fixture, BACKEND, ROLLD};
 
 fn check(yaml: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("nginx.conf.templ"),
+        "upstream app {\n{% for port in ports %}    server 127.0.0.1:{{ port }};\n{% endfor %}}\n",
+    )
+    .expect("template");
     let path = dir.path().join("rolld.yml");
     std::fs::write(&path, yaml).expect("write config");
     let out = Command::new(ROLLD)
@@ -59,6 +64,33 @@ fn check_accepts_the_original_format_and_prints_the_plan() {
     );
     assert!(stdout.contains("check_all_http_ports"), "{stdout}");
     assert!(stdout.contains("SIGKILL after 10s"), "{stdout}");
+    assert!(
+        stdout.contains("server 127.0.0.1:8001;\n    server 127.0.0.1:8002;"),
+        "the template is rendered: {stdout}"
+    );
+}
+
+#[test]
+fn check_refuses_a_template_with_an_error_naming_file_and_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("nginx.conf.templ"),
+        "upstream app {\n{% for port in ports %}\n  server {{ port };\n{% endfor %}\n}\n",
+    )
+    .expect("template");
+    let path = dir.path().join("rolld.yml");
+    std::fs::write(&path, ORIGINAL).expect("config");
+    let out = Command::new(ROLLD)
+        .arg("check")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("nginx.conf.templ line 3") && stderr.contains("syntax error"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -4,5 +4,6 @@ mod support;
 
 mod config;
 mod lifecycle;
+mod nginx;
 mod proxying;
 mod rolling;

@@ -155,7 +155,13 @@ impl Rolld {
 
     /// Starts rolld on `yaml` without waiting for anything.
     pub fn spawn(yaml: &str, listen: u16) -> Rolld {
+        Rolld::spawn_with(yaml, listen, |_| {})
+    }
+
+    /// Like [`spawn`](Self::spawn), after `prepare` has written files beside the config.
+    pub fn spawn_with(yaml: &str, listen: u16, prepare: impl FnOnce(&Path)) -> Rolld {
         let dir = tempfile::tempdir().expect("temp dir");
+        prepare(dir.path());
         fs::write(dir.path().join("rolld.yml"), yaml).expect("write config");
         let log = fs::File::create(dir.path().join("rolld.log")).expect("log file");
         let out = fs::File::create(dir.path().join("rolld.out")).expect("out file");

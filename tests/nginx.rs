@@ -1,0 +1,300 @@
+//! nginx mode with a real nginx: rolld renders the upstream file, reloads nginx, drains
+//! by watching the old set's connections, and undoes a failed roll.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::support::*;
+
+/// The nginx binary, or None (said loudly) when this machine has none. Under CI a
+/// missing nginx fails the test: `.ci/run` installs it.
+fn nginx() -> Option<PathBuf> {
+    let found = [
+        "/usr/sbin/nginx",
+        "/usr/bin/nginx",
+        "/usr/local/sbin/nginx",
+        "/usr/local/bin/nginx",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "nginx is not installed; .ci/run must install it"
+        );
+        eprintln!(
+            "SKIPPED: nginx is not installed (apt-get install -y nginx); this test did not run"
+        );
+    }
+    found
+}
+
+const TEMPLATE: &str = "# generation {{ generation }}\nupstream app {\n{% for port in ports %}    server 127.0.0.1:{{ port }};\n{% endfor %}    keepalive 16;\n}\n# end\n";
+
+/// nginx and rolld in nginx mode, in one temporary folder.
+struct NginxSetup {
+    rolld: Rolld,
+    nginx: PathBuf,
+    port: u16,
+}
+
+impl NginxSetup {
+    fn start(nginx: PathBuf, extra_actions: &str) -> NginxSetup {
+        let fixture = Fixture::new(2);
+        // The fixture's proxy port is free and unused in nginx mode: nginx takes it.
+        let port = fixture.listen;
+        let yaml = Self::yaml(&fixture, &nginx, extra_actions);
+        let rolld = Rolld::spawn_with(&yaml, 0, |dir| {
+            std::fs::write(dir.join("upstream.conf.templ"), TEMPLATE).expect("template");
+            std::fs::write(dir.join("nginx.conf"), nginx_conf(port)).expect("nginx.conf");
+        });
+        rolld.wait_log("roll finished", 1);
+        let setup = NginxSetup { rolld, nginx, port };
+        wait_until("nginx serves", SOON, || {
+            get_blocking(setup.port, "/").is_ok_and(|(s, _)| s == 200)
+        });
+        setup
+    }
+
+    fn yaml(fixture: &Fixture, nginx: &Path, extra_actions: &str) -> String {
+        let nginx = nginx.display();
+        let sets: String = fixture
+            .sets
+            .iter()
+            .map(|s| format!("    - numprocs: {s:?}\n"))
+            .collect();
+        format!(
+            "app-servers:\n  cmd: '{BACKEND} {{port}}'\n  workset:\n{sets}  health: {{path: /health, interval: 20ms}}\n  smoke_test:\n    - check_all_http_ports: numprocs\n  after_start:\n    - replace_file: [numprocs, 'upstream.conf.templ', 'upstream.conf']\n    - run_proc: '{nginx} -p \"$(pwd)/\" -c nginx.conf -s reload 2>/dev/null || {nginx} -p \"$(pwd)/\" -c nginx.conf'\n{extra_actions}  drain_timeout: 20s\n  stop_timeout: 5s\n"
+        )
+    }
+
+    fn dir(&self) -> &Path {
+        self.rolld.dir.path()
+    }
+
+    fn upstream_conf(&self) -> String {
+        std::fs::read_to_string(self.dir().join("upstream.conf")).unwrap_or_default()
+    }
+
+    /// The pid answering through nginx.
+    fn served_pid(&self) -> i32 {
+        get_blocking(self.port, "/pid")
+            .expect("nginx answers")
+            .1
+            .parse()
+            .expect("a pid")
+    }
+}
+
+impl Drop for NginxSetup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.dir().join("nginx-error.log")).unwrap_or_default();
+            eprintln!("--- nginx error log ---\n{log}");
+        }
+        let _ = Command::new(&self.nginx)
+            .arg("-p")
+            .arg(format!("{}/", self.dir().display()))
+            .args(["-c", "nginx.conf", "-s", "stop"])
+            .output();
+    }
+}
+
+fn nginx_conf(port: u16) -> String {
+    let user = if nix::unistd::getuid().is_root() {
+        "user root;\n"
+    } else {
+        ""
+    };
+    format!(
+        "{user}worker_processes 1;\npid nginx.pid;\nerror_log nginx-error.log warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    include upstream.conf;\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_next_upstream error timeout;\n        }}\n    }}\n}}\n"
+    )
+}
+
+#[test]
+fn five_rolls_behind_nginx_under_load_lose_no_request() {
+    let Some(nginx) = nginx() else { return };
+    let setup = NginxSetup::start(nginx, "");
+    let port = setup.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut workers = Vec::new();
+    for w in 0..32 {
+        let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
+        workers.push(rt.spawn(async move {
+            // A new connection per request: what is measured is rolld's drain behind
+            // nginx, not nginx closing idle client connections of its old workers.
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_max_idle_per_host(0)
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            let started = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(120)
+                && n < 100_000
+            {
+                n += 1;
+                let delay = (n * 37 + w) % 150;
+                match request(&client, "GET", port, &format!("/?delay={delay}"), b"").await {
+                    Ok((200, _, body)) if body.starts_with(b"hello from ") => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok((status, _, body)) => errors
+                        .lock()
+                        .expect("lock")
+                        .push(format!("{status}: {}", String::from_utf8_lossy(&body))),
+                    Err(e) => errors.lock().expect("lock").push(e),
+                }
+            }
+        }));
+    }
+    wait_until("load flows", SOON, || ok.load(Ordering::Relaxed) > 50);
+    for roll in 1..=5u64 {
+        let old = setup.rolld.pids_of(roll);
+        setup.rolld.signal(Signal::SIGHUP);
+        setup.rolld.wait_log("roll finished", roll as usize + 1);
+        for pid in &old {
+            assert!(!alive(*pid), "old process {pid} still runs");
+        }
+        let new = setup.rolld.pids_of(roll + 1);
+        assert!(setup
+            .upstream_conf()
+            .contains(&format!("# generation {}", roll + 1)));
+        wait_until("nginx serves the new set", SOON, || {
+            new.contains(&setup.served_pid())
+        });
+        let before = ok.load(Ordering::Relaxed);
+        wait_until("requests on the new set", SOON, || {
+            ok.load(Ordering::Relaxed) > before + 30
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(async {
+        for w in workers {
+            w.await.expect("worker");
+        }
+    });
+    let errors = errors.lock().expect("lock");
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    // Every old set was stopped only after its connections were gone.
+    let log = setup.rolld.log();
+    assert_eq!(
+        log.matches("no connection to the old set is open").count(),
+        5,
+        "{log}"
+    );
+    assert!(
+        !log.contains("connection(s) to the old set open; they will be cut"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_template_with_an_error_rolls_back_cleanly() {
+    let Some(nginx) = nginx() else { return };
+    let setup = NginxSetup::start(nginx, "");
+    let old = setup.rolld.pids_of(1);
+    let before = setup.upstream_conf();
+    std::fs::write(
+        setup.dir().join("upstream.conf.templ"),
+        "upstream app {\n{% for port in ports %}\n  server {{ prot }};\n{% endfor %}\n}\n",
+    )
+    .expect("template");
+    setup.rolld.signal(Signal::SIGHUP);
+    setup.rolld.wait_log("roll failed, rolled back", 1);
+    let log = setup.rolld.log();
+    assert!(
+        log.contains("upstream.conf.templ line 3"),
+        "the error names file and line: {log}"
+    );
+    assert_eq!(
+        setup.upstream_conf(),
+        before,
+        "the rendered file is untouched"
+    );
+    for pid in setup.rolld.pids_of(2) {
+        wait_until("new process stopped", SOON, || !alive(pid));
+    }
+    for pid in &old {
+        assert!(alive(*pid));
+    }
+    assert!(old.contains(&setup.served_pid()));
+}
+
+#[test]
+fn a_failing_run_proc_rolls_back_and_nginx_still_serves_the_old_set() {
+    let Some(nginx) = nginx() else { return };
+    let fixture_marker = "    - run_proc: 'test ! -e fail-now'\n";
+    let setup = NginxSetup::start(nginx, fixture_marker);
+    let old = setup.rolld.pids_of(1);
+    let before = setup.upstream_conf();
+    std::fs::write(setup.dir().join("fail-now"), "").expect("marker");
+    setup.rolld.signal(Signal::SIGHUP);
+    setup.rolld.wait_log("roll failed, rolled back", 1);
+    assert!(
+        setup
+            .rolld
+            .log()
+            .contains("run_proc `test ! -e fail-now` failed (exit code 1)"),
+        "{}",
+        setup.rolld.log()
+    );
+    assert_eq!(
+        setup.upstream_conf(),
+        before,
+        "the previous file is restored"
+    );
+    for pid in setup.rolld.pids_of(2) {
+        wait_until("new process stopped", SOON, || !alive(pid));
+    }
+    // nginx was reloaded with the restored file and serves the old set.
+    for _ in 0..10 {
+        assert!(old.contains(&setup.served_pid()));
+    }
+}
+
+#[test]
+fn the_rendered_file_is_never_seen_half_written() {
+    let Some(nginx) = nginx() else { return };
+    let setup = NginxSetup::start(nginx, "");
+    let path = setup.dir().join("upstream.conf");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, path) = (stop.clone(), path.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                let text = std::fs::read_to_string(&path).expect("the file always exists");
+                assert!(
+                    text.starts_with("# generation") && text.ends_with("# end\n"),
+                    "half-written: {text:?}"
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for roll in 1..=3 {
+        setup.rolld.signal(Signal::SIGHUP);
+        setup.rolld.wait_log("roll finished", roll + 1);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().expect("reader saw only whole files");
+    assert!(reads > 10, "the reader ran ({reads} reads)");
+}
