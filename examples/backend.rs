@@ -5,6 +5,7 @@
 //! - `?delay=MS` on any path delays the answer;
 //! - `GET /pid` answers the pid; `GET /health` answers 200 (503 with `--unhealthy`);
 //! - `GET /env?name=VAR` answers the value of an environment variable;
+//! - `GET /log?msg=TEXT` prints TEXT on stdout;
 //! - `GET /stream?chunks=N&delay=MS` streams N numbered chunks, MS apart;
 //! - `GET /bytes?n=N` answers N bytes;
 //! - `POST` (any path) echoes the request body;
@@ -118,6 +119,16 @@ async fn handle(
     }
     let response = match req.uri().path() {
         "/pid" => Response::new(full(std::process::id().to_string())),
+        "/log" => {
+            // A line on stdout, for tests of rolld's log files.
+            let msg = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("msg="))
+                .unwrap_or("");
+            println!("{msg}");
+            Response::new(full("logged\n"))
+        }
         "/env" => {
             let name = req
                 .uri()

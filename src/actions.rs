@@ -169,17 +169,15 @@ pub async fn run_proc(ctx: &Context, command: &str, directory: &Path) -> Result<
         output::capture(fd, 0, Sink::Log);
     }
     info!("run_proc `{command}`");
-    match tokio::time::timeout(RUN_PROC_TIMEOUT, &mut exit).await {
-        Ok(Ok(process::Exit::Code(0))) => {
-            process::signal_group(pid, Signal::SIGKILL);
-            ctx.guard.forget(pid);
-            Ok(())
-        }
-        Ok(Ok(status)) => {
-            process::signal_group(pid, Signal::SIGKILL);
-            ctx.guard.forget(pid);
-            Err(format!("run_proc `{command}` failed ({status})"))
-        }
+    // What the command leaves running once it exited is its business: a command that
+    // starts a daemon (`nginx`) must not see it killed as it detaches.
+    let ended = tokio::time::timeout(RUN_PROC_TIMEOUT, &mut exit).await;
+    if ended.is_ok() {
+        ctx.guard.forget(pid);
+    }
+    match ended {
+        Ok(Ok(process::Exit::Code(0))) => Ok(()),
+        Ok(Ok(status)) => Err(format!("run_proc `{command}` failed ({status})")),
         Ok(Err(_)) => Err(format!("run_proc `{command}`: its exit was lost")),
         Err(_) => {
             warn!("run_proc `{command}` still running after {RUN_PROC_TIMEOUT:?}; killing it");

@@ -36,6 +36,8 @@ struct RawConfig {
     proxy: Option<RawProxy>,
     user: Option<String>,
     group: Option<String>,
+    control_socket: Option<String>,
+    admin: Option<String>,
     #[serde(rename = "app-servers")]
     app_servers: RawAppServers,
 }
@@ -130,6 +132,10 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Who rolld and its processes run as after binding the listener.
     pub run_as: Option<RunAs>,
+    /// Where `rolld reload`/`status`/`stop` reach this rolld; `None`: beside the file.
+    pub control_socket: Option<PathBuf>,
+    /// Where `/metrics`, `/status` and `/healthz` are served, if anywhere.
+    pub admin: Option<SocketAddr>,
     pub app: AppServers,
 }
 
@@ -239,6 +245,13 @@ impl Config {
         Ok(config)
     }
 
+    /// The control socket's path: `control_socket`, or `NAME.sock` beside the file.
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| crate::control::default_path(&self.path))
+    }
+
     /// The command line of the process on `port`: program and arguments.
     pub fn command_for(&self, port: u16) -> Vec<String> {
         let mut argv: Vec<String> = self.app.argv.iter().map(|w| fill(w, port)).collect();
@@ -312,6 +325,16 @@ impl RawConfig {
         let v = Validator { text, base };
         let proxy = validate_proxy(&v, self.proxy)?;
         let run_as = validate_run_as(&v, self.user, self.group)?;
+        let control_socket = self.control_socket.as_deref().map(|p| v.path(p));
+        let admin = match self.admin.as_deref().map(str::trim) {
+            None => None,
+            Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
+                v.err(
+                    "admin",
+                    format!("`{addr}` is not an address; write e.g. 127.0.0.1:9090"),
+                )
+            })?),
+        };
         let app = self.app_servers;
 
         let listen = match self.listen.as_deref().map(str::trim) {
@@ -524,6 +547,8 @@ impl RawConfig {
             listen,
             proxy,
             run_as,
+            control_socket,
+            admin,
             app: AppServers {
                 cmd: app.cmd,
                 argv,

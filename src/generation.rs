@@ -23,6 +23,7 @@ use crate::guard::Guard;
 use crate::health::{self, StartFailed};
 use crate::output::{self, Sink};
 use crate::process::{self, Exit, Reaper, Spawner, Spec};
+use crate::status::Board;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -50,6 +51,8 @@ pub struct Context {
     pub spawner: Spawner,
     pub reaper: Reaper,
     pub guard: Arc<Guard>,
+    /// What `rolld status` and `/metrics` show.
+    pub board: Arc<Board>,
     /// Set once, on shutdown: every keeper stops its process this way.
     pub shutdown: watch::Receiver<Option<StopHow>>,
     /// Never sent on: every keeper holds the context, so the receiver sees the channel
@@ -263,6 +266,7 @@ impl Keeper {
                                 status.map_or_else(|| "unknown".to_string(), |s| s.to_string());
                             info!(generation = self.generation, port, pid = pid.as_raw(), %status, "process stopped");
                             self.state.send_replace(ProcessState::Stopped);
+                            self.ctx.board.forget(self.generation, port);
                             return;
                         }
                         Ended::Exited(status) => {
@@ -281,6 +285,7 @@ impl Keeper {
             }
             if !self.serving.load(Ordering::SeqCst) {
                 self.state.send_replace(ProcessState::Exited(how));
+                self.ctx.board.forget(self.generation, port);
                 return;
             }
             if started.elapsed() >= HEALTHY_RESET {
@@ -293,11 +298,15 @@ impl Keeper {
                 humantime::format_duration(backoff)
             );
             self.state.send_replace(ProcessState::Restarting);
+            self.ctx
+                .board
+                .process(self.generation, port, None, "restarting");
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
-                _ = &mut stop => { self.state.send_replace(ProcessState::Stopped); return; }
-                _ = shutdown.wait_for(Option::is_some) => { self.state.send_replace(ProcessState::Stopped); return; }
+                _ = &mut stop => { self.state.send_replace(ProcessState::Stopped); self.ctx.board.forget(self.generation, port); return; }
+                _ = shutdown.wait_for(Option::is_some) => { self.state.send_replace(ProcessState::Stopped); self.ctx.board.forget(self.generation, port); return; }
             }
+            self.ctx.board.restarted(self.generation, port);
             backoff = (backoff * 2).min(BACKOFF_MAX);
             restarted = true;
         }
@@ -320,6 +329,9 @@ impl Keeper {
             "process started"
         );
         self.state.send_replace(ProcessState::Running(pid));
+        self.ctx
+            .board
+            .process(self.generation, self.port, Some(pid.as_raw()), "running");
         Ok(pid)
     }
 

@@ -14,19 +14,27 @@
 //! - [`output`]: child stdout/stderr into prefixed log lines.
 //! - [`guard`]: the process that kills every app if rolld itself is killed.
 //! - [`signals`]: signals into commands.
+//! - [`control`]: the control socket (`rolld reload`, `status`, `stop`).
+//! - [`status`]: what rolld is doing, for status and metrics.
+//! - [`admin`]: `/metrics`, `/status`, `/healthz`.
+//! - [`notify`]: systemd readiness notifications.
 //!
 //! Data flows one way: config -> supervisor -> generation -> proxy upstream set.
 
 mod actions;
+mod admin;
 mod config;
 mod connections;
+mod control;
 mod generation;
 mod guard;
 mod health;
+mod notify;
 mod output;
 mod process;
 mod rolling;
 mod signals;
+mod status;
 mod supervisor;
 
 use std::path::{Path, PathBuf};
@@ -60,6 +68,26 @@ struct Cli {
     /// More log output (-v debug, -vv trace); RUST_LOG takes precedence.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How the control commands find a running rolld.
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// The config file the running rolld was started with (its control socket is found from it).
+    #[arg(short, long, default_value = "rolld.yml")]
+    config: PathBuf,
+    /// The control socket, instead of finding it from the config file.
+    #[arg(long)]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,13 +102,38 @@ enum Cmd {
         /// The config file (YAML).
         config: PathBuf,
     },
+    /// Ask the running rolld to roll, print its progress, and exit 0 once the new set
+    /// serves and the old one is stopped (non-zero, with the reason, if it rolled back).
+    Reload {
+        #[command(flatten)]
+        target: Target,
+        /// Return as soon as the roll is asked for.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show the running rolld's processes, upstreams and rolls.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the running rolld gracefully (as SIGTERM).
+    Stop {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, cli.log_format);
     match (cli.command, cli.config) {
         (Some(Cmd::Check { config }), _) => check(&config),
+        (Some(Cmd::Reload { target, no_wait }), _) => reload(&target, !no_wait),
+        (Some(Cmd::Status { target, json }), _) => status(&target, json),
+        (Some(Cmd::Stop { target }), _) => stop(&target),
         (Some(Cmd::Run { config }), _) | (None, Some(config)) => run(&config),
         (None, None) => {
             eprintln!("rolld: no config file given\n\nUsage: rolld [run] CONFIG | rolld check CONFIG\nSee `rolld --help`.");
@@ -89,7 +142,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "info",
         1 => "debug",
@@ -97,11 +150,13 @@ fn init_logging(verbose: u8) {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
@@ -292,6 +347,102 @@ fn plan(config: &Config) -> String {
     out
 }
 
+/// The control socket of the rolld that runs `target`.
+fn socket_of(target: &Target) -> PathBuf {
+    if let Some(socket) = &target.socket {
+        return socket.clone();
+    }
+    // Read only `control_socket`, so that a config being edited still finds rolld.
+    let path = std::path::absolute(&target.config).unwrap_or_else(|_| target.config.clone());
+    let configured = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|text| serde_yaml::from_str::<serde_yaml::Value>(&text).ok())
+        .and_then(|yaml| yaml.get("control_socket")?.as_str().map(PathBuf::from));
+    match configured {
+        Some(socket) => path.parent().unwrap_or(Path::new("/")).join(socket),
+        None => control::default_path(&path),
+    }
+}
+
+fn reload(target: &Target, wait: bool) -> ExitCode {
+    use control::Answer;
+    let mut outcome = None;
+    let called = control::call(
+        &socket_of(target),
+        &control::Request::Reload { wait },
+        |answer| match answer {
+            Answer::Accepted => {
+                println!("roll requested");
+                outcome = Some(true);
+            }
+            Answer::Progress { message } => println!("{message}"),
+            Answer::Done { ok, message } => {
+                if ok {
+                    println!("{message}");
+                } else {
+                    eprintln!("rolld: {message}");
+                }
+                outcome = Some(ok);
+            }
+            Answer::Error { message } => eprintln!("rolld: {message}"),
+            Answer::Status { .. } => {}
+        },
+    );
+    match (called, outcome) {
+        (Err(why), _) => {
+            eprintln!("rolld: {why}");
+            ExitCode::from(1)
+        }
+        (Ok(()), Some(true)) => ExitCode::SUCCESS,
+        (Ok(()), Some(false)) => ExitCode::from(1),
+        (Ok(()), None) => {
+            eprintln!("rolld: the connection closed before the roll ended");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn status(target: &Target, json: bool) -> ExitCode {
+    let mut shown = false;
+    let called = control::call(&socket_of(target), &control::Request::Status, |answer| {
+        if let control::Answer::Status { status } = answer {
+            shown = true;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print!("{}", status.render());
+            }
+        }
+    });
+    match called {
+        Ok(()) if shown => ExitCode::SUCCESS,
+        Ok(()) => {
+            eprintln!("rolld: no status in the answer");
+            ExitCode::from(1)
+        }
+        Err(why) => {
+            eprintln!("rolld: {why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn stop(target: &Target) -> ExitCode {
+    match control::call(&socket_of(target), &control::Request::Stop, |_| {}) {
+        Ok(()) => {
+            println!("rolld is stopping");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("rolld: {why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// Switches to `run_as` for good: supplementary groups, group, then user.
 fn drop_privileges(run_as: &config::RunAs) -> nix::Result<()> {
     use nix::unistd::{getuid, setgid, setgroups, setuid};
@@ -314,17 +465,38 @@ fn run(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    notify::init();
+    // The control socket first: a second rolld on the same config stops here.
+    let mut control = match control::ControlSocket::bind(&config.control_socket()) {
+        Ok(control) => control,
+        Err(err) => {
+            eprintln!("rolld: {err}");
+            return ExitCode::from(1);
+        }
+    };
     // Bind first: port 80 needs root, the rest of rolld does not.
-    let listener = match config.listen.map(|addr| (addr, rolld_proxy::bind(addr))) {
-        None => None,
-        Some((_, Ok(listener))) => Some(listener),
-        Some((addr, Err(err))) => {
-            eprintln!("rolld: cannot listen on {addr}: {err}");
+    let bind = |addr: std::net::SocketAddr, what: &str| {
+        rolld_proxy::bind(addr).map_err(|err| format!("cannot listen on {addr} ({what}): {err}"))
+    };
+    let listener = match config.listen.map(|addr| bind(addr, "listen")).transpose() {
+        Ok(listener) => listener,
+        Err(why) => {
+            eprintln!("rolld: {why}");
+            return ExitCode::from(1);
+        }
+    };
+    let admin = match config.admin.map(|addr| bind(addr, "admin")).transpose() {
+        Ok(admin) => admin,
+        Err(why) => {
+            eprintln!("rolld: {why}");
             return ExitCode::from(1);
         }
     };
     if let Some(run_as) = &config.run_as {
-        if let Err(err) = drop_privileges(run_as) {
+        let switched = control
+            .chown(run_as.uid, run_as.gid)
+            .and_then(|()| drop_privileges(run_as));
+        if let Err(err) = switched {
             eprintln!("rolld: cannot switch to user `{}`: {err}", run_as.user);
             return ExitCode::from(1);
         }
@@ -347,13 +519,27 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(async move {
-        let commands = signals::listen()?;
+    let result = runtime.block_on(async {
+        let (commands_tx, commands) = signals::listen()?;
         if let Some(addr) = config.listen {
             info!(%addr, "listening");
         }
-        info!(guard = guard.pid().as_raw(), config = %config.path.display(), "rolld {} starting", env!("CARGO_PKG_VERSION"));
-        supervisor::Supervisor::new(config, guard)?.run(listener, commands).await
+        info!(
+            guard = guard.pid().as_raw(),
+            config = %config.path.display(),
+            control = %control.path().display(),
+            "rolld {} starting",
+            env!("CARGO_PKG_VERSION")
+        );
+        let board = Arc::new(status::Board::default());
+        let supervisor = supervisor::Supervisor::new(config.clone(), guard, board.clone())?;
+        let upstreams = supervisor.proxy().map(|p| p.upstreams().clone());
+        control.serve(commands_tx, board.clone(), upstreams)?;
+        if let Some(admin) = admin {
+            info!(addr = ?config.admin, "admin endpoints: /metrics /status /healthz");
+            admin::serve(admin, board, supervisor.proxy().cloned())?;
+        }
+        supervisor.run(listener, commands).await
     });
     // Do not wait for stray tasks (tunnels of cut connections) at exit.
     runtime.shutdown_background();

@@ -4,6 +4,7 @@
 //! old one serving, untouched. This is the only caller of [`Upstreams::swap`].
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ use crate::config::{Config, PortPlan, SmokeTest};
 use crate::connections;
 use crate::generation::{self, Context, Generation, StopHow};
 use crate::health;
+use crate::signals::{RollEvent, Watcher};
 
 /// Everything a roll needs, moved into its task and back.
 pub struct Roll {
@@ -28,27 +30,60 @@ pub struct Roll {
     pub id: u64,
     /// Which workset to use (ignored when ports are picked).
     pub workset: usize,
+    /// Who hears this roll's progress (`rolld reload`).
+    pub watchers: Vec<Watcher>,
 }
 
 /// What a roll leaves behind.
 pub struct Rolled {
     /// The generation serving afterwards: the new one, or the old one after a rollback.
     pub current: Option<Generation>,
-    pub outcome: Result<(), String>,
+    /// What happened, in a sentence.
+    pub outcome: Result<String, String>,
+    /// Still waiting for the outcome.
+    pub watchers: Vec<Watcher>,
 }
 
 impl Roll {
     pub async fn run(mut self) -> Rolled {
         let started = Instant::now();
         let id = self.id;
+        let board = self.ctx.board.clone();
+        board.rolls_started.fetch_add(1, Ordering::Relaxed);
         let outcome = self.step_through().await;
-        match &outcome {
-            Ok(()) => info!(generation = id, elapsed = ?started.elapsed(), "roll finished"),
-            Err(why) => error!(generation = id, "roll failed, rolled back: {why}"),
-        }
+        let took = started.elapsed();
+        let outcome = match outcome {
+            Ok(()) => {
+                info!(generation = id, elapsed = ?took, "roll finished");
+                board.rolls_succeeded.fetch_add(1, Ordering::Relaxed);
+                let message = format!(
+                    "generation {id} serving; finished in {} ms",
+                    took.as_millis()
+                );
+                board.roll_ended(id, "succeeded", message.clone(), took);
+                Ok(message)
+            }
+            Err(why) => {
+                error!(generation = id, "roll failed, rolled back: {why}");
+                board.rolls_rolled_back.fetch_add(1, Ordering::Relaxed);
+                let message = format!("rolled back: {why}");
+                board.roll_ended(id, "rolled back", message.clone(), took);
+                Err(message)
+            }
+        };
         Rolled {
             current: self.current,
             outcome,
+            watchers: self.watchers,
+        }
+    }
+
+    /// A step of the roll, for the log's reader and the watchers.
+    fn report(&self, phase: &str, message: String) {
+        info!(generation = self.id, "{message}");
+        self.ctx.board.phase(self.id, phase);
+        for watcher in &self.watchers {
+            let _ = watcher.send(RollEvent::Progress(message.clone()));
         }
     }
 
@@ -60,11 +95,9 @@ impl Roll {
             .map(|g| g.ports.clone())
             .unwrap_or_default();
         let ports = next_ports(&app.ports, self.workset, &current_ports)?;
-        info!(
-            generation = self.id,
-            ?ports,
-            "starting {} process(es)",
-            ports.len()
+        self.report(
+            "starting",
+            format!("starting {} process(es) ports={ports:?}", ports.len()),
         );
 
         // 1. start, 2. wait until healthy, 3. smoke-test.
@@ -77,11 +110,7 @@ impl Roll {
             next.wait_ready(&app.health)
                 .await
                 .map_err(|e| e.to_string())?;
-            info!(
-                generation = self.id,
-                "{n}/{n} processes healthy",
-                n = ports.len()
-            );
+            self.report("checking", format!("{n}/{n} healthy", n = ports.len()));
             for test in &app.smoke_tests {
                 match test {
                     SmokeTest::CheckAllHttpPorts => {
@@ -127,7 +156,11 @@ impl Roll {
             (Some(upstreams), Some(set)) => Some(upstreams.swap(Arc::new(set))),
             _ => None,
         };
-        info!(generation = self.id, pids = ?next.pids(), "swapped: new set serving");
+        self.ctx.board.serving(self.id);
+        self.report(
+            "swapped",
+            format!("swapped: new set serving pids={:?}", next.pids()),
+        );
         let Some(old) = self.current.replace(next) else {
             return Ok(());
         };
@@ -136,11 +169,15 @@ impl Roll {
         old.set_serving(false);
         let deadline = tokio::time::Instant::now() + app.drain_timeout;
         let timeout = humantime::format_duration(app.drain_timeout).to_string();
+        let draining = Instant::now();
         if let Some(mut drain) = drain {
             let in_flight = drain.in_flight();
-            info!(
-                generation = old.id,
-                "draining {in_flight} request(s) in flight"
+            self.report(
+                "draining",
+                format!(
+                    "draining {in_flight} request(s) in flight generation={}",
+                    old.id
+                ),
             );
             match drain.wait_timeout(app.drain_timeout).await {
                 Ok(()) => info!(generation = old.id, "old set drained"),
@@ -156,9 +193,17 @@ impl Roll {
         if self.upstreams.is_none() || !app.after_start.is_empty() {
             drain_connections(old.id, &old.ports, deadline, &timeout).await;
         }
+        self.ctx
+            .board
+            .drain_seconds
+            .observe(draining.elapsed().as_secs_f64());
         let old_id = old.id;
+        self.report(
+            "stopping",
+            format!("stopping the old set generation={old_id}"),
+        );
         old.terminate(StopHow::from_config(&self.config)).await;
-        info!(generation = old_id, "old set stopped");
+        self.report("stopped", format!("old set stopped generation={old_id}"));
         Ok(())
     }
 }

@@ -5,35 +5,61 @@ use tokio::sync::mpsc;
 use tracing::info;
 
 /// What an operator can ask of a running rolld.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Command {
-    /// Roll to a new generation (SIGHUP).
-    Roll,
+    /// Roll to a new generation (SIGHUP, `rolld reload`). A watcher hears the roll's
+    /// progress and outcome.
+    Roll { watcher: Option<Watcher> },
     /// Stop gracefully (SIGTERM, SIGINT); a second one stops at once.
     Shutdown,
     /// Reopen child log files (SIGUSR1), after log rotation.
     ReopenLogs,
 }
 
-/// Installs the handlers and forwards each signal as a command.
-pub fn listen() -> std::io::Result<mpsc::UnboundedReceiver<Command>> {
+/// Where a roll reports to whoever asked for it (`rolld reload`).
+pub type Watcher = mpsc::UnboundedSender<RollEvent>;
+
+#[derive(Debug, Clone)]
+pub enum RollEvent {
+    Progress(String),
+    Done { ok: bool, message: String },
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Roll,
+    Shutdown,
+    ReopenLogs,
+}
+
+/// Installs the handlers and forwards each signal as a command. The sender is for other
+/// sources of commands (the control socket).
+pub fn listen() -> std::io::Result<(
+    mpsc::UnboundedSender<Command>,
+    mpsc::UnboundedReceiver<Command>,
+)> {
     let (tx, rx) = mpsc::unbounded_channel();
     for (kind, command, name) in [
-        (SignalKind::hangup(), Command::Roll, "SIGHUP"),
-        (SignalKind::terminate(), Command::Shutdown, "SIGTERM"),
-        (SignalKind::interrupt(), Command::Shutdown, "SIGINT"),
-        (SignalKind::user_defined1(), Command::ReopenLogs, "SIGUSR1"),
+        (SignalKind::hangup(), Kind::Roll, "SIGHUP"),
+        (SignalKind::terminate(), Kind::Shutdown, "SIGTERM"),
+        (SignalKind::interrupt(), Kind::Shutdown, "SIGINT"),
+        (SignalKind::user_defined1(), Kind::ReopenLogs, "SIGUSR1"),
     ] {
         let mut stream = signal(kind)?;
         let tx = tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
                 info!("received {name}");
+                let command = match command {
+                    Kind::Roll => Command::Roll { watcher: None },
+                    Kind::Shutdown => Command::Shutdown,
+                    Kind::ReopenLogs => Command::ReopenLogs,
+                };
                 if tx.send(command).is_err() {
                     return;
                 }
             }
         });
     }
-    Ok(rx)
+    Ok((tx, rx))
 }

@@ -13,10 +13,12 @@ use tracing::{error, info, warn};
 use crate::config::{Config, PortPlan};
 use crate::generation::{Context, Generation, StopHow};
 use crate::guard::Guard;
+use crate::notify;
 use crate::output;
 use crate::process::{Reaper, Spawner};
 use crate::rolling::{Roll, Rolled};
-use crate::signals::Command;
+use crate::signals::{Command, RollEvent, Watcher};
+use crate::status::Board;
 
 /// Why rolld stopped other than by a clean shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,8 @@ pub enum RunError {
 pub struct Supervisor {
     config: Config,
     ctx: Arc<Context>,
+    /// The built-in proxy, when `listen` is set.
+    proxy: Option<Arc<Proxy>>,
     upstreams: Option<Arc<Upstreams>>,
     current: Option<Generation>,
     next_id: u64,
@@ -42,18 +46,28 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(config: Config, guard: Arc<Guard>) -> std::io::Result<Supervisor> {
+    pub fn new(
+        config: Config,
+        guard: Arc<Guard>,
+        board: Arc<Board>,
+    ) -> std::io::Result<Supervisor> {
         let (shutdown, shutdown_rx) = watch::channel(None);
         let (alive_tx, alive) = mpsc::channel(1);
         let ctx = Arc::new(Context {
             spawner: Spawner::start()?,
             reaper: Reaper::start()?,
             guard,
+            board,
             shutdown: shutdown_rx,
             alive: alive_tx,
         });
+        let upstreams = config.listen.map(|_| Arc::new(Upstreams::new()));
+        let proxy = upstreams
+            .as_ref()
+            .map(|u| Arc::new(Proxy::new(u.clone(), config.proxy.clone())));
         Ok(Supervisor {
-            upstreams: config.listen.map(|_| Arc::new(Upstreams::new())),
+            proxy,
+            upstreams,
             config,
             ctx,
             current: None,
@@ -64,15 +78,20 @@ impl Supervisor {
         })
     }
 
+    /// The built-in proxy, if there is one.
+    pub fn proxy(&self) -> Option<&Arc<Proxy>> {
+        self.proxy.as_ref()
+    }
+
     /// Runs until shutdown. `listener` is the bound front listener, if `listen` is set.
     pub async fn run(
         mut self,
         listener: Option<std::net::TcpListener>,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), RunError> {
-        let (stop_accepting, server) = match (listener, &self.upstreams) {
-            (Some(listener), Some(upstreams)) => {
-                let proxy = Arc::new(Proxy::new(upstreams.clone(), self.config.proxy.clone()));
+        let (stop_accepting, server) = match (listener, &self.proxy) {
+            (Some(listener), Some(proxy)) => {
+                let proxy = proxy.clone();
                 let (tx, rx) = oneshot::channel::<Duration>();
                 let shutdown = async move { rx.await.unwrap_or(Duration::ZERO) };
                 let server = tokio::spawn(rolld_proxy::serve(listener, proxy, shutdown));
@@ -81,18 +100,20 @@ impl Supervisor {
             _ => (None, None),
         };
 
-        let mut roll = Some(self.start_roll(self.config.clone()));
+        let mut roll = Some(self.start_roll(self.config.clone(), Vec::new()));
         let mut first = true;
-        let mut queued = false;
+        // Asked for while a roll runs: one more roll after it, and who waits for it.
+        let mut queued: Option<Vec<Watcher>> = None;
         let mut first_failed = None;
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
-                    Some(Command::Roll) if roll.is_some() => {
-                        queued = true;
+                    Some(Command::Roll { watcher }) if roll.is_some() => {
                         info!("a roll is in progress; one more is queued after it");
+                        let waiting = queued.get_or_insert_with(Vec::new);
+                        waiting.extend(watcher);
                     }
-                    Some(Command::Roll) => roll = self.reload().map(|config| self.start_roll(config)),
+                    Some(Command::Roll { watcher }) => roll = self.reload(watcher.into_iter().collect()),
                     Some(Command::ReopenLogs) => {
                         output::REOPEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         info!("reopening process log files");
@@ -104,25 +125,45 @@ impl Supervisor {
                     let rolled = rolled.unwrap_or_else(|join| Rolled {
                         current: None,
                         outcome: Err(format!("roll task failed: {join}")),
+                        watchers: Vec::new(),
                     });
                     self.current = rolled.current;
+                    let (ok, message) = match &rolled.outcome {
+                        Ok(message) => (true, message.clone()),
+                        Err(why) => (false, why.clone()),
+                    };
+                    for watcher in rolled.watchers {
+                        let _ = watcher.send(RollEvent::Done { ok, message: message.clone() });
+                    }
                     match rolled.outcome {
-                        Ok(()) => self.workset += 1,
+                        Ok(_) => {
+                            self.workset += 1;
+                            notify::notify("READY=1");
+                        }
                         Err(why) if first => {
                             first_failed = Some(why);
                             break;
                         }
-                        Err(_) => {}
+                        Err(_) => notify::notify("READY=1"),
                     }
                     first = false;
-                    if std::mem::take(&mut queued) {
-                        roll = self.reload().map(|config| self.start_roll(config));
+                    if let Some(watchers) = queued.take() {
+                        roll = self.reload(watchers);
                     }
                 }
             }
         }
 
         info!("shutting down");
+        notify::notify("STOPPING=1");
+        if let Some(watchers) = queued {
+            for watcher in watchers {
+                let _ = watcher.send(RollEvent::Done {
+                    ok: false,
+                    message: "rolld is shutting down".into(),
+                });
+            }
+        }
         self.shutdown(stop_accepting, server, roll, &mut commands)
             .await?;
         match first_failed {
@@ -131,8 +172,31 @@ impl Supervisor {
         }
     }
 
-    /// Re-reads the config file for a roll; an invalid file refuses the roll.
-    fn reload(&mut self) -> Option<Config> {
+    /// Re-reads the config file and starts a roll; an invalid file refuses the roll and
+    /// tells the watchers why.
+    fn reload(&mut self, watchers: Vec<Watcher>) -> Option<JoinHandle<Rolled>> {
+        match self.reread() {
+            Ok(config) => {
+                notify::reloading();
+                Some(self.start_roll(config, watchers))
+            }
+            Err(why) => {
+                let generation = self.next_id;
+                self.ctx
+                    .board
+                    .roll_ended(generation, "refused", why.clone(), Duration::ZERO);
+                for watcher in watchers {
+                    let _ = watcher.send(RollEvent::Done {
+                        ok: false,
+                        message: why.clone(),
+                    });
+                }
+                None
+            }
+        }
+    }
+
+    fn reread(&mut self) -> Result<Config, String> {
         match Config::load(&self.config.path) {
             Ok(mut config) => {
                 if config.listen != self.config.listen {
@@ -152,16 +216,18 @@ impl Supervisor {
                     };
                 }
                 self.config = config.clone();
-                Some(config)
+                Ok(config)
             }
             Err(err) => {
-                error!("roll refused: {err}; nothing changed, the current set keeps serving");
-                None
+                let why =
+                    format!("roll refused: {err}; nothing changed, the current set keeps serving");
+                error!("{why}");
+                Err(why)
             }
         }
     }
 
-    fn start_roll(&mut self, config: Config) -> JoinHandle<Rolled> {
+    fn start_roll(&mut self, config: Config, watchers: Vec<Watcher>) -> JoinHandle<Rolled> {
         let id = self.next_id;
         self.next_id += 1;
         let roll = Roll {
@@ -171,6 +237,7 @@ impl Supervisor {
             current: self.current.take(),
             id,
             workset: self.workset,
+            watchers,
         };
         tokio::spawn(roll.run())
     }
@@ -192,8 +259,10 @@ impl Supervisor {
             current,
             shutdown,
             mut alive,
+            proxy,
             ..
         } = self;
+        drop(proxy);
         let drain_timeout = config.app.drain_timeout;
         let how = StopHow::from_config(&config);
         let graceful = async move {

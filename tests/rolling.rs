@@ -291,7 +291,7 @@ fn sighups_during_a_roll_queue_exactly_one_more_roll() {
     let fixture = Fixture::new(1).cmd(format!("{BACKEND} {{port}} --start-delay 1500"));
     let rolld = Rolld::start(&fixture);
     rolld.signal(Signal::SIGHUP);
-    rolld.wait_log("starting 1 process(es) generation=2", 1);
+    rolld.wait_log("starting 1 process(es)", 2);
     for _ in 0..3 {
         rolld.signal(Signal::SIGHUP);
         std::thread::sleep(Duration::from_millis(50));

@@ -3,6 +3,7 @@
 mod support;
 
 mod config;
+mod control;
 mod lifecycle;
 mod nginx;
 mod proxying;

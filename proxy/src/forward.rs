@@ -18,6 +18,7 @@ use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::pool::Conn;
+use crate::stats::Stats;
 use crate::upstream::{InFlight, Upstreams};
 
 /// The reverse proxy: shared by every connection of the front listener.
@@ -25,6 +26,7 @@ use crate::upstream::{InFlight, Upstreams};
 pub struct Proxy {
     upstreams: Arc<Upstreams>,
     config: ProxyConfig,
+    stats: Stats,
 }
 
 /// Who is on the other end of a front connection, computed once per connection.
@@ -52,7 +54,16 @@ impl Client {
 
 impl Proxy {
     pub fn new(upstreams: Arc<Upstreams>, config: ProxyConfig) -> Self {
-        Proxy { upstreams, config }
+        Proxy {
+            upstreams,
+            config,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Counters of the traffic so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     pub fn upstreams(&self) -> &Arc<Upstreams> {
@@ -84,13 +95,17 @@ impl Proxy {
         });
         let method = req.method().clone();
         match self.forward(req, client, busy, access).await {
-            Ok(response) => response,
+            Ok(response) => {
+                self.stats.count_response(response.status());
+                response
+            }
             Err((err, access)) => {
                 match &err {
                     ProxyError::NoUpstream => debug!(client = %client.addr, %method, "503: {err}"),
                     _ => warn!(client = %client.addr, %method, "{}: {err}", err.status().as_u16()),
                 }
                 let response = err.into_response();
+                self.stats.count_response(response.status());
                 if let Some(mut access) = access {
                     access.status = response.status();
                     access.bytes = response.body().size_hint().exact().unwrap_or(0);
@@ -149,6 +164,7 @@ impl Proxy {
             self.config.body_idle_timeout,
         );
         let req = Request::from_parts(parts, body);
+        let sending = Instant::now();
         let sent = tokio::time::timeout(
             self.config.response_timeout,
             self.send(req, replay, &mut lease),
@@ -159,7 +175,10 @@ impl Proxy {
             access.upstream = Some(upstream);
         }
         let (mut response, conn) = match sent {
-            Ok(Ok(sent)) => sent,
+            Ok(Ok(sent)) => {
+                self.stats.observe_upstream(sending.elapsed());
+                sent
+            }
             Ok(Err(err)) => return Err((err, access)),
             Err(_) => {
                 return Err((
@@ -202,9 +221,10 @@ impl Proxy {
     }
 
     /// Sends `req` to the lease's upstream. Connect failures move the request to another
-    /// upstream of the set (nothing was sent, so any method is safe); a dead reused
-    /// connection gets the request again on a fresh one when it was never written, or
-    /// when `replay` says it can be rebuilt.
+    /// upstream of the set (nothing was sent, so any method is safe). A connection that
+    /// fails before any answer gets the request again on a new connection when it was
+    /// never written, or when `replay` says it can be rebuilt; if even a new connection
+    /// failed, on another upstream.
     async fn send(
         &self,
         mut req: Request<RequestBody>,
@@ -240,14 +260,21 @@ impl Proxy {
             if let Some(cut) = client_fault(err.error()) {
                 return Err(cut);
             }
+            // Never written: safe to send again, whatever the method. Written, but
+            // idempotent and without a body, and no answer came: safe too (as nginx's
+            // proxy_next_upstream does).
             let retry = match err.take_message() {
                 Some(unsent) => Some(unsent),
-                None if conn.reused => replay.take().map(Replay::build),
-                None => None,
+                None => replay.take().map(Replay::build),
             };
             match retry {
-                Some(again) if conn.reused => {
-                    debug!(upstream = %upstream.addr(), error = %err.error(), "reused connection failed; sending again on a new one");
+                Some(again) => {
+                    if !conn.reused {
+                        // Even a new connection failed: the process is likely gone.
+                        upstream.mark_down_for(self.config.down_period);
+                        lease.reroute();
+                    }
+                    debug!(upstream = %upstream.addr(), error = %err.error(), "sending failed before any answer; sending again on a new connection");
                     req = again;
                     fresh = true;
                 }

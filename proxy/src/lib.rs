@@ -14,6 +14,7 @@
 //! - `headers`: hop-by-hop and forwarding headers.
 //! - `activity`: the client connection's IO, with the header and keep-alive timeouts.
 //! - `access`: the access log line.
+//! - [`stats`]: traffic counters for metrics.
 //! - [`error`]: failures the proxy answers itself, mapped to status codes in one place.
 //! - [`server`]: binding, accepting, graceful shutdown.
 
@@ -27,6 +28,7 @@ mod forward;
 mod headers;
 mod pool;
 pub mod server;
+pub mod stats;
 pub mod upstream;
 
 pub use body::{BodyError, RequestBody, ResponseBody};
@@ -35,4 +37,5 @@ pub use drain::{Drain, DrainTimedOut};
 pub use error::ProxyError;
 pub use forward::{Client, Proxy};
 pub use server::{bind, serve};
+pub use stats::{Stats, StatsSnapshot};
 pub use upstream::{Balance, InFlight, Upstream, UpstreamSet, Upstreams};

@@ -160,13 +160,26 @@ impl Rolld {
 
     /// Like [`spawn`](Self::spawn), after `prepare` has written files beside the config.
     pub fn spawn_with(yaml: &str, listen: u16, prepare: impl FnOnce(&Path)) -> Rolld {
+        Rolld::launch(yaml, listen, prepare, &[], &[])
+    }
+
+    /// Starts rolld with extra arguments and environment variables.
+    pub fn launch(
+        yaml: &str,
+        listen: u16,
+        prepare: impl FnOnce(&Path),
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Rolld {
         let dir = tempfile::tempdir().expect("temp dir");
         prepare(dir.path());
         fs::write(dir.path().join("rolld.yml"), yaml).expect("write config");
         let log = fs::File::create(dir.path().join("rolld.log")).expect("log file");
         let out = fs::File::create(dir.path().join("rolld.out")).expect("out file");
         let child = Command::new(ROLLD)
+            .args(args)
             .arg(dir.path().join("rolld.yml"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
@@ -245,6 +258,22 @@ impl Rolld {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs `rolld SUBCOMMAND -c CONFIG ARGS...` and returns (exit code, stdout, stderr).
+    pub fn control(&self, subcommand: &str, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = Command::new(ROLLD)
+            .arg(subcommand)
+            .arg("-c")
+            .arg(self.config_path())
+            .args(args)
+            .output()
+            .expect("run a rolld control command");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn write_config(&self, yaml: &str) {

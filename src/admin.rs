@@ -1,0 +1,198 @@
+//! The admin listener (`admin:` in the config): `/metrics` in the Prometheus text
+//! format, `/status` (the JSON of `rolld status --json`) and `/healthz`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use rolld_proxy::Proxy;
+use tracing::{debug, warn};
+
+use crate::status::Board;
+
+/// Renders the metrics from the live counters on every scrape.
+#[derive(Debug)]
+struct Collector {
+    board: Arc<Board>,
+    proxy: Option<Arc<Proxy>>,
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counter = |encoder: &mut DescriptorEncoder,
+                       name: &str,
+                       help: &str,
+                       value: u64|
+         -> Result<(), std::fmt::Error> {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&value, None)
+        };
+        if let Some(proxy) = &self.proxy {
+            let stats = proxy.stats().snapshot();
+            let mut family = encoder.encode_descriptor(
+                "rolld_http_requests",
+                "Responses sent to clients, by status class.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (i, n) in stats.responses.iter().enumerate() {
+                let class = format!("{}xx", i + 1);
+                family
+                    .encode_family(&[("class", class.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+            encoder
+                .encode_descriptor(
+                    "rolld_upstream_response_seconds",
+                    "Time until an app process's response headers.",
+                    None,
+                    MetricType::Histogram,
+                )?
+                .encode_histogram::<NoLabelSet>(
+                    stats.response_seconds_sum,
+                    stats.response_count,
+                    &stats.buckets,
+                    None,
+                )?;
+            let in_flight = proxy.upstreams().current().in_flight() as i64;
+            encoder
+                .encode_descriptor(
+                    "rolld_requests_in_flight",
+                    "Requests in flight on the serving set.",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&in_flight)?;
+        }
+        counter(
+            &mut encoder,
+            "rolld_rolls_started",
+            "Rolls started.",
+            self.board.rolls_started.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "rolld_rolls_succeeded",
+            "Rolls that ended with the new set serving.",
+            self.board.rolls_succeeded.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "rolld_rolls_rolled_back",
+            "Rolls that failed and left the old set serving.",
+            self.board.rolls_rolled_back.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "rolld_process_restarts",
+            "App processes restarted after dying.",
+            self.board.restarts.load(Relaxed),
+        )?;
+        let drain = encoder.encode_descriptor(
+            "rolld_drain_seconds",
+            "How long draining an old set took.",
+            None,
+            MetricType::Histogram,
+        )?;
+        self.board.drain_seconds.encode(drain)?;
+        Ok(())
+    }
+}
+
+/// Serves the admin endpoints on `listener` until the runtime stops.
+pub fn serve(
+    listener: std::net::TcpListener,
+    board: Arc<Board>,
+    proxy: Option<Arc<Proxy>>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let mut registry = Registry::default();
+    let upstreams = proxy.as_ref().map(|p| p.upstreams().clone());
+    registry.register_collector(Box::new(Collector {
+        board: board.clone(),
+        proxy,
+    }));
+    let registry = Arc::new(registry);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (registry, board, upstreams) = (registry.clone(), board.clone(), upstreams.clone());
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let response = route(req.uri().path(), &registry, &board, upstreams.as_deref());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            tokio::spawn(async move {
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!("admin connection: {e}");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn route(
+    path: &str,
+    registry: &Registry,
+    board: &Board,
+    upstreams: Option<&rolld_proxy::Upstreams>,
+) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, registry) {
+                Ok(()) => (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(e) => {
+                    warn!("encoding metrics failed: {e}");
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        "metrics encoding failed\n".into(),
+                    )
+                }
+            }
+        }
+        "/status" => {
+            let snapshot = board.snapshot(upstreams);
+            let json = serde_json::to_string_pretty(&snapshot).unwrap_or_else(|_| "{}".into());
+            (StatusCode::OK, "application/json", json + "\n")
+        }
+        "/healthz" => match board.snapshot(None).generation {
+            Some(_) => (StatusCode::OK, "text/plain", "ok\n".into()),
+            None => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "starting\n".into(),
+            ),
+        },
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /status or /healthz\n".into(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}

@@ -1,0 +1,276 @@
+//! The control socket: `rolld reload`, `rolld status` and `rolld stop` talk to a running
+//! rolld over a Unix socket, one JSON object per line.
+//!
+//! The server side turns requests into the same [`Command`]s as signals, with a channel
+//! on which a reload's progress and outcome come back; the client side is what the CLI
+//! runs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::signals::{Command, RollEvent};
+use crate::status::{Board, Snapshot};
+
+/// A request from the CLI.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase")]
+pub enum Request {
+    Reload { wait: bool },
+    Status,
+    Stop,
+}
+
+/// One line of an answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Answer {
+    /// A roll was asked for; with `--no-wait` that is all.
+    Accepted,
+    Progress {
+        message: String,
+    },
+    Done {
+        ok: bool,
+        message: String,
+    },
+    Status {
+        status: Box<Snapshot>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// The bound socket; its file is removed when this is dropped.
+pub struct ControlSocket {
+    path: PathBuf,
+    listener: Option<std::os::unix::net::UnixListener>,
+}
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("another rolld is running with control socket {0} (stop it first, or set `control_socket` to another path)")]
+    InUse(PathBuf),
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl ControlSocket {
+    /// Binds `path` with mode 0600. A socket file left by a rolld that died is replaced;
+    /// one that a live rolld answers on is not.
+    pub fn bind(path: &Path) -> Result<ControlSocket, SocketError> {
+        let io = |source| SocketError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if std::fs::symlink_metadata(path).is_ok() {
+            match StdUnixStream::connect(path) {
+                Ok(_) => return Err(SocketError::InUse(path.to_path_buf())),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    info!(path = %path.display(), "replacing the stale control socket of a rolld that is gone");
+                    std::fs::remove_file(path).map_err(io)?;
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
+        // Nobody else may connect: the socket is created 0600 (umask) and set so again.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = std::os::unix::net::UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        let listener = bound.map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        listener.set_nonblocking(true).map_err(io)?;
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            listener: Some(listener),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hands the socket to `chown` before privileges are dropped, so rolld can still
+    /// remove it at exit.
+    pub fn chown(&self, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> nix::Result<()> {
+        nix::unistd::chown(&self.path, Some(uid), Some(gid))
+    }
+
+    /// Serves requests until the runtime stops.
+    pub fn serve(
+        &mut self,
+        commands: mpsc::UnboundedSender<Command>,
+        board: Arc<Board>,
+        upstreams: Option<Arc<rolld_proxy::Upstreams>>,
+    ) -> std::io::Result<()> {
+        let Some(listener) = self.listener.take() else {
+            return Ok(());
+        };
+        let listener = UnixListener::from_std(listener)?;
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (commands, board, upstreams) =
+                    (commands.clone(), board.clone(), upstreams.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = answer(stream, commands, board, upstreams).await {
+                        debug!("control connection: {e}");
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            warn!(path = %self.path.display(), "cannot remove the control socket: {e}");
+        }
+    }
+}
+
+async fn answer(
+    stream: UnixStream,
+    commands: mpsc::UnboundedSender<Command>,
+    board: Arc<Board>,
+    upstreams: Option<Arc<rolld_proxy::Upstreams>>,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    // One request line, bounded.
+    let mut reader = AsyncBufReader::new(read).take(64 * 1024);
+    reader.read_line(&mut line).await?;
+    let send = |answer: Answer| {
+        let mut text = serde_json::to_string(&answer)
+            .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"message\":\"{e}\"}}"));
+        text.push('\n');
+        text
+    };
+    let request = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(request) => request,
+        Err(e) => {
+            write
+                .write_all(
+                    send(Answer::Error {
+                        message: format!("bad request: {e}"),
+                    })
+                    .as_bytes(),
+                )
+                .await?;
+            return Ok(());
+        }
+    };
+    match request {
+        Request::Status => {
+            let status = Box::new(board.snapshot(upstreams.as_deref()));
+            write
+                .write_all(send(Answer::Status { status }).as_bytes())
+                .await?;
+        }
+        Request::Stop => {
+            let _ = commands.send(Command::Shutdown);
+            write
+                .write_all(
+                    send(Answer::Done {
+                        ok: true,
+                        message: "stopping".into(),
+                    })
+                    .as_bytes(),
+                )
+                .await?;
+        }
+        Request::Reload { wait } => {
+            let (tx, mut events) = mpsc::unbounded_channel();
+            if commands
+                .send(Command::Roll {
+                    watcher: wait.then_some(tx),
+                })
+                .is_err()
+            {
+                write
+                    .write_all(
+                        send(Answer::Done {
+                            ok: false,
+                            message: "rolld is shutting down".into(),
+                        })
+                        .as_bytes(),
+                    )
+                    .await?;
+                return Ok(());
+            }
+            if !wait {
+                write.write_all(send(Answer::Accepted).as_bytes()).await?;
+                return Ok(());
+            }
+            while let Some(event) = events.recv().await {
+                let (answer, last) = match event {
+                    RollEvent::Progress(message) => (Answer::Progress { message }, false),
+                    RollEvent::Done { ok, message } => (Answer::Done { ok, message }, true),
+                };
+                write.write_all(send(answer).as_bytes()).await?;
+                if last {
+                    return Ok(());
+                }
+            }
+            write
+                .write_all(
+                    send(Answer::Done {
+                        ok: false,
+                        message: "rolld stopped before the roll ended".into(),
+                    })
+                    .as_bytes(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+// ---- the client side, as the CLI runs it ---------------------------------------------
+
+/// Sends `request` and calls `each` with every answer line until the server closes.
+pub fn call(socket: &Path, request: &Request, mut each: impl FnMut(Answer)) -> Result<(), String> {
+    let mut stream = StdUnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach rolld at {}: {e} (is it running with this config?)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("cannot send to rolld: {e}"))?;
+    for line in BufReader::new(stream).lines() {
+        let line = line.map_err(|e| format!("reading rolld's answer: {e}"))?;
+        let answer =
+            serde_json::from_str(&line).map_err(|e| format!("rolld answered `{line}`: {e}"))?;
+        each(answer);
+    }
+    Ok(())
+}
+
+/// The socket path for `config`: `control_socket` if set, else beside the config file.
+pub fn default_path(config: &Path) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map_or_else(|| "rolld".into(), |s| s.to_string_lossy().into_owned());
+    config.with_file_name(format!("{stem}.sock"))
+}

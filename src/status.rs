@@ -1,0 +1,252 @@
+//! What rolld is doing, for `rolld status`, `/status` and `/metrics`: written by the
+//! keepers, rolls and the supervisor, read by the control socket and the admin server.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::histogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// The shared record. Counters are atomics; the rest sits behind one lock taken only on
+/// state changes (process started, roll phase) and reads, never per request.
+#[derive(Debug)]
+pub struct Board {
+    state: Mutex<State>,
+    pub rolls_started: AtomicU64,
+    pub rolls_succeeded: AtomicU64,
+    pub rolls_rolled_back: AtomicU64,
+    pub restarts: AtomicU64,
+    /// Seconds each drain took.
+    pub drain_seconds: Histogram,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    serving: Option<u64>,
+    processes: BTreeMap<(u64, u16), Process>,
+    roll: Option<(u64, String)>,
+    last_roll: Option<LastRoll>,
+}
+
+#[derive(Debug, Clone)]
+struct Process {
+    pid: Option<i32>,
+    state: &'static str,
+    since: Instant,
+    restarts: u32,
+}
+
+/// How the last roll ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LastRoll {
+    pub generation: u64,
+    /// `succeeded`, `rolled back` or `refused`.
+    pub outcome: String,
+    pub message: String,
+    pub duration_ms: u64,
+    /// Unix time (seconds) when it ended.
+    pub finished_at: u64,
+}
+
+/// The JSON of `rolld status --json` and `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The generation serving now (none before the first set is ready).
+    pub generation: Option<u64>,
+    pub processes: Vec<ProcessStatus>,
+    pub upstreams: Vec<UpstreamStatus>,
+    /// The roll in progress, if any.
+    pub roll: Option<RollStatus>,
+    pub last_roll: Option<LastRoll>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    pub generation: u64,
+    pub port: u16,
+    pub pid: Option<i32>,
+    pub state: String,
+    pub uptime_s: f64,
+    pub restarts: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    pub addr: String,
+    pub in_flight: usize,
+    pub available: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollStatus {
+    pub generation: u64,
+    pub phase: String,
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Board {
+            state: Mutex::default(),
+            rolls_started: AtomicU64::new(0),
+            rolls_succeeded: AtomicU64::new(0),
+            rolls_rolled_back: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            drain_seconds: Histogram::new([0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+        }
+    }
+}
+
+impl Board {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A process changed state; `pid` None keeps the one known.
+    pub fn process(&self, generation: u64, port: u16, pid: Option<i32>, state: &'static str) {
+        let mut s = self.state();
+        let entry = s.processes.entry((generation, port)).or_insert(Process {
+            pid,
+            state,
+            since: Instant::now(),
+            restarts: 0,
+        });
+        if state == "running" && entry.state != "running" {
+            entry.since = Instant::now();
+        }
+        if pid.is_some() {
+            entry.pid = pid;
+        }
+        entry.state = state;
+    }
+
+    pub fn restarted(&self, generation: u64, port: u16) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = self.state().processes.get_mut(&(generation, port)) {
+            p.restarts += 1;
+        }
+    }
+
+    /// The process is gone for good.
+    pub fn forget(&self, generation: u64, port: u16) {
+        self.state().processes.remove(&(generation, port));
+    }
+
+    pub fn serving(&self, generation: u64) {
+        self.state().serving = Some(generation);
+    }
+
+    /// The current roll reached `phase`.
+    pub fn phase(&self, generation: u64, phase: impl Into<String>) {
+        self.state().roll = Some((generation, phase.into()));
+    }
+
+    pub fn roll_ended(&self, generation: u64, outcome: &str, message: String, took: Duration) {
+        let mut s = self.state();
+        s.roll = None;
+        s.last_roll = Some(LastRoll {
+            generation,
+            outcome: outcome.to_string(),
+            message,
+            duration_ms: took.as_millis() as u64,
+            finished_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        });
+    }
+
+    pub fn snapshot(&self, upstreams: Option<&rolld_proxy::Upstreams>) -> Snapshot {
+        let s = self.state();
+        let processes = s
+            .processes
+            .iter()
+            .map(|(&(generation, port), p)| ProcessStatus {
+                generation,
+                port,
+                pid: p.pid,
+                state: p.state.to_string(),
+                uptime_s: if p.state == "running" {
+                    p.since.elapsed().as_secs_f64()
+                } else {
+                    0.0
+                },
+                restarts: p.restarts,
+            })
+            .collect();
+        let upstreams = upstreams.map_or_else(Vec::new, |u| {
+            u.current()
+                .upstreams()
+                .iter()
+                .map(|u| UpstreamStatus {
+                    addr: u.addr().to_string(),
+                    in_flight: u.in_flight(),
+                    available: u.is_available(),
+                })
+                .collect()
+        });
+        Snapshot {
+            generation: s.serving,
+            processes,
+            upstreams,
+            roll: s.roll.as_ref().map(|(generation, phase)| RollStatus {
+                generation: *generation,
+                phase: phase.clone(),
+            }),
+            last_roll: s.last_roll.clone(),
+        }
+    }
+}
+
+impl Snapshot {
+    /// The human-readable form of `rolld status`.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        match self.generation {
+            Some(g) => {
+                let _ = writeln!(out, "generation {g} serving");
+            }
+            None => {
+                let _ = writeln!(out, "no generation serving yet");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "{:<6} {:<6} {:<8} {:<11} {:>9} {:>8}",
+            "GEN", "PORT", "PID", "STATE", "UPTIME", "RESTARTS"
+        );
+        for p in &self.processes {
+            let pid = p.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+            let _ = writeln!(
+                out,
+                "{:<6} {:<6} {:<8} {:<11} {:>8.0}s {:>8}",
+                p.generation, p.port, pid, p.state, p.uptime_s, p.restarts
+            );
+        }
+        for u in &self.upstreams {
+            let _ = writeln!(
+                out,
+                "upstream {} in flight {}{}",
+                u.addr,
+                u.in_flight,
+                if u.available { "" } else { " (unavailable)" }
+            );
+        }
+        if let Some(r) = &self.roll {
+            let _ = writeln!(
+                out,
+                "roll to generation {} in progress: {}",
+                r.generation, r.phase
+            );
+        }
+        if let Some(l) = &self.last_roll {
+            let _ = writeln!(
+                out,
+                "last roll: generation {} {} in {} ms: {}",
+                l.generation, l.outcome, l.duration_ms, l.message
+            );
+        }
+        out
+    }
+}
