@@ -443,6 +443,19 @@ fn stop(target: &Target) -> ExitCode {
     }
 }
 
+/// A proxy holds two descriptors per request in flight: take the hard limit on open
+/// files, as nginx's `worker_rlimit_nofile` would. App processes inherit it.
+fn raise_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                eprintln!("rolld: cannot raise the open files limit from {soft} to {hard}: {e}");
+            }
+        }
+    }
+}
+
 /// Switches to `run_as` for good: supplementary groups, group, then user.
 fn drop_privileges(run_as: &config::RunAs) -> nix::Result<()> {
     use nix::unistd::{getuid, setgid, setgroups, setuid};
@@ -466,6 +479,7 @@ fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     notify::init();
+    raise_file_limit();
     // The control socket first: a second rolld on the same config stops here.
     let mut control = match control::ControlSocket::bind(&config.control_socket()) {
         Ok(control) => control,

@@ -1,0 +1,550 @@
+//! rolld against nginx and against the backends themselves, side by side in one run.
+//!
+//! `cargo bench` starts rolld with four example backends, nginx (1 and 2 workers) in front
+//! of the same four backends when nginx is installed, and drives each with wrk. It prints
+//! a table and writes `target/rolld-bench.json`. Absolute numbers move with the machine
+//! and its load; compare the ratios of one run. Every load is bounded in time.
+//!
+//! `ROLLD_BENCH_SECS` sets the seconds per load (default 5).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ROLLD: &str = env!("CARGO_BIN_EXE_rolld");
+const BACKEND: &str = env!("CARGO_BIN_EXE_rolld-example-backend");
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    ls.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+fn wait_for_port(port: u16, deadline: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+/// A child process killed (with its process group) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One wrk run.
+#[derive(Clone, Debug, Default)]
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    errors: u64,
+}
+
+const WRK_SCRIPT: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT rps=%f p50=%d p99=%d p999=%d errors=%d\n",
+    summary.requests / (summary.duration / 1e6),
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"#;
+
+fn wrk(wrk: &Path, script: &Path, url: &str, connections: u32, secs: u64) -> Load {
+    let threads = connections.min(2);
+    let out = Command::new(wrk)
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{secs}s"),
+            "--timeout",
+            "5s",
+            "-s",
+        ])
+        .arg(script)
+        .arg(url)
+        .output()
+        .expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT"))
+        .unwrap_or_else(|| panic!("wrk said: {text}"));
+    let field = |name: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    Load {
+        rps: field("rps"),
+        p50_ms: field("p50") / 1000.0,
+        p99_ms: field("p99") / 1000.0,
+        p999_ms: field("p999") / 1000.0,
+        errors: field("errors") as u64,
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let f = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    f(11) + f(12) // utime + stime, in clock ticks
+}
+
+fn ticks_per_sec() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+fn reload(config: &Path) -> Duration {
+    let start = Instant::now();
+    let out = Command::new(ROLLD)
+        .args(["reload", "-c"])
+        .arg(config)
+        .output()
+        .expect("rolld reload");
+    assert!(
+        out.status.success(),
+        "reload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    start.elapsed()
+}
+
+fn backend_ports(config: &Path) -> Vec<u16> {
+    let out = Command::new(ROLLD)
+        .args(["status", "--json", "-c"])
+        .arg(config)
+        .output()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    status["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter_map(|p| p["port"].as_u64())
+        .map(|p| p as u16)
+        .collect()
+}
+
+fn start_nginx(nginx: &Path, dir: &Path, port: u16, backends: &[u16], workers: u32) -> Proc {
+    let servers: String = backends
+        .iter()
+        .map(|p| format!("        server 127.0.0.1:{p};\n"))
+        .collect();
+    let user = if nix::unistd::getuid().is_root() {
+        "user root;\n"
+    } else {
+        ""
+    };
+    let conf = format!(
+        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log error;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+    let child = Command::new(nginx)
+        .arg("-p")
+        .arg(format!("{}/", dir.display()))
+        .args(["-c", "nginx.conf", "-g", "daemon off;"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    assert!(
+        wait_for_port(port, Duration::from_secs(10)),
+        "nginx did not start"
+    );
+    Proc(child)
+}
+
+/// Latency of requests sent through `port` by `clients` keep-alive connections for
+/// `secs`, with a roll in the middle: p99 of the second around the swap and of a quiet one.
+fn swap_cost(port: u16, config: &Path, clients: usize, secs: u64) -> (f64, f64, usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("rt");
+    let start = Instant::now();
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(f64, f64)>::new()));
+    let errors = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (samples, errors) = (samples.clone(), errors.clone());
+        tasks.push(rt.spawn(async move {
+            let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                return;
+            };
+            let Ok((mut send, conn)) = hyper::client::conn::http1::handshake::<
+                _,
+                http_body_util::Empty<bytes::Bytes>,
+            >(hyper_util::rt::TokioIo::new(stream))
+            .await
+            else {
+                return;
+            };
+            tokio::spawn(conn);
+            while start.elapsed() < Duration::from_secs(secs) {
+                let req = http::Request::get("/")
+                    .header("host", "bench")
+                    .body(http_body_util::Empty::new())
+                    .expect("req");
+                let t = Instant::now();
+                match send.send_request(req).await {
+                    Ok(res) => {
+                        use http_body_util::BodyExt;
+                        let _ = res.into_body().collect().await;
+                        let at = start.elapsed().as_secs_f64();
+                        samples
+                            .lock()
+                            .expect("lock")
+                            .push((at, t.elapsed().as_secs_f64() * 1000.0));
+                    }
+                    Err(_) => {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(secs / 2));
+    let roll_start = start.elapsed().as_secs_f64();
+    reload(config);
+    let roll_end = start.elapsed().as_secs_f64();
+    rt.block_on(async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    let samples = samples.lock().expect("lock");
+    let p99 = |from: f64, to: f64| {
+        let mut v: Vec<f64> = samples
+            .iter()
+            .filter(|(at, _)| *at >= from && *at < to)
+            .map(|(_, l)| *l)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len() as f64) * 0.99) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let mid = (roll_start + roll_end) / 2.0;
+    let around = p99((mid - 0.5).min(roll_start), (mid + 0.5).max(roll_end));
+    let quiet = p99(1.0, 2.0);
+    (
+        around,
+        quiet,
+        errors.load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+/// Opens `n` keep-alive connections, one request on each, and leaves them idle.
+fn idle_connections(port: u16, n: usize) -> Vec<TcpStream> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            break;
+        };
+        if s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            .is_err()
+        {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        if s.read(&mut buf).unwrap_or(0) == 0 {
+            break;
+        }
+        conns.push(s);
+    }
+    conns
+}
+
+fn raise_nofile() {
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+fn main() {
+    let secs: u64 = std::env::var("ROLLD_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    raise_nofile();
+    let Some(wrk_bin) = which("wrk") else {
+        eprintln!("rolld bench: wrk is not installed (apt-get install -y wrk); nothing measured");
+        return;
+    };
+    let nginx_bin = which("nginx");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("report.lua");
+    std::fs::write(&script, WRK_SCRIPT).expect("lua");
+
+    // Backend start time on its own, for the roll cost's baseline.
+    let port = free_ports(1)[0];
+    let t = Instant::now();
+    let backend = Proc(
+        Command::new(BACKEND)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("backend"),
+    );
+    assert!(wait_for_port(port, Duration::from_secs(10)));
+    let backend_start = t.elapsed();
+    drop(backend);
+
+    // rolld with four backends.
+    let listen = free_ports(1)[0];
+    let config = dir.path().join("rolld.yml");
+    std::fs::write(
+        &config,
+        format!("listen: 127.0.0.1:{listen}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 30000-39999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'backend-{{port}}.log'\n"),
+    )
+    .expect("config");
+    let log = std::fs::File::create(dir.path().join("rolld.log")).expect("log");
+    let rolld = Proc(
+        Command::new(ROLLD)
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stderr(log)
+            .spawn()
+            .expect("start rolld"),
+    );
+    let rolld_pid = rolld.0.id();
+    assert!(
+        wait_for_port(listen, Duration::from_secs(30)),
+        "rolld did not start"
+    );
+    let start = Instant::now();
+    while backend_ports(&config).len() < 4 && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_rss = rss_kib(rolld_pid);
+
+    println!(
+        "rolld benchmark on {} — load generator: wrk ({}), {secs} s per load",
+        machine(),
+        wrk_bin.display()
+    );
+    let backends = backend_ports(&config);
+    let mut results: BTreeMap<String, Load> = BTreeMap::new();
+    let mut targets = vec![
+        ("direct".to_string(), backends[0]),
+        ("rolld".to_string(), listen),
+    ];
+    let mut nginx_procs = Vec::new();
+    match &nginx_bin {
+        Some(nginx) => {
+            for workers in [1u32, 2] {
+                let port = free_ports(1)[0];
+                let ndir = dir.path().join(format!("nginx{workers}"));
+                std::fs::create_dir_all(&ndir).expect("dir");
+                nginx_procs.push(start_nginx(nginx, &ndir, port, &backends, workers));
+                targets.push((format!("nginx-{workers}w"), port));
+            }
+        }
+        None => println!("nginx is not installed (apt-get install -y nginx): skipped nginx"),
+    }
+    for (path, body) in [("/", "small"), ("/bytes?n=65536", "64KiB")] {
+        for connections in [1u32, 64, 256] {
+            for (name, port) in &targets {
+                // Run the targets of one cell back to back so they see the same machine.
+                let load = wrk(
+                    &wrk_bin,
+                    &script,
+                    &format!("http://127.0.0.1:{port}{path}"),
+                    connections,
+                    secs,
+                );
+                results.insert(format!("{body}/c{connections}/{name}"), load);
+            }
+        }
+    }
+
+    // The table.
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "{:<6} {:>4}  {:<10} {:>10} {:>8} {:>8} {:>8} {:>6}   {:>10} {:>10}",
+        "body",
+        "conn",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "errors",
+        "rolld/best",
+        "rolld/dir"
+    );
+    for body in ["small", "64KiB"] {
+        for connections in [1u32, 64, 256] {
+            let get = |name: &str| results.get(&format!("{body}/c{connections}/{name}"));
+            let best_nginx = ["nginx-1w", "nginx-2w"]
+                .iter()
+                .filter_map(|n| get(n))
+                .map(|l| l.rps)
+                .fold(0.0, f64::max);
+            for (name, _) in &targets {
+                let Some(l) = get(name) else { continue };
+                let ratios = if name == "rolld" {
+                    let vs_nginx = if best_nginx > 0.0 {
+                        format!("{:.2}", l.rps / best_nginx)
+                    } else {
+                        "-".into()
+                    };
+                    let vs_direct =
+                        get("direct").map_or("-".into(), |d| format!("{:.2}", l.rps / d.rps));
+                    format!("{vs_nginx:>10} {vs_direct:>10}")
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(table, "{body:<6} {connections:>4}  {name:<10} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>6}   {ratios}", l.rps, l.p50_ms, l.p99_ms, l.p999_ms, l.errors);
+            }
+        }
+    }
+    print!("{table}");
+    drop(nginx_procs);
+
+    // Roll cost, without and with traffic, and rolld's CPU per roll.
+    let rolls = 5;
+    let cpu0 = cpu_ticks(rolld_pid);
+    let quiet: Vec<Duration> = (0..rolls).map(|_| reload(&config)).collect();
+    let cpu_per_roll_ms =
+        (cpu_ticks(rolld_pid) - cpu0) as f64 / ticks_per_sec() * 1000.0 / rolls as f64;
+    let mut wrk_bg = Command::new(&wrk_bin)
+        .args([
+            "-t2",
+            "-c64",
+            &format!("-d{}s", rolls * 2 + 2),
+            &format!("http://127.0.0.1:{listen}/"),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("wrk");
+    std::thread::sleep(Duration::from_millis(500));
+    let busy: Vec<Duration> = (0..rolls).map(|_| reload(&config)).collect();
+    let _ = wrk_bg.wait();
+    let median = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1000.0
+    };
+    let (roll_quiet_ms, roll_busy_ms) = (median(&quiet), median(&busy));
+    println!(
+        "roll (SIGHUP to old set stopped, median of {rolls}): {roll_quiet_ms:.0} ms without traffic, {roll_busy_ms:.0} ms under wrk -c64; backend start alone {:.0} ms; rolld CPU {cpu_per_roll_ms:.1} ms per roll",
+        backend_start.as_secs_f64() * 1000.0
+    );
+
+    // Swap cost under load.
+    let (around, quiet_p99, swap_errors) = swap_cost(listen, &config, 32, 6);
+    println!("swap under load (32 keep-alive clients): p99 {around:.2} ms in the second around the swap, {quiet_p99:.2} ms in a quiet second, {swap_errors} errors");
+
+    // Memory.
+    let conns = idle_connections(listen, 10_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let busy_rss = rss_kib(rolld_pid);
+    println!(
+        "rolld RSS: {:.1} MB idle, {:.1} MB with {} idle keep-alive client connections",
+        idle_rss as f64 / 1024.0,
+        busy_rss as f64 / 1024.0,
+        conns.len()
+    );
+    drop(conns);
+
+    let json = serde_json::json!({
+        "machine": machine(),
+        "load_generator": "wrk",
+        "seconds_per_load": secs,
+        "loads": results.iter().map(|(k, l)| (k.clone(), serde_json::json!({"rps": l.rps, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "p999_ms": l.p999_ms, "errors": l.errors}))).collect::<serde_json::Map<_, _>>(),
+        "roll_ms_quiet": roll_quiet_ms,
+        "roll_ms_under_load": roll_busy_ms,
+        "backend_start_ms": backend_start.as_secs_f64() * 1000.0,
+        "rolld_cpu_ms_per_roll": cpu_per_roll_ms,
+        "swap_p99_ms": around,
+        "quiet_p99_ms": quiet_p99,
+        "rss_idle_mb": idle_rss as f64 / 1024.0,
+        "rss_10k_idle_conns_mb": busy_rss as f64 / 1024.0,
+        "idle_connections": 10_000,
+    });
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rolld-bench.json");
+    match std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    ) {
+        Ok(()) => println!("results: {}", out.display()),
+        Err(e) => eprintln!("cannot write {}: {e}", out.display()),
+    }
+    drop(rolld);
+}
