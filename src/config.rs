@@ -56,6 +56,7 @@ struct RawProxy {
     trusted_proxies: Option<Vec<String>>,
     fail_timeout: Option<String>,
     access_log: Option<bool>,
+    workers: Option<usize>,
 }
 
 /// A byte size: a number, or a string with a k/m/g suffix as nginx writes them.
@@ -654,6 +655,11 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
         trusted_proxies,
         down_period: duration("fail_timeout", raw.fail_timeout.as_deref(), d.down_period)?,
         access_log: raw.access_log.unwrap_or(d.access_log),
+        workers: match raw.workers {
+            None => d.workers,
+            Some(n @ 1..=256) => n,
+            Some(n) => return Err(v.err("proxy.workers", format!("{n} is not between 1 and 256"))),
+        },
     })
 }
 

@@ -241,8 +241,8 @@ fn plan(config: &Config) -> String {
             .map_or_else(|| "unlimited".to_string(), |n| format!("{n} bytes"));
         let _ = writeln!(
             out,
-            "limits:       body {body}, header {} bytes, {} connections",
-            p.max_header_size, p.max_connections
+            "limits:       body {body}, header {} bytes, {} connections, {} worker thread(s)",
+            p.max_header_size, p.max_connections, p.workers
         );
         let trusted: Vec<String> = p.trusted_proxies.iter().map(|n| n.to_string()).collect();
         let trusted = if trusted.is_empty() {
@@ -524,7 +524,10 @@ fn run(path: &Path) -> ExitCode {
         }
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("ROLLD_WORKER_THREADS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("ROLLD_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         runtime.worker_threads(n);
     }
     let runtime = match runtime.enable_all().build() {

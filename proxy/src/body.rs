@@ -235,7 +235,7 @@ impl UpstreamBody {
 
     fn finish(&mut self) {
         if let (Some(conn), Some(lease)) = (self.conn.take(), self.lease.as_ref()) {
-            lease.upstream().pool.checkin(conn);
+            lease.upstream().pool().checkin(conn);
         }
         self.lease = None;
     }

@@ -31,6 +31,9 @@ pub struct ProxyConfig {
     pub down_period: Duration,
     /// One log line per request (target `rolld::access`).
     pub access_log: bool,
+    /// Threads serving client connections, each with its own event loop (default: one
+    /// per core).
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -47,6 +50,7 @@ impl Default for ProxyConfig {
             trusted_proxies: Vec::new(),
             down_period: Duration::from_secs(2),
             access_log: false,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }

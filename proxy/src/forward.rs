@@ -235,9 +235,9 @@ impl Proxy {
         for _attempt in 0..MAX_ATTEMPTS {
             let upstream = lease.upstream().clone();
             let checkout = if fresh {
-                upstream.pool.connect(self.config.connect_timeout).await
+                upstream.pool().connect(self.config.connect_timeout).await
             } else {
-                upstream.pool.checkout(self.config.connect_timeout).await
+                upstream.pool().checkout(self.config.connect_timeout).await
             };
             let mut conn = match checkout {
                 Ok(conn) => conn,

@@ -34,14 +34,81 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+thread_local! {
+    /// Which proxy worker thread this is (0 on any other thread).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The proxy worker running on this thread, for per-worker state such as pools.
+pub(crate) fn worker_id() -> usize {
+    WORKER.with(std::cell::Cell::get)
+}
+
 /// Serves `listener` until `shutdown` resolves to a grace period, then stops accepting,
 /// lets each connection finish its current exchange (idle keep-alive connections close
 /// at once, busy HTTP/1 ones answer with `Connection: close`, HTTP/2 ones get GOAWAY)
 /// for up to that grace period, and returns.
+///
+/// Connections are served by `config.workers` threads, each with a runtime of its own,
+/// accepting from the same listener: a request and its upstream connection stay on one
+/// thread, as in nginx's workers, with no wake-ups across threads. Upgraded connections
+/// go on after this returns (a drain waits for them); the worker threads end with the
+/// process.
 pub async fn serve(
     listener: std::net::TcpListener,
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = Duration>,
+) -> io::Result<()> {
+    let workers = proxy.config().workers.max(1);
+    let (stop, stopped) = tokio::sync::watch::channel(None::<Duration>);
+    // Shared by all workers: max_connections holds for the listener as a whole.
+    let slots = Arc::new(Semaphore::new(proxy.config().max_connections.max(1)));
+    let mut done = Vec::with_capacity(workers);
+    for id in 0..workers {
+        let listener = listener.try_clone()?;
+        let (proxy, stopped, slots) = (proxy.clone(), stopped.clone(), slots.clone());
+        let (finished, finished_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("rolld-proxy-{id}"))
+            .spawn(move || {
+                WORKER.with(|w| w.set(id));
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = finished.send(Err(err));
+                        return;
+                    }
+                };
+                let result = runtime.block_on(accept(listener, proxy, slots, stopped));
+                let _ = finished.send(result);
+                // Keep the runtime for the tasks that outlive the listener (tunnels of
+                // upgraded connections); the process ends them.
+                runtime.block_on(std::future::pending::<()>());
+            })?;
+        done.push(finished_rx);
+    }
+    let grace = shutdown.await;
+    let _ = stop.send(Some(grace));
+    let mut result = Ok(());
+    for finished in done {
+        match finished.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => result = Err(err),
+            Err(_) => result = Err(io::Error::other("a proxy worker thread ended early")),
+        }
+    }
+    result
+}
+
+/// One worker's accept loop and graceful shutdown.
+async fn accept(
+    listener: std::net::TcpListener,
+    proxy: Arc<Proxy>,
+    slots: Arc<Semaphore>,
+    mut stopped: tokio::sync::watch::Receiver<Option<Duration>>,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
     let config = proxy.config().clone();
@@ -59,12 +126,17 @@ pub async fn serve(
         .max_header_list_size(config.max_header_size.min(u32::MAX as usize) as u32);
     let timeouts = Timeouts::from_config(&config);
     let graceful = GracefulShutdown::new();
-    // Backpressure: at max_connections the loop stops accepting, and new clients wait
-    // in the kernel's queue instead of being refused or crashing rolld.
-    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let shutdown = async move {
+        match stopped.wait_for(Option::is_some).await {
+            Ok(grace) => grace.unwrap_or(Duration::ZERO),
+            Err(_) => Duration::ZERO,
+        }
+    };
     tokio::pin!(shutdown);
 
     let grace = loop {
+        // Backpressure: at max_connections the loop stops accepting, and new clients
+        // wait in the kernel's queue instead of being refused or crashing rolld.
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,

@@ -46,8 +46,10 @@ pub struct Upstream {
     available: AtomicBool,
     /// Passive health: after a failed connect, skipped until this instant (see [`now_ms`]).
     down_until_ms: AtomicU64,
-    /// Idle keep-alive connections to this process; dies with the set.
-    pub(crate) pool: Pool,
+    /// Idle keep-alive connections to this process, one pool per proxy worker thread
+    /// so that a connection is only used by the thread whose event loop drives it;
+    /// dies with the set.
+    pools: Box<[Pool]>,
 }
 
 impl Upstream {
@@ -57,8 +59,13 @@ impl Upstream {
             in_flight: AtomicUsize::new(0),
             available: AtomicBool::new(true),
             down_until_ms: AtomicU64::new(0),
-            pool: Pool::new(addr),
+            pools: (0..pool_count()).map(|_| Pool::new(addr)).collect(),
         }
+    }
+
+    /// This thread's pool of connections to the upstream.
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pools[crate::server::worker_id() % self.pools.len()]
     }
 
     /// The process's listening address.
@@ -91,6 +98,16 @@ impl Upstream {
         let until = now_ms() + period.as_millis() as u64;
         self.down_until_ms.store(until, Ordering::Relaxed);
     }
+}
+
+/// One pool per possible worker thread.
+fn pool_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .max(1)
+    })
 }
 
 /// Milliseconds since the first call; cheap monotonic time for passive health.
