@@ -5,7 +5,8 @@
 //! a table and writes `target/rolld-bench.json`. Absolute numbers move with the machine
 //! and its load; compare the ratios of one run. Every load is bounded in time.
 //!
-//! `ROLLD_BENCH_SECS` sets the seconds per load (default 5).
+//! `ROLLD_BENCH_SECS` sets the seconds per load (default 3), `ROLLD_BENCH_ROUNDS` how many
+//! rounds each cell runs, in rotated order, the median counting (default 3).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -338,7 +339,12 @@ fn main() {
     let secs: u64 = std::env::var("ROLLD_BENCH_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(3);
+    let rounds: usize = std::env::var("ROLLD_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     raise_nofile();
     let Some(wrk_bin) = which("wrk") else {
         eprintln!("rolld bench: wrk is not installed (apt-get install -y wrk); nothing measured");
@@ -527,6 +533,7 @@ fn main() {
         "machine": machine(),
         "load_generator": "wrk",
         "seconds_per_load": secs,
+        "rounds": rounds,
         "loads": results.iter().map(|(k, l)| (k.clone(), serde_json::json!({"rps": l.rps, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "p999_ms": l.p999_ms, "errors": l.errors}))).collect::<serde_json::Map<_, _>>(),
         "roll_ms_quiet": roll_quiet_ms,
         "roll_ms_under_load": roll_busy_ms,
