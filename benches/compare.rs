@@ -64,6 +64,8 @@ struct Load {
     p99_ms: f64,
     p999_ms: f64,
     errors: u64,
+    /// CPU time of the proxy's own processes per request (0 for direct).
+    cpu_us_per_request: f64,
 }
 
 const WRK_SCRIPT: &str = r#"
@@ -111,6 +113,32 @@ fn wrk(wrk: &Path, script: &Path, url: &str, connections: u32, secs: u64) -> Loa
         p99_ms: field("p99") / 1000.0,
         p999_ms: field("p999") / 1000.0,
         errors: field("errors") as u64,
+        cpu_us_per_request: 0.0,
+    }
+}
+
+/// Direct children of `pid` (nginx's workers).
+fn children_of(pid: u32) -> Vec<u32> {
+    let start = Instant::now();
+    loop {
+        let kids: Vec<u32> = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|p| {
+                        let stat =
+                            std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                        stat.rsplit(')')
+                            .next()
+                            .and_then(|r| r.split_whitespace().nth(1)?.parse::<u32>().ok())
+                            == Some(pid)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !kids.is_empty() || start.elapsed() > Duration::from_secs(5) {
+            return kids;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -399,15 +427,16 @@ fn main() {
     let idle_rss = rss_kib(rolld_pid);
 
     println!(
-        "rolld benchmark on {} — load generator: wrk ({}), {secs} s per load",
+        "rolld benchmark on {} — load generator: wrk ({}), {secs} s per load, median of {rounds} rounds in rotated order",
         machine(),
         wrk_bin.display()
     );
     let backends = backend_ports(&config);
     let mut results: BTreeMap<String, Load> = BTreeMap::new();
-    let mut targets = vec![
-        ("direct".to_string(), backends[0]),
-        ("rolld".to_string(), listen),
+    // Each target with the processes whose CPU time it costs.
+    let mut targets: Vec<(String, u16, Vec<u32>)> = vec![
+        ("direct".to_string(), backends[0], vec![]),
+        ("rolld".to_string(), listen, vec![rolld_pid]),
     ];
     let mut nginx_procs = Vec::new();
     match &nginx_bin {
@@ -416,24 +445,52 @@ fn main() {
                 let port = free_ports(1)[0];
                 let ndir = dir.path().join(format!("nginx{workers}"));
                 std::fs::create_dir_all(&ndir).expect("dir");
-                nginx_procs.push(start_nginx(nginx, &ndir, port, &backends, workers));
-                targets.push((format!("nginx-{workers}w"), port));
+                let master = start_nginx(nginx, &ndir, port, &backends, workers);
+                let pids = children_of(master.0.id());
+                nginx_procs.push(master);
+                targets.push((format!("nginx-{workers}w"), port, pids));
             }
         }
         None => println!("nginx is not installed (apt-get install -y nginx): skipped nginx"),
     }
     for (path, body) in [("/", "small"), ("/bytes?n=65536", "64KiB")] {
         for connections in [1u32, 64, 256] {
-            for (name, port) in &targets {
-                // Run the targets of one cell back to back so they see the same machine.
-                let load = wrk(
-                    &wrk_bin,
-                    &script,
-                    &format!("http://127.0.0.1:{port}{path}"),
-                    connections,
-                    secs,
+            // The targets of one cell run back to back, in turn over several rounds with
+            // the order rotated, so each sees the same machine; the median round counts.
+            let mut runs: BTreeMap<String, Vec<Load>> = BTreeMap::new();
+            for round in 0..rounds {
+                for i in 0..targets.len() {
+                    let (name, port, pids) = &targets[(i + round) % targets.len()];
+                    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+                    let mut load = wrk(
+                        &wrk_bin,
+                        &script,
+                        &format!("http://127.0.0.1:{port}{path}"),
+                        connections,
+                        secs,
+                    );
+                    let ticks = pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - before;
+                    let requests = load.rps * secs as f64;
+                    if !pids.is_empty() && requests > 0.0 {
+                        load.cpu_us_per_request = ticks as f64 / ticks_per_sec() * 1e6 / requests;
+                    }
+                    runs.entry(name.clone()).or_default().push(load);
+                }
+            }
+            for (name, mut loads) in runs {
+                loads.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+                let errors = loads.iter().map(|l| l.errors).sum();
+                let mut cpu: Vec<f64> = loads.iter().map(|l| l.cpu_us_per_request).collect();
+                cpu.sort_by(f64::total_cmp);
+                let median = loads[loads.len() / 2].clone();
+                results.insert(
+                    format!("{body}/c{connections}/{name}"),
+                    Load {
+                        errors,
+                        cpu_us_per_request: cpu[cpu.len() / 2],
+                        ..median
+                    },
                 );
-                results.insert(format!("{body}/c{connections}/{name}"), load);
             }
         }
     }
@@ -442,7 +499,7 @@ fn main() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "{:<6} {:>4}  {:<10} {:>10} {:>8} {:>8} {:>8} {:>6}   {:>10} {:>10}",
+        "{:<6} {:>4}  {:<10} {:>10} {:>8} {:>8} {:>8} {:>6} {:>8}   {:>10} {:>10}",
         "body",
         "conn",
         "target",
@@ -451,6 +508,7 @@ fn main() {
         "p99 ms",
         "p99.9 ms",
         "errors",
+        "cpu us/r",
         "rolld/best",
         "rolld/dir"
     );
@@ -462,7 +520,7 @@ fn main() {
                 .filter_map(|n| get(n))
                 .map(|l| l.rps)
                 .fold(0.0, f64::max);
-            for (name, _) in &targets {
+            for (name, _, _) in &targets {
                 let Some(l) = get(name) else { continue };
                 let ratios = if name == "rolld" {
                     let vs_nginx = if best_nginx > 0.0 {
@@ -476,7 +534,12 @@ fn main() {
                 } else {
                     String::new()
                 };
-                let _ = writeln!(table, "{body:<6} {connections:>4}  {name:<10} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>6}   {ratios}", l.rps, l.p50_ms, l.p99_ms, l.p999_ms, l.errors);
+                let cpu = if l.cpu_us_per_request > 0.0 {
+                    format!("{:.1}", l.cpu_us_per_request)
+                } else {
+                    "-".into()
+                };
+                let _ = writeln!(table, "{body:<6} {connections:>4}  {name:<10} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>6} {cpu:>8}   {ratios}", l.rps, l.p50_ms, l.p99_ms, l.p999_ms, l.errors);
             }
         }
     }
@@ -534,7 +597,7 @@ fn main() {
         "load_generator": "wrk",
         "seconds_per_load": secs,
         "rounds": rounds,
-        "loads": results.iter().map(|(k, l)| (k.clone(), serde_json::json!({"rps": l.rps, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "p999_ms": l.p999_ms, "errors": l.errors}))).collect::<serde_json::Map<_, _>>(),
+        "loads": results.iter().map(|(k, l)| (k.clone(), serde_json::json!({"rps": l.rps, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "p999_ms": l.p999_ms, "errors": l.errors, "cpu_us_per_request": l.cpu_us_per_request}))).collect::<serde_json::Map<_, _>>(),
         "roll_ms_quiet": roll_quiet_ms,
         "roll_ms_under_load": roll_busy_ms,
         "backend_start_ms": backend_start.as_secs_f64() * 1000.0,
