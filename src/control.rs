@@ -76,7 +76,13 @@ impl ControlSocket {
             path: path.to_path_buf(),
             source,
         };
-        if std::fs::symlink_metadata(path).is_ok() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(io(std::io::Error::other(
+                    "the path exists and is not a socket; rolld will not replace it",
+                )));
+            }
             match StdUnixStream::connect(path) {
                 Ok(_) => return Err(SocketError::InUse(path.to_path_buf())),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {

@@ -256,6 +256,10 @@ fn plan(config: &Config) -> String {
             if p.access_log { "on" } else { "off" }
         );
     }
+    let _ = writeln!(out, "control:      {}", config.control_socket().display());
+    if let Some(admin) = config.admin {
+        let _ = writeln!(out, "admin:        http://{admin}/metrics /status /healthz");
+    }
     if let Some(run_as) = &config.run_as {
         let _ = writeln!(
             out,

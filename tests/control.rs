@@ -283,3 +283,18 @@ fn json_logs_are_one_object_per_line() {
         );
     }
 }
+
+#[test]
+fn a_file_in_the_way_of_the_socket_is_never_removed() {
+    let fixture = Fixture::new(1);
+    let mut rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, |dir| {
+        std::fs::write(dir.join("rolld.sock"), "precious").expect("a file");
+    });
+    let status = rolld.wait_exit(SOON);
+    assert_eq!(status.code(), Some(1));
+    assert!(rolld.log().is_empty() || !rolld.log().contains("roll finished"));
+    assert_eq!(
+        std::fs::read_to_string(rolld.dir.path().join("rolld.sock")).expect("still there"),
+        "precious"
+    );
+}

@@ -197,10 +197,28 @@ impl Read for ClientIo {
                 }
                 Poll::Ready(result)
             }
-            Poll::Pending => match this.poll_deadline(cx, true) {
-                Poll::Ready(err) => Poll::Ready(Err(err)),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => this.poll_deadline(cx, true).map(Err),
+        }
+    }
+}
+
+impl ClientIo {
+    /// Tracks a write's progress: a write that stays pending past `body_idle_timeout`
+    /// fails, so a client that stopped reading does not hold its connection forever.
+    fn written(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.write_stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                self.write_stalled.get_or_insert_with(Instant::now);
+                self.poll_deadline(cx, false).map(Err)
+            }
         }
     }
 }
@@ -212,19 +230,8 @@ impl Write for ClientIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Ready(result) => {
-                this.write_stalled = None;
-                Poll::Ready(result)
-            }
-            Poll::Pending => {
-                this.write_stalled.get_or_insert_with(Instant::now);
-                match this.poll_deadline(cx, false) {
-                    Poll::Ready(err) => Poll::Ready(Err(err)),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.written(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -233,19 +240,8 @@ impl Write for ClientIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(result) => {
-                this.write_stalled = None;
-                Poll::Ready(result)
-            }
-            Poll::Pending => {
-                this.write_stalled.get_or_insert_with(Instant::now);
-                match this.poll_deadline(cx, false) {
-                    Poll::Ready(err) => Poll::Ready(Err(err)),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.written(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
