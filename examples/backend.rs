@@ -1,6 +1,7 @@
 //! The example app that rolld runs in `examples/rolld.yml` and in its tests.
 //!
-//! `rolld-example-backend PORT [--unhealthy] [--start-delay MS]` listens on 127.0.0.1:PORT:
+//! `rolld-example-backend PORT [--unhealthy] [--start-delay MS] [--ignore-term]` listens on
+//! 127.0.0.1:PORT (`--ignore-term`: SIGTERM does not stop it):
 //! - `GET /` answers `hello from PORT (pid PID)`;
 //! - `?delay=MS` on any path delays the answer;
 //! - `GET /pid` answers the pid; `GET /health` answers 200 (503 with `--unhealthy`);
@@ -41,6 +42,11 @@ fn parse_args() -> Result<Options, String> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--unhealthy" => unhealthy = true,
+            "--ignore-term" => {
+                use nix::sys::signal::{signal, SigHandler, Signal};
+                // SAFETY: SIG_IGN runs no code in a signal context.
+                let _ = unsafe { signal(Signal::SIGTERM, SigHandler::SigIgn) };
+            }
             "--start-delay" => {
                 let ms = args
                     .next()

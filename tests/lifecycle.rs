@@ -214,3 +214,29 @@ fn sigterm_during_start_up_stops_the_starting_processes() {
         assert!(!alive(pid), "starting process {pid} survived");
     }
 }
+
+#[test]
+fn a_process_that_ignores_sigterm_is_killed_after_stop_timeout() {
+    let fixture = Fixture::new(1)
+        .cmd(format!("{BACKEND} {{port}} --ignore-term"))
+        .extra("  stop_timeout: 1s\n");
+    let yaml = fixture.yaml().replace("  stop_timeout: 5s\n", "");
+    let rolld = Rolld::spawn(&yaml, fixture.listen);
+    rolld.wait_log("roll finished", 1);
+    let old = rolld.pids_of(1)[0];
+    let started = Instant::now();
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+    assert!(!alive(old), "killed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "it had its stop_timeout first"
+    );
+    assert!(
+        rolld
+            .log()
+            .contains("still running after SIGTERM; sending SIGKILL"),
+        "{}",
+        rolld.log()
+    );
+}
