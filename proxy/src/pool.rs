@@ -17,8 +17,10 @@ use tracing::debug;
 
 use crate::body::RequestBody;
 
-/// Idle connections kept per upstream.
-const MAX_IDLE: usize = 256;
+/// Idle connections kept per upstream and worker thread (like nginx's `keepalive`):
+/// enough for a few hundred concurrent clients; a burst beyond it closes the surplus
+/// instead of holding its buffers.
+const MAX_IDLE: usize = 64;
 /// An idle connection older than this is closed rather than reused: app servers close
 /// idle keep-alive connections themselves (5 s is common), and reusing one at that
 /// moment would fail the request.
