@@ -10,13 +10,15 @@
 //! - `GET /stream?chunks=N&delay=MS` streams N numbered chunks, MS apart;
 //! - `GET /bytes?n=N` answers N bytes;
 //! - `POST` (any path) echoes the request body;
-//! - a request with `Upgrade:` switches protocols (101) and echoes raw bytes.
+//! - `Upgrade: websocket` is a WebSocket echo (every text and binary message comes back);
+//!   any other `Upgrade:` switches protocols (101) and echoes raw bytes.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -25,6 +27,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -94,6 +99,39 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     if let Some(ms) = query(&req, "delay") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let websocket = req
+        .headers()
+        .get(http::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if let (true, Some(key)) = (websocket, req.headers().get("sec-websocket-key").cloned()) {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            // Echo every text and binary message; pings are answered by tungstenite.
+            while let Some(Ok(message)) = ws.next().await {
+                if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut response = Response::new(full(Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_static("websocket"),
+        );
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        if let Ok(accept) = http::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+            headers.insert("sec-websocket-accept", accept);
+        }
+        return Ok(response);
     }
     if req.headers().contains_key(http::header::UPGRADE) {
         let upgrade = hyper::upgrade::on(&mut req);

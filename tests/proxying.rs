@@ -167,3 +167,47 @@ fn rolld_and_its_processes_run_as_the_configured_user_after_binding() {
     rolld.signal(Signal::SIGHUP);
     rolld.wait_log("roll finished", 2);
 }
+
+#[test]
+fn a_websocket_echo_keeps_working_across_a_roll_and_its_old_process_stays_until_it_closes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1)[0];
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", rolld.listen))
+            .await
+            .expect("connect");
+        let url = format!("ws://127.0.0.1:{}/ws", rolld.listen);
+        let (mut ws, response) = tokio_tungstenite::client_async(url, tcp)
+            .await
+            .expect("WebSocket handshake through rolld");
+        assert_eq!(response.status(), 101);
+        ws.send(Message::text("before the roll"))
+            .await
+            .expect("send");
+        assert_eq!(
+            ws.next().await.expect("echo").expect("frame"),
+            Message::text("before the roll")
+        );
+        rolld.signal(Signal::SIGHUP);
+        rolld.wait_log("draining 1 request(s) in flight", 1);
+        ws.send(Message::text("during the roll"))
+            .await
+            .expect("send");
+        assert_eq!(
+            ws.next().await.expect("echo").expect("frame"),
+            Message::text("during the roll")
+        );
+        assert!(
+            alive(old),
+            "the old process serves its WebSocket until it closes"
+        );
+        assert_eq!(rolld.count_log("roll finished"), 1);
+        ws.close(None).await.expect("close");
+    });
+    rolld.wait_log("roll finished", 2);
+    wait_until("old process stopped", SOON, || !alive(old));
+}
