@@ -71,15 +71,7 @@ async fn hop_by_hop_response_headers_stay_on_their_hop() {
     ))
     .await;
     let front = front_for(&up).await;
-    let answer = text(
-        &raw(
-            front.addr,
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            SOON,
-        )
-        .await,
-    )
-    .to_ascii_lowercase();
+    let answer = get_once(front.addr).await.to_ascii_lowercase();
     assert!(answer.contains("x-app: yes"), "{answer}");
     assert!(!answer.contains("x-internal"), "{answer}");
     assert!(!answer.contains("keep-alive:"), "{answer}");
@@ -159,14 +151,7 @@ async fn a_request_with_content_length_and_chunked_never_smuggles_a_second_reque
 async fn an_invalid_chunked_body_is_rejected() {
     let up = Upstream::start(Script::Reply(ok("hi"))).await;
     let front = front_for(&up).await;
-    let answer = text(
-        &raw(
-            front.addr,
-            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nnot hex\r\n0\r\n\r\n",
-            SOON,
-        )
-        .await,
-    );
+    let answer = exchange(front.addr, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nnot hex\r\n0\r\n\r\n").await;
     assert!(!answer.contains("200 OK"), "{answer}");
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
@@ -184,7 +169,7 @@ async fn oversize_headers_get_431() {
         "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
         "a".repeat(20_000)
     );
-    let answer = text(&raw(front.addr, big.as_bytes(), SOON).await);
+    let answer = exchange(front.addr, big.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     assert_eq!(
         up.connections.load(Ordering::SeqCst),
@@ -200,14 +185,11 @@ async fn a_body_over_max_body_size_gets_413() {
     cfg.max_body_size = Some(1000);
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     // Announced by Content-Length: refused before any upstream is contacted.
-    let answer = text(
-        &raw(
-            front.addr,
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
-            SOON,
-        )
-        .await,
-    );
+    let answer = exchange(
+        front.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert_eq!(up.connections.load(Ordering::SeqCst), 0);
     // Chunked, growing past the limit on the way.
@@ -216,17 +198,14 @@ async fn a_body_over_max_body_size_gets_413() {
         req.extend_from_slice(format!("1f4\r\n{}\r\n", "b".repeat(500)).as_bytes());
     }
     req.extend_from_slice(b"0\r\n\r\n");
-    let answer = text(&raw(front.addr, &req, SOON).await);
+    let answer = exchange(front.addr, &req).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     // Within the limit it passes.
-    let answer = text(
-        &raw(
-            front.addr,
-            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
-            SOON,
-        )
-        .await,
-    );
+    let answer = exchange(
+        front.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
@@ -275,14 +254,11 @@ async fn a_refused_connection_is_retried_on_another_upstream() {
     let front = Front::start(config(), &[dead_port(), up.addr], Balance::RoundRobin).await;
     for _ in 0..10 {
         // A POST too: nothing was sent, so any method is safe to retry.
-        let answer = text(
-            &raw(
-                front.addr,
-                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
-                SOON,
-            )
-            .await,
-        );
+        let answer = exchange(
+            front.addr,
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        )
+        .await;
         assert!(
             answer.starts_with("HTTP/1.1 200") && answer.ends_with("alive"),
             "{answer}"
@@ -297,14 +273,7 @@ async fn round_robin_alternates_exactly() {
     let front = Front::start(config(), &[a.addr, b.addr], Balance::RoundRobin).await;
     let mut answers = String::new();
     for _ in 0..10 {
-        let answer = text(
-            &raw(
-                front.addr,
-                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                SOON,
-            )
-            .await,
-        );
+        let answer = get_once(front.addr).await;
         answers.push_str(&answer[answer.len() - 1..]);
     }
     assert_eq!(answers.matches('a').count(), 5, "{answers}");
@@ -331,14 +300,7 @@ async fn least_conn_sends_new_requests_to_the_idle_upstream() {
     }
     hold.truncate(hold.len());
     for _ in 0..10 {
-        let answer = text(
-            &raw(
-                front.addr,
-                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                SOON,
-            )
-            .await,
-        );
+        let answer = get_once(front.addr).await;
         assert!(answer.ends_with("fast"), "{answer}");
     }
 }
@@ -351,14 +313,7 @@ async fn an_upstream_that_never_answers_gives_504() {
     let mut cfg = config();
     cfg.response_timeout = Duration::from_millis(500);
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
-    let answer = text(
-        &raw(
-            front.addr,
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            SOON,
-        )
-        .await,
-    );
+    let answer = get_once(front.addr).await;
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     assert!(
         answer.ends_with("504 Gateway Timeout\n"),
@@ -463,7 +418,7 @@ async fn an_upstream_closing_mid_body_gives_a_broken_body_not_a_short_success() 
     ))
     .await;
     let front = front_for(&up).await;
-    let answer = text(&raw(front.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", SOON).await);
+    let answer = exchange(front.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     // The client sees the announced length and fewer bytes, then the connection closes.
     assert!(answer.contains("content-length: 100"), "{answer}");
     assert!(answer.ends_with("only this"), "{answer}");
@@ -473,7 +428,7 @@ async fn an_upstream_closing_mid_body_gives_a_broken_body_not_a_short_success() 
     ))
     .await;
     let front = front_for(&up).await;
-    let answer = text(&raw(front.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", SOON).await);
+    let answer = exchange(front.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(
         answer.contains("abcd") && !answer.ends_with("0\r\n\r\n"),
         "{answer}"
@@ -483,28 +438,14 @@ async fn an_upstream_closing_mid_body_gives_a_broken_body_not_a_short_success() 
 #[tokio::test]
 async fn errors_are_502_503_with_retry_after_and_short_plain_bodies() {
     let front = Front::start(config(), &[], Balance::LeastConn).await;
-    let answer = text(
-        &raw(
-            front.addr,
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            SOON,
-        )
-        .await,
-    );
+    let answer = get_once(front.addr).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(
         answer.to_ascii_lowercase().contains("retry-after: 1"),
         "{answer}"
     );
     let front = Front::start(config(), &[dead_port()], Balance::LeastConn).await;
-    let answer = text(
-        &raw(
-            front.addr,
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            SOON,
-        )
-        .await,
-    );
+    let answer = get_once(front.addr).await;
     assert!(
         answer.starts_with("HTTP/1.1 502") && answer.ends_with("502 Bad Gateway\n"),
         "{answer}"
@@ -545,14 +486,7 @@ async fn a_client_that_goes_away_cancels_the_upstream_request_and_the_count_goes
 async fn pipelined_requests_are_answered_in_order() {
     let a = Upstream::start(Script::Reply(ok("x"))).await;
     let front = front_for(&a).await;
-    let answer = text(
-        &raw(
-            front.addr,
-            b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            SOON,
-        )
-        .await,
-    );
+    let answer = exchange(front.addr, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
     assert_eq!(answer.matches("HTTP/1.1 200").count(), 3, "{answer}");
     let got = a.received();
     let (p1, p2, p3) = (got.find("GET /1"), got.find("GET /2"), got.find("GET /3"));
@@ -662,14 +596,7 @@ async fn five_hundred_slow_clients_do_not_stop_a_normal_request() {
         slow.push(s);
     }
     let started = Instant::now();
-    let answer = text(
-        &raw(
-            front.addr,
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            SOON,
-        )
-        .await,
-    );
+    let answer = get_once(front.addr).await;
     assert!(answer.ends_with("served"), "{answer}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -795,14 +722,7 @@ async fn an_upstream_answer_with_both_framings_loses_its_content_length_and_its_
     .await;
     let front = front_for(&up).await;
     for _ in 0..2 {
-        let answer = text(
-            &raw(
-                front.addr,
-                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                SOON,
-            )
-            .await,
-        );
+        let answer = get_once(front.addr).await;
         let lower = answer.to_ascii_lowercase();
         assert!(!lower.contains("content-length: 3"), "{answer}");
         assert!(lower.contains("ok"), "{answer}");

@@ -227,6 +227,20 @@ pub async fn raw(addr: SocketAddr, request: &[u8], deadline: Duration) -> Vec<u8
     read_until_closed(&mut stream, deadline).await
 }
 
+/// Sends `request` on a new connection and returns everything the proxy answered.
+pub async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    text(&raw(addr, request, SOON).await)
+}
+
+/// `GET /` on a new connection that closes after the answer.
+pub async fn get_once(addr: SocketAddr) -> String {
+    exchange(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+}
+
 pub async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(deadline, async {
