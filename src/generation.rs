@@ -160,6 +160,18 @@ impl Generation {
         self.serving.store(serving, Ordering::SeqCst);
     }
 
+    /// Why a process of this generation is gone, if one exited and was not restarted.
+    pub fn exited(&self) -> Option<String> {
+        self.processes
+            .iter()
+            .find_map(|p| match &*p.state.borrow() {
+                ProcessState::Exited(how) => {
+                    Some(format!("process on port {} exited ({how})", p.port))
+                }
+                _ => None,
+            })
+    }
+
     /// Process ids of the running processes, for logs.
     pub fn pids(&self) -> Vec<i32> {
         self.processes

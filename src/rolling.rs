@@ -151,7 +151,16 @@ impl Roll {
                 ));
             }
         }
+        // From now on a process that dies is restarted; one that died before this
+        // moment was not, so the set is refused rather than served with a hole.
         next.set_serving(true);
+        if let Some(why) = next.exited() {
+            next.terminate(StopHow::from_config(&self.config)).await;
+            return Err(format!(
+                "generation {}: {why} before the swap; new processes stopped, the old set keeps serving",
+                self.id
+            ));
+        }
         let drain = match (&self.upstreams, set) {
             (Some(upstreams), Some(set)) => Some(upstreams.swap(Arc::new(set))),
             _ => None,

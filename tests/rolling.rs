@@ -438,3 +438,34 @@ fn a_sighup_while_the_first_set_starts_rolls_once_it_serves() {
     rolld.wait_log("roll finished generation=2", 1);
     assert!(alive(rolld.pid()), "rolld survives an early SIGHUP");
 }
+
+#[test]
+fn a_new_process_that_dies_after_its_checks_but_before_the_swap_fails_the_roll() {
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, |dir| {
+        // Rendered with the new set's ports: kills the new process between its checks
+        // and the swap.
+        std::fs::write(
+            dir.join("kill.sh.templ"),
+            "{% for port in ports %}pkill -KILL -f 'rolld-example-backend {{ port }}$'\n{% endfor %}",
+        )
+        .expect("template");
+    });
+    rolld.wait_log("roll finished", 1);
+    let old = rolld.pids_of(1);
+    let with_killer = format!(
+        "{}  after_start:\n    - replace_file: [numprocs, 'kill.sh.templ', 'kill.sh']\n    - run_proc: 'sh kill.sh; sleep 0.5'\n",
+        fixture.yaml()
+    );
+    rolld.write_config(&with_killer);
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll failed, rolled back", 1);
+    assert!(rolld.log().contains("before the swap"), "{}", rolld.log());
+    assert!(alive(old[0]), "the old set keeps serving");
+    let served: i32 = get_blocking(rolld.listen, "/pid")
+        .expect("served")
+        .1
+        .parse()
+        .expect("pid");
+    assert_eq!(served, old[0]);
+}
