@@ -160,9 +160,14 @@ async fn answer(
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    // One request line, bounded.
+    // One request line, bounded in size and time.
     let mut reader = AsyncBufReader::new(read).take(64 * 1024);
-    reader.read_line(&mut line).await?;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        reader.read_line(&mut line),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 10 s"))??;
     let send = |answer: Answer| {
         let mut text = serde_json::to_string(&answer)
             .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"message\":\"{e}\"}}"));

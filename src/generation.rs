@@ -242,7 +242,8 @@ struct Keeper {
 
 /// Why a keeper's wait on its running process ended.
 enum Ended {
-    Exited(Option<Exit>),
+    /// The process is gone (or never started); how, in words.
+    Exited(String),
     Stop(StopHow),
 }
 
@@ -257,7 +258,8 @@ impl Keeper {
             let ended = match self.start().await {
                 Err(err) => {
                     error!(port, error = %err, command = ?self.spec.argv, "cannot start process");
-                    Ended::Exited(None)
+                    let program = self.spec.argv.first().map_or("", String::as_str);
+                    Ended::Exited(format!("cannot start `{program}`: {err}"))
                 }
                 Ok(pid) => {
                     let mut exit = self.ctx.reaper.wait(pid);
@@ -290,8 +292,7 @@ impl Keeper {
                     }
                 }
             };
-            let Ended::Exited(status) = ended else { return };
-            let how = status.map_or_else(|| "could not start".to_string(), |s| s.to_string());
+            let Ended::Exited(how) = ended else { return };
             if let Some(upstream) = &self.upstream {
                 upstream.set_available(false);
             }
@@ -383,7 +384,9 @@ impl Keeper {
                         }
                     }
                 }
-                status = &mut *exit => return Ended::Exited(status.ok()),
+                status = &mut *exit => {
+                    return Ended::Exited(status.map_or_else(|_| "exit status lost".to_string(), |s| s.to_string()));
+                }
                 how = &mut *stop => return Ended::Stop(how.unwrap_or(self.default_stop)),
                 how = shutdown.wait_for(Option::is_some) => {
                     return Ended::Stop(how.ok().and_then(|h| *h).unwrap_or(self.default_stop));

@@ -66,7 +66,11 @@ impl Roll {
             Err(why) => {
                 error!(generation = id, "roll failed, rolled back: {why}");
                 board.rolls_rolled_back.fetch_add(1, Ordering::Relaxed);
-                let message = format!("rolled back: {why}");
+                let message = if self.current.is_some() {
+                    format!("rolled back: {why}")
+                } else {
+                    why
+                };
                 board.roll_ended(id, "rolled back", message.clone(), took);
                 Err(message)
             }
@@ -75,6 +79,15 @@ impl Roll {
             current: self.current,
             outcome,
             watchers: self.watchers,
+        }
+    }
+
+    /// The end of a rollback message: whether an old set goes on serving.
+    fn keeps_serving(&self) -> &'static str {
+        if self.current.is_some() {
+            ", the old set keeps serving"
+        } else {
+            ""
         }
     }
 
@@ -123,8 +136,9 @@ impl Roll {
         if let Err(why) = checked.await {
             next.terminate(StopHow::from_config(&self.config)).await;
             return Err(format!(
-                "generation {}: {why}; new processes stopped, the old set keeps serving",
-                self.id
+                "generation {}: {why}; new processes stopped{}",
+                self.id,
+                self.keeps_serving()
             ));
         }
 
@@ -146,8 +160,9 @@ impl Roll {
                 drain_connections(self.id, &ports, deadline, &timeout).await;
                 next.terminate(StopHow::from_config(&self.config)).await;
                 return Err(format!(
-                    "generation {}: {why}; new processes stopped, the old set keeps serving",
-                    self.id
+                    "generation {}: {why}; new processes stopped{}",
+                    self.id,
+                    self.keeps_serving()
                 ));
             }
         }
@@ -157,8 +172,9 @@ impl Roll {
         if let Some(why) = next.exited() {
             next.terminate(StopHow::from_config(&self.config)).await;
             return Err(format!(
-                "generation {}: {why} before the swap; new processes stopped, the old set keeps serving",
-                self.id
+                "generation {}: {why} before the swap; new processes stopped{}",
+                self.id,
+                self.keeps_serving()
             ));
         }
         let drain = match (&self.upstreams, set) {
