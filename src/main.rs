@@ -527,14 +527,12 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("ROLLD_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    // Supervision, health checks and the control socket; the proxy has threads of its own.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
     {
-        runtime.worker_threads(n);
-    }
-    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("rolld: cannot start the runtime: {err}");
