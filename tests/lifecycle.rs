@@ -45,7 +45,7 @@ fn sigterm_lets_in_flight_requests_finish_then_stops_everything() {
     let port = rolld.listen;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let slow = rt.spawn(async move { get(&client(), port, "/?delay=1500").await });
-    std::thread::sleep(Duration::from_millis(300));
+    rolld.wait_in_flight(1);
     rolld.signal(Signal::SIGTERM);
     let (status, body) = rt
         .block_on(slow)
@@ -75,7 +75,7 @@ fn a_second_sigterm_stops_at_once() {
     let port = rolld.listen;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let _slow = rt.spawn(async move { get(&client(), port, "/?delay=20000").await });
-    std::thread::sleep(Duration::from_millis(300));
+    rolld.wait_in_flight(1);
     rolld.signal(Signal::SIGTERM);
     rolld.wait_log("shutting down", 1);
     rolld.signal(Signal::SIGTERM);

@@ -166,7 +166,7 @@ fn a_request_longer_than_the_roll_completes_on_its_old_process() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let long = rt.spawn(async move { get(&client(), port, "/?delay=3000").await });
     // The request is in flight once the proxy has routed it; give it a moment to be sent.
-    std::thread::sleep(Duration::from_millis(300));
+    rolld.wait_in_flight(1);
     rolld.signal(Signal::SIGHUP);
     rolld.wait_log("swapped: new set serving", 2);
     assert!(
@@ -339,7 +339,7 @@ fn a_drain_that_times_out_says_how_many_requests_it_cut() {
     let port = rolld.listen;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let long = rt.spawn(async move { get(&client(), port, "/?delay=20000").await });
-    std::thread::sleep(Duration::from_millis(300));
+    rolld.wait_in_flight(1);
     let started = Instant::now();
     rolld.signal(Signal::SIGHUP);
     rolld.wait_log("roll finished", 2);

@@ -276,6 +276,25 @@ impl Rolld {
         )
     }
 
+    /// Waits until the proxy counts `n` requests in flight on the serving set.
+    pub fn wait_in_flight(&self, n: usize) {
+        wait_until(&format!("{n} request(s) in flight"), SOON, || {
+            let (_, stdout, _) = self.control("status", &["--json"]);
+            serde_json::from_str::<serde_json::Value>(&stdout)
+                .ok()
+                .and_then(|s| {
+                    Some(
+                        s["upstreams"]
+                            .as_array()?
+                            .iter()
+                            .filter_map(|u| u["in_flight"].as_u64())
+                            .sum::<u64>(),
+                    )
+                })
+                .is_some_and(|sum| sum >= n as u64)
+        });
+    }
+
     pub fn write_config(&self, yaml: &str) {
         // Write then rename, so rolld never reads half a file.
         let tmp = self.dir.path().join("rolld.yml.tmp");
