@@ -49,8 +49,7 @@ async fn pump(mut rx: pipe::Receiver, port: u16, sink: Sink) {
     let mut writer = Writer::new(sink);
     // Open (and create) the file at once, so it exists and a problem shows at start.
     if let Sink::File(path) = &writer.sink {
-        let path = path.clone();
-        writer.file(&path);
+        writer.log.file(path);
     }
     let prefix = format!("[{port}] ");
     let mut buf = Vec::with_capacity(8 * 1024);
@@ -81,6 +80,14 @@ async fn pump(mut rx: pipe::Receiver, port: u16, sink: Sink) {
 
 struct Writer {
     sink: Sink,
+    log: LogFile,
+    /// The line being written, prefix included; reused from line to line.
+    out: Vec<u8>,
+}
+
+/// The open log file of a [`Sink::File`], reopened on request and retried on failure.
+#[derive(Default)]
+struct LogFile {
     file: Option<File>,
     opened_at: u64,
     /// When the last open failed, so opens are retried now and then, not per line.
@@ -91,41 +98,37 @@ impl Writer {
     fn new(sink: Sink) -> Self {
         Writer {
             sink,
-            file: None,
-            opened_at: 0,
-            failed_at: None,
+            log: LogFile::default(),
+            out: Vec::new(),
         }
     }
 
     fn line(&mut self, prefix: &str, line: &[u8]) {
-        let mut out = Vec::with_capacity(prefix.len() + line.len());
-        out.extend_from_slice(prefix.as_bytes());
-        out.extend_from_slice(line);
+        self.out.clear();
+        self.out.extend_from_slice(prefix.as_bytes());
+        self.out.extend_from_slice(line);
         let result = match &self.sink {
             Sink::Log => {
                 let text = String::from_utf8_lossy(line);
                 info!(target: "rolld::run_proc", "{}", text.trim_end());
                 return;
             }
-            Sink::Stdout => std::io::stdout().lock().write_all(&out),
-            Sink::Stderr => std::io::stderr().lock().write_all(&out),
-            Sink::File(path) => {
-                let path = path.clone();
-                match self.file(&path) {
-                    Some(file) => file.write_all(&out),
-                    None => return,
-                }
-            }
+            Sink::Stdout => std::io::stdout().lock().write_all(&self.out),
+            Sink::Stderr => std::io::stderr().lock().write_all(&self.out),
+            Sink::File(path) => match self.log.file(path) {
+                Some(file) => file.write_all(&self.out),
+                None => return,
+            },
         };
-        if let Err(err) = result {
-            if let Sink::File(path) = &self.sink {
-                warn!(path = %path.display(), error = %err, "cannot write process output; dropping it until the file is writable");
-                self.file = None;
-                self.failed_at = Some(Instant::now());
-            }
+        if let (Err(err), Sink::File(path)) = (result, &self.sink) {
+            warn!(path = %path.display(), error = %err, "cannot write process output; dropping it until the file is writable");
+            self.log.file = None;
+            self.log.failed_at = Some(Instant::now());
         }
     }
+}
 
+impl LogFile {
     fn file(&mut self, path: &Path) -> Option<&mut File> {
         let generation = REOPEN.load(Ordering::Relaxed);
         if self.opened_at != generation {
