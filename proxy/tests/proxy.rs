@@ -585,6 +585,13 @@ async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
 
 #[tokio::test]
 async fn five_hundred_slow_clients_do_not_stop_a_normal_request() {
+    // Both ends of every connection live in this process: make room for them.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < 4096 && hard > soft {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(65536), hard);
+        }
+    }
     let up = Upstream::start(Script::Reply(ok("served"))).await;
     let front = front_for(&up).await;
     let mut slow = Vec::new();
