@@ -199,10 +199,27 @@ impl Supervisor {
     fn reread(&mut self) -> Result<Config, String> {
         match Config::load(&self.config.path) {
             Ok(mut config) => {
-                if config.listen != self.config.listen {
-                    warn!("`listen` changed in the config file; that takes a restart of rolld, the listener stays as it was");
-                    config.listen = self.config.listen;
+                // These are set up once, at start; a roll keeps what runs.
+                let fixed = [
+                    ("listen", config.listen != self.config.listen),
+                    ("proxy", config.proxy != self.config.proxy),
+                    ("user/group", config.run_as != self.config.run_as),
+                    (
+                        "control_socket",
+                        config.control_socket != self.config.control_socket,
+                    ),
+                    ("admin", config.admin != self.config.admin),
+                ];
+                for (key, changed) in fixed {
+                    if changed {
+                        warn!("`{key}` changed in the config file; that takes a restart of rolld, the running one keeps its setting");
+                    }
                 }
+                config.listen = self.config.listen;
+                config.proxy = self.config.proxy.clone();
+                config.run_as = self.config.run_as.clone();
+                config.control_socket = self.config.control_socket.clone();
+                config.admin = self.config.admin;
                 if config.app.ports != self.config.app.ports {
                     // A new list of worksets goes on after the serving set if it lists
                     // it, else starts from its first set.

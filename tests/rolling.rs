@@ -469,3 +469,25 @@ fn a_new_process_that_dies_after_its_checks_but_before_the_swap_fails_the_roll()
         .expect("pid");
     assert_eq!(served, old[0]);
 }
+
+#[test]
+fn a_setting_that_needs_a_restart_is_kept_and_the_log_says_so() {
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let other = free_ports(1)[0];
+    rolld.write_config(&fixture.yaml().replace(
+        &format!("listen: 127.0.0.1:{}", fixture.listen),
+        &format!("listen: 127.0.0.1:{other}\nproxy:\n  access_log: true"),
+    ));
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+    let log = rolld.log();
+    assert!(log.contains("`listen` changed in the config file"), "{log}");
+    assert!(log.contains("`proxy` changed in the config file"), "{log}");
+    assert_eq!(
+        get_blocking(rolld.listen, "/")
+            .expect("still on the first port")
+            .0,
+        200
+    );
+}

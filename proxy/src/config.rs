@@ -5,7 +5,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 /// Every knob of the proxy. [`Default`] gives production defaults.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProxyConfig {
     /// Longest time a client may take to send a request's headers, from its first byte
     /// (slowloris).
