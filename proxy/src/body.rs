@@ -193,16 +193,13 @@ impl ResponseBody {
         }
     }
 
-    pub(crate) fn upstream(body: UpstreamBody) -> Self {
+    /// An upstream's body; `busy` keeps the client connection's keep-alive clock
+    /// stopped until it ends.
+    pub(crate) fn upstream(body: UpstreamBody, busy: Busy) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
-            _busy: None,
+            _busy: Some(busy),
         }
-    }
-
-    pub(crate) fn with_busy(mut self, busy: Option<Busy>) -> Self {
-        self._busy = busy;
-        self
     }
 }
 

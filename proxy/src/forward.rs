@@ -216,7 +216,7 @@ impl Proxy {
         let body = UpstreamBody::new(body, lease, conn, self.config.body_idle_timeout, access);
         Ok(Response::from_parts(
             parts,
-            ResponseBody::upstream(body).with_busy(Some(busy)),
+            ResponseBody::upstream(body, busy),
         ))
     }
 
