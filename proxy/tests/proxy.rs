@@ -463,9 +463,14 @@ async fn a_client_that_goes_away_cancels_the_upstream_request_and_the_count_goes
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("send");
+    // Wait until the upstream holds the request: a client that leaves
+    // earlier cancels it before it is sent, and the upstream sees nothing.
     let deadline = Instant::now() + SOON;
-    while front.upstreams.current().in_flight() == 0 {
-        assert!(Instant::now() < deadline);
+    while front.upstreams.current().in_flight() == 0 || !up.received().contains("GET / ") {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(s);

@@ -181,12 +181,13 @@ async fn serve_scripted(
             }
             Script::Silent => {
                 let mut rest = [0u8; 1024];
+                // Wait for the proxy to close (EOF or reset).
                 while let Ok(n) = stream.read(&mut rest).await {
                     if n == 0 {
-                        closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        return;
+                        break;
                     }
                 }
+                closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
             Script::UpgradeEcho => {
