@@ -5,6 +5,14 @@
 //! connection may stay silent for `keepalive_timeout`, and once a request's first byte
 //! arrives its headers must be complete within `client_header_timeout`. A response the
 //! client stops reading is cut after `body_idle_timeout`.
+//!
+//! It also lets an idle HTTP/1 connection give back hyper's per-connection state (its
+//! 8 KiB read and write buffers) between requests: once a response is flushed and hyper
+//! provably holds no bytes of a next request, the next read that would wait reports
+//! "end of stream" to hyper instead. hyper ends that connection cleanly, `server` takes
+//! the socket back with `into_parts`, waits for the client's next bytes without any
+//! buffer, and starts a new hyper connection on it. An idle keep-alive connection then
+//! costs a socket, a timer and this struct, as in nginx.
 
 use std::future::Future;
 use std::io;
@@ -14,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -28,6 +37,8 @@ pub(crate) struct Activity {
     busy: AtomicUsize,
     /// Requests ever started on this connection.
     started: AtomicU64,
+    /// The number (in `started`) of the last request that came with a body.
+    bodied: AtomicU64,
     /// When the last request ended, in ms since `epoch`.
     idle_since_ms: AtomicU64,
     epoch: Instant,
@@ -41,6 +52,7 @@ impl Activity {
         Arc::new(Activity {
             busy: AtomicUsize::new(0),
             started: AtomicU64::new(0),
+            bodied: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             parked: Mutex::new(None),
@@ -48,9 +60,12 @@ impl Activity {
     }
 
     /// Marks a request in progress until the returned guard drops.
-    pub(crate) fn begin(self: &Arc<Self>) -> Busy {
+    pub(crate) fn begin(self: &Arc<Self>, with_body: bool) -> Busy {
         self.busy.fetch_add(1, Ordering::AcqRel);
-        self.started.fetch_add(1, Ordering::AcqRel);
+        let number = self.started.fetch_add(1, Ordering::AcqRel) + 1;
+        if with_body {
+            self.bodied.store(number, Ordering::Release);
+        }
         Busy(self.clone())
     }
 
@@ -96,7 +111,9 @@ impl Timeouts {
 
 /// The client's TCP stream with the timeouts above.
 pub(crate) struct ClientIo {
-    io: TokioIo<TcpStream>,
+    stream: TcpStream,
+    /// Bytes already read from the client, handed to hyper before the socket's.
+    prefix: Bytes,
     activity: Arc<Activity>,
     timeouts: Timeouts,
     /// First byte of a request whose headers are not complete yet, and how many
@@ -106,21 +123,125 @@ pub(crate) struct ClientIo {
     write_stalled: Option<Instant>,
     sleep: Pin<Box<Sleep>>,
     armed_for: Option<Instant>,
+    /// Whether this connection may end its hyper connection while idle (HTTP/1 only).
+    sheddable: bool,
+    /// The last four bytes handed to hyper.
+    tail: [u8; 4],
+    /// Requests started when bytes were last handed to hyper.
+    read_at: u64,
+    /// Requests started when a flush last completed with no request in progress and
+    /// nothing written since.
+    flushed_at: Option<u64>,
+    /// hyper was told "end of stream" to give its state back; the socket stays open.
+    shed: bool,
 }
 
 impl ClientIo {
     pub(crate) fn new(stream: TcpStream, timeouts: Timeouts) -> (Self, Arc<Activity>) {
         let activity = Activity::new();
         let io = ClientIo {
-            io: TokioIo::new(stream),
+            stream,
+            prefix: Bytes::new(),
             activity: activity.clone(),
             timeouts,
             header_started: None,
             write_stalled: None,
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed_for: None,
+            sheddable: false,
+            tail: [0; 4],
+            read_at: 0,
+            flushed_at: None,
+            shed: false,
         };
         (io, activity)
+    }
+
+    /// Lets idle HTTP/1 connections give hyper's state back (see the module docs).
+    pub(crate) fn set_sheddable(&mut self, sheddable: bool) {
+        self.sheddable = sheddable;
+    }
+
+    /// Whether the last hyper connection ended because this IO shed it while idle
+    /// (rather than the client closing or an error): the socket can serve again.
+    /// Clears the mark for the next hyper connection, which first gets `leftover`.
+    pub(crate) fn take_shed(&mut self, leftover: Bytes) -> bool {
+        let shed = std::mem::take(&mut self.shed);
+        if shed && !leftover.is_empty() {
+            self.prefix = leftover;
+        }
+        shed
+    }
+
+    /// Waits, with no buffer held, until the client sends something (or closes), or
+    /// fails when the keep-alive or header timeout passes first.
+    pub(crate) fn ready(&mut self) -> impl Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(move |cx| {
+            if !self.prefix.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            match self.stream.poll_read_ready(cx) {
+                Poll::Ready(result) => Poll::Ready(result),
+                Poll::Pending => self.poll_deadline(cx, true).map(Err),
+            }
+        })
+    }
+
+    /// Reads the client's first bytes, up to `want.len()`, for as long as they match
+    /// `want`: true if all of `want` came, false at the first byte that differs. The
+    /// bytes read are handed to hyper later, as if unread. Fails at end of stream, or
+    /// at the keep-alive or header timeout.
+    pub(crate) async fn starts_with(&mut self, want: &[u8]) -> io::Result<bool> {
+        let mut got = Vec::with_capacity(want.len());
+        loop {
+            self.ready().await?;
+            let mut chunk = [0u8; 64];
+            let room = want.len() - got.len();
+            match self.stream.try_read(&mut chunk[..room.min(64)]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    if self.header_started.is_none() {
+                        self.header_started = Some((Instant::now(), 0));
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    let matches = want.starts_with(&got) || got.starts_with(want);
+                    if !matches || got.len() >= want.len() {
+                        self.prefix = Bytes::from(got);
+                        return Ok(matches);
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Whether hyper, asking for bytes now, is idle between requests with nothing of
+    /// the next one buffered: every request it started has its response flushed, a
+    /// request began after the last bytes it got (so it parsed them), that request had
+    /// no body (which hyper might still be reading), and the bytes ended a message head
+    /// (so no partial next head sits in its buffer).
+    fn may_shed(&self) -> bool {
+        let started = self.activity.started.load(Ordering::Acquire);
+        self.sheddable
+            && self.prefix.is_empty()
+            && started > 0
+            && self.read_at < started
+            && self.activity.bodied.load(Ordering::Acquire) != started
+            && self.flushed_at == Some(started)
+            && &self.tail == b"\r\n\r\n"
+            && self.activity.busy.load(Ordering::Acquire) == 0
+    }
+
+    /// Notes bytes handed to hyper.
+    fn handed(&mut self, bytes: &[u8]) {
+        if bytes.len() >= 4 {
+            self.tail.copy_from_slice(&bytes[bytes.len() - 4..]);
+        } else {
+            self.tail.rotate_left(bytes.len());
+            self.tail[4 - bytes.len()..].copy_from_slice(bytes);
+        }
+        self.read_at = self.activity.started.load(Ordering::Acquire);
     }
 
     fn read_deadline(&mut self, cx: &mut Context<'_>) -> Option<Instant> {
@@ -184,10 +305,41 @@ impl Read for ClientIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
+        mut buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
+        let polled = if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            let bytes = this.prefix.split_to(n);
+            buf.put_slice(&bytes);
+            this.handed(&bytes);
+            Poll::Ready(Ok(()))
+        } else {
+            // SAFETY: tokio's ReadBuf writes only initialized bytes into the unfilled
+            // part it is given and reports how many; hyper's cursor is advanced by
+            // exactly that many.
+            let mut read = tokio::io::ReadBuf::uninit(unsafe { buf.as_mut() });
+            match Pin::new(&mut this.stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    if n > 0 {
+                        this.handed(read.filled());
+                    }
+                    // SAFETY: the first `n` bytes were just filled.
+                    unsafe { buf.advance(n) };
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+                Poll::Pending if this.may_shed() => {
+                    // "End of stream" while idle: hyper ends this connection cleanly
+                    // and `server` serves the socket again later.
+                    this.shed = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        };
+        match polled {
             Poll::Ready(result) => {
                 // Bytes (or the end) while no request is in progress: a request begins.
                 if this.header_started.is_none() && this.activity.busy.load(Ordering::Acquire) == 0
@@ -213,6 +365,7 @@ impl ClientIo {
         match polled {
             Poll::Ready(result) => {
                 self.write_stalled = None;
+                self.flushed_at = None;
                 Poll::Ready(result)
             }
             Poll::Pending => {
@@ -230,7 +383,7 @@ impl Write for ClientIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
         this.written(cx, polled)
     }
 
@@ -240,19 +393,32 @@ impl Write for ClientIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
         this.written(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.stream).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            // hyper flushes after writing all it buffered: with no request in progress,
+            // every response so far is on the wire.
+            if this.activity.busy.load(Ordering::Acquire) == 0 {
+                this.flushed_at = Some(this.activity.started.load(Ordering::Acquire));
+            }
+        }
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        if self.shed {
+            // hyper ended its connection because we told it so: the socket stays open.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

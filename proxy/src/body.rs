@@ -167,7 +167,7 @@ impl Body for RequestBody {
 /// What the proxy sends back to a client.
 pub struct ResponseBody {
     kind: Kind,
-    /// Keeps the client connection's keep-alive clock stopped until the body ends.
+    /// Keeps the client connection's request in progress until hyper drops the body.
     _busy: Option<Busy>,
 }
 
@@ -193,13 +193,18 @@ impl ResponseBody {
         }
     }
 
-    /// An upstream's body; `busy` keeps the client connection's keep-alive clock
-    /// stopped until it ends.
-    pub(crate) fn upstream(body: UpstreamBody, busy: Busy) -> Self {
+    /// An upstream's body.
+    pub(crate) fn upstream(body: UpstreamBody) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
-            _busy: Some(busy),
+            _busy: None,
         }
+    }
+
+    /// Keeps the client connection's request in progress until this body is dropped.
+    pub(crate) fn holding(mut self, busy: Option<Busy>) -> Self {
+        self._busy = busy;
+        self
     }
 }
 

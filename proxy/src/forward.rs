@@ -40,6 +40,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// Marks a request of this client's connection in progress until the guard drops.
+    pub(crate) fn begin(&self, with_body: bool) -> Busy {
+        self.activity.begin(with_body)
+    }
+
     pub(crate) fn new(addr: SocketAddr, activity: Arc<Activity>, config: &ProxyConfig) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -75,8 +80,16 @@ impl Proxy {
     }
 
     /// Answers one client request, from an upstream or with an error of the proxy's own.
-    pub async fn handle(&self, req: Request<Incoming>, client: &Client) -> Response<ResponseBody> {
-        let busy = client.activity.begin();
+    /// `busy` marks the request in progress on its connection from the moment hyper
+    /// handed it over; the response body holds it until hyper has taken all of it,
+    /// error answers included (see `activity`).
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: &Client,
+        busy: Busy,
+    ) -> Response<ResponseBody> {
+        let mut busy = Some(busy);
         let started = Instant::now();
         let access = self.config.access_log.then(|| {
             Box::new(AccessLog {
@@ -94,7 +107,7 @@ impl Proxy {
             })
         });
         let method = req.method().clone();
-        match self.forward(req, client, busy, access).await {
+        match self.forward(req, client, &mut busy, access).await {
             Ok(response) => {
                 self.stats.count_response(response.status());
                 response
@@ -104,7 +117,7 @@ impl Proxy {
                     ProxyError::NoUpstream => debug!(client = %client.addr, %method, "503: {err}"),
                     _ => warn!(client = %client.addr, %method, "{}: {err}", err.status().as_u16()),
                 }
-                let response = err.into_response();
+                let response = err.into_response().map(|body| body.holding(busy));
                 self.stats.count_response(response.status());
                 if let Some(mut access) = access {
                     access.status = response.status();
@@ -119,7 +132,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: &Client,
-        busy: Busy,
+        busy: &mut Option<Busy>,
         mut access: Option<Box<AccessLog>>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Option<Box<AccessLog>>)> {
         if let Some(limit) = self.config.max_body_size {
@@ -197,7 +210,7 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, lease, busy));
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, lease, busy.take()));
                 let (parts, _) = response.into_parts();
                 return Ok(Response::from_parts(parts, ResponseBody::empty()));
             }
@@ -216,7 +229,7 @@ impl Proxy {
         let body = UpstreamBody::new(body, lease, conn, self.config.body_idle_timeout, access);
         Ok(Response::from_parts(
             parts,
-            ResponseBody::upstream(body, busy),
+            ResponseBody::upstream(body).holding(busy.take()),
         ))
     }
 
@@ -354,7 +367,7 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     lease: InFlight,
-    busy: Busy,
+    busy: Option<Busy>,
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,

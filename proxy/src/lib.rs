@@ -12,7 +12,8 @@
 //! - `pool`: keep-alive connections to each upstream.
 //! - `body`: request and response bodies, the response carrying the lease.
 //! - `headers`: hop-by-hop and forwarding headers.
-//! - `activity`: the client connection's IO, with the header and keep-alive timeouts.
+//! - `activity`: the client connection's IO: header and keep-alive timeouts, and
+//!   giving hyper's buffers back while a connection is idle.
 //! - `access`: the access log line.
 //! - [`stats`]: traffic counters for metrics.
 //! - [`error`]: failures the proxy answers itself, mapped to status codes in one place.

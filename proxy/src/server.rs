@@ -7,17 +7,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::activity::{ClientIo, Timeouts};
+use crate::config::ProxyConfig;
 use crate::forward::{Client, Proxy};
+
+/// What an HTTP/2 client with prior knowledge sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Pending connections the kernel queues before rolld accepts them.
 const BACKLOG: i32 = 1024;
@@ -108,28 +112,19 @@ async fn accept(
     listener: std::net::TcpListener,
     proxy: Arc<Proxy>,
     slots: Arc<Semaphore>,
-    mut stopped: tokio::sync::watch::Receiver<Option<Duration>>,
+    stopped: watch::Receiver<Option<Duration>>,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
-    let config = proxy.config().clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Our own IO enforces the header and keep-alive timeouts (see `activity`).
-        .header_read_timeout(None)
-        .max_buf_size(config.max_header_size.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_size.min(u32::MAX as usize) as u32);
-    let timeouts = Timeouts::from_config(&config);
-    let graceful = GracefulShutdown::new();
-    let shutdown = async move {
-        match stopped.wait_for(Option::is_some).await {
-            Ok(grace) => grace.unwrap_or(Duration::ZERO),
-            Err(_) => Duration::ZERO,
+    let protocols = Arc::new(Protocols::new(proxy.config()));
+    // Every connection task holds a clone; `recv` returns None once all have ended.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
+    let shutdown = {
+        let mut stopped = stopped.clone();
+        async move {
+            match stopped.wait_for(Option::is_some).await {
+                Ok(grace) => grace.unwrap_or(Duration::ZERO),
+                Err(_) => Duration::ZERO,
+            }
         }
     };
     tokio::pin!(shutdown);
@@ -159,33 +154,26 @@ async fn accept(
         if let Err(err) = stream.set_nodelay(true) {
             debug!(client = %peer, error = %err, "set_nodelay failed");
         }
-        let (io, activity) = ClientIo::new(stream, timeouts);
-        let client = Arc::new(Client::new(peer, activity, &config));
-        let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
-        });
-        let conn = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                debug!(client = %peer, error = %err, "client connection ended");
-            }
-            drop(permit);
-        });
+        let conn = Connection {
+            stream,
+            peer,
+            proxy: proxy.clone(),
+            protocols: protocols.clone(),
+            stopped: stopped.clone(),
+            _open: open.clone(),
+            _slot: permit,
+        };
+        tokio::spawn(conn.serve());
     };
 
     drop(listener);
-    let open = graceful.count();
+    let count = open.strong_count() - 1;
+    drop(open);
     info!(
-        connections = open,
-        "front listener closed, waiting for {open} connection(s)"
+        connections = count,
+        "front listener closed, waiting for {count} connection(s)"
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(grace, all_closed.recv())
         .await
         .is_err()
     {
@@ -195,4 +183,138 @@ async fn accept(
         );
     }
     Ok(())
+}
+
+/// The HTTP/1 and HTTP/2 settings every connection of a worker is served with.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    timeouts: Timeouts,
+    config: ProxyConfig,
+}
+
+impl Protocols {
+    fn new(config: &ProxyConfig) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            // Our own IO enforces the header and keep-alive timeouts (see `activity`).
+            .header_read_timeout(None)
+            .max_buf_size(config.max_header_size.max(8192))
+            .keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(config.max_header_size.min(u32::MAX as usize) as u32);
+        Protocols {
+            http1: h1,
+            http2: h2,
+            timeouts: Timeouts::from_config(config),
+            config: config.clone(),
+        }
+    }
+}
+
+/// Resolves once the listener is told to stop.
+async fn stopping(stopped: &watch::Receiver<Option<Duration>>) {
+    let _ = stopped.clone().wait_for(Option::is_some).await;
+}
+
+/// One accepted client connection, until it closes.
+struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    protocols: Arc<Protocols>,
+    stopped: watch::Receiver<Option<Duration>>,
+    /// Held while the connection is open, for the shutdown to wait on.
+    _open: mpsc::Sender<()>,
+    /// One of max_connections.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    /// Serves HTTP/2 (prior knowledge) or HTTP/1. An HTTP/1 connection is served by
+    /// one hyper connection after another: when one goes idle it ends and hands the
+    /// socket back (see `activity`), so an idle client holds no buffers.
+    async fn serve(self) {
+        let Connection {
+            stream,
+            peer,
+            proxy,
+            protocols,
+            stopped,
+            ..
+        } = self;
+        let (mut io, activity) = ClientIo::new(stream, protocols.timeouts);
+        let client = Arc::new(Client::new(peer, activity, &protocols.config));
+        let service = service_fn(move |req: hyper::Request<Incoming>| {
+            // In progress from now, not from the future's first poll: hyper may hold a
+            // parsed request a while before polling it.
+            let busy = client.begin(!req.body().is_end_stream());
+            let proxy = proxy.clone();
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &client, busy).await) }
+        });
+
+        // HTTP/2 with prior knowledge, or HTTP/1.
+        let h2 = tokio::select! {
+            sniffed = io.starts_with(H2_PREFACE) => match sniffed {
+                Ok(h2) => h2,
+                Err(err) => {
+                    debug!(client = %peer, error = %err, "client connection ended before a request");
+                    return;
+                }
+            },
+            () = stopping(&stopped) => return,
+        };
+        if h2 {
+            let conn = protocols.http2.serve_connection(io, service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = stopping(&stopped) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = result {
+                debug!(client = %peer, error = %err, "client connection ended");
+            }
+            return;
+        }
+
+        io.set_sheddable(true);
+        loop {
+            let mut conn = protocols
+                .http1
+                .serve_connection(io, service.clone())
+                .with_upgrades();
+            let result = tokio::select! {
+                result = &mut conn => result,
+                () = stopping(&stopped) => {
+                    std::pin::Pin::new(&mut conn).graceful_shutdown();
+                    (&mut conn).await
+                }
+            };
+            if let Err(err) = result {
+                debug!(client = %peer, error = %err, "client connection ended");
+                return;
+            }
+            // Upgraded (the tunnel has the socket now), or closed: done.
+            let Some(parts) = conn.into_parts() else {
+                return;
+            };
+            io = parts.io;
+            if !io.take_shed(parts.read_buf) {
+                return;
+            }
+            // Idle between requests, holding no buffer: wait for the next bytes.
+            tokio::select! {
+                ready = io.ready() => if let Err(err) = ready {
+                    debug!(client = %peer, error = %err, "client connection ended");
+                    return;
+                },
+                () = stopping(&stopped) => return,
+            }
+        }
+    }
 }

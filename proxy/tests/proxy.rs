@@ -498,6 +498,62 @@ async fn pipelined_requests_are_answered_in_order() {
     assert!(p1 < p2 && p2 < p3 && p1.is_some(), "{got}");
 }
 
+/// An idle HTTP/1 connection gives hyper's buffers back between requests and is
+/// served again when the client speaks: nothing of a request may get lost on the way,
+/// however its bytes are cut, and whatever came before it on the connection.
+#[tokio::test]
+async fn a_keep_alive_connection_serves_every_request_however_its_bytes_arrive() {
+    let up = Upstream::start(Script::Reply(ok("x"))).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    // One request, then one more after a pause.
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    assert!(next_answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A whole request and half of the next one, the rest after the first is answered.
+    s.write_all(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3 HTTP/1.1\r\nHo")
+        .await
+        .expect("send");
+    assert!(next_answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"st: x\r\n\r\n").await.expect("send");
+    assert!(next_answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    // A request cut right before its final CRLF, and one a byte at a time.
+    s.write_all(b"GET /4 HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"\r\n").await.expect("send");
+    assert!(next_answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    for byte in b"GET /5 HTTP/1.1\r\nHost: x\r\n\r\n" {
+        s.write_all(&[*byte]).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(next_answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    // A request with a body, then bodyless ones again.
+    s.write_all(b"POST /6 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody")
+        .await
+        .expect("send");
+    assert!(next_answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    s.write_all(b"GET /7 HTTP/1.1\r\nHost: x\r\n\r\nGET /8 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let rest = text(&read_until_closed(&mut s, SOON).await);
+    assert_eq!(rest.matches("HTTP/1.1 200").count(), 2, "{rest}");
+    let got = up.received();
+    let order: Vec<_> = (1..=8).map(|i| got.find(&format!(" /{i} HTTP"))).collect();
+    assert!(order.iter().all(Option::is_some), "{got}");
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{got}");
+    assert!(got.contains("\r\n\r\nbody"), "{got}");
+}
+
+/// Reads the next whole answer (each has the body "x").
+async fn next_answer(s: &mut TcpStream) -> String {
+    text(&read_until(s, b"\r\n\r\nx", 1, SOON).await)
+}
+
 #[tokio::test]
 async fn head_and_304_answers_leak_no_body_into_the_next_response() {
     let up = Upstream::start(Script::Reply(
