@@ -267,8 +267,9 @@ impl Connection {
             () = stopping(&stopped) => return,
         };
         if h2 {
-            let conn = protocols.http2.serve_connection(io, service);
-            tokio::pin!(conn);
+            // Boxed, as the HTTP/1 connection below: the task of an idle connection
+            // then holds no room for either.
+            let mut conn = Box::pin(protocols.http2.serve_connection(io, service));
             let result = tokio::select! {
                 result = conn.as_mut() => result,
                 () = stopping(&stopped) => {
@@ -284,14 +285,16 @@ impl Connection {
 
         io.set_sheddable(true);
         loop {
-            let mut conn = protocols
-                .http1
-                .serve_connection(io, service.clone())
-                .with_upgrades();
+            let mut conn = Box::new(
+                protocols
+                    .http1
+                    .serve_connection(io, service.clone())
+                    .with_upgrades(),
+            );
             let result = tokio::select! {
                 result = &mut conn => result,
                 () = stopping(&stopped) => {
-                    std::pin::Pin::new(&mut conn).graceful_shutdown();
+                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
                     (&mut conn).await
                 }
             };
@@ -300,7 +303,7 @@ impl Connection {
                 return;
             }
             // Upgraded (the tunnel has the socket now), or closed: done.
-            let Some(parts) = conn.into_parts() else {
+            let Some(parts) = (*conn).into_parts() else {
                 return;
             };
             io = parts.io;
