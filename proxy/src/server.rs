@@ -115,6 +115,16 @@ async fn accept(
     stopped: watch::Receiver<Option<Duration>>,
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
+    // tokio interrupts its own event loop (an eventfd write, then one more epoll_wait)
+    // whenever a new timer is due before every armed one: with a single busy client,
+    // that is each request's response timeout. A tick every second keeps an earlier
+    // timer armed, so request timers never do.
+    let ticker = tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+        }
+    });
     let protocols = Arc::new(Protocols::new(proxy.config()));
     // Every connection task holds a clone; `recv` returns None once all have ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
@@ -167,6 +177,7 @@ async fn accept(
     };
 
     drop(listener);
+    ticker.abort();
     let count = open.strong_count() - 1;
     drop(open);
     info!(
@@ -214,8 +225,8 @@ impl Protocols {
 }
 
 /// Resolves once the listener is told to stop.
-async fn stopping(stopped: &watch::Receiver<Option<Duration>>) {
-    let _ = stopped.clone().wait_for(Option::is_some).await;
+async fn stopping(mut stopped: watch::Receiver<Option<Duration>>) {
+    let _ = stopped.wait_for(Option::is_some).await;
 }
 
 /// One accepted client connection, until it closes.
@@ -255,6 +266,12 @@ impl Connection {
             async move { Ok::<_, Infallible>(proxy.handle(req, &client, busy).await) }
         });
 
+        // One future for the connection's life: it stays registered with the channel
+        // instead of registering anew for every request. Once it resolves, every path
+        // below returns.
+        let stop = stopping(stopped);
+        tokio::pin!(stop);
+
         // HTTP/2 with prior knowledge, or HTTP/1.
         let h2 = tokio::select! {
             sniffed = io.starts_with(H2_PREFACE) => match sniffed {
@@ -264,7 +281,7 @@ impl Connection {
                     return;
                 }
             },
-            () = stopping(&stopped) => return,
+            () = &mut stop => return,
         };
         if h2 {
             // Boxed, as the HTTP/1 connection below: the task of an idle connection
@@ -272,7 +289,7 @@ impl Connection {
             let mut conn = Box::pin(protocols.http2.serve_connection(io, service));
             let result = tokio::select! {
                 result = conn.as_mut() => result,
-                () = stopping(&stopped) => {
+                () = &mut stop => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -293,9 +310,12 @@ impl Connection {
             );
             let result = tokio::select! {
                 result = &mut conn => result,
-                () = stopping(&stopped) => {
+                () = &mut stop => {
                     std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                    (&mut conn).await
+                    if let Err(err) = (&mut conn).await {
+                        debug!(client = %peer, error = %err, "client connection ended");
+                    }
+                    return;
                 }
             };
             if let Err(err) = result {
@@ -316,7 +336,7 @@ impl Connection {
                     debug!(client = %peer, error = %err, "client connection ended");
                     return;
                 },
-                () = stopping(&stopped) => return,
+                () = &mut stop => return,
             }
         }
     }
