@@ -402,7 +402,7 @@ fn main() {
     let config = dir.path().join("rolld.yml");
     std::fs::write(
         &config,
-        format!("listen: 127.0.0.1:{listen}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 30000-39999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'backend-{{port}}.log'\n"),
+        format!("listen: 127.0.0.1:{listen}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 20000-29999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'backend-{{port}}.log'\n"),
     )
     .expect("config");
     let log = std::fs::File::create(dir.path().join("rolld.log")).expect("log");

@@ -172,6 +172,9 @@ fn check(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     print!("{}", plan(&config));
+    if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
+        eprintln!("rolld: warning: {warning}");
+    }
     // Show what the balancer will get, rendered for the first set.
     let (ports, which) = match &config.app.ports {
         PortPlan::Worksets(sets) => (sets[0].clone(), "set 1".to_string()),
@@ -482,6 +485,9 @@ fn run(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
+        tracing::warn!("{warning}");
+    }
     notify::init();
     raise_file_limit();
     // The control socket first: a second rolld on the same config stops here.

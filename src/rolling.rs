@@ -305,7 +305,10 @@ fn next_ports(plan: &PortPlan, workset: usize, current: &[u16]) -> Result<Vec<u1
 }
 
 /// `count` ports from `range` that nothing listens on, avoiding `current`. The scan
-/// starts at a random port so that several rollds on one machine rarely collide.
+/// starts at a random port so that several rollds on one machine rarely collide, and
+/// takes ports outside the kernel's ephemeral range first: the source port of any
+/// outgoing connection (a health check, the proxy's) can take an ephemeral port between
+/// this check and the app's own bind.
 fn pick_free_ports(
     count: usize,
     range: std::ops::RangeInclusive<u16>,
@@ -315,9 +318,16 @@ fn pick_free_ports(
     let size = hi - lo + 1;
     let offset = rand::thread_rng().gen_range(0..size);
     let avoid: HashSet<u16> = current.iter().copied().collect();
-    let ports: Vec<u16> = (0..size)
-        .map(|i| (lo + (offset + i) % size) as u16)
-        .filter(|p| !avoid.contains(p))
+    let ephemeral = ephemeral_ports();
+    let is_ephemeral = |p: &u16| ephemeral.as_ref().is_some_and(|e| e.contains(p));
+    let candidates = || {
+        (0..size)
+            .map(|i| (lo + (offset + i) % size) as u16)
+            .filter(|p| !avoid.contains(p))
+    };
+    let ports: Vec<u16> = candidates()
+        .filter(|p| !is_ephemeral(p))
+        .chain(candidates().filter(is_ephemeral))
         .filter(|&p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
         .take(count)
         .collect();
@@ -328,6 +338,39 @@ fn pick_free_ports(
         ));
     }
     Ok(ports)
+}
+
+/// The kernel's range of source ports for outgoing connections, if it can be read.
+pub fn ephemeral_ports() -> Option<std::ops::RangeInclusive<u16>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    let (lo, hi) = (parts.next()??, parts.next()??);
+    Some(lo..=hi)
+}
+
+/// A warning for a `port_range` that lies inside the ephemeral range, where picked
+/// ports can be taken by outgoing connections before the app binds them.
+pub fn port_range_warning(plan: &PortPlan) -> Option<String> {
+    let PortPlan::Pick { count, range } = plan else {
+        return None;
+    };
+    let ephemeral = ephemeral_ports()?;
+    let outside = range
+        .clone()
+        .filter(|p| !ephemeral.contains(p))
+        .take(2 * count)
+        .count();
+    (outside < 2 * count).then(|| {
+        format!(
+            "port_range {}-{} lies mostly inside the kernel's ephemeral port range {}-{} \
+             (net.ipv4.ip_local_port_range): an outgoing connection can take a picked port \
+             before the app binds it, and that roll fails; a range such as 20000-29999 avoids it",
+            range.start(),
+            range.end(),
+            ephemeral.start(),
+            ephemeral.end()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -349,5 +392,17 @@ mod tests {
         assert_eq!(ports.len(), 3);
         assert!(ports.iter().all(|p| (40002..=40100).contains(p)));
         assert!(pick_free_ports(5, 40000..=40001, &[]).is_err());
+    }
+
+    #[test]
+    fn picked_ports_avoid_the_ephemeral_range_while_others_are_free() {
+        let Some(ephemeral) = ephemeral_ports() else {
+            panic!("/proc/sys/net/ipv4/ip_local_port_range is unreadable");
+        };
+        let first = *ephemeral.start();
+        assert!(first > 1100, "ephemeral ports start at {first}");
+        let range = first - 60..=first + 60;
+        let ports = pick_free_ports(4, range, &[]).expect("free ports");
+        assert!(ports.iter().all(|p| *p < first), "{ports:?} vs {first}");
     }
 }

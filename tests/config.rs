@@ -192,3 +192,26 @@ fn help_and_version_work() {
     let out = Command::new(ROLLD).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn check_warns_when_port_range_lies_in_the_ephemeral_range() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("the kernel's ephemeral port range");
+    let lo: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    let inside = format!(
+        "app-servers:\n  cmd: 'app {{port}}'\n  processes: 4\n  port_range: {}-{}\n",
+        lo,
+        lo + 100
+    );
+    let (code, _, stderr) = check(&inside);
+    assert_eq!(code, 0, "a warning, not an error: {stderr}");
+    assert!(stderr.contains("ephemeral port range"), "{stderr}");
+    let default_range = "app-servers:\n  cmd: 'app {port}'\n  processes: 4\n";
+    let (code, _, stderr) = check(default_range);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("ephemeral"), "{stderr}");
+}

@@ -380,7 +380,7 @@ fn old_processes_are_reaped_not_left_as_zombies() {
 fn processes_mode_picks_free_ports_for_every_set() {
     let listen = free_ports(1)[0];
     let yaml = format!(
-        "listen: 127.0.0.1:{listen}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 2\n  port_range: 41000-41999\n  environment: {{GREETING: hi there}}\n"
+        "listen: 127.0.0.1:{listen}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 2\n  port_range: 22000-22999\n  environment: {{GREETING: hi there}}\n"
     );
     let rolld = Rolld::spawn(&yaml, listen);
     rolld.wait_log("roll finished", 1);
@@ -401,7 +401,7 @@ fn processes_mode_picks_free_ports_for_every_set() {
     };
     let first = ports_of(1);
     assert_eq!(first.len(), 2);
-    assert!(first.iter().all(|p| (41000..=41999).contains(p)));
+    assert!(first.iter().all(|p| (22000..=22999).contains(p)));
     assert_eq!(
         get_blocking(first[0], "/env?name=GREETING").expect("env").1,
         "hi there"
