@@ -253,7 +253,9 @@ impl Connection {
             proxy,
             protocols,
             stopped,
-            ..
+            // Held until this returns.
+            _open,
+            _slot,
         } = self;
         let (mut io, activity) = ClientIo::new(stream, protocols.timeouts);
         let client = Arc::new(Client::new(peer, activity, &protocols.config));
