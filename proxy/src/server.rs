@@ -201,7 +201,6 @@ struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     timeouts: Timeouts,
-    config: ProxyConfig,
 }
 
 impl Protocols {
@@ -219,7 +218,6 @@ impl Protocols {
             http1: h1,
             http2: h2,
             timeouts: Timeouts::from_config(config),
-            config: config.clone(),
         }
     }
 }
@@ -258,7 +256,7 @@ impl Connection {
             _slot,
         } = self;
         let (mut io, activity) = ClientIo::new(stream, protocols.timeouts);
-        let client = Arc::new(Client::new(peer, activity, &protocols.config));
+        let client = Arc::new(Client::new(peer, activity, proxy.config()));
         let service = service_fn(move |req: hyper::Request<Incoming>| {
             // In progress from now, not from the future's first poll: hyper may hold a
             // parsed request a while before polling it.
