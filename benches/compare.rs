@@ -46,12 +46,27 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// A child process killed (with its process group) on drop.
+/// A child process in a process group of its own, stopped with the whole group on drop
+/// (nginx's workers outlive a killed master): SIGTERM, then SIGKILL after 5 s.
 struct Proc(Child);
+
+impl Proc {
+    fn spawn(command: &mut Command) -> std::io::Result<Proc> {
+        use std::os::unix::process::CommandExt;
+        command.process_group(0).spawn().map(Proc)
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        use nix::sys::signal::{killpg, Signal};
+        let group = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = killpg(group, Signal::SIGKILL);
         let _ = self.0.wait();
     }
 }
@@ -222,18 +237,19 @@ fn start_nginx(nginx: &Path, dir: &Path, port: u16, backends: &[u16], workers: u
         "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log error;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
-    let child = Command::new(nginx)
-        .arg("-p")
-        .arg(format!("{}/", dir.display()))
-        .args(["-c", "nginx.conf", "-g", "daemon off;"])
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start nginx");
+    let nginx = Proc::spawn(
+        Command::new(nginx)
+            .arg("-p")
+            .arg(format!("{}/", dir.display()))
+            .args(["-c", "nginx.conf", "-g", "daemon off;"])
+            .stdin(Stdio::null()),
+    )
+    .expect("start nginx");
     assert!(
         wait_for_port(port, Duration::from_secs(10)),
         "nginx did not start"
     );
-    Proc(child)
+    nginx
 }
 
 /// Latency of requests sent through `port` by `clients` keep-alive connections for
@@ -386,13 +402,12 @@ fn main() {
     // Backend start time on its own, for the roll cost's baseline.
     let port = free_ports(1)[0];
     let t = Instant::now();
-    let backend = Proc(
+    let backend = Proc::spawn(
         Command::new(BACKEND)
             .arg(port.to_string())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("backend"),
-    );
+            .stdout(Stdio::null()),
+    )
+    .expect("backend");
     assert!(wait_for_port(port, Duration::from_secs(10)));
     let backend_start = t.elapsed();
     drop(backend);
@@ -406,14 +421,13 @@ fn main() {
     )
     .expect("config");
     let log = std::fs::File::create(dir.path().join("rolld.log")).expect("log");
-    let rolld = Proc(
+    let rolld = Proc::spawn(
         Command::new(ROLLD)
             .arg(&config)
             .env("RUST_LOG", "warn")
-            .stderr(log)
-            .spawn()
-            .expect("start rolld"),
-    );
+            .stderr(log),
+    )
+    .expect("start rolld");
     let rolld_pid = rolld.0.id();
     assert!(
         wait_for_port(listen, Duration::from_secs(30)),
