@@ -341,7 +341,7 @@ fn pick_free_ports(
 }
 
 /// The kernel's range of source ports for outgoing connections, if it can be read.
-pub fn ephemeral_ports() -> Option<std::ops::RangeInclusive<u16>> {
+fn ephemeral_ports() -> Option<std::ops::RangeInclusive<u16>> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
     let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
     let (lo, hi) = (parts.next()??, parts.next()??);
@@ -396,9 +396,7 @@ mod tests {
 
     #[test]
     fn picked_ports_avoid_the_ephemeral_range_while_others_are_free() {
-        let Some(ephemeral) = ephemeral_ports() else {
-            panic!("/proc/sys/net/ipv4/ip_local_port_range is unreadable");
-        };
+        let ephemeral = ephemeral_ports().expect("/proc/sys/net/ipv4/ip_local_port_range");
         let first = *ephemeral.start();
         assert!(first > 1100, "ephemeral ports start at {first}");
         let range = first - 60..=first + 60;

@@ -157,9 +157,10 @@ impl ClientIo {
         (io, activity)
     }
 
-    /// Lets idle HTTP/1 connections give hyper's state back (see the module docs).
-    pub(crate) fn set_sheddable(&mut self, sheddable: bool) {
-        self.sheddable = sheddable;
+    /// Lets this (HTTP/1) connection give hyper's state back while idle (see the
+    /// module docs).
+    pub(crate) fn allow_shedding(&mut self) {
+        self.sheddable = true;
     }
 
     /// Whether the last hyper connection ended because this IO shed it while idle
@@ -204,7 +205,7 @@ impl ClientIo {
                         self.header_started = Some((Instant::now(), 0));
                     }
                     got.extend_from_slice(&chunk[..n]);
-                    let matches = want.starts_with(&got) || got.starts_with(want);
+                    let matches = want.starts_with(&got);
                     if !matches || got.len() >= want.len() {
                         self.prefix = Bytes::from(got);
                         return Ok(matches);
@@ -225,7 +226,6 @@ impl ClientIo {
         let started = self.activity.started.load(Ordering::Acquire);
         self.sheddable
             && self.prefix.is_empty()
-            && started > 0
             && self.read_at < started
             && self.activity.bodied.load(Ordering::Acquire) != started
             && self.flushed_at == Some(started)

@@ -128,15 +128,7 @@ async fn accept(
     let protocols = Arc::new(Protocols::new(proxy.config()));
     // Every connection task holds a clone; `recv` returns None once all have ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
-    let shutdown = {
-        let mut stopped = stopped.clone();
-        async move {
-            match stopped.wait_for(Option::is_some).await {
-                Ok(grace) => grace.unwrap_or(Duration::ZERO),
-                Err(_) => Duration::ZERO,
-            }
-        }
-    };
+    let shutdown = stopping(stopped.clone());
     tokio::pin!(shutdown);
 
     let grace = loop {
@@ -222,9 +214,12 @@ impl Protocols {
     }
 }
 
-/// Resolves once the listener is told to stop.
-async fn stopping(mut stopped: watch::Receiver<Option<Duration>>) {
-    let _ = stopped.wait_for(Option::is_some).await;
+/// Resolves to the grace period once the listener is told to stop.
+async fn stopping(mut stopped: watch::Receiver<Option<Duration>>) -> Duration {
+    match stopped.wait_for(Option::is_some).await {
+        Ok(grace) => grace.unwrap_or(Duration::ZERO),
+        Err(_) => Duration::ZERO,
+    }
 }
 
 /// One accepted client connection, until it closes.
@@ -281,7 +276,7 @@ impl Connection {
                     return;
                 }
             },
-            () = &mut stop => return,
+            _ = &mut stop => return,
         };
         if h2 {
             // Boxed, as the HTTP/1 connection below: the task of an idle connection
@@ -289,7 +284,7 @@ impl Connection {
             let mut conn = Box::pin(protocols.http2.serve_connection(io, service));
             let result = tokio::select! {
                 result = conn.as_mut() => result,
-                () = &mut stop => {
+                _ = &mut stop => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -300,7 +295,7 @@ impl Connection {
             return;
         }
 
-        io.set_sheddable(true);
+        io.allow_shedding();
         loop {
             let mut conn = Box::new(
                 protocols
@@ -310,7 +305,7 @@ impl Connection {
             );
             let result = tokio::select! {
                 result = &mut conn => result,
-                () = &mut stop => {
+                _ = &mut stop => {
                     std::pin::Pin::new(&mut *conn).graceful_shutdown();
                     if let Err(err) = (&mut conn).await {
                         debug!(client = %peer, error = %err, "client connection ended");
@@ -322,7 +317,7 @@ impl Connection {
                 debug!(client = %peer, error = %err, "client connection ended");
                 return;
             }
-            // Upgraded (the tunnel has the socket now), or closed: done.
+            // Upgraded: the tunnel has the socket now.
             let Some(parts) = (*conn).into_parts() else {
                 return;
             };
@@ -336,7 +331,7 @@ impl Connection {
                     debug!(client = %peer, error = %err, "client connection ended");
                     return;
                 },
-                () = &mut stop => return,
+                _ = &mut stop => return,
             }
         }
     }
