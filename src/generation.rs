@@ -210,7 +210,13 @@ impl Drop for Generation {
 
 fn spec_for(config: &Config, port: u16) -> Spec {
     let mut environment = vec![("PORT".to_string(), port.to_string())];
-    environment.extend(config.app.environment.iter().cloned());
+    environment.extend(
+        config
+            .app
+            .environment
+            .iter()
+            .map(|(k, v)| (k.clone(), crate::config::fill(v, port))),
+    );
     Spec {
         argv: config.command_for(port),
         directory: config.app.directory.clone(),

@@ -36,6 +36,7 @@ mod rolling;
 mod signals;
 mod status;
 mod supervisor;
+mod yaml_lines;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -136,7 +137,7 @@ fn main() -> ExitCode {
         (Some(Cmd::Stop { target }), _) => stop(&target),
         (Some(Cmd::Run { config }), _) | (None, Some(config)) => run(&config),
         (None, None) => {
-            eprintln!("rolld: no config file given\n\nUsage: rolld [run] CONFIG | rolld check CONFIG\nSee `rolld --help`.");
+            say_err("rolld: no config file given\n\nUsage: rolld [run] CONFIG | rolld check CONFIG\nSee `rolld --help`.");
             ExitCode::from(2)
         }
     }
@@ -161,9 +162,49 @@ fn init_logging(verbose: u8, format: LogFormat) {
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|err| {
-        eprintln!("rolld: {err}");
+        say_err(&format!("rolld: {err}"));
         ExitCode::from(2)
     })
+}
+
+/// Writes to stdout. A reader that went away (`rolld check | head -3`) ends the output
+/// quietly: the exit status stays the command's own.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+/// Writes a line to stderr; a closed stderr is not an error worth dying for.
+fn say_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// The first set's ports, for rendering templates before any roll, and what they are.
+fn first_ports(config: &Config) -> (Vec<u16>, &'static str) {
+    match &config.app.ports {
+        PortPlan::Worksets(sets) => (sets.first().cloned().unwrap_or_default(), "set 1"),
+        PortPlan::Pick { count, range } => (
+            (*range.start()..=*range.end()).take(*count).collect(),
+            "example ports; the real ones are picked at each roll",
+        ),
+    }
+}
+
+/// Renders every `replace_file` template for the first set: a template that cannot
+/// render is a config error, found before anything starts.
+fn render_templates(config: &Config) -> Result<Vec<(PathBuf, String)>, String> {
+    let (ports, _) = first_ports(config);
+    let mut rendered = Vec::new();
+    for action in &config.app.after_start {
+        if let Action::ReplaceFile { template, output } = action {
+            let text = actions::render(template, &ports, 1)
+                .map_err(|why| format!("config {}: {why}", config.path.display()))?;
+            rendered.push((output.clone(), text));
+        }
+    }
+    Ok(rendered)
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -171,37 +212,25 @@ fn check(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    print!("{}", plan(&config));
-    if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
-        eprintln!("rolld: warning: {warning}");
-    }
-    // Show what the balancer will get, rendered for the first set.
-    let (ports, which) = match &config.app.ports {
-        PortPlan::Worksets(sets) => (sets[0].clone(), "set 1".to_string()),
-        PortPlan::Pick { count, range } => {
-            let ports: Vec<u16> = (*range.start()..=*range.end()).take(*count).collect();
-            (
-                ports,
-                "example ports; the real ones are picked at each roll".to_string(),
-            )
+    let rendered = match render_templates(&config) {
+        Ok(rendered) => rendered,
+        Err(why) => {
+            say_err(&format!("rolld: {why}"));
+            return ExitCode::from(2);
         }
     };
-    for action in &config.app.after_start {
-        if let Action::ReplaceFile { template, output } = action {
-            match actions::render(template, &ports, 1) {
-                Ok(text) => {
-                    println!("\n--- {} ({which}) ---", output.display());
-                    print!("{text}");
-                    if !text.ends_with('\n') {
-                        println!();
-                    }
-                }
-                Err(why) => {
-                    eprintln!("rolld: config {}: {why}", config.path.display());
-                    return ExitCode::from(2);
-                }
-            }
+    let mut out = plan(&config);
+    // Show what the balancer will get, rendered for the first set.
+    let (_, which) = first_ports(&config);
+    for (output, text) in rendered {
+        out.push_str(&format!("\n--- {} ({which}) ---\n{text}", output.display()));
+        if !text.ends_with('\n') {
+            out.push('\n');
         }
+    }
+    say(&out);
+    if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
+        say_err(&format!("rolld: warning: {warning}"));
     }
     ExitCode::SUCCESS
 }
@@ -212,6 +241,11 @@ fn plan(config: &Config) -> String {
     let app = &config.app;
     let mut out = String::new();
     let _ = writeln!(out, "config {} is valid", config.path.display());
+    let _ = writeln!(
+        out,
+        "working dir:  {} (relative `directory`, `replace_file` and `run_proc` resolve here)",
+        config.workdir.display()
+    );
     match config.listen {
         Some(addr) => {
             let _ = writeln!(
@@ -280,10 +314,21 @@ fn plan(config: &Config) -> String {
             .collect();
         let _ = writeln!(out, "environment:  {}", vars.join(" "));
     }
+    let (first, _) = first_ports(config);
     for (name, path) in [("stdout", &app.stdout), ("stderr", &app.stderr)] {
-        let target = path
-            .as_ref()
-            .map_or_else(|| format!("rolld's {name}"), |p| p.display().to_string());
+        let target = match (path, first.first()) {
+            (None, _) => format!("rolld's {name}, each line prefixed `PORT: `"),
+            (Some(p), Some(&port))
+                if config::fill(&p.display().to_string(), port) != p.display().to_string() =>
+            {
+                format!(
+                    "{} (port {port}: {})",
+                    p.display(),
+                    config::fill(&p.display().to_string(), port)
+                )
+            }
+            (Some(p), _) => p.display().to_string(),
+        };
         let _ = writeln!(out, "{name}:       {target}");
     }
     match &app.ports {
@@ -312,10 +357,11 @@ fn plan(config: &Config) -> String {
     let _ = writeln!(out, "health:       {}", app.health);
     for test in &app.smoke_tests {
         match test {
-            SmokeTest::CheckAllHttpPorts => {
+            SmokeTest::CheckAllHttpPorts(check) => {
                 let _ = writeln!(
                     out,
-                    "smoke test:   check_all_http_ports (GET / on every port answers 200)"
+                    "smoke test:   check_all_http_ports (GET {} on every port answers {})",
+                    check.path, check.status
                 );
             }
         }
@@ -331,7 +377,11 @@ fn plan(config: &Config) -> String {
                 );
             }
             Action::RunProc { command } => {
-                let _ = writeln!(out, "after start:  run_proc {command}");
+                let _ = writeln!(
+                    out,
+                    "after start:  run_proc {command} (sh -c, in {})",
+                    config.workdir.display()
+                );
             }
         }
     }
@@ -379,31 +429,31 @@ fn reload(target: &Target, wait: bool) -> ExitCode {
         &control::Request::Reload { wait },
         |answer| match answer {
             Answer::Accepted => {
-                println!("roll requested");
+                say("roll requested\n");
                 outcome = Some(true);
             }
-            Answer::Progress { message } => println!("{message}"),
+            Answer::Progress { message } => say(&format!("{message}\n")),
             Answer::Done { ok, message } => {
                 if ok {
-                    println!("{message}");
+                    say(&format!("{message}\n"));
                 } else {
-                    eprintln!("rolld: {message}");
+                    say_err(&format!("rolld: {message}"));
                 }
                 outcome = Some(ok);
             }
-            Answer::Error { message } => eprintln!("rolld: {message}"),
+            Answer::Error { message } => say_err(&format!("rolld: {message}")),
             Answer::Status { .. } => {}
         },
     );
     match (called, outcome) {
         (Err(why), _) => {
-            eprintln!("rolld: {why}");
+            say_err(&format!("rolld: {why}"));
             ExitCode::from(1)
         }
         (Ok(()), Some(true)) => ExitCode::SUCCESS,
         (Ok(()), Some(false)) => ExitCode::from(1),
         (Ok(()), None) => {
-            eprintln!("rolld: the connection closed before the roll ended");
+            say_err("rolld: the connection closed before the roll ended");
             ExitCode::from(1)
         }
     }
@@ -415,23 +465,23 @@ fn status(target: &Target, json: bool) -> ExitCode {
         if let control::Answer::Status { status } = answer {
             shown = true;
             if json {
-                println!(
-                    "{}",
+                say(&format!(
+                    "{}\n",
                     serde_json::to_string_pretty(&status).unwrap_or_default()
-                );
+                ));
             } else {
-                print!("{}", status.render());
+                say(&status.render());
             }
         }
     });
     match called {
         Ok(()) if shown => ExitCode::SUCCESS,
         Ok(()) => {
-            eprintln!("rolld: no status in the answer");
+            say_err("rolld: no status in the answer");
             ExitCode::from(1)
         }
         Err(why) => {
-            eprintln!("rolld: {why}");
+            say_err(&format!("rolld: {why}"));
             ExitCode::from(1)
         }
     }
@@ -440,11 +490,11 @@ fn status(target: &Target, json: bool) -> ExitCode {
 fn stop(target: &Target) -> ExitCode {
     match control::call(&socket_of(target), &control::Request::Stop, |_| {}) {
         Ok(()) => {
-            println!("rolld is stopping");
+            say("rolld is stopping\n");
             ExitCode::SUCCESS
         }
         Err(why) => {
-            eprintln!("rolld: {why}");
+            say_err(&format!("rolld: {why}"));
             ExitCode::from(1)
         }
     }
@@ -485,6 +535,11 @@ fn run(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // A template that cannot render is a config error: found before anything starts.
+    if let Err(why) = render_templates(&config) {
+        say_err(&format!("rolld: {why}"));
+        return ExitCode::from(2);
+    }
     if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
         tracing::warn!("{warning}");
     }

@@ -6,5 +6,6 @@ mod config;
 mod control;
 mod lifecycle;
 mod nginx;
+mod original;
 mod proxying;
 mod rolling;

@@ -133,13 +133,16 @@ impl Fixture {
 /// A running rolld. Dropping it kills it and every process it started.
 pub struct Rolld {
     pub child: Option<Child>,
+    /// The folder rolld runs in; its log is `rolld.log` here.
     pub dir: tempfile::TempDir,
+    /// The config file, relative to `dir`.
+    pub config: PathBuf,
     pub listen: u16,
 }
 
 impl Rolld {
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("rolld.yml")
+        self.dir.path().join(&self.config)
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -174,11 +177,24 @@ impl Rolld {
         let dir = tempfile::tempdir().expect("temp dir");
         prepare(dir.path());
         fs::write(dir.path().join("rolld.yml"), yaml).expect("write config");
+        Rolld::run_in(dir, Path::new("rolld.yml"), listen, args, env)
+    }
+
+    /// Starts `rolld ARGS CONFIG` in `dir` (its working directory), `config` being
+    /// relative to it, as a user types it in a terminal.
+    pub fn run_in(
+        dir: tempfile::TempDir,
+        config: &Path,
+        listen: u16,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Rolld {
         let log = fs::File::create(dir.path().join("rolld.log")).expect("log file");
         let out = fs::File::create(dir.path().join("rolld.out")).expect("out file");
         let child = Command::new(ROLLD)
             .args(args)
-            .arg(dir.path().join("rolld.yml"))
+            .arg(config)
+            .current_dir(dir.path())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -189,6 +205,7 @@ impl Rolld {
         Rolld {
             child: Some(child),
             dir,
+            config: config.to_path_buf(),
             listen,
         }
     }
@@ -373,4 +390,90 @@ pub fn get_blocking(port: u16, path: &str) -> Result<(u16, String), String> {
 
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// GET load from `workers` concurrent clients, each request on a new connection, every
+/// answer checked to be the example backend's `hello`. Bounded in time and count.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Load {
+    pub fn start(port: u16, workers: u64) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let workers = (0..workers)
+            .map(|w| {
+                let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
+                rt.spawn(async move {
+                    // A new connection per request: behind nginx, what is measured is
+                    // rolld's drain, not nginx closing idle connections of old workers.
+                    let client = Client::builder(TokioExecutor::new())
+                        .pool_max_idle_per_host(0)
+                        .build_http::<Full<Bytes>>();
+                    let started = Instant::now();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed)
+                        && started.elapsed() < Duration::from_secs(120)
+                        && n < 100_000
+                    {
+                        n += 1;
+                        let delay = (n * 37 + w) % 150;
+                        match request(&client, "GET", port, &format!("/?delay={delay}"), b"").await
+                        {
+                            Ok((200, _, body)) if body.starts_with(b"hello from ") => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok((status, _, body)) => errors
+                                .lock()
+                                .expect("lock")
+                                .push(format!("{status}: {}", String::from_utf8_lossy(&body))),
+                            Err(e) => errors.lock().expect("lock").push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            errors,
+            workers,
+            rt,
+        }
+    }
+
+    /// Requests answered well so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests than now have been answered well.
+    pub fn wait_for_more(&self, n: usize) {
+        let before = self.ok();
+        wait_until(&format!("{n} more answered requests"), SOON, || {
+            self.ok() >= before + n
+        });
+    }
+
+    /// Stops the load and returns (answered well, errors).
+    pub fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let workers = self.workers;
+        self.rt.block_on(async {
+            for w in workers {
+                w.await.expect("load worker");
+            }
+        });
+        let errors = std::mem::take(&mut *self.errors.lock().expect("lock"));
+        (self.ok.load(std::sync::atomic::Ordering::Relaxed), errors)
+    }
 }
