@@ -1344,3 +1344,76 @@ app-servers:
         );
     }
 }
+
+/// The loader takes untrusted text: whatever it is given, it answers a config or an
+/// error, never a panic. Cases derive from the original example, mutated, and from
+/// arbitrary text; both bounded so the run takes seconds.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const BASE: &str = "\
+listen: 127.0.0.1:8080
+proxy: {response_timeout: 5s, max_body_size: 10m, trusted_proxies: [10.0.0.0/8]}
+app-servers:
+  cmd: '../env/bin/python app.py {numproc}'
+  directory: 'app'
+  environment: {A: 'p{port}'}
+  stderr: 'logs/tornado-{numproc}.err'
+  stdout: 'logs/tornado-{numproc}.log'
+  workset:
+    - numprocs: [8001, 8002]
+    - numprocs: [8501, 8502]
+  health: {path: /health, status: [200, 3xx], timeout: 1s}
+  smoke_test:
+    - check_all_http_ports: numprocs
+      status: 2xx
+  after_start:
+    - replace_file: [numprocs, 'a.templ', 'a.conf']
+    - run_proc: 'true'
+  drain_timeout: 2s
+";
+
+    fn load(text: &str) {
+        let _ = Config::parse(text, Path::new("/etc/rolld/rolld.yml"), Path::new("/srv"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn mutated_configs_never_panic(
+            at in 0..BASE.len(),
+            cut in 0usize..40,
+            insert in "[ -~\n\t]{0,12}",
+        ) {
+            let at = (0..=at).rev().find(|&i| BASE.is_char_boundary(i)).unwrap_or(0);
+            let end = (at + cut).min(BASE.len());
+            let end = (end..=BASE.len()).find(|&i| BASE.is_char_boundary(i)).unwrap_or(BASE.len());
+            load(&format!("{}{insert}{}", &BASE[..at], &BASE[end..]));
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            load(&text);
+        }
+
+        #[test]
+        fn any_value_of_a_key_never_panics(
+            key in prop::sample::select(vec![
+                "drain_timeout", "stop_timeout", "stop_signal", "balance", "processes",
+                "port_range", "cmd", "environment", "directory", "stdout",
+            ]),
+            proxy_key in prop::sample::select(vec![
+                "client_header_timeout", "keepalive_timeout", "max_body_size",
+                "max_header_size", "max_connections", "trusted_proxies", "workers",
+            ]),
+            value in "[ -~]{0,30}",
+        ) {
+            load(&format!("{BASE}  {key}: {value}\n"));
+            load(&BASE.replacen("127.0.0.1:8080", &value, 1));
+            load(&BASE.replacen("response_timeout: 5s", &format!("{proxy_key}: {value}"), 1));
+        }
+    }
+}
