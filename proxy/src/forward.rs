@@ -135,6 +135,9 @@ impl Proxy {
         busy: &mut Option<Busy>,
         mut access: Option<Box<AccessLog>>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Option<Box<AccessLog>>)> {
+        if let Some(why) = headers::ambiguous(req.headers()) {
+            return Err((ProxyError::BadRequest(why), access));
+        }
         if let Some(limit) = self.config.max_body_size {
             if req.body().size_hint().lower() > limit {
                 return Err((ProxyError::BodyTooLarge, access));
@@ -163,7 +166,9 @@ impl Proxy {
         // rolld answers `Expect: 100-continue` to the client itself (when the body is
         // first read); the upstream gets the body without the handshake.
         parts.headers.remove(header::EXPECT);
-        headers::set_forwarded(&mut parts.headers, &client.ip, client.trusted);
+        headers::set_forwarded(&mut parts.headers, &client.ip, client.trusted, &|ip| {
+            self.config.trusts(ip)
+        });
 
         // A request without a body and with an idempotent method can be sent again if
         // a reused connection turns out dead after it was written (the app crashed, or
