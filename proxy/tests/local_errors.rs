@@ -16,10 +16,15 @@ use tokio::net::TcpStream;
 async fn get(
     sender: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
     uri: &str,
+    hosts: &[&'static str],
 ) -> (u16, String) {
-    let req = http::Request::get(uri)
+    let mut req = http::Request::get(uri)
         .body(Empty::<Bytes>::new())
         .expect("request");
+    for host in hosts {
+        req.headers_mut()
+            .append(http::header::HOST, http::HeaderValue::from_static(host));
+    }
     let response = tokio::time::timeout(SOON, sender.send_request(req))
         .await
         .expect("answered in time")
@@ -38,8 +43,13 @@ async fn get(
 async fn running_out_of_file_descriptors_does_not_mark_the_upstream_down() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let up = Upstream::start(Script::Reply(ok("fine"))).await;
-    let mut cfg = ProxyConfig::default();
-    cfg.down_period = Duration::from_secs(600);
+    let cfg = ProxyConfig {
+        down_period: Duration::from_secs(600),
+        // One worker, known to be up once it has answered: a worker still building
+        // its runtime would take (or give back) descriptors behind the test's back.
+        workers: 1,
+        ..ProxyConfig::default()
+    };
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     // An HTTP/2 connection, accepted and set up before descriptors run out, so that
     // requests need no new descriptor on the client side.
@@ -50,6 +60,10 @@ async fn running_out_of_file_descriptors_does_not_mark_the_upstream_down() {
             .expect("h2 handshake");
     tokio::spawn(conn);
     let uri = format!("http://{}/", front.addr);
+    // The proxy's only worker has accepted it once it answers; this answer needs no
+    // upstream.
+    let (status, _) = get(&mut sender, &uri, &["a.test", "b.test"]).await;
+    assert_eq!(status, 400);
 
     // Use up every descriptor the limit allows.
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
@@ -62,12 +76,12 @@ async fn running_out_of_file_descriptors_does_not_mark_the_upstream_down() {
             Err(_) => break,
         }
     }
-    let (status, _) = get(&mut sender, &uri).await;
+    let (status, _) = get(&mut sender, &uri, &[]).await;
     drop(hoard);
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("restore the limit");
     assert_eq!(status, 502, "connecting failed for want of a descriptor");
 
     // Descriptors are back: the upstream was never down.
-    let (status, body) = get(&mut sender, &uri).await;
+    let (status, body) = get(&mut sender, &uri, &[]).await;
     assert_eq!((status, body.as_str()), (200, "fine"));
 }
