@@ -801,3 +801,83 @@ async fn an_upstream_answer_with_both_framings_loses_its_content_length_and_its_
         "that upstream connection was not reused"
     );
 }
+
+// ---- hardening (issue 10) -------------------------------------------------------------------
+
+/// Anything but one `Transfer-Encoding: chunked` is refused before routing, as nginx and
+/// HAProxy do: a proxy and an app that read the framing differently smuggle requests.
+/// (`chunked<TAB>` is `chunked` with trailing optional whitespace, which the parser
+/// trims by RFC 9110; the upstream never sees the client's framing, rolld re-frames
+/// every body.)
+#[tokio::test]
+async fn a_transfer_encoding_other_than_one_chunked_gets_400_and_reaches_no_upstream() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    for te in [
+        "Transfer-Encoding: chunked, chunked\r\n",
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: identity, chunked\r\n",
+        "Transfer-Encoding: chunked,\r\n",
+        "Transfer-Encoding: ,chunked\r\n",
+    ] {
+        let request = format!("POST / HTTP/1.1\r\nHost: x\r\n{te}\r\n2\r\nhi\r\n0\r\n\r\n");
+        let answer = exchange(front.addr, request.as_bytes()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 501"),
+            "{te:?}: {answer}"
+        );
+        assert_eq!(
+            up.connections.load(Ordering::SeqCst),
+            0,
+            "{te:?} reached the upstream: {}",
+            up.received()
+        );
+    }
+    // One plain `chunked`, in any case, passes.
+    let answer = exchange(
+        front.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_request_with_two_host_headers_gets_400_and_reaches_no_upstream() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let answer = exchange(
+        front.addr,
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 0);
+}
+
+/// Behind trusted proxies the client is the rightmost address that is not one of
+/// them (nginx's `real_ip_recursive on`): the leftmost entries are whatever the client
+/// wrote.
+#[tokio::test]
+async fn x_real_ip_behind_trusted_proxies_is_the_rightmost_untrusted_address() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.trusted_proxies = vec![
+        "127.0.0.0/8".parse().expect("net"),
+        "10.0.0.0/8".parse().expect("net"),
+    ];
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    raw(
+        front.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6, 203.0.113.9\r\nX-Forwarded-For: 10.1.2.3\r\nConnection: close\r\n\r\n",
+        SOON,
+    )
+    .await;
+    let got = up.received().to_ascii_lowercase();
+    assert!(got.contains("x-real-ip: 203.0.113.9\r\n"), "{got}");
+    assert!(
+        got.contains("x-forwarded-for: 6.6.6.6, 203.0.113.9, 10.1.2.3, 127.0.0.1\r\n"),
+        "{got}"
+    );
+}
