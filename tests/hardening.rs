@@ -1,0 +1,120 @@
+//! What a stalled or closed log pipe, a squatted port, a panicking roll or a hostile
+//! local user must not do to a running rolld.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::support::*;
+
+/// Starts rolld on `yaml` with stdout and stderr as given, and waits until the proxy
+/// answers 200 (there is no log file to watch).
+fn spawn_with_stdio(yaml: &str, listen: u16, stdout: Stdio, stderr: Stdio) -> Rolld {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("rolld.yml"), yaml).expect("write config");
+    let child = Command::new(ROLLD)
+        .arg(dir.path().join("rolld.yml"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("start rolld");
+    Rolld {
+        child: Some(child),
+        dir,
+        listen,
+    }
+}
+
+fn status_json(rolld: &Rolld) -> serde_json::Value {
+    let (_, stdout, _) = rolld.control("status", &["--json"]);
+    serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn a_stalled_stderr_does_not_stop_the_proxy_nor_the_supervisor() {
+    let fixture = Fixture::new(1);
+    let yaml = format!("proxy:\n  access_log: true\n{}", fixture.yaml());
+    // A pipe nobody reads: a stuck log collector. 64 KiB fill it after a few hundred lines,
+    // and rolld's queue (4096 lines) after a few thousand more.
+    let mut rolld = spawn_with_stdio(&yaml, fixture.listen, Stdio::piped(), Stdio::piped());
+    let _unread = (
+        rolld.child.as_mut().and_then(|c| c.stdout.take()),
+        rolld.child.as_mut().and_then(|c| c.stderr.take()),
+    );
+    wait_until("the first set serves", SOON, || {
+        get_blocking(rolld.listen, "/").is_ok_and(|(status, _)| status == 200)
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = client();
+    rt.block_on(async {
+        for i in 0..6000 {
+            // Each request also makes the app print a line on rolld's (stalled) stdout.
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                get(&client, rolld.listen, &format!("/log?msg=line-{i}")),
+            )
+            .await;
+            assert!(
+                matches!(answer, Ok(Ok((200, _)))),
+                "request {i} not answered: {answer:?}"
+            );
+        }
+    });
+    // The supervision runtime still answers and rolls.
+    let status = status_json(&rolld);
+    assert!(
+        status["log_lines_dropped"].as_u64().unwrap_or(0) > 0,
+        "dropped lines are counted: {status}"
+    );
+    rolld.signal(Signal::SIGHUP);
+    wait_until("generation 2 serves", SOON, || {
+        status_json(&rolld)["generation"].as_u64() == Some(2)
+    });
+    rolld.signal(Signal::SIGTERM);
+    assert!(rolld.wait_exit(SOON).success());
+}
+
+#[test]
+fn a_closed_stderr_neither_kills_rolld_nor_wedges_its_signals() {
+    let fixture = Fixture::new(1);
+    let yaml = format!("proxy:\n  access_log: true\n{}", fixture.yaml());
+    // `rolld rolld.yml 2>&1 | head -1`: one pipe for both, closed after the first line.
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    let writer2 = writer.try_clone().expect("dup");
+    let mut rolld = spawn_with_stdio(&yaml, fixture.listen, writer.into(), writer2.into());
+    let mut first = String::new();
+    BufReader::new(std::fs::File::from(reader))
+        .read_line(&mut first)
+        .expect("a first line");
+    // The reader is dropped here: every later write gets EPIPE.
+    wait_until("the first set serves", SOON, || {
+        get_blocking(rolld.listen, "/").is_ok_and(|(status, _)| status == 200)
+    });
+    for _ in 0..20 {
+        assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
+    }
+    rolld.signal(Signal::SIGHUP);
+    wait_until("generation 2 serves after SIGHUP", SOON, || {
+        status_json(&rolld)["generation"].as_u64() == Some(2)
+    });
+    rolld.signal(Signal::SIGTERM);
+    let status = rolld.wait_exit(SOON);
+    assert_eq!(status.code(), Some(0), "a graceful stop, not a panic");
+    // The CLI too: `rolld check CONFIG | head -0` must not panic.
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    drop(reader);
+    let check = Command::new(ROLLD)
+        .arg("check")
+        .arg(rolld.config_path())
+        .stdout(writer)
+        .status()
+        .expect("run check");
+    assert_eq!(check.code(), Some(0));
+}
