@@ -118,3 +118,45 @@ fn a_closed_stderr_neither_kills_rolld_nor_wedges_its_signals() {
         .expect("run check");
     assert_eq!(check.code(), Some(0));
 }
+
+/// The pid of rolld's guard process, from its start-up line.
+fn guard_pid(rolld: &Rolld) -> i32 {
+    rolld
+        .log()
+        .split("guard=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("the guard's pid in the log")
+}
+
+#[test]
+fn the_guard_holds_no_socket_and_no_log_pipe() {
+    let fixture = Fixture::new(1);
+    let admin = free_ports(1)[0];
+    let yaml = format!("admin: 127.0.0.1:{admin}\n{}", fixture.yaml());
+    let rolld = Rolld::spawn(&yaml, fixture.listen);
+    rolld.wait_log("roll finished", 1);
+    let guard = guard_pid(&rolld);
+    assert!(alive(guard), "the guard runs");
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{guard}/fd"))
+        .expect("the guard's descriptors")
+        .filter_map(|e| {
+            let link = std::fs::read_link(e.ok()?.path()).ok()?;
+            Some(link.display().to_string())
+        })
+        .collect();
+    // Its pipe from rolld, and /dev/null as stdin, stdout and stderr: no listener (a
+    // shutting-down rolld's clients would connect and hang), no control socket, no log.
+    let sockets: Vec<&String> = fds.iter().filter(|l| l.starts_with("socket:")).collect();
+    assert!(sockets.is_empty(), "the guard holds sockets: {fds:?}");
+    let others: Vec<&String> = fds
+        .iter()
+        .filter(|l| l.as_str() != "/dev/null" && !l.starts_with("pipe:"))
+        .collect();
+    assert!(others.is_empty(), "the guard holds more: {fds:?}");
+    assert_eq!(
+        fds.iter().filter(|l| l.starts_with("pipe:")).count(),
+        1,
+        "one pipe: {fds:?}"
+    );
+}
