@@ -113,6 +113,15 @@ impl Roll {
             format!("starting {} process(es) ports={ports:?}", ports.len()),
         );
 
+        // Someone else on a port would fail the app's bind, or worse, pass its checks.
+        if let Some(port) = ports.iter().find(|&&p| connections::in_use(p)) {
+            return Err(format!(
+                "generation {}: port {port} is in use by another process; roll refused{}",
+                self.id,
+                self.keeps_serving()
+            ));
+        }
+
         // 1. start, 2. wait until healthy, 3. smoke-test.
         let set = self
             .upstreams
@@ -123,6 +132,8 @@ impl Roll {
             next.wait_ready(&app.health)
                 .await
                 .map_err(|e| e.to_string())?;
+            // The checks passed against whoever listens: make sure it is our process.
+            next.check_owners()?;
             self.report("checking", format!("{n}/{n} healthy", n = ports.len()));
             for test in &app.smoke_tests {
                 match test {

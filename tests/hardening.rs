@@ -160,3 +160,120 @@ fn the_guard_holds_no_socket_and_no_log_pipe() {
         "one pipe: {fds:?}"
     );
 }
+
+/// A foreign HTTP server on a port: answers 200 `squatter` to anything.
+struct Squatter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Squatter {
+    fn bind(port: u16) -> Squatter {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let mut listener = None;
+        wait_until(&format!("port {port} free for the squatter"), SOON, || {
+            listener = std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+            listener.is_some()
+        });
+        let listener = listener.expect("bound above");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 4096];
+                        let _ = stream.read(&mut buf);
+                        let _ = stream.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nsquatter",
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Squatter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A fixture whose app is `app.sh PORT`: the backend, or, while a file `hold` lies
+/// beside the config, a process that never listens.
+fn holding_fixture(per_set: usize) -> Fixture {
+    Fixture::new(per_set).cmd("sh app.sh {port}")
+}
+
+fn write_app_sh(dir: &std::path::Path) {
+    std::fs::write(
+        dir.join("app.sh"),
+        format!("if [ -e hold ]; then exec sleep 600; fi\nexec {BACKEND} \"$1\"\n"),
+    )
+    .expect("write app.sh");
+}
+
+#[test]
+fn a_roll_onto_a_port_someone_else_listens_on_is_refused() {
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let taken = fixture.sets[1][0];
+    let _squatter = Squatter::bind(taken);
+    let (code, _, stderr) = rolld.control("reload", &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {taken} is in use")),
+        "the reason: {stderr}"
+    );
+    assert_eq!(get_blocking(rolld.listen, "/pid").expect("served").0, 200);
+}
+
+#[test]
+fn a_new_set_whose_port_is_answered_by_a_stranger_rolls_back() {
+    let fixture = holding_fixture(1);
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, write_app_sh);
+    rolld.wait_log("roll finished", 1);
+    std::fs::write(rolld.dir.path().join("hold"), "").expect("hold");
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("process started generation=2", 1);
+    // Taken after rolld checked it was free: the new process never listens, this does.
+    let _squatter = Squatter::bind(fixture.sets[1][0]);
+    rolld.wait_log("rolled back", 1);
+    assert!(
+        rolld.log().contains("is answered by another process"),
+        "the reason is logged"
+    );
+    let (_, body) = get_blocking(rolld.listen, "/").expect("served");
+    assert!(!body.contains("squatter"), "the old set serves: {body}");
+}
+
+#[test]
+fn a_restarted_process_whose_port_is_answered_by_a_stranger_is_not_routed_to() {
+    let fixture = holding_fixture(1);
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, write_app_sh);
+    rolld.wait_log("roll finished", 1);
+    std::fs::write(rolld.dir.path().join("hold"), "").expect("hold");
+    let pid = rolld.pids_of(1)[0];
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    // Taken while rolld waits to restart the process (1 s).
+    let _squatter = Squatter::bind(fixture.sets[0][0]);
+    rolld.wait_log("is answered by another process", 1);
+    for _ in 0..10 {
+        if let Ok((_, body)) = get_blocking(rolld.listen, "/") {
+            assert!(!body.contains("squatter"), "routed to the squatter");
+        }
+    }
+}
