@@ -159,6 +159,16 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
+    // The default hook writes to stderr itself, and would block on a stalled one.
+    std::panic::set_hook(Box::new(|info| {
+        let trace = std::backtrace::Backtrace::capture();
+        match trace.status() {
+            std::backtrace::BacktraceStatus::Captured => {
+                tracing::error!(target: "rolld::panic", "{info}\n{trace}")
+            }
+            _ => tracing::error!(target: "rolld::panic", "{info}"),
+        }
+    }));
     let code = match (cli.command, cli.config) {
         (Some(Cmd::Check { config }), _) => check(&config),
         (Some(Cmd::Reload { target, no_wait }), _) => reload(&target, !no_wait),

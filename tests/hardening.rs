@@ -277,3 +277,25 @@ fn a_restarted_process_whose_port_is_answered_by_a_stranger_is_not_routed_to() {
         }
     }
 }
+
+#[test]
+fn a_panic_in_a_roll_keeps_the_serving_set() {
+    let fixture = Fixture::new(1);
+    let env = [("ROLLD_FAILPOINT", "roll-panic-after-swap:2".to_string())];
+    let rolld = Rolld::launch(&fixture.yaml(), fixture.listen, |_| {}, &[], &env);
+    rolld.wait_log("roll finished", 1);
+    let first = rolld.pids_of(1);
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll panicked", 1);
+    // Generation 2 was swapped in before the panic: it serves, generation 1 goes.
+    wait_until("generation 1 stopped", SOON, || {
+        first.iter().all(|&p| !alive(p))
+    });
+    for _ in 0..10 {
+        assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
+    }
+    // The next roll finds generation 2 as its old set, drains and stops it.
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("old set stopped generation=2", 1);
+    assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
+}
