@@ -97,6 +97,12 @@ impl prometheus_client::collector::Collector for Collector {
             "App processes restarted after dying.",
             self.board.restarts.load(Relaxed),
         )?;
+        counter(
+            &mut encoder,
+            "rolld_log_lines_dropped",
+            "Log and app output lines dropped because rolld's stdout or stderr was stalled or closed.",
+            crate::logs::dropped(),
+        )?;
         let drain = encoder.encode_descriptor(
             "rolld_drain_seconds",
             "How long draining an old set took.",

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, Health};
+use crate::connections;
 use crate::guard::Guard;
 use crate::health::{self, StartFailed};
 use crate::output::{self, Sink};
@@ -170,6 +171,21 @@ impl Generation {
                 }
                 _ => None,
             })
+    }
+
+    /// Checks that each process's port is answered by that process's group, not by a
+    /// stranger that took the port.
+    pub fn check_owners(&self) -> Result<(), String> {
+        for p in &self.processes {
+            let running = match &*p.state.borrow() {
+                ProcessState::Running(pid) => Some(*pid),
+                _ => None,
+            };
+            if let Some(pid) = running {
+                connections::check_owner(p.port, pid.as_raw())?;
+            }
+        }
+        Ok(())
     }
 
     /// Process ids of the running processes, for logs.
@@ -378,12 +394,18 @@ impl Keeper {
                 result = &mut ready, if checking => {
                     checking = false;
                     match result {
-                        Ok(()) => {
-                            info!(generation = self.generation, port = self.port, pid = pid.as_raw(), "restarted process is ready");
-                            if let Some(upstream) = &self.upstream {
-                                upstream.set_available(true);
+                        Ok(()) => match connections::check_owner(self.port, pid.as_raw()) {
+                            Ok(()) => {
+                                info!(generation = self.generation, port = self.port, pid = pid.as_raw(), "restarted process is ready");
+                                if let Some(upstream) = &self.upstream {
+                                    upstream.set_available(true);
+                                }
                             }
-                        }
+                            Err(why) => {
+                                error!(generation = self.generation, port = self.port, pid = pid.as_raw(), "{why}; killing the restarted process to try again");
+                                process::signal_group(pid, Signal::SIGKILL);
+                            }
+                        },
                         Err(failed) => {
                             warn!(port = self.port, "{failed}; killing it to try again");
                             process::signal_group(pid, Signal::SIGKILL);

@@ -2,7 +2,8 @@
 //!
 //! `PR_SET_PDEATHSIG` only reaches a direct child, so an app that forks workers would
 //! leave them behind when rolld is killed with SIGKILL. The guard is forked before
-//! anything else runs and holds the read end of a pipe; rolld writes each process
+//! anything else runs and holds the read end of a pipe, and nothing else (no listening
+//! socket, no log pipe); rolld writes each process
 //! group it starts (`+pgid`) and stops (`-pgid`). When rolld dies, for any reason, the
 //! kernel closes the write end, the guard reads end-of-file and kills what is left.
 
@@ -33,6 +34,7 @@ impl Guard {
         match unsafe { fork() }? {
             ForkResult::Child => {
                 drop(write);
+                let read = hold_only(read);
                 run(read)
             }
             ForkResult::Parent { child } => {
@@ -65,6 +67,50 @@ impl Guard {
         // fails; the supervisor already logged that when it reaped the guard.
         let _ = pipe.write_all(format!("{op}{pgid}\n").as_bytes());
     }
+}
+
+/// Closes every descriptor the guard inherited but `keep`, and points stdin, stdout and
+/// stderr at /dev/null. Held by the guard, rolld's listening sockets would outlive
+/// rolld's closing them (new clients would connect and hang during a shutdown instead of
+/// being refused), and so would its control socket and the log pipe.
+fn hold_only(keep: OwnedFd) -> OwnedFd {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    let keep = keep.into_raw_fd();
+    if let Ok(null) = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        for fd in 0..3 {
+            if fd != null {
+                let _ = nix::unistd::dup2(null, fd);
+            }
+        }
+        if null > 2 {
+            let _ = nix::unistd::close(null);
+        }
+    }
+    // Collected before closing: the listing holds a descriptor of its own.
+    let open: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        // Without /proc, every possible descriptor.
+        Err(_) => {
+            let max = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(soft, _)| soft.min(1 << 20));
+            (3..max as i32).collect()
+        }
+    };
+    for fd in open {
+        if fd > 2 && fd != keep {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+    // SAFETY: `keep` came from `into_raw_fd` above and was not closed.
+    let kept = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(keep) };
+    debug_assert!(kept.as_raw_fd() == keep);
+    kept
 }
 
 /// The guard's whole life.

@@ -18,6 +18,7 @@
 //! - [`status`]: what rolld is doing, for status and metrics.
 //! - [`admin`]: `/metrics`, `/status`, `/healthz`.
 //! - [`notify`]: systemd readiness notifications.
+//! - [`logs`]: rolld's own output, through queues that drop rather than block.
 //!
 //! Data flows one way: config -> supervisor -> generation -> proxy upstream set.
 
@@ -29,6 +30,7 @@ mod control;
 mod generation;
 mod guard;
 mod health;
+mod logs;
 mod notify;
 mod output;
 mod process;
@@ -48,6 +50,34 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Action, Config, PortPlan, SmokeTest};
+
+/// An error or warning for the operator, on stderr through the log queue (never blocks,
+/// never panics).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        logs::send(
+            logs::Stream::Stderr,
+            format!("rolld: {}\n", format_args!($($arg)*)).into_bytes(),
+        )
+    };
+}
+
+/// A line of a CLI command's output on stdout; a closed stdout is ignored.
+macro_rules! out {
+    () => {
+        logs::print("\n")
+    };
+    ($($arg:tt)*) => {
+        logs::print(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Like [`out!`], without the newline.
+macro_rules! out_raw {
+    ($($arg:tt)*) => {
+        logs::print(&format!($($arg)*))
+    };
+}
 
 /// Restart a group of app-server processes gracefully, without losing a request.
 ///
@@ -130,17 +160,30 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
-    match (cli.command, cli.config) {
+    // The default hook writes to stderr itself, and would block on a stalled one.
+    std::panic::set_hook(Box::new(|info| {
+        let trace = std::backtrace::Backtrace::capture();
+        match trace.status() {
+            std::backtrace::BacktraceStatus::Captured => {
+                tracing::error!(target: "rolld::panic", "{info}\n{trace}")
+            }
+            _ => tracing::error!(target: "rolld::panic", "{info}"),
+        }
+    }));
+    let code = match (cli.command, cli.config) {
         (Some(Cmd::Check { config }), _) => check(&config),
         (Some(Cmd::Reload { target, no_wait }), _) => reload(&target, !no_wait),
         (Some(Cmd::Status { target, json }), _) => status(&target, json),
         (Some(Cmd::Stop { target }), _) => stop(&target),
         (Some(Cmd::Run { config }), _) | (None, Some(config)) => run(&config),
         (None, None) => {
-            say_err("rolld: no config file given\n\nUsage: rolld [run] CONFIG | rolld check CONFIG\nSee `rolld --help`.");
+            say!("no config file given\n\nUsage: rolld [run] CONFIG | rolld check CONFIG\nSee `rolld --help`.");
             ExitCode::from(2)
         }
-    }
+    };
+    // What is still queued for stderr (the last log lines, an error), unless it stalls.
+    logs::flush(std::time::Duration::from_secs(2));
+    code
 }
 
 fn init_logging(verbose: u8, format: LogFormat) {
@@ -151,34 +194,23 @@ fn init_logging(verbose: u8, format: LogFormat) {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
-    let logs = tracing_subscriber::fmt()
+    // Never `std::io::stderr` directly: a stalled stderr would stop whatever logs, and
+    // the formatter's own error report (`eprintln!`) panics on a closed one.
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(logs::Writer)
+        .log_internal_errors(false);
     match format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => subscriber.json().init(),
+        LogFormat::Text => subscriber.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|err| {
-        say_err(&format!("rolld: {err}"));
+        say!("{err}");
         ExitCode::from(2)
     })
-}
-
-/// Writes to stdout. A reader that went away (`rolld check | head -3`) ends the output
-/// quietly: the exit status stays the command's own.
-fn say(text: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
-}
-
-/// Writes a line to stderr; a closed stderr is not an error worth dying for.
-fn say_err(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// The first set's ports, for rendering templates before any roll, and what they are.
@@ -215,22 +247,22 @@ fn check(path: &Path) -> ExitCode {
     let rendered = match render_templates(&config) {
         Ok(rendered) => rendered,
         Err(why) => {
-            say_err(&format!("rolld: {why}"));
+            say!("{why}");
             return ExitCode::from(2);
         }
     };
-    let mut out = plan(&config);
+    out_raw!("{}", plan(&config));
     // Show what the balancer will get, rendered for the first set.
     let (_, which) = first_ports(&config);
     for (output, text) in rendered {
-        out.push_str(&format!("\n--- {} ({which}) ---\n{text}", output.display()));
+        out!("\n--- {} ({which}) ---", output.display());
+        out_raw!("{text}");
         if !text.ends_with('\n') {
-            out.push('\n');
+            out!();
         }
     }
-    say(&out);
     if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
-        say_err(&format!("rolld: warning: {warning}"));
+        say!("warning: {warning}");
     }
     ExitCode::SUCCESS
 }
@@ -429,31 +461,31 @@ fn reload(target: &Target, wait: bool) -> ExitCode {
         &control::Request::Reload { wait },
         |answer| match answer {
             Answer::Accepted => {
-                say("roll requested\n");
+                out!("roll requested");
                 outcome = Some(true);
             }
-            Answer::Progress { message } => say(&format!("{message}\n")),
+            Answer::Progress { message } => out!("{message}"),
             Answer::Done { ok, message } => {
                 if ok {
-                    say(&format!("{message}\n"));
+                    out!("{message}");
                 } else {
-                    say_err(&format!("rolld: {message}"));
+                    say!("{message}");
                 }
                 outcome = Some(ok);
             }
-            Answer::Error { message } => say_err(&format!("rolld: {message}")),
+            Answer::Error { message } => say!("{message}"),
             Answer::Status { .. } => {}
         },
     );
     match (called, outcome) {
         (Err(why), _) => {
-            say_err(&format!("rolld: {why}"));
+            say!("{why}");
             ExitCode::from(1)
         }
         (Ok(()), Some(true)) => ExitCode::SUCCESS,
         (Ok(()), Some(false)) => ExitCode::from(1),
         (Ok(()), None) => {
-            say_err("rolld: the connection closed before the roll ended");
+            say!("the connection closed before the roll ended");
             ExitCode::from(1)
         }
     }
@@ -465,23 +497,23 @@ fn status(target: &Target, json: bool) -> ExitCode {
         if let control::Answer::Status { status } = answer {
             shown = true;
             if json {
-                say(&format!(
-                    "{}\n",
+                out!(
+                    "{}",
                     serde_json::to_string_pretty(&status).unwrap_or_default()
-                ));
+                );
             } else {
-                say(&status.render());
+                out_raw!("{}", status.render());
             }
         }
     });
     match called {
         Ok(()) if shown => ExitCode::SUCCESS,
         Ok(()) => {
-            say_err("rolld: no status in the answer");
+            say!("no status in the answer");
             ExitCode::from(1)
         }
         Err(why) => {
-            say_err(&format!("rolld: {why}"));
+            say!("{why}");
             ExitCode::from(1)
         }
     }
@@ -490,11 +522,11 @@ fn status(target: &Target, json: bool) -> ExitCode {
 fn stop(target: &Target) -> ExitCode {
     match control::call(&socket_of(target), &control::Request::Stop, |_| {}) {
         Ok(()) => {
-            say("rolld is stopping\n");
+            out!("rolld is stopping");
             ExitCode::SUCCESS
         }
         Err(why) => {
-            say_err(&format!("rolld: {why}"));
+            say!("{why}");
             ExitCode::from(1)
         }
     }
@@ -507,7 +539,7 @@ fn raise_file_limit() {
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard {
             if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                eprintln!("rolld: cannot raise the open files limit from {soft} to {hard}: {e}");
+                say!("cannot raise the open files limit from {soft} to {hard}: {e}");
             }
         }
     }
@@ -537,7 +569,7 @@ fn run(path: &Path) -> ExitCode {
     };
     // A template that cannot render is a config error: found before anything starts.
     if let Err(why) = render_templates(&config) {
-        say_err(&format!("rolld: {why}"));
+        say!("{why}");
         return ExitCode::from(2);
     }
     if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
@@ -549,7 +581,7 @@ fn run(path: &Path) -> ExitCode {
     let mut control = match control::ControlSocket::bind(&config.control_socket()) {
         Ok(control) => control,
         Err(err) => {
-            eprintln!("rolld: {err}");
+            say!("{err}");
             return ExitCode::from(1);
         }
     };
@@ -560,14 +592,14 @@ fn run(path: &Path) -> ExitCode {
     let listener = match config.listen.map(|addr| bind(addr, "listen")).transpose() {
         Ok(listener) => listener,
         Err(why) => {
-            eprintln!("rolld: {why}");
+            say!("{why}");
             return ExitCode::from(1);
         }
     };
     let admin = match config.admin.map(|addr| bind(addr, "admin")).transpose() {
         Ok(admin) => admin,
         Err(why) => {
-            eprintln!("rolld: {why}");
+            say!("{why}");
             return ExitCode::from(1);
         }
     };
@@ -576,7 +608,7 @@ fn run(path: &Path) -> ExitCode {
             .chown(run_as.uid, run_as.gid)
             .and_then(|()| drop_privileges(run_as));
         if let Err(err) = switched {
-            eprintln!("rolld: cannot switch to user `{}`: {err}", run_as.user);
+            say!("cannot switch to user `{}`: {err}", run_as.user);
             return ExitCode::from(1);
         }
     }
@@ -584,7 +616,7 @@ fn run(path: &Path) -> ExitCode {
     let guard = match unsafe { guard::Guard::start() } {
         Ok(guard) => Arc::new(guard),
         Err(err) => {
-            eprintln!("rolld: cannot start the guard process: {err}");
+            say!("cannot start the guard process: {err}");
             return ExitCode::from(1);
         }
     };
@@ -596,7 +628,7 @@ fn run(path: &Path) -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("rolld: cannot start the runtime: {err}");
+            say!("cannot start the runtime: {err}");
             return ExitCode::from(1);
         }
     };
@@ -630,7 +662,7 @@ fn run(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            eprintln!("rolld: {err}");
+            say!("{err}");
             ExitCode::from(1)
         }
     }

@@ -3,6 +3,8 @@
 //!
 //! The pipe is always drained, so a child never blocks on a full pipe; when the file
 //! cannot be written, rolld says so in its own log, drops the lines and keeps trying.
+//! Output for rolld's own stdout/stderr goes through [`logs`]' queues, which drop (and
+//! count) lines rather than block when that stream stalls.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -14,6 +16,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tracing::{info, warn};
+
+use crate::logs::{self, Stream};
 
 /// Bumped to make every writer reopen its file (log rotation).
 pub static REOPEN: AtomicU64 = AtomicU64::new(0);
@@ -114,8 +118,15 @@ impl Writer {
                 info!(target: "rolld::run_proc", "{}", text.trim_end());
                 return;
             }
-            Sink::Stdout => std::io::stdout().lock().write_all(&self.out),
-            Sink::Stderr => std::io::stderr().lock().write_all(&self.out),
+            // Through rolld's output queues: a stalled stdout must not stall this task.
+            Sink::Stdout => {
+                logs::send(Stream::Stdout, self.out.clone());
+                return;
+            }
+            Sink::Stderr => {
+                logs::send(Stream::Stderr, self.out.clone());
+                return;
+            }
             Sink::File(path) => match self.log.file(path) {
                 Some(file) => file.write_all(&self.out),
                 None => return,

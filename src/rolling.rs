@@ -42,6 +42,8 @@ pub struct Rolled {
     pub outcome: Result<String, String>,
     /// Still waiting for the outcome.
     pub watchers: Vec<Watcher>,
+    /// Whether the new set serves (also after a failure past the swap).
+    pub swapped: bool,
 }
 
 impl Roll {
@@ -50,7 +52,29 @@ impl Roll {
         let id = self.id;
         let board = self.ctx.board.clone();
         board.rolls_started.fetch_add(1, Ordering::Relaxed);
-        let outcome = self.step_through().await;
+        // A panic in a step must not take the serving set with it: the steps borrow
+        // `self`, so whichever set serves is still in `self.current` after it.
+        let stepped = CatchPanic {
+            inner: Box::pin(self.step_through()),
+        }
+        .await;
+        let outcome = match stepped {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown".into());
+                error!(generation = id, "roll panicked: {what}");
+                Err(format!(
+                    "generation {id}: internal error ({what}); generation {} keeps serving",
+                    self.current
+                        .as_ref()
+                        .map_or_else(|| "none".to_string(), |g| g.id.to_string())
+                ))
+            }
+        };
         let took = started.elapsed();
         let outcome = match outcome {
             Ok(()) => {
@@ -76,6 +100,7 @@ impl Roll {
             }
         };
         Rolled {
+            swapped: self.current.as_ref().is_some_and(|g| g.id == id),
             current: self.current,
             outcome,
             watchers: self.watchers,
@@ -113,6 +138,15 @@ impl Roll {
             format!("starting {} process(es) ports={ports:?}", ports.len()),
         );
 
+        // Someone else on a port would fail the app's bind, or worse, pass its checks.
+        if let Some(port) = ports.iter().find(|&&p| connections::in_use(p)) {
+            return Err(format!(
+                "generation {}: port {port} is in use by another process; roll refused{}",
+                self.id,
+                self.keeps_serving()
+            ));
+        }
+
         // 1. start, 2. wait until healthy, 3. smoke-test.
         let set = self
             .upstreams
@@ -123,6 +157,8 @@ impl Roll {
             next.wait_ready(&app.health)
                 .await
                 .map_err(|e| e.to_string())?;
+            // The checks passed against whoever listens: make sure it is our process.
+            next.check_owners()?;
             self.report("checking", format!("{n}/{n} healthy", n = ports.len()));
             for test in &app.smoke_tests {
                 match test {
@@ -189,6 +225,9 @@ impl Roll {
 
         // 5. drain the old set, 6. stop it.
         old.set_serving(false);
+        if failpoint("roll-panic-after-swap", self.id) {
+            panic!("failpoint roll-panic-after-swap");
+        }
         let deadline = tokio::time::Instant::now() + app.drain_timeout;
         let timeout = humantime::format_duration(app.drain_timeout).to_string();
         let draining = Instant::now();
@@ -228,6 +267,41 @@ impl Roll {
         self.report("stopped", format!("old set stopped generation={old_id}"));
         Ok(())
     }
+}
+
+/// Runs a future, turning a panic in it into an error (std has no `catch_unwind` for
+/// futures; futures-util's needs its `std` feature).
+struct CatchPanic<F> {
+    inner: F,
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for CatchPanic<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.inner;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(inner).poll(cx)
+        })) {
+            Ok(poll) => poll.map(Ok),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// Test hook, in debug builds only: `ROLLD_FAILPOINT=NAME:GENERATION` makes the roll to
+/// that generation fail at `NAME`.
+#[cfg(debug_assertions)]
+fn failpoint(name: &str, generation: u64) -> bool {
+    std::env::var("ROLLD_FAILPOINT").is_ok_and(|v| v == format!("{name}:{generation}"))
+}
+
+#[cfg(not(debug_assertions))]
+fn failpoint(_name: &str, _generation: u64) -> bool {
+    false
 }
 
 /// Waits until no TCP connection to `ports` has been open for [`QUIET`], or `deadline`.

@@ -60,6 +60,10 @@ pub struct Snapshot {
     /// The roll in progress, if any.
     pub roll: Option<RollStatus>,
     pub last_roll: Option<LastRoll>,
+    /// Lines (rolld's log, app output) dropped because rolld's stdout or stderr was
+    /// stalled or closed.
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +198,7 @@ impl Board {
                 phase: phase.clone(),
             }),
             last_roll: s.last_roll.clone(),
+            log_lines_dropped: crate::logs::dropped(),
         }
     }
 }
@@ -245,6 +250,13 @@ impl Snapshot {
                 out,
                 "last roll: generation {} {} in {} ms: {}",
                 l.generation, l.outcome, l.duration_ms, l.message
+            );
+        }
+        if self.log_lines_dropped > 0 {
+            let _ = writeln!(
+                out,
+                "log lines dropped: {} (rolld's stdout/stderr stalled or closed)",
+                self.log_lines_dropped
             );
         }
         out

@@ -126,7 +126,11 @@ impl Supervisor {
                         current: None,
                         outcome: Err(format!("roll task failed: {join}")),
                         watchers: Vec::new(),
+                        swapped: false,
                     });
+                    if rolled.swapped {
+                        self.workset += 1;
+                    }
                     self.current = rolled.current;
                     let (ok, message) = match &rolled.outcome {
                         Ok(message) => (true, message.clone()),
@@ -136,10 +140,7 @@ impl Supervisor {
                         let _ = watcher.send(RollEvent::Done { ok, message: message.clone() });
                     }
                     match rolled.outcome {
-                        Ok(_) => {
-                            self.workset += 1;
-                            notify::notify("READY=1");
-                        }
+                        Ok(_) => notify::notify("READY=1"),
                         Err(why) if first => {
                             first_failed = Some(why);
                             break;

@@ -4,6 +4,7 @@ mod support;
 
 mod config;
 mod control;
+mod hardening;
 mod lifecycle;
 mod nginx;
 mod original;

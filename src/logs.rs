@@ -1,0 +1,161 @@
+//! rolld's own output: its log lines and the app output that goes to rolld's
+//! stdout/stderr. Nothing that serves or supervises ever writes to a descriptor itself.
+//!
+//! A stuck log collector must not stop the proxy or the supervisor, and a closed one
+//! must not kill rolld. So every line goes into a bounded queue read by one writer
+//! thread per stream; when the queue is full (the reader stalls) the line is dropped and
+//! counted, and a write that fails (EPIPE: the reader is gone) is dropped and counted
+//! too. Only that thread ever blocks on the pipe. The count is in `rolld status` and
+//! `/metrics` (`rolld_log_lines_dropped_total`).
+//!
+//! The CLI commands (`check`, `status`, `reload`, `stop`) print their answer with
+//! [`print`] instead: there blocking is right, and a failed write is ignored (never
+//! `println!`, which panics on EPIPE).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Lines waiting for a stream's writer thread; more are dropped.
+const QUEUE_LINES: usize = 4 * 1024;
+
+/// Lines dropped because a queue was full or a write failed, since start.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// One of rolld's standard streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// The queue to one stream's writer thread.
+struct Queue {
+    tx: Option<SyncSender<Vec<u8>>>,
+    /// Lines queued and not yet written (or dropped), for [`flush`].
+    pending: Arc<AtomicUsize>,
+}
+
+static STDOUT: OnceLock<Queue> = OnceLock::new();
+static STDERR: OnceLock<Queue> = OnceLock::new();
+
+impl Queue {
+    fn start(stream: Stream) -> Queue {
+        let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE_LINES);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let left = pending.clone();
+        let name = match stream {
+            Stream::Stdout => "rolld-stdout",
+            Stream::Stderr => "rolld-stderr",
+        };
+        let spawned = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                for line in rx {
+                    let written = match stream {
+                        Stream::Stdout => std::io::stdout().lock().write_all(&line),
+                        Stream::Stderr => std::io::stderr().lock().write_all(&line),
+                    };
+                    if written.is_err() {
+                        DROPPED.fetch_add(1, Ordering::Relaxed);
+                    }
+                    left.fetch_sub(1, Ordering::Release);
+                }
+            });
+        Queue {
+            // Without its thread, a stream's lines are all dropped (and counted).
+            tx: spawned.ok().map(|_| tx),
+            pending,
+        }
+    }
+
+    fn get(stream: Stream) -> &'static Queue {
+        match stream {
+            Stream::Stdout => STDOUT.get_or_init(|| Queue::start(Stream::Stdout)),
+            Stream::Stderr => STDERR.get_or_init(|| Queue::start(Stream::Stderr)),
+        }
+    }
+
+    fn send(&self, line: Vec<u8>) {
+        let Some(tx) = &self.tx else {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.pending.fetch_add(1, Ordering::Acquire);
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
+            self.pending.fetch_sub(1, Ordering::Release);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Queues `line` (a whole line, newline included) for `stream`; never blocks.
+pub fn send(stream: Stream, line: Vec<u8>) {
+    Queue::get(stream).send(line);
+}
+
+/// Lines dropped so far because rolld's stdout or stderr was full or closed.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Waits until the queued lines are written, up to `timeout` (a stalled stream must not
+/// keep rolld from exiting).
+pub fn flush(timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for queue in [STDOUT.get(), STDERR.get()].into_iter().flatten() {
+        while queue.pending.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The tracing writer: each event is one `write` of a whole formatted line.
+#[derive(Clone, Copy, Debug)]
+pub struct Writer;
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        send(Stream::Stderr, buf.to_vec());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Writer {
+    type Writer = Writer;
+
+    fn make_writer(&'a self) -> Writer {
+        Writer
+    }
+}
+
+/// Prints `text` on stdout for a CLI command; a closed stdout is not an error worth a panic.
+pub fn print(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let (tx, _rx) = sync_channel::<Vec<u8>>(2);
+        let queue = Queue {
+            tx: Some(tx),
+            pending: Arc::new(AtomicUsize::new(0)),
+        };
+        let before = dropped();
+        for _ in 0..5 {
+            queue.send(b"line\n".to_vec());
+        }
+        assert!(dropped() >= before + 3, "three of five lines dropped");
+        assert_eq!(queue.pending.load(Ordering::Relaxed), 2);
+    }
+}

@@ -1,0 +1,302 @@
+//! What a stalled or closed log pipe, a squatted port, a panicking roll or a hostile
+//! local user must not do to a running rolld.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::support::*;
+
+/// Starts rolld on `yaml` with stdout and stderr as given, and waits until the proxy
+/// answers 200 (there is no log file to watch).
+fn spawn_with_stdio(yaml: &str, listen: u16, stdout: Stdio, stderr: Stdio) -> Rolld {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("rolld.yml"), yaml).expect("write config");
+    let child = Command::new(ROLLD)
+        .arg(dir.path().join("rolld.yml"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("start rolld");
+    Rolld {
+        child: Some(child),
+        dir,
+        config: "rolld.yml".into(),
+        listen,
+    }
+}
+
+fn status_json(rolld: &Rolld) -> serde_json::Value {
+    let (_, stdout, _) = rolld.control("status", &["--json"]);
+    serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn a_stalled_stderr_does_not_stop_the_proxy_nor_the_supervisor() {
+    let fixture = Fixture::new(1);
+    let yaml = format!("proxy:\n  access_log: true\n{}", fixture.yaml());
+    // A pipe nobody reads: a stuck log collector. 64 KiB fill it after a few hundred lines,
+    // and rolld's queue (4096 lines) after a few thousand more.
+    let mut rolld = spawn_with_stdio(&yaml, fixture.listen, Stdio::piped(), Stdio::piped());
+    let _unread = (
+        rolld.child.as_mut().and_then(|c| c.stdout.take()),
+        rolld.child.as_mut().and_then(|c| c.stderr.take()),
+    );
+    wait_until("the first set serves", SOON, || {
+        get_blocking(rolld.listen, "/").is_ok_and(|(status, _)| status == 200)
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = client();
+    rt.block_on(async {
+        for i in 0..6000 {
+            // Each request also makes the app print a line on rolld's (stalled) stdout.
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                get(&client, rolld.listen, &format!("/log?msg=line-{i}")),
+            )
+            .await;
+            assert!(
+                matches!(answer, Ok(Ok((200, _)))),
+                "request {i} not answered: {answer:?}"
+            );
+        }
+    });
+    // The supervision runtime still answers and rolls.
+    let status = status_json(&rolld);
+    assert!(
+        status["log_lines_dropped"].as_u64().unwrap_or(0) > 0,
+        "dropped lines are counted: {status}"
+    );
+    rolld.signal(Signal::SIGHUP);
+    wait_until("generation 2 serves", SOON, || {
+        status_json(&rolld)["generation"].as_u64() == Some(2)
+    });
+    rolld.signal(Signal::SIGTERM);
+    assert!(rolld.wait_exit(SOON).success());
+}
+
+#[test]
+fn a_closed_stderr_neither_kills_rolld_nor_wedges_its_signals() {
+    let fixture = Fixture::new(1);
+    let yaml = format!("proxy:\n  access_log: true\n{}", fixture.yaml());
+    // `rolld rolld.yml 2>&1 | head -1`: one pipe for both, closed after the first line.
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    let writer2 = writer.try_clone().expect("dup");
+    let mut rolld = spawn_with_stdio(&yaml, fixture.listen, writer.into(), writer2.into());
+    let mut first = String::new();
+    BufReader::new(std::fs::File::from(reader))
+        .read_line(&mut first)
+        .expect("a first line");
+    // The reader is dropped here: every later write gets EPIPE.
+    wait_until("the first set serves", SOON, || {
+        get_blocking(rolld.listen, "/").is_ok_and(|(status, _)| status == 200)
+    });
+    for _ in 0..20 {
+        assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
+    }
+    rolld.signal(Signal::SIGHUP);
+    wait_until("generation 2 serves after SIGHUP", SOON, || {
+        status_json(&rolld)["generation"].as_u64() == Some(2)
+    });
+    rolld.signal(Signal::SIGTERM);
+    let status = rolld.wait_exit(SOON);
+    assert_eq!(status.code(), Some(0), "a graceful stop, not a panic");
+    // The CLI too: `rolld check CONFIG | head -0` must not panic.
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    drop(reader);
+    let check = Command::new(ROLLD)
+        .arg("check")
+        .arg(rolld.config_path())
+        .stdout(writer)
+        .status()
+        .expect("run check");
+    assert_eq!(check.code(), Some(0));
+}
+
+/// The pid of rolld's guard process, from its start-up line.
+fn guard_pid(rolld: &Rolld) -> i32 {
+    rolld
+        .log()
+        .split("guard=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .expect("the guard's pid in the log")
+}
+
+#[test]
+fn the_guard_holds_no_socket_and_no_log_pipe() {
+    let fixture = Fixture::new(1);
+    let admin = free_ports(1)[0];
+    let yaml = format!("admin: 127.0.0.1:{admin}\n{}", fixture.yaml());
+    let rolld = Rolld::spawn(&yaml, fixture.listen);
+    rolld.wait_log("roll finished", 1);
+    let guard = guard_pid(&rolld);
+    assert!(alive(guard), "the guard runs");
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{guard}/fd"))
+        .expect("the guard's descriptors")
+        .filter_map(|e| {
+            let link = std::fs::read_link(e.ok()?.path()).ok()?;
+            Some(link.display().to_string())
+        })
+        .collect();
+    // Its pipe from rolld, and /dev/null as stdin, stdout and stderr: no listener (a
+    // shutting-down rolld's clients would connect and hang), no control socket, no log.
+    let sockets: Vec<&String> = fds.iter().filter(|l| l.starts_with("socket:")).collect();
+    assert!(sockets.is_empty(), "the guard holds sockets: {fds:?}");
+    let others: Vec<&String> = fds
+        .iter()
+        .filter(|l| l.as_str() != "/dev/null" && !l.starts_with("pipe:"))
+        .collect();
+    assert!(others.is_empty(), "the guard holds more: {fds:?}");
+    assert_eq!(
+        fds.iter().filter(|l| l.starts_with("pipe:")).count(),
+        1,
+        "one pipe: {fds:?}"
+    );
+}
+
+/// A foreign HTTP server on a port: answers 200 `squatter` to anything.
+struct Squatter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Squatter {
+    fn bind(port: u16) -> Squatter {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let mut listener = None;
+        wait_until(&format!("port {port} free for the squatter"), SOON, || {
+            listener = std::net::TcpListener::bind(("127.0.0.1", port)).ok();
+            listener.is_some()
+        });
+        let listener = listener.expect("bound above");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 4096];
+                        let _ = stream.read(&mut buf);
+                        let _ = stream.write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nsquatter",
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Squatter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A fixture whose app is `app.sh PORT`: the backend, or, while a file `hold` lies
+/// beside the config, a process that never listens.
+fn holding_fixture(per_set: usize) -> Fixture {
+    Fixture::new(per_set).cmd("sh app.sh {port}")
+}
+
+fn write_app_sh(dir: &std::path::Path) {
+    std::fs::write(
+        dir.join("app.sh"),
+        format!("if [ -e hold ]; then exec sleep 600; fi\nexec {BACKEND} \"$1\"\n"),
+    )
+    .expect("write app.sh");
+}
+
+#[test]
+fn a_roll_onto_a_port_someone_else_listens_on_is_refused() {
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let taken = fixture.sets[1][0];
+    let _squatter = Squatter::bind(taken);
+    let (code, _, stderr) = rolld.control("reload", &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {taken} is in use")),
+        "the reason: {stderr}"
+    );
+    assert_eq!(get_blocking(rolld.listen, "/pid").expect("served").0, 200);
+}
+
+#[test]
+fn a_new_set_whose_port_is_answered_by_a_stranger_rolls_back() {
+    let fixture = holding_fixture(1);
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, write_app_sh);
+    rolld.wait_log("roll finished", 1);
+    std::fs::write(rolld.dir.path().join("hold"), "").expect("hold");
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("process started generation=2", 1);
+    // Taken after rolld checked it was free: the new process never listens, this does.
+    let _squatter = Squatter::bind(fixture.sets[1][0]);
+    rolld.wait_log("rolled back", 1);
+    assert!(
+        rolld.log().contains("is answered by another process"),
+        "the reason is logged"
+    );
+    let (_, body) = get_blocking(rolld.listen, "/").expect("served");
+    assert!(!body.contains("squatter"), "the old set serves: {body}");
+}
+
+#[test]
+fn a_restarted_process_whose_port_is_answered_by_a_stranger_is_not_routed_to() {
+    let fixture = holding_fixture(1);
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, write_app_sh);
+    rolld.wait_log("roll finished", 1);
+    std::fs::write(rolld.dir.path().join("hold"), "").expect("hold");
+    let pid = rolld.pids_of(1)[0];
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
+    // Taken while rolld waits to restart the process (1 s).
+    let _squatter = Squatter::bind(fixture.sets[0][0]);
+    rolld.wait_log("is answered by another process", 1);
+    for _ in 0..10 {
+        if let Ok((_, body)) = get_blocking(rolld.listen, "/") {
+            assert!(!body.contains("squatter"), "routed to the squatter");
+        }
+    }
+}
+
+#[test]
+fn a_panic_in_a_roll_keeps_the_serving_set() {
+    let fixture = Fixture::new(1);
+    let env = [("ROLLD_FAILPOINT", "roll-panic-after-swap:2".to_string())];
+    let rolld = Rolld::launch(&fixture.yaml(), fixture.listen, |_| {}, &[], &env);
+    rolld.wait_log("roll finished", 1);
+    let first = rolld.pids_of(1);
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll panicked", 1);
+    // Generation 2 was swapped in before the panic: it serves, generation 1 goes.
+    wait_until("generation 1 stopped", SOON, || {
+        first.iter().all(|&p| !alive(p))
+    });
+    for _ in 0..10 {
+        assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
+    }
+    // The next roll finds generation 2 as its old set, drains and stops it.
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("old set stopped generation=2", 1);
+    assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
+}
