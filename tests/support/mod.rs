@@ -22,15 +22,43 @@ pub const BACKEND: &str = env!("CARGO_BIN_EXE_rolld-example-backend");
 /// A generous deadline for anything that should happen "soon" on a loaded machine.
 pub const SOON: Duration = Duration::from_secs(30);
 
-/// Ports that were free a moment ago, all distinct.
+/// Ports that were free a moment ago, all distinct, and outside the kernel's ephemeral
+/// range: a port from that range can be taken as the source port of any outgoing
+/// connection (a health check, a client) between this check and the app's bind.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Below the ephemeral range (32768 on most systems, read from the kernel), above the
+    // well-known ports; each test process starts at its own offset so that test binaries
+    // running side by side rarely meet, and every port is checked free by binding it.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low: u32 = 10_000;
+    let high: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+        .clamp(low + 2_000, 65_535);
+    let span = high - low;
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + std::process::id().wrapping_mul(7_919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut ports = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        let port = (low + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        // Held until all are picked, so that one call never returns a port twice.
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+            ports.push(port);
+        }
+    }
+    assert_eq!(ports.len(), n, "{n} free ports below the ephemeral range");
+    ports
 }
 
 /// Polls `cond` until it holds or `deadline` passes.
@@ -279,13 +307,14 @@ impl Rolld {
 
     /// Runs `rolld SUBCOMMAND -c CONFIG ARGS...` and returns (exit code, stdout, stderr).
     pub fn control(&self, subcommand: &str, args: &[&str]) -> (Option<i32>, String, String) {
-        let out = Command::new(ROLLD)
-            .arg(subcommand)
-            .arg("-c")
-            .arg(self.config_path())
-            .args(args)
-            .output()
-            .expect("run a rolld control command");
+        let out = output_within(
+            Command::new(ROLLD)
+                .arg(subcommand)
+                .arg("-c")
+                .arg(self.config_path())
+                .args(args),
+            Duration::from_secs(120),
+        );
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -336,6 +365,29 @@ impl Drop for Rolld {
                 self.log_path().display(),
                 self.log()
             );
+        }
+    }
+}
+
+/// Runs `command` to its end and returns its output; a command still running after
+/// `deadline` is killed and the test fails saying so (a regression fails, not hangs).
+pub fn output_within(command: &mut Command, deadline: Duration) -> std::process::Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a command");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(out) => out.expect("wait for a command"),
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            panic!("{command:?} did not finish within {deadline:?}");
         }
     }
 }
