@@ -4,6 +4,7 @@ mod support;
 
 mod config;
 mod control;
+mod exact;
 mod hardening;
 mod lifecycle;
 mod nginx;

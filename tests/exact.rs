@@ -1,0 +1,107 @@
+//! Behaviour that only an exact test tells apart from a near miss: each test here fails
+//! for a wrong line that the broader tests let through (found by mutation testing).
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::support::*;
+
+/// An app whose process group holds a worker that records the SIGTERM it gets, then
+/// exits: the stop signal must reach the whole group, not only the leader.
+fn recording_worker_cmd(dir: &std::path::Path) -> String {
+    let script = dir.join("app.sh");
+    fs::write(
+        &script,
+        format!(
+            "worker() {{ trap 'echo term >> \"{dir}/worker-$1\"; exit 0' TERM; while :; do sleep 0.05; done; }}\nworker \"$1\" &\nexec {BACKEND} \"$1\"\n",
+            dir = dir.display()
+        ),
+    )
+    .expect("app script");
+    format!("sh {} {{port}}", script.display())
+}
+
+#[test]
+fn a_roll_stops_an_old_forking_app_with_sigterm_to_its_whole_group() {
+    let marks = tempfile::tempdir().expect("temp dir");
+    let fixture = Fixture::new(1).cmd(recording_worker_cmd(marks.path()));
+    let rolld = Rolld::start(&fixture);
+    let old_port = fixture.sets[0][0];
+    let started = Instant::now();
+    let (code, out, err) = rolld.control("reload", &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // stop_timeout is 5 s: a worker the signal missed would be SIGKILLed after it.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the roll took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        fs::read_to_string(marks.path().join(format!("worker-{old_port}"))).ok(),
+        Some("term\n".to_string()),
+        "the old set's worker got SIGTERM"
+    );
+    assert!(
+        !rolld.log().contains("SIGKILL"),
+        "nothing needed SIGKILL: {}",
+        rolld.log()
+    );
+}
+
+#[test]
+fn a_restarted_process_serves_through_the_proxy_again() {
+    // One process: while it is down nothing else can answer, so an answer through the
+    // proxy after the restart proves the proxy routes to the replacement.
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let (_, victim) = get_blocking(rolld.listen, "/pid").expect("answer");
+    kill(Pid::from_raw(victim.parse().expect("pid")), Signal::SIGKILL).expect("kill the app");
+    rolld.wait_log("restarted process is ready", 1);
+    let replacement = rolld.all_pids().last().copied().expect("a replacement pid");
+    for _ in 0..5 {
+        let (status, pid) = get_blocking(rolld.listen, "/pid").expect("proxy answers");
+        assert_eq!(
+            (status, pid),
+            (200, replacement.to_string()),
+            "answered by the restarted process"
+        );
+    }
+}
+
+#[test]
+fn a_reload_during_a_roll_waits_for_exactly_the_roll_queued_after_it() {
+    // Slow starts make the first reload's roll last, so the second arrives during it.
+    let fixture = Fixture::new(1).cmd(format!("{BACKEND} {{port}} --start-delay 700"));
+    let rolld = Rolld::start(&fixture);
+    let config = rolld.config_path();
+    let reload = || {
+        output_within(
+            std::process::Command::new(ROLLD)
+                .args(["reload", "-c"])
+                .arg(&config),
+            Duration::from_secs(120),
+        )
+    };
+    std::thread::scope(|s| {
+        let first = s.spawn(reload);
+        // The first reload's roll has begun (the start-up roll logged the first line).
+        rolld.wait_log("starting 1 process(es)", 2);
+        let second = s.spawn(reload);
+        let (first, second) = (
+            first.join().expect("first reload"),
+            second.join().expect("second reload"),
+        );
+        let (first, second) = (
+            String::from_utf8_lossy(&first.stdout).into_owned(),
+            String::from_utf8_lossy(&second.stdout).into_owned(),
+        );
+        // Start-up was generation 1; the first reload's roll serves generation 2, the
+        // roll queued by the second serves generation 3, and each waits for its own.
+        assert!(first.contains("generation 2 serving"), "first: {first}");
+        assert!(second.contains("generation 3 serving"), "second: {second}");
+    });
+    assert_eq!(rolld.count_log("roll finished"), 3, "{}", rolld.log());
+}
