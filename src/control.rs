@@ -17,7 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::signals::{Command, RollEvent};
+use crate::signals::{Command, RollEvent, StopFrom};
 use crate::status::{Board, Snapshot};
 
 /// A request from the CLI.
@@ -196,7 +196,7 @@ async fn answer(
                 .await?;
         }
         Request::Stop => {
-            let _ = commands.send(Command::Shutdown);
+            let _ = commands.send(Command::Shutdown(StopFrom::Control));
             write
                 .write_all(
                     send(Answer::Done {

@@ -299,3 +299,52 @@ fn a_panic_in_a_roll_keeps_the_serving_set() {
     rolld.wait_log("old set stopped generation=2", 1);
     assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
 }
+
+#[test]
+fn repeated_stops_and_a_following_sigterm_keep_the_shutdown_graceful() {
+    let fixture = Fixture::new(1);
+    let mut rolld = Rolld::start(&fixture);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let slow = rt.spawn(async move { get(&client(), port, "/?delay=3000").await });
+    rolld.wait_in_flight(1);
+    // `rolld stop` twice (a script retrying), then systemd's SIGTERM.
+    for _ in 0..2 {
+        let (code, _, stderr) = rolld.control("stop", &[]);
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    rolld.wait_log("already stopping gracefully", 1);
+    rolld.signal(Signal::SIGTERM);
+    rolld.wait_log("already stopping gracefully", 2);
+    let answer = rt.block_on(slow).expect("request task");
+    assert!(matches!(answer, Ok((200, _))), "{answer:?}");
+    let status = rolld.wait_exit(SOON);
+    assert_eq!(status.code(), Some(0), "a graceful stop");
+}
+
+#[test]
+fn sigterm_during_a_roll_stops_the_new_set_and_the_old_one_finishes_its_requests() {
+    let fixture = holding_fixture(1);
+    let mut rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, write_app_sh);
+    rolld.wait_log("roll finished", 1);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let slow = rt.spawn(async move { get(&client(), port, "/?delay=15000").await });
+    rolld.wait_in_flight(1);
+    // The next set never gets healthy: the roll waits for it (up to 20 s).
+    std::fs::write(rolld.dir.path().join("hold"), "").expect("hold");
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("process started generation=2", 1);
+    let next = rolld.pids_of(2);
+    rolld.signal(Signal::SIGTERM);
+    wait_until(
+        "the new set stopped while the old one still serves its request",
+        Duration::from_secs(8),
+        || next.iter().all(|&p| !alive(p)),
+    );
+    assert!(!slow.is_finished(), "the request is still in flight");
+    rolld.wait_log("rolld is shutting down", 1);
+    let answer = rt.block_on(slow).expect("request task");
+    assert!(matches!(answer, Ok((200, _))), "{answer:?}");
+    assert_eq!(rolld.wait_exit(SOON).code(), Some(0));
+}
