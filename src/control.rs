@@ -6,7 +6,6 @@
 //! runs.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,12 +91,13 @@ impl ControlSocket {
                 Err(e) => return Err(io(e)),
             }
         }
-        // Nobody else may connect: the socket is created 0600 (umask) and set so again.
+        // Nobody else may connect: the socket is created 0600 by `bind` itself (umask;
+        // no other thread creates files yet), not chmod-ed afterwards through a path that
+        // could by then name something else.
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
         let bound = std::os::unix::net::UnixListener::bind(path);
         nix::sys::stat::umask(old);
         let listener = bound.map_err(io)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         listener.set_nonblocking(true).map_err(io)?;
         Ok(ControlSocket {
             path: path.to_path_buf(),
@@ -112,7 +112,14 @@ impl ControlSocket {
     /// Hands the socket to `chown` before privileges are dropped, so rolld can still
     /// remove it at exit.
     pub fn chown(&self, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> nix::Result<()> {
-        nix::unistd::chown(&self.path, Some(uid), Some(gid))
+        // A socket cannot be opened, so no fchown; at least never through a symlink.
+        nix::unistd::fchownat(
+            None,
+            &self.path,
+            Some(uid),
+            Some(gid),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
     }
 
     /// Serves requests until the runtime stops.
@@ -158,6 +165,27 @@ async fn answer(
     board: Arc<Board>,
     upstreams: Option<Arc<rolld_proxy::Upstreams>>,
 ) -> std::io::Result<()> {
+    // The socket file is 0600, but a directory or a mode changed by hand must not open
+    // rolld to every local user: only root and rolld's own user may drive it.
+    let peer = stream.peer_cred()?;
+    let own = nix::unistd::geteuid().as_raw();
+    if peer.uid() != 0 && peer.uid() != own {
+        warn!(
+            uid = peer.uid(),
+            pid = peer.pid(),
+            "control connection refused: only root and rolld's own user (uid {own}) may use the control socket"
+        );
+        let mut stream = stream;
+        let refusal = serde_json::to_string(&Answer::Error {
+            message: format!(
+                "permission denied: uid {} is neither root nor rolld's user (uid {own})",
+                peer.uid()
+            ),
+        })
+        .unwrap_or_default();
+        stream.write_all(format!("{refusal}\n").as_bytes()).await?;
+        return Ok(());
+    }
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // One request line, bounded in size and time.
