@@ -68,17 +68,65 @@ pub fn render(template: &Path, ports: &[u16], generation: u64) -> Result<String,
 
 /// Writes `content` to `path` through a temporary file and a rename, so that a reader
 /// sees the old file or the new one, never half of one.
+///
+/// rolld may run this as root in a folder others can write to, so the temporary file
+/// has an unpredictable name and is created with `O_EXCL|O_NOFOLLOW` (a planted file or
+/// symlink makes it fail, never redirects it); it gets the replaced file's mode and
+/// owner through its descriptor, reaches the disk before the rename, and is removed
+/// when anything fails.
 pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let file_name = path
         .file_name()
         .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{file_name}.rolld-{}", std::process::id()));
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
+    // The replaced file's mode and owner; a symlink there is replaced by a file.
+    let before = std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_file());
+    let tmp = dir.join(format!(
+        ".{file_name}.rolld-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    let written = (|| {
+        match &before {
+            Some(meta) => {
+                file.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+                let owner = nix::unistd::Uid::from_raw(meta.uid());
+                let group = nix::unistd::Gid::from_raw(meta.gid());
+                if owner != nix::unistd::geteuid() || group != nix::unistd::getegid() {
+                    // Only root can give a file away; anyone else writes their own.
+                    if let Err(e) =
+                        std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))
+                    {
+                        warn!(path = %path.display(), "cannot keep the file's owner: {e}");
+                    }
+                }
+            }
+            None => file.set_permissions(std::fs::Permissions::from_mode(0o644))?,
+        }
+        file.write_all(content)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
-    })
+        return written;
+    }
+    // The rename itself, on disk.
+    if let Ok(dir) = std::fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 /// What a file looked like before an action replaced it.
@@ -255,6 +303,52 @@ mod tests {
         let (_dir, path) = template("{% for port in ports %}\n{{ port }\n");
         let err = render(&path, &[1], 1).expect_err("syntax error");
         assert!(err.contains("line 2") && err.contains("syntax"), "{err}");
+    }
+
+    #[test]
+    fn an_atomic_write_never_follows_a_planted_symlink() {
+        let dir = tempfile::tempdir().expect("dir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("write");
+        let path = dir.path().join("out.conf");
+        // Where a temporary file with a predictable name would go.
+        let planted = dir
+            .path()
+            .join(format!(".out.conf.rolld-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).expect("symlink");
+        write_atomically(&path, b"new").expect("write");
+        assert_eq!(std::fs::read(&victim).expect("read"), b"precious");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+    }
+
+    #[test]
+    fn an_atomic_write_keeps_the_mode_and_owner_of_the_replaced_file() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("out.conf");
+        std::fs::write(&path, b"old").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let root = nix::unistd::geteuid().is_root();
+        if root {
+            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).expect("chown");
+        }
+        write_atomically(&path, b"new").expect("write");
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!(meta.mode() & 0o7777, 0o640);
+        if root {
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        }
+    }
+
+    #[test]
+    fn a_failed_atomic_write_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        // A non-empty folder where the file should go: the rename fails.
+        let path = dir.path().join("out.conf");
+        std::fs::create_dir(&path).expect("dir");
+        std::fs::write(path.join("inside"), b"x").expect("write");
+        assert!(write_atomically(&path, b"new").is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 1);
     }
 
     #[test]

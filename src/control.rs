@@ -6,7 +6,6 @@
 //! runs.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,7 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::signals::{Command, RollEvent};
+use crate::signals::{Command, RollEvent, StopFrom};
 use crate::status::{Board, Snapshot};
 
 /// A request from the CLI.
@@ -92,12 +91,13 @@ impl ControlSocket {
                 Err(e) => return Err(io(e)),
             }
         }
-        // Nobody else may connect: the socket is created 0600 (umask) and set so again.
+        // Nobody else may connect: the socket is created 0600 by `bind` itself (umask;
+        // no other thread creates files yet), not chmod-ed afterwards through a path that
+        // could by then name something else.
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
         let bound = std::os::unix::net::UnixListener::bind(path);
         nix::sys::stat::umask(old);
         let listener = bound.map_err(io)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         listener.set_nonblocking(true).map_err(io)?;
         Ok(ControlSocket {
             path: path.to_path_buf(),
@@ -112,7 +112,14 @@ impl ControlSocket {
     /// Hands the socket to `chown` before privileges are dropped, so rolld can still
     /// remove it at exit.
     pub fn chown(&self, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> nix::Result<()> {
-        nix::unistd::chown(&self.path, Some(uid), Some(gid))
+        // A socket cannot be opened, so no fchown; at least never through a symlink.
+        nix::unistd::fchownat(
+            None,
+            &self.path,
+            Some(uid),
+            Some(gid),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
     }
 
     /// Serves requests until the runtime stops.
@@ -158,6 +165,27 @@ async fn answer(
     board: Arc<Board>,
     upstreams: Option<Arc<rolld_proxy::Upstreams>>,
 ) -> std::io::Result<()> {
+    // The socket file is 0600, but a directory or a mode changed by hand must not open
+    // rolld to every local user: only root and rolld's own user may drive it.
+    let peer = stream.peer_cred()?;
+    let own = nix::unistd::geteuid().as_raw();
+    if peer.uid() != 0 && peer.uid() != own {
+        warn!(
+            uid = peer.uid(),
+            pid = peer.pid(),
+            "control connection refused: only root and rolld's own user (uid {own}) may use the control socket"
+        );
+        let mut stream = stream;
+        let refusal = serde_json::to_string(&Answer::Error {
+            message: format!(
+                "permission denied: uid {} is neither root nor rolld's user (uid {own})",
+                peer.uid()
+            ),
+        })
+        .unwrap_or_default();
+        stream.write_all(format!("{refusal}\n").as_bytes()).await?;
+        return Ok(());
+    }
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // One request line, bounded in size and time.
@@ -196,7 +224,7 @@ async fn answer(
                 .await?;
         }
         Request::Stop => {
-            let _ = commands.send(Command::Shutdown);
+            let _ = commands.send(Command::Shutdown(StopFrom::Control));
             write
                 .write_all(
                     send(Answer::Done {
@@ -266,16 +294,25 @@ pub fn call(socket: &Path, request: &Request, mut each: impl FnMut(Answer)) -> R
     })?;
     let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .map_err(|e| format!("cannot send to rolld: {e}"))?;
+    // rolld may answer (a refusal) and close before reading the request: what it said
+    // is still there to read, and says more than the failed send would.
+    let sent = stream.write_all(line.as_bytes());
+    let mut answered = false;
     for line in BufReader::new(stream).lines() {
-        let line = line.map_err(|e| format!("reading rolld's answer: {e}"))?;
+        let line = match line {
+            Ok(line) => line,
+            Err(_) if sent.is_err() => break,
+            Err(e) => return Err(format!("reading rolld's answer: {e}")),
+        };
         let answer =
             serde_json::from_str(&line).map_err(|e| format!("rolld answered `{line}`: {e}"))?;
+        answered = true;
         each(answer);
     }
-    Ok(())
+    match sent {
+        Err(e) if !answered => Err(format!("cannot send to rolld: {e}")),
+        _ => Ok(()),
+    }
 }
 
 /// The socket path for `config`: `control_socket` if set, else beside the config file.

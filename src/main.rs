@@ -494,6 +494,9 @@ fn reload(target: &Target, wait: bool) -> ExitCode {
 fn status(target: &Target, json: bool) -> ExitCode {
     let mut shown = false;
     let called = control::call(&socket_of(target), &control::Request::Status, |answer| {
+        if let control::Answer::Error { message } = &answer {
+            say!("{message}");
+        }
         if let control::Answer::Status { status } = answer {
             shown = true;
             if json {
@@ -520,7 +523,15 @@ fn status(target: &Target, json: bool) -> ExitCode {
 }
 
 fn stop(target: &Target) -> ExitCode {
-    match control::call(&socket_of(target), &control::Request::Stop, |_| {}) {
+    let mut refused = false;
+    let called = control::call(&socket_of(target), &control::Request::Stop, |answer| {
+        if let control::Answer::Error { message } = answer {
+            say!("{message}");
+            refused = true;
+        }
+    });
+    match called {
+        Ok(()) if refused => ExitCode::from(1),
         Ok(()) => {
             out!("rolld is stopping");
             ExitCode::SUCCESS
@@ -545,13 +556,15 @@ fn raise_file_limit() {
     }
 }
 
-/// Switches to `run_as` for good: supplementary groups, group, then user.
+/// Switches to `run_as` for good: the user's supplementary groups (as `login` sets
+/// them, from the group database), its group, then the user.
 fn drop_privileges(run_as: &config::RunAs) -> nix::Result<()> {
-    use nix::unistd::{getuid, setgid, setgroups, setuid};
+    use nix::unistd::{getuid, initgroups, setgid, setuid};
     if getuid() == run_as.uid {
         return Ok(());
     }
-    setgroups(&[run_as.gid])?;
+    let user = std::ffi::CString::new(run_as.user.as_str()).map_err(|_| nix::Error::EINVAL)?;
+    initgroups(&user, run_as.gid)?;
     setgid(run_as.gid)?;
     setuid(run_as.uid)
 }

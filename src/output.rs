@@ -172,9 +172,55 @@ impl LogFile {
     }
 }
 
+/// Opens (creates) a process's log file for appending.
+///
+/// A log path that is a symlink is followed when an admin could have made it (a link
+/// into /var/log is common), but not in a folder anyone can write to (/tmp): there the
+/// link may be another user's, aimed at a file rolld (root) would then append to.
 fn open_log(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut options = OpenOptions::new();
+    options.create(true).append(true).mode(0o644);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        if std::fs::metadata(parent).is_ok_and(|m| m.permissions().mode() & 0o002 != 0) {
+            options.custom_flags(nix::libc::O_NOFOLLOW);
+        }
     }
-    OpenOptions::new().create(true).append(true).open(path)
+    options.open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_log_symlink_is_followed_only_outside_world_writable_folders() {
+        let target_dir = tempfile::tempdir().expect("dir");
+        let target = target_dir.path().join("real.log");
+        let private = tempfile::tempdir().expect("dir");
+        let link = private.path().join("app.log");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        open_log(&link)
+            .and_then(|mut f| f.write_all(b"line\n"))
+            .expect("an admin's link is followed");
+        assert_eq!(std::fs::read(&target).expect("read"), b"line\n");
+
+        let public = tempfile::tempdir().expect("dir");
+        std::fs::set_permissions(public.path(), std::fs::Permissions::from_mode(0o1777))
+            .expect("chmod");
+        let link = public.path().join("app.log");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        assert!(
+            open_log(&link).is_err(),
+            "a link in a world-writable folder"
+        );
+        assert_eq!(std::fs::read(&target).expect("read"), b"line\n");
+    }
 }

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use rand::Rng;
 use rolld_proxy::{UpstreamSet, Upstreams};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::actions;
@@ -32,6 +33,9 @@ pub struct Roll {
     pub workset: usize,
     /// Who hears this roll's progress (`rolld reload`).
     pub watchers: Vec<Watcher>,
+    /// Turns true when rolld shuts down: a roll that has not swapped yet stops its new
+    /// set and leaves the old one serving.
+    pub cancel: watch::Receiver<bool>,
 }
 
 /// What a roll leaves behind.
@@ -169,7 +173,17 @@ impl Roll {
             }
             Ok::<(), String>(())
         };
-        if let Err(why) = checked.await {
+        let mut cancel = self.cancel.clone();
+        let cancelled = async move {
+            if cancel.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let checked = tokio::select! {
+            checked = checked => checked,
+            () = cancelled => Err("rolld is shutting down".to_string()),
+        };
+        if let Err(why) = checked {
             next.terminate(StopHow::from_config(&self.config)).await;
             return Err(format!(
                 "generation {}: {why}; new processes stopped{}",

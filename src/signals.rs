@@ -10,10 +10,21 @@ pub enum Command {
     /// Roll to a new generation (SIGHUP, `rolld reload`). A watcher hears the roll's
     /// progress and outcome.
     Roll { watcher: Option<Watcher> },
-    /// Stop gracefully (SIGTERM, SIGINT); a second one stops at once.
-    Shutdown,
+    /// Stop gracefully (SIGTERM, SIGINT, `rolld stop`). A second *signal* during the
+    /// shutdown stops at once; `rolld stop` never does, so a repeated `rolld stop`, or
+    /// `rolld stop` followed by systemd's SIGTERM, keeps the shutdown graceful.
+    Shutdown(StopFrom),
     /// Reopen child log files (SIGUSR1), after log rotation.
     ReopenLogs,
+}
+
+/// Who asked for a shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopFrom {
+    /// SIGTERM or SIGINT: a person or a service manager.
+    Signal,
+    /// `rolld stop` over the control socket.
+    Control,
 }
 
 /// Where a roll reports to whoever asked for it (`rolld reload`).
@@ -52,7 +63,7 @@ pub fn listen() -> std::io::Result<(
                 info!("received {name}");
                 let command = match command {
                     Kind::Roll => Command::Roll { watcher: None },
-                    Kind::Shutdown => Command::Shutdown,
+                    Kind::Shutdown => Command::Shutdown(StopFrom::Signal),
                     Kind::ReopenLogs => Command::ReopenLogs,
                 };
                 if tx.send(command).is_err() {

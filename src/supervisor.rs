@@ -17,7 +17,7 @@ use crate::notify;
 use crate::output;
 use crate::process::{Reaper, Spawner};
 use crate::rolling::{Roll, Rolled};
-use crate::signals::{Command, RollEvent, Watcher};
+use crate::signals::{Command, RollEvent, StopFrom, Watcher};
 use crate::status::Board;
 
 /// Why rolld stopped other than by a clean shutdown.
@@ -42,6 +42,8 @@ pub struct Supervisor {
     /// The workset of the next roll.
     workset: usize,
     shutdown: watch::Sender<Option<StopHow>>,
+    /// Tells a roll in progress that rolld is shutting down.
+    cancel_roll: watch::Sender<bool>,
     alive: mpsc::Receiver<()>,
 }
 
@@ -74,6 +76,7 @@ impl Supervisor {
             next_id: 1,
             workset: 0,
             shutdown,
+            cancel_roll: watch::channel(false).0,
             alive,
         })
     }
@@ -105,6 +108,7 @@ impl Supervisor {
         // Asked for while a roll runs: one more roll after it, and who waits for it.
         let mut queued: Option<Vec<Watcher>> = None;
         let mut first_failed = None;
+        let mut stopped_by = None;
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -118,7 +122,11 @@ impl Supervisor {
                         output::REOPEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         info!("reopening process log files");
                     }
-                    Some(Command::Shutdown) | None => break,
+                    Some(Command::Shutdown(from)) => {
+                        stopped_by = Some(from);
+                        break;
+                    }
+                    None => break,
                 },
                 rolled = async { roll.as_mut().expect("guarded by `if roll.is_some()`").await }, if roll.is_some() => {
                     roll = None;
@@ -165,7 +173,7 @@ impl Supervisor {
                 });
             }
         }
-        self.shutdown(stop_accepting, server, roll, &mut commands)
+        self.shutdown(stop_accepting, server, roll, stopped_by, &mut commands)
             .await?;
         match first_failed {
             Some(why) => Err(RunError::FirstSetFailed(why)),
@@ -256,26 +264,29 @@ impl Supervisor {
             id,
             workset: self.workset,
             watchers,
+            cancel: self.cancel_roll.subscribe(),
         };
         tokio::spawn(roll.run())
     }
 
-    /// Graceful shutdown: stop accepting, let in-flight requests finish (up to
-    /// `drain_timeout`), then stop every process and wait until all are reaped.
-    /// A second SIGTERM/SIGINT ends it at once.
+    /// Graceful shutdown: stop accepting and stop a roll in progress, let in-flight
+    /// requests finish (up to `drain_timeout`), then stop every process and wait until
+    /// all are reaped. A second SIGTERM/SIGINT ends it at once; `rolld stop` never does.
     async fn shutdown(
         self,
         stop_accepting: Option<oneshot::Sender<Duration>>,
         server: Option<JoinHandle<std::io::Result<()>>>,
         roll: Option<JoinHandle<Rolled>>,
+        stopped_by: Option<StopFrom>,
         commands: &mut mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), RunError> {
         let Supervisor {
             config,
             ctx,
             upstreams,
-            current,
+            mut current,
             shutdown,
+            cancel_roll,
             mut alive,
             proxy,
             ..
@@ -285,8 +296,32 @@ impl Supervisor {
         let how = StopHow::from_config(&config);
         let graceful = async move {
             let deadline = tokio::time::Instant::now() + drain_timeout;
-            if let (Some(stop), Some(server)) = (stop_accepting, server) {
+            // New clients are refused from now on.
+            if let Some(stop) = stop_accepting {
                 let _ = stop.send(drain_timeout);
+            }
+            // A roll that has not swapped stops its new set and hands back the old one;
+            // one past its swap finishes draining and stopping its old set.
+            let _ = cancel_roll.send(true);
+            if let Some(roll) = roll {
+                match roll.await {
+                    Ok(rolled) => {
+                        current = rolled.current;
+                        let (ok, message) = match rolled.outcome {
+                            Ok(message) => (true, message),
+                            Err(why) => (false, why),
+                        };
+                        for watcher in rolled.watchers {
+                            let _ = watcher.send(RollEvent::Done {
+                                ok,
+                                message: message.clone(),
+                            });
+                        }
+                    }
+                    Err(join) => warn!("roll task: {join}"),
+                }
+            }
+            if let Some(server) = server {
                 match server.await {
                     Ok(Ok(())) => {}
                     Ok(Err(err)) => warn!("front listener: {err}"),
@@ -305,11 +340,6 @@ impl Supervisor {
                 }
             }
             let _ = shutdown.send(Some(how));
-            if let Some(roll) = roll {
-                // Dropping a roll's generations stops their processes.
-                roll.abort();
-                let _ = roll.await;
-            }
             if let Some(current) = current {
                 current.terminate(how).await;
             }
@@ -323,15 +353,25 @@ impl Supervisor {
                 info!("all processes stopped");
                 Ok(())
             }
-            () = second_signal(commands) => Err(RunError::Forced),
+            () = second_signal(commands, stopped_by == Some(StopFrom::Signal)) => Err(RunError::Forced),
         }
     }
 }
 
-async fn second_signal(commands: &mut mpsc::UnboundedReceiver<Command>) {
+/// Resolves on the second SIGTERM/SIGINT of the shutdown (`signalled`: the shutdown
+/// began with one). `rolld stop` neither escalates nor counts: scripts and service
+/// managers repeat themselves, only a person's second signal means "now".
+async fn second_signal(commands: &mut mpsc::UnboundedReceiver<Command>, mut signalled: bool) {
     loop {
         match commands.recv().await {
-            Some(Command::Shutdown) => return,
+            Some(Command::Shutdown(StopFrom::Signal)) if signalled => return,
+            Some(Command::Shutdown(StopFrom::Signal)) => {
+                signalled = true;
+                info!("already stopping gracefully; a second signal stops at once");
+            }
+            Some(Command::Shutdown(StopFrom::Control)) => {
+                info!("already stopping gracefully");
+            }
             Some(_) => {}
             None => std::future::pending().await,
         }

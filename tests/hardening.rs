@@ -300,3 +300,151 @@ fn a_panic_in_a_roll_keeps_the_serving_set() {
     rolld.wait_log("old set stopped generation=2", 1);
     assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
 }
+
+#[test]
+fn repeated_stops_and_a_following_sigterm_keep_the_shutdown_graceful() {
+    let fixture = Fixture::new(1);
+    let mut rolld = Rolld::start(&fixture);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let slow = rt.spawn(async move { get(&client(), port, "/?delay=3000").await });
+    rolld.wait_in_flight(1);
+    // `rolld stop` twice (a script retrying), then systemd's SIGTERM.
+    for _ in 0..2 {
+        let (code, _, stderr) = rolld.control("stop", &[]);
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    rolld.wait_log("already stopping gracefully", 1);
+    rolld.signal(Signal::SIGTERM);
+    rolld.wait_log("already stopping gracefully", 2);
+    let answer = rt.block_on(slow).expect("request task");
+    assert!(matches!(answer, Ok((200, _))), "{answer:?}");
+    let status = rolld.wait_exit(SOON);
+    assert_eq!(status.code(), Some(0), "a graceful stop");
+}
+
+#[test]
+fn sigterm_during_a_roll_stops_the_new_set_and_the_old_one_finishes_its_requests() {
+    let fixture = holding_fixture(1);
+    let mut rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, write_app_sh);
+    rolld.wait_log("roll finished", 1);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let slow = rt.spawn(async move { get(&client(), port, "/?delay=15000").await });
+    rolld.wait_in_flight(1);
+    // The next set never gets healthy: the roll waits for it (up to 20 s).
+    std::fs::write(rolld.dir.path().join("hold"), "").expect("hold");
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("process started generation=2", 1);
+    let next = rolld.pids_of(2);
+    rolld.signal(Signal::SIGTERM);
+    wait_until(
+        "the new set stopped while the old one still serves its request",
+        Duration::from_secs(8),
+        || next.iter().all(|&p| !alive(p)),
+    );
+    assert!(!slow.is_finished(), "the request is still in flight");
+    rolld.wait_log("rolld is shutting down", 1);
+    let answer = rt.block_on(slow).expect("request task");
+    assert!(matches!(answer, Ok((200, _))), "{answer:?}");
+    assert_eq!(rolld.wait_exit(SOON).code(), Some(0));
+}
+
+#[test]
+fn the_control_socket_refuses_other_users_even_when_its_mode_lets_them_connect() {
+    if !root_or_skip("running a client as another user") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("lookup")
+        .expect("user nobody exists");
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, |dir| {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    });
+    rolld.wait_log("roll finished", 1);
+    // An admin's mistake: the socket opened to everyone.
+    let socket = rolld.dir.path().join("rolld.sock");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let (_bin, cli) = world_readable_copy(ROLLD);
+    let run_as_nobody = |subcommand: &str| {
+        Command::new(&cli)
+            .arg(subcommand)
+            .arg("--socket")
+            .arg(&socket)
+            .uid(nobody.uid.as_raw())
+            .gid(nobody.gid.as_raw())
+            .output()
+            .expect("run the CLI as nobody")
+    };
+    for subcommand in ["status", "stop", "reload"] {
+        let out = run_as_nobody(subcommand);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{subcommand} refused: {stderr}");
+        assert!(
+            stderr.contains("permission denied"),
+            "{subcommand}: {stderr}"
+        );
+    }
+    // rolld goes on serving, and its own user (root here) still drives it.
+    assert_eq!(get_blocking(rolld.listen, "/").expect("served").0, 200);
+    let (code, stdout, _) = rolld.control("status", &[]);
+    assert_eq!(code, Some(0), "{stdout}");
+}
+
+/// A user other than root with a supplementary group (from /etc/group), if any.
+fn user_with_supplementary_group() -> Option<(String, u32)> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        let gid: u32 = fields.get(2)?.parse().ok()?;
+        fields.get(3)?.split(',').find_map(|member| {
+            let user = nix::unistd::User::from_name(member).ok()??;
+            (user.uid.as_raw() != 0 && user.gid.as_raw() != gid).then(|| (member.to_string(), gid))
+        })
+    })
+}
+
+#[test]
+fn the_configured_user_gets_its_supplementary_groups() {
+    if !root_or_skip("switching users") {
+        return;
+    }
+    let Some((user, group)) = user_with_supplementary_group() else {
+        eprintln!("SKIPPED: no user with a supplementary group in /etc/group");
+        return;
+    };
+    let (_bin, backend) = world_readable_copy(BACKEND);
+    let fixture = Fixture::new(1).cmd(format!("{} {{port}}", backend.display()));
+    let yaml = format!("user: {user}\n{}", fixture.yaml());
+    let rolld = Rolld::spawn_with(&yaml, fixture.listen, |dir| {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+    });
+    rolld.wait_log("roll finished", 1);
+    let groups_of = |pid: i32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let app = rolld.pids_of(1)[0];
+    assert!(
+        groups_of(rolld.pid()).contains(&group),
+        "rolld runs with {user}'s group {group}: {:?}",
+        groups_of(rolld.pid())
+    );
+    assert!(
+        groups_of(app).contains(&group),
+        "its app too: {:?}",
+        groups_of(app)
+    );
+}

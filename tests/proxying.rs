@@ -142,15 +142,15 @@ fn rolld_and_its_processes_run_as_the_configured_user_after_binding() {
     let nobody = nix::unistd::User::from_name("nobody")
         .expect("lookup")
         .expect("user nobody exists");
-    let fixture = Fixture::new(1);
+    // What nobody runs lies where nobody can read it, wherever the checkout is.
+    let (_bin, backend) = world_readable_copy(BACKEND);
+    let fixture = Fixture::new(1).cmd(format!("{} {{port}}", backend.display()));
     let yaml = format!("user: nobody\n{}", fixture.yaml());
-    let rolld = Rolld::spawn(&yaml, fixture.listen);
     // nobody must be able to read the config (rolls re-read it) and write logs here.
-    std::fs::set_permissions(
-        rolld.dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    let rolld = Rolld::spawn_with(&yaml, fixture.listen, |dir| {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+    });
     rolld.wait_log("roll finished", 1);
     let uid_of = |pid: i32| -> u32 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");

@@ -440,6 +440,35 @@ pub fn get_blocking(port: u16, path: &str) -> Result<(u16, String), String> {
     rt.block_on(async { get(&client(), port, path).await })
 }
 
+/// A copy of the executable `program` in a new folder that every user can read and
+/// search, for tests that run it as another user: the checkout's own folders may be
+/// private (a clone under a private temporary folder).
+pub fn world_readable_copy(program: &str) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let name = Path::new(program).file_name().expect("a file name");
+    let copy = dir.path().join(name);
+    fs::copy(program, &copy).expect("copy the program");
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod program");
+    (dir, copy)
+}
+
+/// Whether the tests run as root; if not, says why a test is skipped (and fails under
+/// CI, which runs as root).
+pub fn root_or_skip(why: &str) -> bool {
+    if nix::unistd::getuid().is_root() {
+        return true;
+    }
+    let msg = format!("SKIPPED: {why} needs root");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{msg}, and CI runs as root"
+    );
+    eprintln!("{msg}");
+    false
+}
+
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
