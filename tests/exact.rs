@@ -105,3 +105,85 @@ fn a_reload_during_a_roll_waits_for_exactly_the_roll_queued_after_it() {
     });
     assert_eq!(rolld.count_log("roll finished"), 3, "{}", rolld.log());
 }
+
+/// An HTTP/2 (h2c prior knowledge) connection to `port` on `rt`.
+fn h2_connect(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("h2c handshake");
+        tokio::spawn(conn);
+        send
+    })
+}
+
+async fn h2_get(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(format!("http://x{path}"))
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let res = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[test]
+fn one_http2_connection_is_served_across_a_roll_and_gets_goaway_at_shutdown() {
+    let fixture = Fixture::new(2);
+    let mut rolld = Rolld::start(&fixture);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let mut send = h2_connect(&rt, fixture.listen);
+    // Requests on the one connection before, during and after a roll: all answered,
+    // first by the old set, at the end by the new one.
+    let new_ports: Vec<String> = fixture.sets[1].iter().map(u16::to_string).collect();
+    rolld.signal(Signal::SIGHUP);
+    let started = Instant::now();
+    let mut answered_by_new = false;
+    while started.elapsed() < SOON && !answered_by_new {
+        let (status, body) = rt
+            .block_on(h2_get(&mut send, "/?delay=5"))
+            .expect("every request on the connection is answered");
+        assert_eq!(status, 200, "{body}");
+        answered_by_new = new_ports
+            .iter()
+            .any(|p| body.contains(&format!("from {p} ")));
+    }
+    assert!(answered_by_new, "the new set serves the same connection");
+    rolld.wait_log("roll finished", 2);
+
+    // A slow request in flight, then SIGTERM: the request finishes, the connection gets
+    // GOAWAY (a new stream is refused at once), and rolld exits cleanly.
+    let mut slow_send = send.clone();
+    let slow = rt.spawn(async move { h2_get(&mut slow_send, "/?delay=1500").await });
+    rolld.wait_in_flight(1);
+    rolld.signal(Signal::SIGTERM);
+    rolld.wait_log("front listener closed", 1);
+    let refused = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), h2_get(&mut send, "/")).await
+    });
+    assert!(
+        matches!(refused, Ok(Err(_))),
+        "a new stream after GOAWAY is refused at once: {refused:?}"
+    );
+    let slow = rt.block_on(slow).expect("slow request task");
+    assert!(matches!(slow, Ok((200, _))), "{slow:?}");
+    assert_eq!(rolld.wait_exit(SOON).code(), Some(0));
+}
