@@ -133,3 +133,70 @@ async fn a_post_on_a_reused_connection_the_app_closed_after_reading_gets_502_and
     assert!(second.starts_with("HTTP/1.1 502"), "{second}");
     assert_eq!(up.count("POST /pay"), 1, "the POST reached the app once");
 }
+
+#[tokio::test]
+async fn a_pooled_connection_idle_longer_than_4s_is_not_reused() {
+    // App servers close idle keep-alive connections after a few seconds (5 s is common);
+    // reusing one at that moment would fail the request, so rolld keeps them 4 s.
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = ProxyConfig::default();
+    cfg.workers = 1; // one pool: pools are per upstream and worker thread
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    assert!(get_once(front.addr).await.ends_with("hi"));
+    assert!(get_once(front.addr).await.ends_with("hi"));
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "reused while fresh"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(4_300)).await;
+    assert!(get_once(front.addr).await.ends_with("hi"));
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        2,
+        "a connection idle for 4.3 s is not reused"
+    );
+}
+
+#[tokio::test]
+async fn at_most_64_idle_connections_per_upstream_are_kept() {
+    // 70 requests at once, each held by the upstream until all 70 have arrived: 70
+    // upstream connections. Once answered, the pool keeps 64 and closes the other 6.
+    const BURST: usize = 70;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let arrived = Arc::new(tokio::sync::Semaphore::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (a, c) = (arrived.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (arrived, closed) = (a.clone(), c.clone());
+            tokio::spawn(async move {
+                while read_one(&mut stream).await.is_some() {
+                    arrived.add_permits(1);
+                    // Answer once every request of the burst is here.
+                    let all = arrived.acquire_many(BURST as u32).await.expect("permits");
+                    all.forget();
+                    arrived.add_permits(BURST);
+                    let _ = stream.write_all(&ok("hi")).await;
+                }
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let mut cfg = ProxyConfig::default();
+    cfg.workers = 1; // one pool: the cap is per upstream and worker thread
+    let front = Front::start(cfg, &[addr], Balance::LeastConn).await;
+    let clients: Vec<_> = (0..BURST)
+        .map(|_| tokio::spawn(get_once(front.addr)))
+        .collect();
+    for client in clients {
+        assert!(client.await.expect("client").ends_with("hi"));
+    }
+    let deadline = tokio::time::Instant::now() + SOON;
+    while closed.load(Ordering::SeqCst) < BURST - 64 {
+        assert!(tokio::time::Instant::now() < deadline, "surplus closed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(closed.load(Ordering::SeqCst), BURST - 64, "64 kept idle");
+}
