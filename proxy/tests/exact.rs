@@ -139,8 +139,11 @@ async fn a_pooled_connection_idle_longer_than_4s_is_not_reused() {
     // App servers close idle keep-alive connections after a few seconds (5 s is common);
     // reusing one at that moment would fail the request, so rolld keeps them 4 s.
     let up = Upstream::start(Script::Reply(ok("hi"))).await;
-    let mut cfg = ProxyConfig::default();
-    cfg.workers = 1; // one pool: pools are per upstream and worker thread
+    // One pool: pools are per upstream and worker thread.
+    let cfg = ProxyConfig {
+        workers: 1,
+        ..ProxyConfig::default()
+    };
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     assert!(get_once(front.addr).await.ends_with("hi"));
     assert!(get_once(front.addr).await.ends_with("hi"));
@@ -184,8 +187,11 @@ async fn at_most_64_idle_connections_per_upstream_are_kept() {
             });
         }
     });
-    let mut cfg = ProxyConfig::default();
-    cfg.workers = 1; // one pool: the cap is per upstream and worker thread
+    // One pool: the cap is per upstream and worker thread.
+    let cfg = ProxyConfig {
+        workers: 1,
+        ..ProxyConfig::default()
+    };
     let front = Front::start(cfg, &[addr], Balance::LeastConn).await;
     let clients: Vec<_> = (0..BURST)
         .map(|_| tokio::spawn(get_once(front.addr)))
