@@ -260,6 +260,15 @@ impl Proxy {
             let mut conn = match checkout {
                 Ok(conn) => conn,
                 Err(source) => {
+                    if !blames_upstream(&source) {
+                        // Short of descriptors or local ports: the next upstream would
+                        // fail the same way, and marking this one down would turn a
+                        // shortage of ours into 503s for everyone.
+                        return Err(ProxyError::Connect {
+                            upstream: upstream.addr(),
+                            source,
+                        });
+                    }
                     upstream.mark_down_for(self.config.down_period);
                     if !lease.reroute() {
                         return Err(ProxyError::Connect {
@@ -306,6 +315,22 @@ impl Proxy {
         }
         Err(ProxyError::Exhausted)
     }
+}
+
+/// Whether a failed connect says the upstream is down (refused, timed out, unreachable,
+/// reset), rather than this machine being short of something (EMFILE, ENFILE,
+/// EADDRNOTAVAIL, ENOBUFS...), which says nothing about the upstream.
+fn blames_upstream(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        err.kind(),
+        ConnectionRefused
+            | TimedOut
+            | HostUnreachable
+            | NetworkUnreachable
+            | ConnectionReset
+            | ConnectionAborted
+    )
 }
 
 /// A failed send that was the client's doing: its body was too large, idle, or broken.
@@ -392,6 +417,27 @@ async fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_failures_of_the_upstream_mark_it_down() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::TimedOut,
+            ErrorKind::HostUnreachable,
+            ErrorKind::NetworkUnreachable,
+            ErrorKind::ConnectionReset,
+        ] {
+            assert!(blames_upstream(&Error::from(kind)), "{kind:?}");
+        }
+        // EMFILE, ENFILE, EADDRNOTAVAIL, ENOBUFS on Linux.
+        for errno in [24, 23, 99, 105] {
+            assert!(
+                !blames_upstream(&Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+    }
 
     #[test]
     fn absolute_form_becomes_origin_form() {
