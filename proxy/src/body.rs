@@ -7,6 +7,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use crate::access::AccessLog;
 use crate::activity::Busy;
 use crate::pool::Conn;
 use crate::upstream::InFlight;
+use crate::watchdog::Progress;
 
 /// Why a body was cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +171,8 @@ pub struct ResponseBody {
     kind: Kind,
     /// Keeps the client connection's request in progress until hyper drops the body.
     _busy: Option<Busy>,
+    /// The HTTP/2 stream's watchdog, told of every chunk taken.
+    progress: Option<Arc<Progress>>,
 }
 
 enum Kind {
@@ -183,6 +187,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full(Some(bytes)),
             _busy: None,
+            progress: None,
         }
     }
 
@@ -190,6 +195,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full(None),
             _busy: None,
+            progress: None,
         }
     }
 
@@ -198,12 +204,20 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Upstream(body),
             _busy: None,
+            progress: None,
         }
     }
 
     /// Keeps the client connection's request in progress until this body is dropped.
     pub(crate) fn holding(mut self, busy: Option<Busy>) -> Self {
         self._busy = busy;
+        self
+    }
+
+    /// Reports progress to the HTTP/2 stream's watchdog, which starts now.
+    pub(crate) fn watched(mut self, progress: Arc<Progress>) -> Self {
+        progress.sending();
+        self.progress = Some(progress);
         self
     }
 }
@@ -273,7 +287,33 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        let polled = this.poll_kind(cx);
+        if let (Some(progress), Poll::Ready(Some(Ok(_)))) = (&this.progress, &polled) {
+            progress.moved();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(up) => up.body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Upstream(up) => up.body.size_hint(),
+        }
+    }
+}
+
+impl ResponseBody {
+    fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -302,21 +342,6 @@ impl Body for ResponseBody {
                     Poll::Pending => Poll::Pending,
                 },
             },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(bytes) => bytes.is_none(),
-            Kind::Upstream(up) => up.body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(up) => up.body.size_hint(),
         }
     }
 }

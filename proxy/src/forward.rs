@@ -14,18 +14,20 @@ use tracing::{debug, warn};
 use crate::access::AccessLog;
 use crate::activity::{Activity, Busy};
 use crate::body::{BodyError, ClientBodyFailed, RequestBody, ResponseBody, UpstreamBody};
-use crate::config::ProxyConfig;
+use crate::config::{Limits, ProxyConfig};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::pool::Conn;
 use crate::stats::Stats;
 use crate::upstream::{InFlight, Upstreams};
+use crate::watchdog::Progress;
 
 /// The reverse proxy: shared by every connection of the front listener.
 #[derive(Debug)]
 pub struct Proxy {
     upstreams: Arc<Upstreams>,
     config: ProxyConfig,
+    limits: Limits,
     stats: Stats,
 }
 
@@ -62,8 +64,19 @@ impl Proxy {
         Proxy {
             upstreams,
             config,
+            limits: Limits::default(),
             stats: Stats::default(),
         }
+    }
+
+    /// The same proxy with other limits for HTTP/2 and upgraded connections.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Counters of the traffic so far.
@@ -107,7 +120,7 @@ impl Proxy {
             })
         });
         let method = req.method().clone();
-        match self.forward(req, client, &mut busy, access).await {
+        let response = match self.forward(req, client, &mut busy, access).await {
             Ok(response) => {
                 self.stats.count_response(response.status());
                 response
@@ -125,6 +138,11 @@ impl Proxy {
                 }
                 response
             }
+        };
+        // On HTTP/2, the stream must now make progress (see `watchdog`).
+        match Progress::current() {
+            Some(progress) => response.map(|body| body.watched(progress)),
+            None => response,
         }
     }
 

@@ -881,3 +881,134 @@ async fn x_real_ip_behind_trusted_proxies_is_the_rightmost_untrusted_address() {
         "{got}"
     );
 }
+
+/// An HTTP/2 client connection, spoken with the `h2` crate so the test controls flow
+/// control and PINGs. The connection task runs (answering PINGs) until the client
+/// closes; `closed` resolves when it has.
+struct H2Client {
+    send: h2::client::SendRequest<bytes::Bytes>,
+    ping: h2::PingPong,
+    closed: tokio::task::JoinHandle<()>,
+}
+
+async fn h2_client(addr: std::net::SocketAddr, window: u32) -> H2Client {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (send, mut conn) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let ping = conn.ping_pong().expect("ping_pong");
+    let closed = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let send = tokio::time::timeout(SOON, send.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    H2Client { send, ping, closed }
+}
+
+fn h2_get(path: &str) -> http::Request<()> {
+    http::Request::get(format!("http://x{path}"))
+        .body(())
+        .expect("request")
+}
+
+/// The attack of issue 10: a client grants no flow-control window, asks for large
+/// answers on many streams and goes quiet, still answering PINGs. hyper then never
+/// polls those bodies again; the stream watchdog resets them after `body_idle_timeout`
+/// so they leave the in-flight count and a drain can finish.
+#[tokio::test]
+async fn an_http2_client_that_never_opens_its_window_does_not_hold_requests_in_flight() {
+    let big = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n{}",
+        "x".repeat(1 << 20)
+    );
+    let up = Upstream::start(Script::Reply(big.into_bytes())).await;
+    let mut cfg = config();
+    cfg.body_idle_timeout = Duration::from_secs(1);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut client = h2_client(front.addr, 0).await;
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let (answer, _) = client
+            .send
+            .send_request(h2_get(&format!("/big/{i}")), true)
+            .expect("open a stream");
+        answers.push(answer);
+    }
+    // Every stream gets its head (not flow-controlled), then nothing can move.
+    for answer in answers.iter_mut() {
+        let head = tokio::time::timeout(SOON, answer)
+            .await
+            .expect("head in time");
+        assert_eq!(head.expect("head").status(), 200);
+    }
+    assert_eq!(front.upstreams.current().in_flight(), 20);
+    let started = Instant::now();
+    let mut drain = front
+        .upstreams
+        .swap(std::sync::Arc::new(rolld_proxy::UpstreamSet::empty()));
+    drain
+        .wait_timeout(Duration::from_secs(15))
+        .await
+        .expect("the stalled streams leave the drain");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(800), "reset after {took:?}");
+    // The client is still connected, and served.
+    assert!(!client.closed.is_finished());
+    let _ = client.ping.ping(h2::Ping::opaque()).await.expect("pong");
+}
+
+#[tokio::test]
+async fn an_http2_client_may_open_at_most_100_streams_at_once() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let client = h2_client(front.addr, 65_535).await;
+    // The server's SETTINGS arrive with its first frames; the first answer has them.
+    let mut send = client.send.clone();
+    let (answer, _) = send.send_request(h2_get("/"), true).expect("stream");
+    tokio::time::timeout(SOON, answer)
+        .await
+        .expect("in time")
+        .expect("answer");
+    assert_eq!(send.current_max_send_streams(), 100);
+}
+
+/// Suspected in issue 10 and true: a PING (or WINDOW_UPDATE) on an idle HTTP/2
+/// connection started the header clock, closing it after `client_header_timeout`
+/// instead of `keepalive_timeout`.
+#[tokio::test]
+async fn an_idle_http2_connection_that_pings_stays_open_for_the_keepalive_timeout() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.client_header_timeout = Duration::from_millis(500);
+    cfg.keepalive_timeout = Duration::from_secs(3);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut client = h2_client(front.addr, 65_535).await;
+    let (answer, _) = client.send.send_request(h2_get("/"), true).expect("stream");
+    let mut body = tokio::time::timeout(SOON, answer)
+        .await
+        .expect("in time")
+        .expect("answer")
+        .into_body();
+    while let Some(chunk) = body.data().await {
+        chunk.expect("body");
+    }
+    let idle_from = Instant::now();
+    client
+        .ping
+        .ping(h2::Ping::opaque())
+        .await
+        .expect("pong on an idle connection");
+    tokio::time::timeout(SOON, &mut client.closed)
+        .await
+        .expect("closed at the keep-alive timeout")
+        .expect("task");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(2500),
+        "closed after {idle:?} of idleness"
+    );
+}
