@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use crate::access::AccessLog;
 use crate::activity::{Activity, Busy};
-use crate::body::{BodyError, ClientBodyFailed, RequestBody, ResponseBody, UpstreamBody};
+use crate::body::{BodyError, ClientBodyFailed, RequestBody, ResponseBody, Upload, UpstreamBody};
 use crate::config::{Limits, ProxyConfig};
 use crate::error::ProxyError;
 use crate::headers;
@@ -194,33 +194,58 @@ impl Proxy {
         // only when that can happen.
         let replay = (body.is_end_stream() && parts.method.is_idempotent() && !upgrade)
             .then(|| Replay::of(&parts));
+        let upload = Upload::new();
         let body = RequestBody::new(
             body,
             self.config.max_body_size,
             self.config.body_idle_timeout,
+            upload.clone(),
         );
         let req = Request::from_parts(parts, body);
         let sending = Instant::now();
-        let sent = tokio::time::timeout(
-            self.config.response_timeout,
-            self.send(req, replay, &mut lease),
-        )
-        .await;
+        let sent = {
+            let send = self.send(req, replay, &mut lease, &upload);
+            tokio::pin!(send);
+            loop {
+                let (response, idle) =
+                    (self.config.response_timeout, self.config.body_idle_timeout);
+                let deadline = upload.deadline(response, idle);
+                tokio::select! {
+                    sent = &mut send => break Some(sent),
+                    () = upload.changed() => {}
+                    () = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                        // Progress may have moved the deadline meanwhile.
+                        if upload.deadline(response, idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
         let upstream = lease.upstream().addr();
         if let Some(access) = access.as_mut() {
             access.upstream = Some(upstream);
         }
         let (mut response, conn) = match sent {
-            Ok(Ok(sent)) => {
+            Some(Ok(sent)) => {
                 self.stats.observe_upstream(sending.elapsed());
                 sent
             }
-            Ok(Err(err)) => return Err((err, access)),
-            Err(_) => {
+            Some(Err(err)) => return Err((err, access)),
+            None if upload.sent() => {
                 return Err((
                     ProxyError::Timeout {
                         upstream,
                         after: self.config.response_timeout,
+                    },
+                    access,
+                ))
+            }
+            None => {
+                return Err((
+                    ProxyError::UploadStalled {
+                        upstream,
+                        after: self.config.body_idle_timeout,
                     },
                     access,
                 ))
@@ -266,6 +291,7 @@ impl Proxy {
         mut req: Request<RequestBody>,
         mut replay: Option<Replay>,
         lease: &mut InFlight,
+        upload: &Upload,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
         let mut fresh = false;
         for _attempt in 0..MAX_ATTEMPTS {
@@ -298,6 +324,7 @@ impl Proxy {
                     continue;
                 }
             };
+            upload.connected(!req.body().is_end_stream());
             let mut err = match conn.sender.try_send_request(req).await {
                 Ok(response) => return Ok((response, conn)),
                 Err(err) => err,
@@ -349,6 +376,11 @@ fn blames_upstream(err: &std::io::Error) -> bool {
             | ConnectionReset
             | ConnectionAborted
     )
+}
+
+/// A deadline that never comes, for a clock that does not run.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
 /// A failed send that was the client's doing: its body was too large, idle, or broken.

@@ -1012,3 +1012,33 @@ async fn an_idle_http2_connection_that_pings_stays_open_for_the_keepalive_timeou
         "closed after {idle:?} of idleness"
     );
 }
+
+/// `response_timeout` times the app's answer from the end of the request body, as
+/// nginx's `proxy_read_timeout` does: a steady upload slower than it is no timeout.
+#[tokio::test]
+async fn an_upload_slower_than_the_response_timeout_but_steady_succeeds() {
+    let up = Upstream::start(Script::Reply(ok("stored"))).await;
+    let mut cfg = config();
+    cfg.response_timeout = Duration::from_millis(600);
+    cfg.body_idle_timeout = Duration::from_secs(5);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("head");
+    let started = Instant::now();
+    for byte in b"12345678" {
+        // Two seconds in all, a byte every 250 ms.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        s.write_all(&[*byte]).await.expect("body byte");
+    }
+    let answer = text(&read_until_closed(&mut s, SOON).await);
+    assert!(started.elapsed() >= Duration::from_millis(1800));
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("stored"),
+        "{answer}"
+    );
+    assert!(up.received().ends_with("\r\n\r\n12345678"));
+}
