@@ -71,6 +71,13 @@ pub struct Limits {
     pub http2_keepalive_interval: Duration,
     /// An HTTP/2 client that does not answer a PING within this is disconnected.
     pub http2_keepalive_timeout: Duration,
+    /// An upgraded connection (a WebSocket tunnel) that carries no byte either way for
+    /// this long is closed. One hour, as HAProxy's usual `timeout tunnel 1h`: nginx's
+    /// 60 s `proxy_read_timeout` is the limit WebSocket users most often raise, and an
+    /// app that pings its sockets less often than every minute must not see them cut
+    /// when moving behind rolld. It frees the connection's `max_connections` slot
+    /// and its place in a drain.
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -80,6 +87,7 @@ impl Default for Limits {
             http2_max_concurrent_streams: 100,
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(20),
+            tunnel_idle_timeout: Duration::from_secs(3600),
         }
     }
 }

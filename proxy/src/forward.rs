@@ -39,6 +39,9 @@ pub struct Client {
     /// Whether its X-Forwarded-* headers are kept.
     trusted: bool,
     activity: Arc<Activity>,
+    /// The connection's `max_connections` slot, held by the connection and by the
+    /// tunnel of an upgrade on it, until both have ended.
+    slot: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Client {
@@ -47,7 +50,12 @@ impl Client {
         self.activity.begin(with_body)
     }
 
-    pub(crate) fn new(addr: SocketAddr, activity: Arc<Activity>, config: &ProxyConfig) -> Self {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        activity: Arc<Activity>,
+        config: &ProxyConfig,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Client {
@@ -55,6 +63,7 @@ impl Client {
             ip,
             trusted: config.trusts(addr.ip()),
             activity,
+            slot: Arc::new(slot),
         }
     }
 }
@@ -258,7 +267,13 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, lease, busy.take()));
+                let held = Held {
+                    lease,
+                    _busy: busy.take(),
+                    _slot: client.slot.clone(),
+                };
+                let idle = self.limits.tunnel_idle_timeout;
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, held, idle));
                 let (parts, _) = response.into_parts();
                 return Ok(Response::from_parts(parts, ResponseBody::empty()));
             }
@@ -441,27 +456,133 @@ fn origin_form(uri: Uri) -> Uri {
     Uri::from(path)
 }
 
-/// Carries bytes both ways after a protocol switch. The lease lives as long as the
-/// tunnel, so a drain waits for the upgraded connection to close.
+/// What an upgraded connection holds until its tunnel ends: its lease (a drain waits
+/// for the tunnel), its request's place on the connection, and the connection's
+/// `max_connections` slot.
+struct Held {
+    lease: InFlight,
+    _busy: Option<Busy>,
+    _slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Carries bytes both ways after a protocol switch, until either side closes or no
+/// byte has moved either way for `idle`.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    lease: InFlight,
-    busy: Option<Busy>,
+    held: Held,
+    idle: std::time::Duration,
 ) {
+    let addr = held.lease.upstream().addr();
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {
-            debug!(upstream = %lease.upstream().addr(), error = %err, "upgrade failed");
+            debug!(upstream = %addr, error = %err, "upgrade failed");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        debug!(upstream = %lease.upstream().addr(), error = %err, "upgraded connection ended");
+    let moved = Arc::new(Moved::new());
+    let mut client = Tracked::new(TokioIo::new(client), moved.clone());
+    let mut upstream = Tracked::new(TokioIo::new(upstream), moved.clone());
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            copied = &mut copy => {
+                if let Err(err) = copied {
+                    debug!(upstream = %addr, error = %err, "upgraded connection ended");
+                }
+                break;
+            }
+            () = tokio::time::sleep_until(moved.at() + idle) => {
+                if moved.at() + idle <= tokio::time::Instant::now() {
+                    debug!(upstream = %addr, ?idle, "upgraded connection idle; closing it");
+                    break;
+                }
+            }
+        }
     }
-    drop((lease, busy));
+    drop(held);
+}
+
+/// When a tunnel last carried a byte.
+struct Moved {
+    epoch: tokio::time::Instant,
+    ms: std::sync::atomic::AtomicU64,
+}
+
+impl Moved {
+    fn new() -> Self {
+        Moved {
+            epoch: tokio::time::Instant::now(),
+            ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn at(&self) -> tokio::time::Instant {
+        let ms = self.ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.epoch + std::time::Duration::from_millis(ms)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One side of a tunnel, noting each byte it reads.
+    struct Tracked<T> {
+        #[pin]
+        io: T,
+        moved: Arc<Moved>,
+    }
+}
+
+impl<T> Tracked<T> {
+    fn new(io: T, moved: Arc<Moved>) -> Self {
+        Tracked { io, moved }
+    }
+}
+
+impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for Tracked<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.io.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.moved.now();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Tracked<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

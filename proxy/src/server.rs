@@ -169,7 +169,7 @@ async fn accept(
             protocols: protocols.clone(),
             stopped: stopped.clone(),
             _open: open.clone(),
-            _slot: permit,
+            slot: permit,
         };
         tokio::spawn(conn.serve());
     };
@@ -247,8 +247,9 @@ struct Connection {
     stopped: watch::Receiver<Option<Duration>>,
     /// Held while the connection is open, for the shutdown to wait on.
     _open: mpsc::Sender<()>,
-    /// One of max_connections.
-    _slot: OwnedSemaphorePermit,
+    /// One of max_connections; shared with an upgraded connection's tunnel, which
+    /// keeps it after this connection hands over its socket.
+    slot: OwnedSemaphorePermit,
 }
 
 impl Connection {
@@ -264,10 +265,10 @@ impl Connection {
             stopped,
             // Held until this returns.
             _open,
-            _slot,
+            slot,
         } = self;
         let (mut io, activity) = ClientIo::new(stream, protocols.timeouts);
-        let client = Arc::new(Client::new(peer, activity, proxy.config()));
+        let client = Arc::new(Client::new(peer, activity, proxy.config(), slot));
         let service = service_fn(move |req: hyper::Request<Incoming>| {
             // In progress from now, not from the future's first poll: hyper may hold a
             // parsed request a while before polling it.

@@ -1042,3 +1042,49 @@ async fn an_upload_slower_than_the_response_timeout_but_steady_succeeds() {
     );
     assert!(up.received().ends_with("\r\n\r\n12345678"));
 }
+
+/// An upgraded connection keeps its `max_connections` slot until its tunnel ends, and
+/// a tunnel idle for `tunnel_idle_timeout` ends (freeing the slot and the drain).
+#[tokio::test]
+async fn a_tunnel_keeps_its_connection_slot_until_it_ends_at_the_idle_timeout() {
+    let up = Upstream::start(Script::UpgradeEcho).await;
+    let ok_up = Upstream::start(Script::Reply(ok("next"))).await;
+    let mut cfg = config();
+    cfg.max_connections = 1;
+    let limits = rolld_proxy::Limits {
+        tunnel_idle_timeout: Duration::from_secs(1),
+        ..rolld_proxy::Limits::default()
+    };
+    let front = Front::start_with(cfg, limits, &[up.addr], Balance::LeastConn).await;
+    let mut tunnel = TcpStream::connect(front.addr).await.expect("connect");
+    tunnel
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .expect("send");
+    let head = read_until(&mut tunnel, b"\r\n\r\n", 1, SOON).await;
+    assert!(text(&head).starts_with("HTTP/1.1 101"), "{}", text(&head));
+    tunnel.write_all(b"ping").await.expect("send");
+    let mut echo = [0u8; 4];
+    tunnel.read_exact(&mut echo).await.expect("echo");
+    let last_byte = Instant::now();
+    // Later requests go to another app, so the only connection to `up` is the tunnel.
+    front
+        .upstreams
+        .swap(std::sync::Arc::new(rolld_proxy::UpstreamSet::new(
+            2,
+            &[ok_up.addr],
+            Balance::LeastConn,
+        )));
+    // A second client waits for the slot, which the tunnel holds until it is closed
+    // for idleness.
+    let answer = get_once(front.addr).await;
+    let waited = last_byte.elapsed();
+    assert!(answer.ends_with("next"), "{answer}");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "served after {waited:?}, while the tunnel held the only slot"
+    );
+    let rest = read_until_closed(&mut tunnel, SOON).await;
+    assert!(rest.is_empty(), "the idle tunnel was closed");
+    assert!(last_byte.elapsed() < Duration::from_secs(15));
+}
