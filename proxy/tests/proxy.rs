@@ -1088,3 +1088,22 @@ async fn a_tunnel_keeps_its_connection_slot_until_it_ends_at_the_idle_timeout() 
     assert!(rest.is_empty(), "the idle tunnel was closed");
     assert!(last_byte.elapsed() < Duration::from_secs(15));
 }
+
+/// Found by the header property test: a `Connection` value with a byte beyond ASCII
+/// was skipped whole, so the headers it named reached the app; and a client could
+/// name `Host` to strip it.
+#[tokio::test]
+async fn headers_named_by_a_connection_value_with_obs_text_are_still_removed_but_host_stays() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: example.test\r\nConnection: x-secret, \xe9t\xe9, host\r\nX-Secret: 1\r\n\r\n")
+        .await
+        .expect("send");
+    let answer = text(&read_until(&mut s, b"hi", 1, SOON).await);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let got = up.received().to_ascii_lowercase();
+    assert!(got.starts_with("get / http/1.1\r\n"), "{got}");
+    assert!(!got.contains("x-secret"), "{got}");
+    assert!(got.contains("host: example.test\r\n"), "{got}");
+}
