@@ -93,8 +93,9 @@ impl IdleTimer {
 }
 
 /// Where a request stands on its way to its upstream, for the clock of its answer:
-/// `response_timeout` runs from the end of the request body (as nginx's
-/// `proxy_read_timeout` does), not over connecting and the client's upload. While the
+/// `response_timeout` runs from the end of the request body and from each read of the
+/// answer's head (as nginx's `proxy_read_timeout` does), not over connecting and the
+/// client's upload. While the
 /// body is sent, each chunk the upstream takes must follow the last within
 /// `body_idle_timeout` (an app that stops reading its request is the app's fault); a
 /// client that stops sending is the body's own idle timer's business (408).
@@ -108,6 +109,9 @@ pub(crate) struct Upload {
     epoch: Instant,
     /// Wakes the clock when the phase changes.
     changed: tokio::sync::Notify,
+    /// Reads of the upstream connection the request went out on: while the answer's
+    /// head arrives, each read restarts `response_timeout`.
+    reads: std::sync::Mutex<Option<Arc<crate::moved::Moved>>>,
 }
 
 /// Connecting (bounded by `connect_timeout`); nothing of the request is sent yet.
@@ -125,6 +129,7 @@ impl Upload {
             waiting_for_client: AtomicBool::new(false),
             epoch: Instant::now(),
             changed: tokio::sync::Notify::new(),
+            reads: std::sync::Mutex::new(None),
         })
     }
 
@@ -139,8 +144,10 @@ impl Upload {
         self.changed.notify_one();
     }
 
-    /// A connection to the upstream is ready and the request goes out now.
-    pub(crate) fn connected(&self, with_body: bool) {
+    /// A connection to the upstream, whose reads are `reads`, is ready and the request
+    /// goes out now.
+    pub(crate) fn connected(&self, with_body: bool, reads: Arc<crate::moved::Moved>) {
+        *self.reads.lock().unwrap_or_else(|e| e.into_inner()) = Some(reads);
         self.enter(if with_body { SENDING } else { SENT });
     }
 
@@ -152,8 +159,14 @@ impl Upload {
             SENT => response,
             _ => return None,
         };
-        let moved = Duration::from_millis(self.moved_ms.load(Ordering::Acquire));
-        Some(self.epoch + moved + after)
+        let moved = self.epoch + Duration::from_millis(self.moved_ms.load(Ordering::Acquire));
+        let read = self
+            .reads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|reads| reads.at());
+        Some(read.map_or(moved, |read| read.max(moved)) + after)
     }
 
     /// Whether the body was sent whole (else the upstream stopped taking it).

@@ -17,6 +17,7 @@ use crate::body::{BodyError, ClientBodyFailed, RequestBody, ResponseBody, Upload
 use crate::config::{Limits, ProxyConfig};
 use crate::error::ProxyError;
 use crate::headers;
+use crate::moved::{Moved, Tracked};
 use crate::pool::Conn;
 use crate::stats::Stats;
 use crate::upstream::{InFlight, Upstreams};
@@ -339,7 +340,7 @@ impl Proxy {
                     continue;
                 }
             };
-            upload.connected(!req.body().is_end_stream());
+            upload.connected(!req.body().is_end_stream(), conn.reads.clone());
             let mut err = match conn.sender.try_send_request(req).await {
                 Ok(response) => return Ok((response, conn)),
                 Err(err) => err,
@@ -503,86 +504,6 @@ async fn tunnel(
         }
     }
     drop(held);
-}
-
-/// When a tunnel last carried a byte.
-struct Moved {
-    epoch: tokio::time::Instant,
-    ms: std::sync::atomic::AtomicU64,
-}
-
-impl Moved {
-    fn new() -> Self {
-        Moved {
-            epoch: tokio::time::Instant::now(),
-            ms: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn now(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.ms.store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn at(&self) -> tokio::time::Instant {
-        let ms = self.ms.load(std::sync::atomic::Ordering::Relaxed);
-        self.epoch + std::time::Duration::from_millis(ms)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// One side of a tunnel, noting each byte it reads.
-    struct Tracked<T> {
-        #[pin]
-        io: T,
-        moved: Arc<Moved>,
-    }
-}
-
-impl<T> Tracked<T> {
-    fn new(io: T, moved: Arc<Moved>) -> Self {
-        Tracked { io, moved }
-    }
-}
-
-impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for Tracked<T> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let polled = this.io.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.moved.now();
-        }
-        polled
-    }
-}
-
-impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Tracked<T> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! - `pool`: keep-alive connections to each upstream.
 //! - `body`: request and response bodies, the response carrying the lease.
 //! - `headers`: hop-by-hop and forwarding headers.
+//! - `moved`: when a socket last read bytes, for idle timeouts.
 //! - `activity`: the client connection's IO: header and keep-alive timeouts, and
 //!   giving hyper's buffers back while a connection is idle.
 //! - `access`: the access log line.
@@ -28,6 +29,7 @@ pub mod drain;
 pub mod error;
 mod forward;
 mod headers;
+mod moved;
 mod pool;
 pub mod server;
 pub mod stats;

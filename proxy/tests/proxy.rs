@@ -1107,3 +1107,60 @@ async fn headers_named_by_a_connection_value_with_obs_text_are_still_removed_but
     assert!(!got.contains("x-secret"), "{got}");
     assert!(got.contains("host: example.test\r\n"), "{got}");
 }
+
+/// As nginx's `proxy_read_timeout`: the response timeout is the longest silence while
+/// the answer's head arrives, not a bound on its whole arrival.
+#[tokio::test]
+async fn an_answer_head_that_arrives_slowly_but_steadily_is_no_timeout() {
+    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec();
+    let up = Upstream::start(Script::Trickle(head, Duration::from_millis(50))).await;
+    let mut cfg = config();
+    cfg.response_timeout = Duration::from_millis(700);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let started = Instant::now();
+    let answer = get_once(front.addr).await;
+    // 38 bytes, 50 ms apart: about 1.9 s in all.
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// An app that stops reading the request body is the app's fault: 504 once no byte
+/// has gone to it for `body_idle_timeout`, instead of waiting for ever (the response
+/// timeout only starts at the end of the body).
+#[tokio::test]
+async fn an_upstream_that_stops_reading_the_request_body_gives_504() {
+    let up = Upstream::start(Script::HeadOnly).await;
+    let mut cfg = config();
+    cfg.body_idle_timeout = Duration::from_secs(1);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let size = 64 << 20;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n").as_bytes())
+        .await
+        .expect("head");
+    let (mut read, mut write) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'b'; 1 << 20];
+        for _ in 0..64 {
+            if write.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        // Everything written: keep the connection open until the answer.
+        std::future::pending::<()>().await;
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(SOON, async {
+        let mut chunk = [0u8; 4096];
+        while find(&answer, b"\r\n\r\n").is_none() {
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    let answer = text(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+}

@@ -82,6 +82,10 @@ pub enum Script {
     Silent,
     /// Answer `101`, then echo every byte.
     UpgradeEcho,
+    /// Answer with these bytes, a byte at a time, this long apart.
+    Trickle(Vec<u8>, Duration),
+    /// Read the request's head, then neither read its body nor answer.
+    HeadOnly,
 }
 
 /// An upstream that records every byte it receives.
@@ -177,6 +181,18 @@ async fn serve_scripted(
     closed: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut buf = Vec::new();
+    if let Script::HeadOnly = script {
+        let mut chunk = [0u8; 1024];
+        while find(&buf, b"\r\n\r\n").is_none() {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        record.lock().expect("lock").extend_from_slice(&buf);
+        // Hold the connection, reading nothing more, until the test ends.
+        std::future::pending::<()>().await;
+    }
     while read_request(&mut stream, &mut buf, &record).await.is_some() {
         match &script {
             Script::Reply(bytes) => {
@@ -200,6 +216,16 @@ async fn serve_scripted(
                 closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
+            Script::Trickle(bytes, gap) => {
+                for byte in bytes {
+                    tokio::time::sleep(*gap).await;
+                    if stream.write_all(&[*byte]).await.is_err() {
+                        closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+            Script::HeadOnly => return,
             Script::UpgradeEcho => {
                 let _ = stream
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
