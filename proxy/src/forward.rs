@@ -13,7 +13,9 @@ use tracing::{debug, warn};
 
 use crate::access::AccessLog;
 use crate::activity::{Activity, Busy};
-use crate::body::{BodyError, ClientBodyFailed, RequestBody, ResponseBody, Upload, UpstreamBody};
+use crate::body::{
+    BodyError, ClientBodyFailed, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody,
+};
 use crate::config::{Limits, ProxyConfig};
 use crate::error::ProxyError;
 use crate::headers;
@@ -242,23 +244,19 @@ impl Proxy {
                 sent
             }
             Some(Err(err)) => return Err((err, access)),
-            None if upload.sent() => {
-                return Err((
-                    ProxyError::Timeout {
+            None => {
+                let err = match upload.stalled() {
+                    Stalled::Answer => ProxyError::Timeout {
                         upstream,
                         after: self.config.response_timeout,
                     },
-                    access,
-                ))
-            }
-            None => {
-                return Err((
-                    ProxyError::UploadStalled {
+                    Stalled::Upstream => ProxyError::UploadStalled {
                         upstream,
                         after: self.config.body_idle_timeout,
                     },
-                    access,
-                ))
+                    Stalled::Client => ProxyError::ClientBodyIdle,
+                };
+                return Err((err, access));
             }
         };
         if let Some(access) = access.as_mut() {

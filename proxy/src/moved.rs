@@ -2,7 +2,7 @@
 //! (an upgraded connection's tunnel, an upstream's answer). A leaf module.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,6 +16,8 @@ pub(crate) struct Moved {
     epoch: Instant,
     /// Milliseconds since `epoch`.
     ms: AtomicU64,
+    /// The last write found the socket full.
+    write_blocked: AtomicBool,
 }
 
 impl Moved {
@@ -23,6 +25,7 @@ impl Moved {
         Moved {
             epoch: Instant::now(),
             ms: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
         }
     }
 
@@ -32,6 +35,11 @@ impl Moved {
         self.ms.store(ms, Ordering::Relaxed);
     }
 
+    /// Whether the peer takes no more bytes: the last write found the socket full.
+    pub(crate) fn write_blocked(&self) -> bool {
+        self.write_blocked.load(Ordering::Relaxed)
+    }
+
     /// When bytes last moved (at creation, if never).
     pub(crate) fn at(&self) -> Instant {
         self.epoch + Duration::from_millis(self.ms.load(Ordering::Relaxed))
@@ -39,7 +47,8 @@ impl Moved {
 }
 
 pin_project_lite::pin_project! {
-    /// An IO noting in a [`Moved`] each read that returns bytes.
+    /// An IO noting in a [`Moved`] each read that returns bytes, and whether its last
+    /// write found the socket full.
     pub(crate) struct Tracked<T> {
         #[pin]
         io: T,
@@ -75,7 +84,12 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+        let this = self.project();
+        let polled = this.io.poll_write(cx, buf);
+        this.moved
+            .write_blocked
+            .store(polled.is_pending(), Ordering::Relaxed);
+        polled
     }
 
     fn poll_write_vectored(
@@ -83,7 +97,12 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let polled = this.io.poll_write_vectored(cx, bufs);
+        this.moved
+            .write_blocked
+            .store(polled.is_pending(), Ordering::Relaxed);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
