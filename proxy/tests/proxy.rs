@@ -1173,3 +1173,30 @@ async fn an_upstream_that_stops_reading_the_request_body_gives_504() {
     let answer = text(&answer);
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
 }
+
+/// rolld's own idle keep-alive connections to a replaced set's processes close with
+/// the set, so a drain that counts connections on the old ports is not held up by them.
+#[tokio::test]
+async fn idle_pooled_connections_to_a_replaced_set_are_closed_with_it() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let answer = text(&read_until(&mut s, b"hi", 1, SOON).await);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    let mut drain = front
+        .upstreams
+        .swap(std::sync::Arc::new(rolld_proxy::UpstreamSet::empty()));
+    drain.wait_timeout(SOON).await.expect("nothing in flight");
+    let deadline = Instant::now() + SOON;
+    while up.ended.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the pooled connection to the replaced set is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

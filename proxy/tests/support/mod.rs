@@ -95,6 +95,8 @@ pub struct Upstream {
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Set when a connection the upstream was answering is closed by the proxy.
     pub closed_early: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections that have ended, whoever closed them.
+    pub ended: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Upstream {
@@ -106,16 +108,18 @@ impl Upstream {
         let received = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let closed_early = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (rec, conns, closed) = (received.clone(), connections.clone(), closed_early.clone());
+        let gone = ended.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 conns.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(serve_scripted(
-                    stream,
-                    script.clone(),
-                    rec.clone(),
-                    closed.clone(),
-                ));
+                let (script, rec, closed, gone) =
+                    (script.clone(), rec.clone(), closed.clone(), gone.clone());
+                tokio::spawn(async move {
+                    serve_scripted(stream, script, rec, closed).await;
+                    gone.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
             }
         });
         Upstream {
@@ -123,6 +127,7 @@ impl Upstream {
             received,
             connections,
             closed_early,
+            ended,
         }
     }
 
