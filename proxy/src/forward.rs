@@ -218,14 +218,21 @@ impl Proxy {
         let sent = {
             let send = self.send(req, replay, &mut lease, &upload);
             tokio::pin!(send);
+            // One timer for the request, moved as the deadline moves.
+            let sleep = tokio::time::sleep_until(far_future());
+            tokio::pin!(sleep);
+            let mut armed = None;
+            let (response, idle) = (self.config.response_timeout, self.config.body_idle_timeout);
             loop {
-                let (response, idle) =
-                    (self.config.response_timeout, self.config.body_idle_timeout);
                 let deadline = upload.deadline(response, idle);
+                if deadline != armed {
+                    sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
+                    armed = deadline;
+                }
                 tokio::select! {
                     sent = &mut send => break Some(sent),
                     () = upload.changed() => {}
-                    () = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                    () = &mut sleep, if deadline.is_some() => {
                         // Progress may have moved the deadline meanwhile.
                         if upload.deadline(response, idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
                             break None;
