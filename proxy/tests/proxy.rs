@@ -964,6 +964,7 @@ async fn an_http2_client_that_never_opens_its_window_does_not_hold_requests_in_f
         .expect("the stalled streams leave the drain");
     // Reset for making no progress, not for anything earlier.
     let took = started.elapsed();
+    eprintln!("stalled streams reset and drained {took:?} after they opened");
     assert!(took >= Duration::from_millis(900), "reset after {took:?}");
     // The client is still connected, and served.
     assert!(!client.closed.is_finished());
@@ -1016,6 +1017,7 @@ async fn an_idle_http2_connection_that_pings_stays_open_for_the_keepalive_timeou
         .expect("closed at the keep-alive timeout")
         .expect("task");
     let idle = idle_from.elapsed();
+    eprintln!("idle HTTP/2 connection closed after {idle:?}");
     assert!(
         idle >= Duration::from_millis(2500),
         "closed after {idle:?} of idleness"
@@ -1088,6 +1090,7 @@ async fn a_tunnel_keeps_its_connection_slot_until_it_ends_at_the_idle_timeout() 
     // for idleness.
     let answer = get_once(front.addr).await;
     let waited = last_byte.elapsed();
+    eprintln!("second client served {waited:?} after the tunnel's last byte");
     assert!(answer.ends_with("next"), "{answer}");
     assert!(
         waited >= Duration::from_millis(500),
