@@ -59,6 +59,10 @@ struct RawProxy {
     fail_timeout: Option<String>,
     access_log: Option<bool>,
     workers: Option<usize>,
+    http2_max_concurrent_streams: Option<u32>,
+    http2_keepalive_interval: Option<String>,
+    http2_keepalive_timeout: Option<String>,
+    tunnel_idle_timeout: Option<String>,
 }
 
 /// A byte size: a number, or a string with a k/m/g suffix as nginx writes them.
@@ -819,7 +823,46 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
             })?;
         trusted_proxies.push(net);
     }
+    let bounded = |key: &str, value: Option<&str>, default: Duration, max: Duration| {
+        let d = duration(key, value, default)?;
+        if d < Duration::from_secs(1) || d > max {
+            return Err(v.err(
+                &format!("proxy.{key}"),
+                format!("must be between 1s and {}", humantime::format_duration(max)),
+            ));
+        }
+        Ok(d)
+    };
+    let http2_max_concurrent_streams = match raw.http2_max_concurrent_streams {
+        None => d.http2_max_concurrent_streams,
+        Some(n @ 1..=1000) => n,
+        Some(n) => {
+            return Err(v.err(
+                "proxy.http2_max_concurrent_streams",
+                format!("{n} is not between 1 and 1000"),
+            ))
+        }
+    };
     Ok(ProxyConfig {
+        http2_max_concurrent_streams,
+        http2_keepalive_interval: bounded(
+            "http2_keepalive_interval",
+            raw.http2_keepalive_interval.as_deref(),
+            d.http2_keepalive_interval,
+            Duration::from_secs(3600),
+        )?,
+        http2_keepalive_timeout: bounded(
+            "http2_keepalive_timeout",
+            raw.http2_keepalive_timeout.as_deref(),
+            d.http2_keepalive_timeout,
+            Duration::from_secs(600),
+        )?,
+        tunnel_idle_timeout: bounded(
+            "tunnel_idle_timeout",
+            raw.tunnel_idle_timeout.as_deref(),
+            d.tunnel_idle_timeout,
+            Duration::from_secs(7 * 24 * 3600),
+        )?,
         client_header_timeout: duration(
             "client_header_timeout",
             raw.client_header_timeout.as_deref(),
@@ -1285,6 +1328,34 @@ app-servers:
             }
         );
         assert_eq!(c.app.balance, Balance::RoundRobin);
+    }
+
+    #[test]
+    fn http2_and_tunnel_limits_parse_and_are_bounded() {
+        let c = parse(&format!(
+            "proxy:\n  http2_max_concurrent_streams: 50\n  http2_keepalive_interval: 10s\n  http2_keepalive_timeout: 5s\n  tunnel_idle_timeout: 10m\n{ORIGINAL}"
+        ))
+        .expect("valid");
+        assert_eq!(c.proxy.http2_max_concurrent_streams, 50);
+        assert_eq!(c.proxy.http2_keepalive_interval, Duration::from_secs(10));
+        assert_eq!(c.proxy.http2_keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy.tunnel_idle_timeout, Duration::from_secs(600));
+        assert_error(
+            &format!("proxy:\n  http2_max_concurrent_streams: 0\n{ORIGINAL}"),
+            &["line 2", "http2_max_concurrent_streams"],
+        );
+        assert_error(
+            &format!("proxy:\n  workers: 1\n  tunnel_idle_timeout: 30days\n{ORIGINAL}"),
+            &[
+                "line 3",
+                "proxy.tunnel_idle_timeout",
+                "between 1s and 7days",
+            ],
+        );
+        assert_error(
+            &format!("proxy: {{http2_keepalive_timeout: 100ms}}\n{ORIGINAL}"),
+            &["line 1", "proxy.http2_keepalive_timeout"],
+        );
     }
 
     #[test]

@@ -313,6 +313,14 @@ fn plan(config: &Config) -> String {
             "limits:       body {body}, header {} bytes, {} connections, {} worker thread(s)",
             p.max_header_size, p.max_connections, p.workers
         );
+        let _ = writeln!(
+            out,
+            "http/2:       {} streams per connection, PING every {} answered within {}; tunnels closed after {} idle",
+            p.http2_max_concurrent_streams,
+            d(p.http2_keepalive_interval),
+            d(p.http2_keepalive_timeout),
+            d(p.tunnel_idle_timeout)
+        );
         let trusted: Vec<String> = p.trusted_proxies.iter().map(|n| n.to_string()).collect();
         let trusted = if trusted.is_empty() {
             "none".to_string()

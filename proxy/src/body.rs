@@ -7,7 +7,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -93,21 +93,34 @@ impl IdleTimer {
 }
 
 /// Where a request stands on its way to its upstream, for the clock of its answer:
-/// `response_timeout` runs from the end of the request body (as nginx's
-/// `proxy_read_timeout` does), not over connecting and the client's upload. While the
-/// body is sent, each chunk the upstream takes must follow the last within
-/// `body_idle_timeout` (an app that stops reading its request is the app's fault); a
-/// client that stops sending is the body's own idle timer's business (408).
+/// `response_timeout` runs from the end of the request body and from each read of the
+/// answer's head (as nginx's `proxy_read_timeout` does), not over connecting and the
+/// client's upload. While the body is sent, each chunk must follow the last within
+/// `body_idle_timeout`: when none does, the app is blamed if its socket takes no more
+/// bytes (504), else the client (408). The body's own idle timer cannot tell: hyper
+/// stops polling a body it cannot write, so that timer never fires then.
 #[derive(Debug)]
 pub(crate) struct Upload {
     phase: AtomicU8,
     /// When the request last moved, in ms since `epoch`.
     moved_ms: AtomicU64,
-    /// The body waits for the client (its own idle timer runs), not for the upstream.
-    waiting_for_client: AtomicBool,
     epoch: Instant,
     /// Wakes the clock when the phase changes.
     changed: tokio::sync::Notify,
+    /// Reads of the upstream connection the request went out on: while the answer's
+    /// head arrives, each read restarts `response_timeout`.
+    reads: std::sync::Mutex<Option<Arc<crate::moved::Moved>>>,
+}
+
+/// Who let a request's clock run out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stalled {
+    /// The app, answering: no response head within `response_timeout`.
+    Answer,
+    /// The app, reading the request body: its socket took no byte.
+    Upstream,
+    /// The client, sending its body.
+    Client,
 }
 
 /// Connecting (bounded by `connect_timeout`); nothing of the request is sent yet.
@@ -122,9 +135,9 @@ impl Upload {
         Arc::new(Upload {
             phase: AtomicU8::new(CONNECTING),
             moved_ms: AtomicU64::new(0),
-            waiting_for_client: AtomicBool::new(false),
             epoch: Instant::now(),
             changed: tokio::sync::Notify::new(),
+            reads: std::sync::Mutex::new(None),
         })
     }
 
@@ -139,26 +152,38 @@ impl Upload {
         self.changed.notify_one();
     }
 
-    /// A connection to the upstream is ready and the request goes out now.
-    pub(crate) fn connected(&self, with_body: bool) {
+    /// A connection to the upstream, whose reads are `reads`, is ready and the request
+    /// goes out now.
+    pub(crate) fn connected(&self, with_body: bool, reads: Arc<crate::moved::Moved>) {
+        *self.reads.lock().unwrap_or_else(|e| e.into_inner()) = Some(reads);
         self.enter(if with_body { SENDING } else { SENT });
     }
 
-    /// When the clock runs out, if it runs: `None` while connecting or while the body
-    /// waits for the client.
+    fn conn(&self) -> Option<Arc<crate::moved::Moved>> {
+        self.reads.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// When the clock runs out, if it runs: `None` while connecting.
     pub(crate) fn deadline(&self, response: Duration, body_idle: Duration) -> Option<Instant> {
         let after = match self.phase.load(Ordering::Acquire) {
-            SENDING if !self.waiting_for_client.load(Ordering::Acquire) => body_idle,
+            SENDING => body_idle,
             SENT => response,
             _ => return None,
         };
-        let moved = Duration::from_millis(self.moved_ms.load(Ordering::Acquire));
-        Some(self.epoch + moved + after)
+        let moved = self.epoch + Duration::from_millis(self.moved_ms.load(Ordering::Acquire));
+        let read = self.conn().map(|reads| reads.at());
+        Some(read.map_or(moved, |read| read.max(moved)) + after)
     }
 
-    /// Whether the body was sent whole (else the upstream stopped taking it).
-    pub(crate) fn sent(&self) -> bool {
-        self.phase.load(Ordering::Acquire) == SENT
+    /// Who is to blame once the clock has run out.
+    pub(crate) fn stalled(&self) -> Stalled {
+        if self.phase.load(Ordering::Acquire) == SENT {
+            Stalled::Answer
+        } else if self.conn().is_some_and(|conn| conn.write_blocked()) {
+            Stalled::Upstream
+        } else {
+            Stalled::Client
+        }
     }
 
     /// Resolves when the phase changes.
@@ -202,12 +227,6 @@ impl RequestBody {
         }
     }
 
-    fn waiting_for_client(&self, waiting: bool) {
-        if let Some(upload) = &self.upload {
-            upload.waiting_for_client.store(waiting, Ordering::Release);
-        }
-    }
-
     /// The body moved; `done` when that was its end.
     fn moved(&self, done: bool) {
         if let Some(upload) = &self.upload {
@@ -234,7 +253,6 @@ impl Body for RequestBody {
         };
         let polled = Pin::new(&mut *inner).poll_frame(cx);
         let ended = inner.is_end_stream();
-        this.waiting_for_client(polled.is_pending());
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 this.moved(ended);

@@ -60,6 +60,14 @@ impl ProxyError {
     /// The answer the client sees.
     pub fn into_response(self) -> Response<ResponseBody> {
         let status = self.status();
+        // The rest of the request body was not read: this connection cannot go on.
+        let unread = matches!(
+            self,
+            ProxyError::BodyTooLarge
+                | ProxyError::ClientBodyIdle
+                | ProxyError::BadRequest(_)
+                | ProxyError::UploadStalled { .. }
+        );
         let body = match status {
             StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable\n",
             StatusCode::BAD_GATEWAY => "502 Bad Gateway\n",
@@ -78,11 +86,7 @@ impl ProxyError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        if matches!(
-            status,
-            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT | StatusCode::BAD_REQUEST
-        ) {
-            // The rest of the request body was not read: this connection cannot go on.
+        if unread {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response

@@ -13,10 +13,13 @@ use tracing::{debug, warn};
 
 use crate::access::AccessLog;
 use crate::activity::{Activity, Busy};
-use crate::body::{BodyError, ClientBodyFailed, RequestBody, ResponseBody, Upload, UpstreamBody};
-use crate::config::{Limits, ProxyConfig};
+use crate::body::{
+    BodyError, ClientBodyFailed, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody,
+};
+use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::headers;
+use crate::moved::{Moved, Tracked};
 use crate::pool::Conn;
 use crate::stats::Stats;
 use crate::upstream::{InFlight, Upstreams};
@@ -27,7 +30,6 @@ use crate::watchdog::Progress;
 pub struct Proxy {
     upstreams: Arc<Upstreams>,
     config: ProxyConfig,
-    limits: Limits,
     stats: Stats,
 }
 
@@ -73,19 +75,8 @@ impl Proxy {
         Proxy {
             upstreams,
             config,
-            limits: Limits::default(),
             stats: Stats::default(),
         }
-    }
-
-    /// The same proxy with other limits for HTTP/2 and upgraded connections.
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    pub fn limits(&self) -> &Limits {
-        &self.limits
     }
 
     /// Counters of the traffic so far.
@@ -215,14 +206,21 @@ impl Proxy {
         let sent = {
             let send = self.send(req, replay, &mut lease, &upload);
             tokio::pin!(send);
+            // One timer for the request, moved as the deadline moves.
+            let sleep = tokio::time::sleep_until(far_future());
+            tokio::pin!(sleep);
+            let mut armed = None;
+            let (response, idle) = (self.config.response_timeout, self.config.body_idle_timeout);
             loop {
-                let (response, idle) =
-                    (self.config.response_timeout, self.config.body_idle_timeout);
                 let deadline = upload.deadline(response, idle);
+                if deadline != armed {
+                    sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
+                    armed = deadline;
+                }
                 tokio::select! {
                     sent = &mut send => break Some(sent),
                     () = upload.changed() => {}
-                    () = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                    () = &mut sleep, if deadline.is_some() => {
                         // Progress may have moved the deadline meanwhile.
                         if upload.deadline(response, idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
                             break None;
@@ -241,23 +239,19 @@ impl Proxy {
                 sent
             }
             Some(Err(err)) => return Err((err, access)),
-            None if upload.sent() => {
-                return Err((
-                    ProxyError::Timeout {
+            None => {
+                let err = match upload.stalled() {
+                    Stalled::Answer => ProxyError::Timeout {
                         upstream,
                         after: self.config.response_timeout,
                     },
-                    access,
-                ))
-            }
-            None => {
-                return Err((
-                    ProxyError::UploadStalled {
+                    Stalled::Upstream => ProxyError::UploadStalled {
                         upstream,
                         after: self.config.body_idle_timeout,
                     },
-                    access,
-                ))
+                    Stalled::Client => ProxyError::ClientBodyIdle,
+                };
+                return Err((err, access));
             }
         };
         if let Some(access) = access.as_mut() {
@@ -272,7 +266,7 @@ impl Proxy {
                     _busy: busy.take(),
                     _slot: client.slot.clone(),
                 };
-                let idle = self.limits.tunnel_idle_timeout;
+                let idle = self.config.tunnel_idle_timeout;
                 tokio::spawn(tunnel(client_upgrade, upstream_upgrade, held, idle));
                 let (parts, _) = response.into_parts();
                 return Ok(Response::from_parts(parts, ResponseBody::empty()));
@@ -339,7 +333,7 @@ impl Proxy {
                     continue;
                 }
             };
-            upload.connected(!req.body().is_end_stream());
+            upload.connected(!req.body().is_end_stream(), conn.reads.clone());
             let mut err = match conn.sender.try_send_request(req).await {
                 Ok(response) => return Ok((response, conn)),
                 Err(err) => err,
@@ -503,86 +497,6 @@ async fn tunnel(
         }
     }
     drop(held);
-}
-
-/// When a tunnel last carried a byte.
-struct Moved {
-    epoch: tokio::time::Instant,
-    ms: std::sync::atomic::AtomicU64,
-}
-
-impl Moved {
-    fn new() -> Self {
-        Moved {
-            epoch: tokio::time::Instant::now(),
-            ms: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn now(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.ms.store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn at(&self) -> tokio::time::Instant {
-        let ms = self.ms.load(std::sync::atomic::Ordering::Relaxed);
-        self.epoch + std::time::Duration::from_millis(ms)
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// One side of a tunnel, noting each byte it reads.
-    struct Tracked<T> {
-        #[pin]
-        io: T,
-        moved: Arc<Moved>,
-    }
-}
-
-impl<T> Tracked<T> {
-    fn new(io: T, moved: Arc<Moved>) -> Self {
-        Tracked { io, moved }
-    }
-}
-
-impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for Tracked<T> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let polled = this.io.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.moved.now();
-        }
-        polled
-    }
-}
-
-impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Tracked<T> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

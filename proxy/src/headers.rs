@@ -20,12 +20,18 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// The tokens of every `Connection` header, as bytes: a value with bytes beyond ASCII
+/// (obs-text) still names its other headers.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 /// Removes the headers that describe one connection rather than the message: the fixed
@@ -35,18 +41,15 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
         // The usual tokens name no header or one removed below anyway; only other
         // tokens cost an allocation.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+        let named: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| {
                 !["close", "keep-alive", "upgrade", "te"]
                     .iter()
-                    .any(|k| t.eq_ignore_ascii_case(k))
+                    .any(|k| t.eq_ignore_ascii_case(k.as_bytes()))
             })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            // A client must not be able to drop the request's Host on the way.
+            .filter(|name| name != header::HOST)
             .collect();
         for name in named {
             headers.remove(&name);
@@ -230,6 +233,157 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2, 10.0.0.3");
         assert_eq!(h["x-real-ip"], "203.0.113.7");
         assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Names a rewrite cares about, and some it does not.
+        const NAMES: &[&str] = &[
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "proxy-authenticate",
+            "upgrade",
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-real-ip",
+            "x-secret",
+            "content-length",
+            "cookie",
+        ];
+        /// Header values from bytes a client can send: visible ASCII, spaces, tabs and
+        /// obs-text, often built from header names and addresses.
+        fn value() -> impl Strategy<Value = HeaderValue> {
+            let token = prop_oneof![
+                proptest::sample::select(NAMES).prop_map(str::to_string),
+                "(10|127|203)\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}(:[0-9]{1,5})?",
+                "\\[?[0-9a-f:]{2,20}\\]?",
+                "[ -~]{0,12}",
+                proptest::collection::vec(0x80u8..=0xff, 1..4)
+                    .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            ];
+            proptest::collection::vec(
+                (
+                    token,
+                    proptest::sample::select(&[",", ", ", " ,\t", ";"][..]),
+                ),
+                0..5,
+            )
+            .prop_map(|parts| {
+                parts
+                    .into_iter()
+                    .map(|(t, sep)| format!("{t}{sep}"))
+                    .collect::<String>()
+            })
+            .prop_map(|text| {
+                // Raw bytes, as hyper hands them over (obs-text included).
+                let bytes: Vec<u8> = text
+                    .chars()
+                    .map(|c| if c.is_ascii() { c as u8 } else { 0xe9 })
+                    .collect();
+                HeaderValue::from_bytes(&bytes).unwrap_or_else(|_| HeaderValue::from_static("x"))
+            })
+        }
+
+        fn header_map() -> impl Strategy<Value = HeaderMap> {
+            let name = prop_oneof![
+                4 => proptest::sample::select(NAMES).prop_map(HeaderName::from_static),
+                1 => "[a-z][a-z0-9-]{0,10}".prop_map(|n| HeaderName::from_bytes(n.as_bytes()).expect("a token")),
+            ];
+            proptest::collection::vec((name, value()), 0..12).prop_map(|pairs| {
+                let mut map = HeaderMap::new();
+                for (name, value) in pairs {
+                    map.append(name, value);
+                }
+                map
+            })
+        }
+
+        fn named_by_connection(headers: &HeaderMap) -> Vec<Vec<u8>> {
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                .map(|t| t.trim_ascii().to_ascii_lowercase())
+                .filter(|t| !t.is_empty())
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn hop_by_hop_headers_never_survive(mut headers in header_map(), upgrade in any::<bool>()) {
+                let named = named_by_connection(&headers);
+                let host = headers.get_all(header::HOST).iter().cloned().collect::<Vec<_>>();
+                let _ = ambiguous(&headers);
+                let _ = is_upgrade(&headers);
+                strip_hop_by_hop(&mut headers, upgrade);
+                for gone in ["keep-alive", "proxy-connection", "proxy", "te", "trailer", "transfer-encoding", "proxy-authenticate"] {
+                    prop_assert!(!headers.contains_key(gone), "{gone} survived: {headers:?}");
+                }
+                for token in &named {
+                    if (upgrade && (token == b"upgrade" || token == b"connection")) || token == b"host" {
+                        continue;
+                    }
+                    let Ok(name) = HeaderName::from_bytes(token) else {
+                        continue;
+                    };
+                    prop_assert!(!headers.contains_key(&name), "{:?}, named by Connection, survived: {headers:?}", String::from_utf8_lossy(token));
+                }
+                prop_assert_eq!(headers.get_all(header::HOST).iter().cloned().collect::<Vec<_>>(), host, "Host is never removed");
+                if upgrade {
+                    let values: Vec<&[u8]> = headers.get_all(header::CONNECTION).iter().map(HeaderValue::as_bytes).collect();
+                    prop_assert_eq!(values, vec![&b"upgrade"[..]]);
+                } else {
+                    prop_assert!(!headers.contains_key(header::CONNECTION));
+                    prop_assert!(!headers.contains_key(header::UPGRADE));
+                }
+            }
+
+            #[test]
+            fn forwarding_headers_are_well_formed(
+                mut headers in header_map(),
+                trusted in any::<bool>(),
+                client in any::<[u8; 4]>(),
+                trusted_first_octet in any::<u8>(),
+            ) {
+                let client = IpAddr::from(client);
+                let client_value = HeaderValue::from_str(&client.to_string()).expect("an address");
+                let trusts = |ip: IpAddr| match ip {
+                    IpAddr::V4(v4) => v4.octets()[0] == trusted_first_octet,
+                    IpAddr::V6(_) => false,
+                };
+                set_forwarded(&mut headers, &client_value, trusted, &trusts);
+                let xff: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+                prop_assert_eq!(xff.len(), 1);
+                let chain = xff[0].as_bytes();
+                prop_assert!(chain.ends_with(client_value.as_bytes()), "{:?}", xff[0]);
+                if !trusted {
+                    prop_assert_eq!(xff[0], &client_value);
+                }
+                let real: Vec<_> = headers.get_all("x-real-ip").iter().collect();
+                prop_assert_eq!(real.len(), 1);
+                let real = real[0].to_str().ok().and_then(|r| r.parse::<IpAddr>().ok());
+                prop_assert!(real.is_some(), "X-Real-IP is an address: {headers:?}");
+                if !trusts(client) || !trusted {
+                    // From an untrusted peer, or a peer we trust that is not a proxy
+                    // by address, the peer itself is the client.
+                    if !trusted {
+                        prop_assert_eq!(real, Some(client));
+                    }
+                }
+                prop_assert!(headers.get_all("x-forwarded-proto").iter().count() >= 1);
+            }
+        }
     }
 
     #[test]

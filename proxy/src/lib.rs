@@ -12,6 +12,7 @@
 //! - `pool`: keep-alive connections to each upstream.
 //! - `body`: request and response bodies, the response carrying the lease.
 //! - `headers`: hop-by-hop and forwarding headers.
+//! - `moved`: when a socket last read bytes, for idle timeouts.
 //! - `activity`: the client connection's IO: header and keep-alive timeouts, and
 //!   giving hyper's buffers back while a connection is idle.
 //! - `access`: the access log line.
@@ -28,6 +29,7 @@ pub mod drain;
 pub mod error;
 mod forward;
 mod headers;
+mod moved;
 mod pool;
 pub mod server;
 pub mod stats;
@@ -35,7 +37,7 @@ pub mod upstream;
 mod watchdog;
 
 pub use body::{BodyError, RequestBody, ResponseBody};
-pub use config::{Limits, ProxyConfig};
+pub use config::ProxyConfig;
 pub use drain::{Drain, DrainTimedOut};
 pub use error::ProxyError;
 pub use forward::{Client, Proxy};

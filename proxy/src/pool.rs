@@ -7,7 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1;
@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::body::RequestBody;
+use crate::moved::{Moved, Tracked};
 
 /// Idle connections kept per upstream and worker thread (like nginx's `keepalive`):
 /// enough for a few hundred concurrent clients; a burst beyond it closes the surplus
@@ -33,11 +34,14 @@ pub(crate) struct Conn {
     pub(crate) sender: http1::SendRequest<RequestBody>,
     /// Taken from the pool rather than freshly connected.
     pub(crate) reused: bool,
+    /// When the connection last read bytes from the upstream.
+    pub(crate) reads: Arc<Moved>,
 }
 
 struct Idle {
     sender: http1::SendRequest<RequestBody>,
     since: Instant,
+    reads: Arc<Moved>,
 }
 
 pub(crate) struct Pool {
@@ -74,6 +78,7 @@ impl Pool {
                 return Ok(Conn {
                     sender: idle.sender,
                     reused: true,
+                    reads: idle.reads,
                 });
             }
         }
@@ -88,8 +93,9 @@ impl Pool {
                 Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
             };
         stream.set_nodelay(true)?;
+        let reads = Arc::new(Moved::new());
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(Tracked::new(stream, reads.clone())))
             .await
             .map_err(io::Error::other)?;
         let addr = self.addr;
@@ -101,6 +107,7 @@ impl Pool {
         Ok(Conn {
             sender,
             reused: false,
+            reads,
         })
     }
 
@@ -114,6 +121,7 @@ impl Pool {
             idle.push(Idle {
                 sender: conn.sender,
                 since: Instant::now(),
+                reads: conn.reads,
             });
         }
     }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::activity::{ClientIo, Timeouts};
-use crate::config::{Limits, ProxyConfig};
+use crate::config::ProxyConfig;
 use crate::forward::{Client, Proxy};
 use crate::watchdog::StreamExecutor;
 
@@ -131,7 +131,7 @@ async fn accept(
             tick.tick().await;
         }
     });
-    let protocols = Arc::new(Protocols::new(proxy.config(), proxy.limits()));
+    let protocols = Arc::new(Protocols::new(proxy.config()));
     // Every connection task holds a clone; `recv` returns None once all have ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     let shutdown = stopping(stopped.clone());
@@ -202,7 +202,7 @@ struct Protocols {
 }
 
 impl Protocols {
-    fn new(config: &ProxyConfig, limits: &Limits) -> Self {
+    fn new(config: &ProxyConfig) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             // Our own IO enforces the header and keep-alive timeouts (see `activity`).
@@ -214,14 +214,14 @@ impl Protocols {
         });
         h2.timer(TokioTimer::new())
             .max_header_list_size(config.max_header_size.min(u32::MAX as usize) as u32)
-            .max_concurrent_streams(limits.http2_max_concurrent_streams.max(1))
+            .max_concurrent_streams(config.http2_max_concurrent_streams.max(1))
             // What a client may send before rolld has passed it on: 256 KiB a stream,
             // 1 MiB a connection (hyper's default is 1 MiB for each).
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             // A client that stops answering PINGs is gone, whatever its streams say.
-            .keep_alive_interval(limits.http2_keepalive_interval)
-            .keep_alive_timeout(limits.http2_keepalive_timeout);
+            .keep_alive_interval(config.http2_keepalive_interval)
+            .keep_alive_timeout(config.http2_keepalive_timeout);
         Protocols {
             http1: h1,
             http2: h2,

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rolld_proxy::{Balance, Limits, Proxy, ProxyConfig, UpstreamSet, Upstreams};
+use rolld_proxy::{Balance, Proxy, ProxyConfig, UpstreamSet, Upstreams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -19,36 +19,28 @@ pub const SOON: Duration = Duration::from_secs(20);
 pub struct Front {
     pub addr: SocketAddr,
     pub upstreams: Arc<Upstreams>,
+    pub proxy: Arc<Proxy>,
     stop: Option<oneshot::Sender<Duration>>,
     pub task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Front {
     pub async fn start(config: ProxyConfig, upstreams: &[SocketAddr], balance: Balance) -> Front {
-        Front::start_with(config, Limits::default(), upstreams, balance).await
-    }
-
-    /// With other limits for HTTP/2 and upgraded connections.
-    pub async fn start_with(
-        config: ProxyConfig,
-        limits: Limits,
-        upstreams: &[SocketAddr],
-        balance: Balance,
-    ) -> Front {
         let listener = rolld_proxy::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let set = Arc::new(Upstreams::new());
         if !upstreams.is_empty() {
             set.swap(Arc::new(UpstreamSet::new(1, upstreams, balance)));
         }
-        let proxy = Arc::new(Proxy::new(set.clone(), config).with_limits(limits));
+        let proxy = Arc::new(Proxy::new(set.clone(), config));
         let (stop, rx) = oneshot::channel();
-        let task = tokio::spawn(rolld_proxy::serve(listener, proxy, async move {
+        let task = tokio::spawn(rolld_proxy::serve(listener, proxy.clone(), async move {
             rx.await.unwrap_or(Duration::ZERO)
         }));
         Front {
             addr,
             upstreams: set,
+            proxy,
             stop: Some(stop),
             task: Some(task),
         }
@@ -82,6 +74,10 @@ pub enum Script {
     Silent,
     /// Answer `101`, then echo every byte.
     UpgradeEcho,
+    /// Answer with these bytes, a byte at a time, this long apart.
+    Trickle(Vec<u8>, Duration),
+    /// Read the request's head, then neither read its body nor answer.
+    HeadOnly,
 }
 
 /// An upstream that records every byte it receives.
@@ -91,6 +87,8 @@ pub struct Upstream {
     pub connections: Arc<std::sync::atomic::AtomicUsize>,
     /// Set when a connection the upstream was answering is closed by the proxy.
     pub closed_early: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections that have ended, whoever closed them.
+    pub ended: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Upstream {
@@ -102,16 +100,18 @@ impl Upstream {
         let received = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let closed_early = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (rec, conns, closed) = (received.clone(), connections.clone(), closed_early.clone());
+        let gone = ended.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 conns.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(serve_scripted(
-                    stream,
-                    script.clone(),
-                    rec.clone(),
-                    closed.clone(),
-                ));
+                let (script, rec, closed, gone) =
+                    (script.clone(), rec.clone(), closed.clone(), gone.clone());
+                tokio::spawn(async move {
+                    serve_scripted(stream, script, rec, closed).await;
+                    gone.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
             }
         });
         Upstream {
@@ -119,6 +119,7 @@ impl Upstream {
             received,
             connections,
             closed_early,
+            ended,
         }
     }
 
@@ -177,6 +178,18 @@ async fn serve_scripted(
     closed: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut buf = Vec::new();
+    if let Script::HeadOnly = script {
+        let mut chunk = [0u8; 1024];
+        while find(&buf, b"\r\n\r\n").is_none() {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        record.lock().expect("lock").extend_from_slice(&buf);
+        // Hold the connection, reading nothing more, until the test ends.
+        std::future::pending::<()>().await;
+    }
     while read_request(&mut stream, &mut buf, &record).await.is_some() {
         match &script {
             Script::Reply(bytes) => {
@@ -200,6 +213,16 @@ async fn serve_scripted(
                 closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
+            Script::Trickle(bytes, gap) => {
+                for byte in bytes {
+                    tokio::time::sleep(*gap).await;
+                    if stream.write_all(&[*byte]).await.is_err() {
+                        closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+            Script::HeadOnly => return,
             Script::UpgradeEcho => {
                 let _ = stream
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
