@@ -133,14 +133,23 @@ impl ControlSocket {
             return Ok(());
         };
         let listener = UnixListener::from_std(listener)?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        accept_failed("control", &err).await;
+                        continue;
+                    }
                 };
                 let (commands, board, upstreams) =
                     (commands.clone(), board.clone(), upstreams.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = answer(stream, commands, board, upstreams).await {
                         debug!("control connection: {e}");
                     }
@@ -149,6 +158,23 @@ impl ControlSocket {
         });
         Ok(())
     }
+}
+
+/// Control connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 64;
+
+/// An accept that failed (out of descriptors, most often): back off instead of spinning
+/// on a listener that stays readable, and say so at most every 10 s.
+pub async fn accept_failed(listener: &str, err: &std::io::Error) {
+    static LAST_WARNED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    {
+        let mut last = LAST_WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+            warn!(listener, error = %err, "accept failed; backing off");
+            *last = Some(std::time::Instant::now());
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
 impl Drop for ControlSocket {

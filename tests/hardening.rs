@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
@@ -446,4 +446,94 @@ fn the_configured_user_gets_its_supplementary_groups() {
         "its app too: {:?}",
         groups_of(app)
     );
+}
+
+#[test]
+fn the_admin_listener_closes_a_connection_whose_headers_never_come() {
+    use std::io::{Read, Write};
+    let fixture = Fixture::new(1);
+    let admin = free_ports(1)[0];
+    let yaml = format!("admin: 127.0.0.1:{admin}\n{}", fixture.yaml());
+    let rolld = Rolld::spawn(&yaml, fixture.listen);
+    rolld.wait_log("roll finished", 1);
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", admin)).expect("connect");
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n")
+        .expect("half a request");
+    slow.set_read_timeout(Some(SOON)).expect("timeout");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let read = slow.read(&mut buf);
+    assert!(
+        read.is_ok() && started.elapsed() < SOON,
+        "closed (or answered) by rolld, not left open: {read:?}"
+    );
+    // The listener still serves complete requests.
+    let (status, body) = get_blocking(admin, "/healthz").expect("healthz");
+    assert_eq!(status, 200, "{body}");
+}
+
+/// CPU time (user + system) rolld has used, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .expect("fields")
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn the_control_socket_backs_off_when_rolld_runs_out_of_descriptors() {
+    use std::os::unix::process::CommandExt;
+    let fixture = Fixture::new(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("rolld.yml"), fixture.yaml()).expect("write config");
+    let log = std::fs::File::create(dir.path().join("rolld.log")).expect("log");
+    let mut command = Command::new(ROLLD);
+    command
+        .arg(dir.path().join("rolld.yml"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            use nix::sys::resource::{setrlimit, Resource};
+            setrlimit(Resource::RLIMIT_NOFILE, 64, 64).map_err(std::io::Error::from)
+        });
+    }
+    let rolld = Rolld {
+        child: Some(command.spawn().expect("start rolld")),
+        dir,
+        listen: fixture.listen,
+    };
+    rolld.wait_log("roll finished", 1);
+    // Idle control connections until rolld has no descriptor left to accept with.
+    let socket = rolld.dir.path().join("rolld.sock");
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..80)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+        .collect();
+    assert!(idle.len() > 64, "{} connections queued", idle.len());
+    let pid = rolld.pid();
+    wait_until("rolld out of descriptors", SOON, || {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()) >= 63
+    });
+    let before = cpu_ticks(rolld.pid());
+    let window = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(rolld.pid()) - before;
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let elapsed_ticks = window.elapsed().as_secs_f64() * ticks_per_s as f64;
+    assert!(
+        (used as f64) < elapsed_ticks * 0.25,
+        "rolld used {used} ticks of CPU in {elapsed_ticks:.0}: it spins on accept"
+    );
+    drop(idle);
 }
