@@ -537,3 +537,44 @@ fn the_control_socket_backs_off_when_rolld_runs_out_of_descriptors() {
     );
     drop(idle);
 }
+
+#[test]
+fn rollds_own_idle_connections_do_not_hold_up_the_drain_behind_another_balancer() {
+    // `listen` and `after_start` together: the drain also waits for connections to the
+    // old ports to close, and rolld's own pooled connections must not count.
+    let fixture = Fixture::new(2).extra(
+        "  drain_timeout: 20s\n  after_start:\n    - replace_file: [numprocs, 'up.templ', 'up.conf']\n",
+    );
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, |dir| {
+        std::fs::write(
+            dir.join("up.templ"),
+            "{% for p in ports %}{{ p }} {% endfor %}\n",
+        )
+        .expect("template");
+    });
+    rolld.wait_log("roll finished", 1);
+    // Concurrent requests leave several idle connections in the proxy's pools.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let port = rolld.listen;
+    rt.block_on(async {
+        let client = client();
+        let requests: Vec<_> = (0..8)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move { get(&client, port, "/?delay=100").await })
+            })
+            .collect();
+        for request in requests {
+            let answer = request.await.expect("task");
+            assert!(matches!(answer, Ok((200, _))), "{answer:?}");
+        }
+    });
+    let started = Instant::now();
+    let (code, stdout, stderr) = rolld.control("reload", &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the roll waited {:?} for rolld's own idle connections:\n{stdout}",
+        started.elapsed()
+    );
+}
