@@ -191,27 +191,7 @@ async fn answer(
     board: Arc<Board>,
     upstreams: Option<Arc<rolld_proxy::Upstreams>>,
 ) -> std::io::Result<()> {
-    // The socket file is 0600, but a directory or a mode changed by hand must not open
-    // rolld to every local user: only root and rolld's own user may drive it.
     let peer = stream.peer_cred()?;
-    let own = nix::unistd::geteuid().as_raw();
-    if peer.uid() != 0 && peer.uid() != own {
-        warn!(
-            uid = peer.uid(),
-            pid = peer.pid(),
-            "control connection refused: only root and rolld's own user (uid {own}) may use the control socket"
-        );
-        let mut stream = stream;
-        let refusal = serde_json::to_string(&Answer::Error {
-            message: format!(
-                "permission denied: uid {} is neither root nor rolld's user (uid {own})",
-                peer.uid()
-            ),
-        })
-        .unwrap_or_default();
-        stream.write_all(format!("{refusal}\n").as_bytes()).await?;
-        return Ok(());
-    }
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // One request line, bounded in size and time.
@@ -222,6 +202,26 @@ async fn answer(
     )
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 10 s"))??;
+    // The socket file is 0600, but a directory or a mode changed by hand must not open
+    // rolld to every local user: only root and rolld's own user may drive it. (Checked
+    // once the request is read, so that the client hears why rather than EPIPE.)
+    let own = nix::unistd::geteuid().as_raw();
+    if peer.uid() != 0 && peer.uid() != own {
+        warn!(
+            uid = peer.uid(),
+            pid = peer.pid(),
+            "control connection refused: only root and rolld's own user (uid {own}) may use the control socket"
+        );
+        let refusal = serde_json::to_string(&Answer::Error {
+            message: format!(
+                "permission denied: uid {} is neither root nor rolld's user (uid {own})",
+                peer.uid()
+            ),
+        })
+        .unwrap_or_default();
+        write.write_all(format!("{refusal}\n").as_bytes()).await?;
+        return Ok(());
+    }
     let send = |answer: Answer| {
         let mut text = serde_json::to_string(&answer)
             .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"message\":\"{e}\"}}"));
