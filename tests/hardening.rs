@@ -578,3 +578,30 @@ fn rollds_own_idle_connections_do_not_hold_up_the_drain_behind_another_balancer(
         started.elapsed()
     );
 }
+
+#[test]
+fn new_clients_are_refused_at_once_during_a_graceful_shutdown() {
+    let fixture = Fixture::new(1);
+    let mut rolld = Rolld::start(&fixture);
+    let guard = guard_pid(&rolld);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let slow = rt.spawn(async move { get(&client(), port, "/?delay=10000").await });
+    rolld.wait_in_flight(1);
+    rolld.signal(Signal::SIGTERM);
+    rolld.wait_log("shutting down", 1);
+    // Refused (not accepted into a backlog nobody reads) while rolld still drains.
+    wait_until(
+        "a new connection is refused",
+        Duration::from_secs(5),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        },
+    );
+    assert!(!slow.is_finished(), "the shutdown is still draining");
+    assert!(alive(guard), "the guard still runs");
+    let answer = rt.block_on(slow).expect("request task");
+    assert!(matches!(answer, Ok((200, _))), "{answer:?}");
+    assert_eq!(rolld.wait_exit(SOON).code(), Some(0));
+}
