@@ -302,7 +302,7 @@ impl Supervisor {
             }
             // A roll that has not swapped stops its new set and hands back the old one;
             // one past its swap finishes draining and stopping its old set.
-            let _ = cancel_roll.send(true);
+            cancel_roll.send_replace(true);
             if let Some(roll) = roll {
                 match roll.await {
                     Ok(rolled) => {
