@@ -310,6 +310,10 @@ async fn answer(
 
 // ---- the client side, as the CLI runs it ---------------------------------------------
 
+/// Longest wait for each answer line of `status` and `stop`, so that a wedged rolld
+/// cannot hang a script; `reload` waits as long as its roll takes.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Sends `request` and calls `each` with every answer line until the server closes.
 pub fn call(socket: &Path, request: &Request, mut each: impl FnMut(Answer)) -> Result<(), String> {
     let mut stream = StdUnixStream::connect(socket).map_err(|e| {
@@ -318,13 +322,23 @@ pub fn call(socket: &Path, request: &Request, mut each: impl FnMut(Answer)) -> R
             socket.display()
         )
     })?;
+    if !matches!(request, Request::Reload { wait: true }) {
+        stream
+            .set_read_timeout(Some(ANSWER_TIMEOUT))
+            .map_err(|e| format!("cannot set a timeout on the control socket: {e}"))?;
+    }
     let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
     line.push('\n');
     stream
         .write_all(line.as_bytes())
         .map_err(|e| format!("cannot send to rolld: {e}"))?;
     for line in BufReader::new(stream).lines() {
-        let line = line.map_err(|e| format!("reading rolld's answer: {e}"))?;
+        let line = line.map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                format!("rolld did not answer within {}s", ANSWER_TIMEOUT.as_secs())
+            }
+            _ => format!("reading rolld's answer: {e}"),
+        })?;
         let answer =
             serde_json::from_str(&line).map_err(|e| format!("rolld answered `{line}`: {e}"))?;
         each(answer);

@@ -605,3 +605,41 @@ fn new_clients_are_refused_at_once_during_a_graceful_shutdown() {
     assert!(matches!(answer, Ok((200, _))), "{answer:?}");
     assert_eq!(rolld.wait_exit(SOON).code(), Some(0));
 }
+
+#[test]
+fn status_and_stop_give_up_on_a_rolld_that_never_answers() {
+    let dir = tempfile::tempdir().expect("dir");
+    let socket = dir.path().join("wedged.sock");
+    // Accepts (the kernel's backlog does) and never answers.
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let mut children: Vec<(&str, std::process::Child)> = ["status", "stop"]
+        .into_iter()
+        .map(|subcommand| {
+            let child = Command::new(ROLLD)
+                .arg(subcommand)
+                .arg("--socket")
+                .arg(&socket)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run the CLI");
+            (subcommand, child)
+        })
+        .collect();
+    let started = Instant::now();
+    for (subcommand, child) in &mut children {
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break Some(status);
+            }
+            if started.elapsed() > SOON {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let status = status.unwrap_or_else(|| panic!("`rolld {subcommand}` still waits"));
+        assert_eq!(status.code(), Some(1), "{subcommand}");
+    }
+}
