@@ -295,7 +295,7 @@ impl Supervisor {
         let drain_timeout = config.app.drain_timeout;
         let how = StopHow::from_config(&config);
         let graceful = async move {
-            let deadline = tokio::time::Instant::now() + drain_timeout;
+            let deadline = crate::process::deadline_in(drain_timeout);
             // New clients are refused from now on.
             if let Some(stop) = stop_accepting {
                 let _ = stop.send(drain_timeout);
