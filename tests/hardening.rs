@@ -37,7 +37,11 @@ fn status_json(rolld: &Rolld) -> serde_json::Value {
 #[test]
 fn a_stalled_stderr_does_not_stop_the_proxy_nor_the_supervisor() {
     let fixture = Fixture::new(1);
-    let yaml = format!("proxy:\n  access_log: true\n{}", fixture.yaml());
+    let admin = free_ports(1)[0];
+    let yaml = format!(
+        "admin: 127.0.0.1:{admin}\nproxy:\n  access_log: true\n{}",
+        fixture.yaml()
+    );
     // A pipe nobody reads: a stuck log collector. 64 KiB fill it after a few hundred lines,
     // and rolld's queue (4096 lines) after a few thousand more.
     let mut rolld = spawn_with_stdio(&yaml, fixture.listen, Stdio::piped(), Stdio::piped());
@@ -73,6 +77,12 @@ fn a_stalled_stderr_does_not_stop_the_proxy_nor_the_supervisor() {
         status["log_lines_dropped"].as_u64().unwrap_or(0) > 0,
         "dropped lines are counted: {status}"
     );
+    let (_, metrics) = get_blocking(admin, "/metrics").expect("metrics");
+    let dropped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rolld_log_lines_dropped_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(dropped.is_some_and(|n| n > 0), "{metrics}");
     rolld.signal(Signal::SIGHUP);
     wait_until("generation 2 serves", SOON, || {
         status_json(&rolld)["generation"].as_u64() == Some(2)
