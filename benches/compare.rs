@@ -132,8 +132,9 @@ fn wrk(wrk: &Path, script: &Path, url: &str, connections: u32, secs: u64) -> Loa
     }
 }
 
-/// Direct children of `pid` (nginx's workers).
-fn children_of(pid: u32) -> Vec<u32> {
+/// The `n` direct children of `pid` (nginx's workers), waiting up to 5 s for all of them:
+/// the CPU of every worker counts.
+fn children_of(pid: u32, n: usize) -> Vec<u32> {
     let start = Instant::now();
     loop {
         let kids: Vec<u32> = std::fs::read_dir("/proc")
@@ -150,9 +151,14 @@ fn children_of(pid: u32) -> Vec<u32> {
                     .collect()
             })
             .unwrap_or_default();
-        if !kids.is_empty() || start.elapsed() > Duration::from_secs(5) {
+        if kids.len() >= n {
             return kids;
         }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{} of {n} nginx workers found",
+            kids.len()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -233,8 +239,12 @@ fn start_nginx(nginx: &Path, dir: &Path, port: u16, backends: &[u16], workers: u
     } else {
         ""
     };
+    // nginx as a careful operator tunes it for this load: keep-alive to the backends that
+    // is never recycled (`keepalive_requests`, both sides), proxy buffers that hold a
+    // whole 64 KiB answer in memory (the default 8 x 4 KiB spills it to a temporary file),
+    // and the error log at `warn`, where such a spill would show (counted below).
     let conf = format!(
-        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log error;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n}}\n"
+        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
     let nginx = Proc::spawn(
@@ -267,38 +277,47 @@ fn swap_cost(port: u16, config: &Path, clients: usize, secs: u64) -> (f64, f64, 
     for _ in 0..clients {
         let (samples, errors) = (samples.clone(), errors.clone());
         tasks.push(rt.spawn(async move {
-            let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-                return;
-            };
-            let Ok((mut send, conn)) = hyper::client::conn::http1::handshake::<
-                _,
-                http_body_util::Empty<bytes::Bytes>,
-            >(hyper_util::rt::TokioIo::new(stream))
-            .await
-            else {
-                return;
-            };
-            tokio::spawn(conn);
-            while start.elapsed() < Duration::from_secs(secs) {
-                let req = http::Request::get("/")
-                    .header("host", "bench")
-                    .body(http_body_util::Empty::new())
-                    .expect("req");
-                let t = Instant::now();
-                match send.send_request(req).await {
-                    Ok(res) => {
-                        use http_body_util::BodyExt;
-                        let _ = res.into_body().collect().await;
-                        let at = start.elapsed().as_secs_f64();
-                        samples
-                            .lock()
-                            .expect("lock")
-                            .push((at, t.elapsed().as_secs_f64() * 1000.0));
+            let failed = || errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // A failed request counts, and the client goes on on a new connection.
+            'connect: while start.elapsed() < Duration::from_secs(secs) {
+                let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    failed();
+                    continue;
+                };
+                let Ok((mut send, conn)) = hyper::client::conn::http1::handshake::<
+                    _,
+                    http_body_util::Empty<bytes::Bytes>,
+                >(hyper_util::rt::TokioIo::new(stream))
+                .await
+                else {
+                    failed();
+                    continue;
+                };
+                tokio::spawn(conn);
+                while start.elapsed() < Duration::from_secs(secs) {
+                    let req = http::Request::get("/")
+                        .header("host", "bench")
+                        .body(http_body_util::Empty::new())
+                        .expect("req");
+                    let t = Instant::now();
+                    let res = match send.send_request(req).await {
+                        Ok(res) => res,
+                        Err(_) => {
+                            failed();
+                            continue 'connect;
+                        }
+                    };
+                    let ok = res.status().is_success();
+                    use http_body_util::BodyExt;
+                    if res.into_body().collect().await.is_err() || !ok {
+                        failed();
+                        continue 'connect;
                     }
-                    Err(_) => {
-                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        return;
-                    }
+                    let at = start.elapsed().as_secs_f64();
+                    samples
+                        .lock()
+                        .expect("lock")
+                        .push((at, t.elapsed().as_secs_f64() * 1000.0));
                 }
             }
         }));
@@ -460,7 +479,7 @@ fn main() {
                 let ndir = dir.path().join(format!("nginx{workers}"));
                 std::fs::create_dir_all(&ndir).expect("dir");
                 let master = start_nginx(nginx, &ndir, port, &backends, workers);
-                let pids = children_of(master.0.id());
+                let pids = children_of(master.0.id(), workers as usize);
                 nginx_procs.push(master);
                 targets.push((format!("nginx-{workers}w"), port, pids));
             }
@@ -559,6 +578,19 @@ fn main() {
     }
     print!("{table}");
     drop(nginx_procs);
+    // A response nginx had to spill to disk would handicap it: say so if it happened.
+    let nginx_spills: usize = [1, 2]
+        .iter()
+        .map(|w| {
+            std::fs::read_to_string(dir.path().join(format!("nginx{w}/nginx-error.log")))
+                .unwrap_or_default()
+                .matches("buffered to a temporary file")
+                .count()
+        })
+        .sum();
+    if nginx_bin.is_some() {
+        println!("nginx: {nginx_spills} answer(s) spilled to temporary files (error log at warn)");
+    }
 
     // Roll cost, without and with traffic, and rolld's CPU per roll.
     let rolls = 5;
@@ -566,19 +598,14 @@ fn main() {
     let quiet: Vec<Duration> = (0..rolls).map(|_| reload(&config)).collect();
     let cpu_per_roll_ms =
         (cpu_ticks(rolld_pid) - cpu0) as f64 / ticks_per_sec() * 1000.0 / rolls as f64;
-    let mut wrk_bg = Command::new(&wrk_bin)
-        .args([
-            "-t2",
-            "-c64",
-            &format!("-d{}s", rolls * 2 + 2),
-            &format!("http://127.0.0.1:{listen}/"),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("wrk");
+    let busy_load = {
+        let (wrk_bin, script) = (wrk_bin.clone(), script.clone());
+        let url = format!("http://127.0.0.1:{listen}/");
+        std::thread::spawn(move || wrk(&wrk_bin, &script, &url, 64, rolls as u64 * 2 + 2))
+    };
     std::thread::sleep(Duration::from_millis(500));
     let busy: Vec<Duration> = (0..rolls).map(|_| reload(&config)).collect();
-    let _ = wrk_bg.wait();
+    let busy_load = busy_load.join().expect("wrk during the rolls");
     let median = |v: &[Duration]| {
         let mut v = v.to_vec();
         v.sort();
@@ -586,7 +613,9 @@ fn main() {
     };
     let (roll_quiet_ms, roll_busy_ms) = (median(&quiet), median(&busy));
     println!(
-        "roll (SIGHUP to old set stopped, median of {rolls}): {roll_quiet_ms:.0} ms without traffic, {roll_busy_ms:.0} ms under wrk -c64; backend start alone {:.0} ms; rolld CPU {cpu_per_roll_ms:.1} ms per roll",
+        "roll (`rolld reload` round trip: request to old set stopped, median of {rolls}): {roll_quiet_ms:.0} ms without traffic, {roll_busy_ms:.0} ms under wrk -c64 ({:.0} requests during the rolls, {} errors); backend start alone {:.0} ms; rolld CPU {cpu_per_roll_ms:.1} ms per roll",
+        busy_load.rps * (rolls as f64 * 2.0 + 2.0),
+        busy_load.errors,
         backend_start.as_secs_f64() * 1000.0
     );
 
@@ -598,11 +627,11 @@ fn main() {
     let conns = idle_connections(listen, 10_000);
     std::thread::sleep(Duration::from_millis(500));
     let busy_rss = rss_kib(rolld_pid);
+    let idle_count = conns.len();
     println!(
-        "rolld RSS: {:.1} MB idle, {:.1} MB with {} idle keep-alive client connections",
+        "rolld RSS: {:.1} MB idle, {:.1} MB with {idle_count} idle keep-alive client connections",
         idle_rss as f64 / 1024.0,
         busy_rss as f64 / 1024.0,
-        conns.len()
     );
     drop(conns);
 
@@ -612,7 +641,10 @@ fn main() {
         "seconds_per_load": secs,
         "rounds": rounds,
         "loads": results.iter().map(|(k, l)| (k.clone(), serde_json::json!({"rps": l.rps, "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "p999_ms": l.p999_ms, "errors": l.errors, "cpu_us_per_request": l.cpu_us_per_request}))).collect::<serde_json::Map<_, _>>(),
+        "nginx_buffer_spills": nginx_spills,
         "roll_ms_quiet": roll_quiet_ms,
+        "roll_load_errors": busy_load.errors,
+        "swap_errors": swap_errors,
         "roll_ms_under_load": roll_busy_ms,
         "backend_start_ms": backend_start.as_secs_f64() * 1000.0,
         "rolld_cpu_ms_per_roll": cpu_per_roll_ms,
@@ -620,7 +652,7 @@ fn main() {
         "quiet_p99_ms": quiet_p99,
         "rss_idle_mb": idle_rss as f64 / 1024.0,
         "rss_10k_idle_conns_mb": busy_rss as f64 / 1024.0,
-        "idle_connections": 10_000,
+        "idle_connections": idle_count,
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rolld-bench.json");
     match std::fs::write(

@@ -1,8 +1,9 @@
 //! The example app that rolld runs in `examples/rolld.yml` and in its tests.
 //!
-//! `rolld-example-backend PORT [--unhealthy] [--start-delay MS] [--ignore-term]` listens on
-//! 127.0.0.1:PORT (`--ignore-term`: SIGTERM does not stop it):
-//! - `GET /` answers `hello from PORT (pid PID)`;
+//! `rolld-example-backend PORT [--unhealthy] [--start-delay MS] [--ignore-term]
+//! [--root-status CODE]` listens on 127.0.0.1:PORT (`--ignore-term`: SIGTERM does not stop it):
+//! - `GET /` answers `hello from PORT (pid PID)`; with `--root-status CODE`, `GET /`
+//!   answers CODE instead (a 3xx with `Location: /login`, as an app behind a login does);
 //! - `?delay=MS` on any path delays the answer;
 //! - `GET /pid` answers the pid; `GET /health` answers 200 (503 with `--unhealthy`);
 //! - `GET /env?name=VAR` answers the value of an environment variable;
@@ -37,6 +38,7 @@ struct Options {
     port: u16,
     unhealthy: bool,
     start_delay: Duration,
+    root_status: Option<StatusCode>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -44,6 +46,7 @@ fn parse_args() -> Result<Options, String> {
     let mut port = None;
     let mut unhealthy = false;
     let mut start_delay = Duration::ZERO;
+    let mut root_status = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--unhealthy" => unhealthy = true,
@@ -58,6 +61,14 @@ fn parse_args() -> Result<Options, String> {
                     .and_then(|v| v.parse().ok())
                     .ok_or("--start-delay takes milliseconds")?;
                 start_delay = Duration::from_millis(ms);
+            }
+            "--root-status" => {
+                let code = args
+                    .next()
+                    .and_then(|v| v.parse::<u16>().ok())
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .ok_or("--root-status takes an HTTP status code")?;
+                root_status = Some(code);
             }
             "--port" => port = args.next().and_then(|v| v.parse().ok()),
             other => {
@@ -74,6 +85,7 @@ fn parse_args() -> Result<Options, String> {
         port,
         unhealthy,
         start_delay,
+        root_status,
     })
 }
 
@@ -96,6 +108,7 @@ async fn handle(
     mut req: Request<Incoming>,
     port: u16,
     unhealthy: bool,
+    root_status: Option<StatusCode>,
 ) -> Result<Response<Body>, Infallible> {
     if let Some(ms) = query(&req, "delay") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -162,6 +175,18 @@ async fn handle(
         return Ok(Response::new(req.into_body().boxed()));
     }
     let response = match req.uri().path() {
+        "/" if root_status.is_some() => {
+            let status = root_status.unwrap_or(StatusCode::OK);
+            let mut r = Response::new(full(format!("{status} from {port}\n")));
+            *r.status_mut() = status;
+            if status.is_redirection() {
+                r.headers_mut().insert(
+                    http::header::LOCATION,
+                    http::HeaderValue::from_static("/login"),
+                );
+            }
+            r
+        }
         "/pid" => Response::new(full(std::process::id().to_string())),
         "/log" => {
             // A line on stdout, for tests of rolld's log files.
@@ -250,14 +275,14 @@ async fn main() {
         }
     };
     println!("listening on {addr} (pid {})", std::process::id());
-    let (port, unhealthy) = (options.port, options.unhealthy);
+    let (port, unhealthy, root_status) = (options.port, options.unhealthy, options.root_status);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, port, unhealthy));
+            let service = service_fn(move |req| handle(req, port, unhealthy, root_status));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()

@@ -18,16 +18,20 @@ use crate::process::{self, Spec};
 /// Longest time a `run_proc` command may take.
 pub const RUN_PROC_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Renders `template` with the new set's ports. Errors name the file, line and problem.
+/// The names a template can use.
+const TEMPLATE_VARIABLES: [&str; 4] = ["ports", "numprocs", "upstreams", "generation"];
+
+/// Renders `template` with the new set's ports. Errors name the file, line and problem;
+/// a variable rolld does not provide is named (the original's Jinja2 rendered it empty,
+/// rolld refuses it: a misspelt variable would otherwise empty the upstream list).
 pub fn render(template: &Path, ports: &[u16], generation: u64) -> Result<String, String> {
     let source = std::fs::read_to_string(template)
         .map_err(|e| format!("cannot read template {}: {e}", template.display()))?;
     let name = template.display().to_string();
     let mut env = Environment::new();
-    // A misspelt variable is an error, not an empty upstream list.
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     env.set_keep_trailing_newline(true);
-    let describe = |e: minijinja::Error| {
+    let describe = |e: &minijinja::Error| {
         let line = e.line().map_or_else(String::new, |l| format!(" line {l}"));
         let detail = e
             .detail()
@@ -35,12 +39,31 @@ pub fn render(template: &Path, ports: &[u16], generation: u64) -> Result<String,
         format!("template {name}{line}: {detail}")
     };
     env.add_template_owned(name.clone(), source)
-        .map_err(describe)?;
+        .map_err(|e| describe(&e))?;
+    let tmpl = env.get_template(&name).map_err(|e| describe(&e))?;
     let upstreams: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    env.get_template(&name)
-        .map_err(describe)?
-        .render(context! { ports => ports, numprocs => ports, upstreams => upstreams, generation => generation })
-        .map_err(describe)
+    tmpl.render(context! { ports => ports, numprocs => ports, upstreams => upstreams, generation => generation })
+        .map_err(|e| {
+            if e.kind() != minijinja::ErrorKind::UndefinedError {
+                return describe(&e);
+            }
+            let globals: Vec<&str> = env.globals().map(|(n, _)| n).collect();
+            let mut unknown: Vec<String> = tmpl
+                .undeclared_variables(false)
+                .into_iter()
+                .filter(|v| !TEMPLATE_VARIABLES.contains(&v.as_str()) && !globals.contains(&v.as_str()))
+                .collect();
+            unknown.sort();
+            let line = e.line().map_or_else(String::new, |l| format!(" line {l}"));
+            match unknown.as_slice() {
+                [] => describe(&e),
+                names => format!(
+                    "template {name}{line}: undefined variable {} (the variables are {})",
+                    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+                    TEMPLATE_VARIABLES.join(", ")
+                ),
+            }
+        })
 }
 
 /// Writes `content` to `path` through a temporary file and a rename, so that a reader
@@ -272,7 +295,9 @@ mod tests {
         );
         let err = render(&path, &[1], 1).expect_err("undefined variable");
         assert!(
-            err.contains("upstream.conf.templ") && err.contains("line 3"),
+            err.contains("upstream.conf.templ")
+                && err.contains("line 3")
+                && err.contains("undefined variable `prot`"),
             "{err}"
         );
         let (_dir, path) = template("{% for port in ports %}\n{{ port }\n");

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use rolld_proxy::{Balance, ProxyConfig};
+
+use crate::yaml_lines::Lines;
 use serde::Deserialize;
 
 /// A configuration that cannot be used, with the file, key and line to fix.
@@ -101,6 +103,25 @@ struct RawWorkset {
 #[serde(deny_unknown_fields)]
 struct RawSmokeTest {
     check_all_http_ports: Option<String>,
+    /// rolld's own: the path to request (default `/`).
+    path: Option<String>,
+    /// rolld's own: the statuses that pass (default 2xx and 3xx).
+    status: Option<RawStatuses>,
+}
+
+/// Accepted HTTP statuses: `200`, `"2xx"`, `"200-299"`, or a list of these.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawStatuses {
+    One(RawStatus),
+    List(Vec<RawStatus>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawStatus {
+    Code(u16),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -114,7 +135,7 @@ struct RawAction {
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     path: Option<String>,
-    status: Option<u16>,
+    status: Option<RawStatuses>,
     timeout: Option<String>,
     interval: Option<String>,
     start_timeout: Option<String>,
@@ -127,6 +148,9 @@ struct RawHealth {
 pub struct Config {
     /// The file it was read from (absolute).
     pub path: PathBuf,
+    /// The folder rolld was started in. As in the original rolld, `replace_file` paths
+    /// and a relative `directory` resolve against it, and `run_proc` commands run in it.
+    pub workdir: PathBuf,
     /// Front listener of the built-in proxy; `None` when another balancer is in front.
     pub listen: Option<SocketAddr>,
     /// Settings of the built-in proxy.
@@ -156,7 +180,10 @@ pub struct AppServers {
     pub argv: Vec<String>,
     /// Working directory of every process (absolute).
     pub directory: PathBuf,
+    /// Values may hold `{port}`/`{numproc}`, filled per process.
     pub environment: Vec<(String, String)>,
+    /// Log files (absolute; may hold `{port}`/`{numproc}`), relative ones resolved
+    /// against `directory` as the original did.
     pub stdout: Option<PathBuf>,
     pub stderr: Option<PathBuf>,
     pub ports: PortPlan,
@@ -183,8 +210,9 @@ pub enum PortPlan {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SmokeTest {
-    /// `GET /` on every port of the new set must answer 200.
-    CheckAllHttpPorts,
+    /// `GET path` on every port of the new set must answer one of the accepted statuses
+    /// (by default `GET /`, 2xx or 3xx: a login redirect passes, redirects are not followed).
+    CheckAllHttpPorts(HttpCheck),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,38 +239,93 @@ pub struct Health {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpCheck {
     pub path: String,
-    pub status: u16,
+    pub status: Statuses,
+}
+
+/// The HTTP statuses a check accepts, as ranges (`2xx` is 200-299).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statuses(Vec<RangeInclusive<u16>>);
+
+impl Statuses {
+    pub fn exactly(status: u16) -> Statuses {
+        Statuses(vec![status..=status])
+    }
+
+    /// 2xx and 3xx: what the original's smoke test let through without failing the roll.
+    pub fn success_or_redirect() -> Statuses {
+        Statuses(vec![200..=399])
+    }
+
+    pub fn accepts(&self, status: u16) -> bool {
+        self.0.iter().any(|r| r.contains(&status))
+    }
+}
+
+impl fmt::Display for Statuses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, range) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            let (a, b) = (*range.start(), *range.end());
+            if a == b {
+                write!(f, "{a}")?;
+            } else if a % 100 == 0 && b == a + 99 {
+                write!(f, "{}xx", a / 100)?;
+            } else if a % 100 == 0 && b % 100 == 99 {
+                let classes: Vec<String> = (a / 100..=b / 100).map(|c| format!("{c}xx")).collect();
+                f.write_str(&classes.join(", "))?;
+            } else {
+                write!(f, "{a}-{b}")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
+/// No duration in the file may be longer: a deadline must stay a time the clock can hold.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 const PLACEHOLDERS: [&str; 2] = ["{port}", "{numproc}"];
+const MAX_PROCESSES: usize = 4096;
+const MAX_CONNECTIONS: usize = 1 << 24;
 
 impl Config {
-    /// Reads and validates the file at `path`.
+    /// Reads and validates the file at `path`, with relative paths of the original's
+    /// keys resolved against the folder rolld runs in.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
-        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        Config::parse(&text, &path)
+        };
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
+        let workdir = std::env::current_dir().map_err(read_error)?;
+        let path = realpath(&workdir.join(path));
+        Config::parse(&text, &path, &workdir)
     }
 
-    /// Validates `text` as if read from `path` (relative paths resolve against its folder).
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    /// Validates `text` as if read from `path` by a rolld started in `workdir` (both
+    /// absolute): see [`Config::workdir`] and the README's path rules.
+    pub fn parse(text: &str, path: &Path, workdir: &Path) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
         };
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        let base = path.parent().unwrap_or(Path::new("/"));
-        let mut config = raw.validate(text, base).map_err(invalid)?;
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| invalid(yaml_error(&e)))?;
+        let lines = Lines::index(text);
+        let v = Validator {
+            lines: &lines,
+            config_dir: path.parent().unwrap_or(Path::new("/")),
+            workdir,
+        };
+        let mut config = raw.validate(&v).map_err(invalid)?;
         config.path = path.to_path_buf();
+        config.workdir = workdir.to_path_buf();
         Ok(config)
     }
 
@@ -274,28 +357,57 @@ pub fn fill(template: &str, port: u16) -> String {
         .fold(template.to_string(), |s, p| s.replace(p, &port))
 }
 
-/// The line where `key` is first written as a mapping key, for error messages.
-fn line_of(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|line| {
-            let line = line.trim_start().trim_start_matches("- ").trim_start();
-            line.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with(':'))
-        })
-        .map(|i| i + 1)
+/// `path` without `.` and `..` and with the symlinks of the part that exists resolved,
+/// as `realpath -m` prints it: what `rolld check` shows is where files really go.
+pub fn realpath(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut real = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                real.pop();
+            }
+            other => {
+                real.push(other);
+                // Resolve symlinks while the path exists, as the kernel would.
+                if let Ok(resolved) = std::fs::canonicalize(&real) {
+                    real = resolved;
+                }
+            }
+        }
+    }
+    real
+}
+
+/// serde_yaml's error as `line N: message`, the form of rolld's own config errors.
+fn yaml_error(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    match e.location() {
+        Some(at) => {
+            let suffix = format!(" at line {} column {}", at.line(), at.column());
+            let message = text.strip_suffix(&suffix).unwrap_or(&text);
+            format!("line {}: {message}", at.line())
+        }
+        None => text,
+    }
 }
 
 struct Validator<'a> {
-    text: &'a str,
-    base: &'a Path,
+    lines: &'a Lines,
+    /// Where rolld's own new path keys resolve (`control_socket`).
+    config_dir: &'a Path,
+    /// Where the original's path keys resolve (`directory`, `replace_file`).
+    workdir: &'a Path,
 }
 
 impl Validator<'_> {
-    fn err(&self, key: &str, message: impl fmt::Display) -> String {
-        let name = key.rsplit('.').next().unwrap_or(key);
-        match line_of(self.text, name) {
-            Some(line) => format!("line {line}: `{key}`: {message}"),
-            None => format!("`{key}`: {message}"),
+    /// An error about the value at `path` (e.g. `app-servers.workset[1].numprocs[0]`),
+    /// with the line it is written on.
+    fn err(&self, path: &str, message: impl fmt::Display) -> String {
+        match self.lines.line(path) {
+            Some(line) => format!("line {line}: `{path}`: {message}"),
+            None => format!("`{path}`: {message}"),
         }
     }
 
@@ -307,26 +419,87 @@ impl Validator<'_> {
     ) -> Result<Duration, String> {
         match value {
             None => Ok(default),
-            Some(text) => humantime::parse_duration(text.trim()).map_err(|e| {
-                self.err(
-                    key,
-                    format!("`{text}` is not a duration ({e}); write e.g. 500ms, 10s, 2m"),
-                )
-            }),
+            Some(text) => {
+                let d = humantime::parse_duration(text.trim()).map_err(|e| {
+                    self.err(
+                        key,
+                        format!("`{text}` is not a duration ({e}); write e.g. 500ms, 10s, 2m"),
+                    )
+                })?;
+                if d > MAX_DURATION {
+                    return Err(self.err(key, format!("`{text}` is longer than a year")));
+                }
+                Ok(d)
+            }
         }
     }
 
-    fn path(&self, value: &str) -> PathBuf {
-        self.base.join(value)
+    /// A path of rolld's own keys: relative to the config file's folder.
+    fn own_path(&self, value: &str) -> PathBuf {
+        realpath(&self.config_dir.join(value))
+    }
+
+    /// A path of the original's keys: relative to the folder rolld runs in.
+    fn original_path(&self, value: &str) -> PathBuf {
+        realpath(&self.workdir.join(value))
+    }
+
+    /// Statuses as written, or `default`.
+    fn statuses(
+        &self,
+        key: &str,
+        raw: Option<RawStatuses>,
+        default: Statuses,
+    ) -> Result<Statuses, String> {
+        let items = match raw {
+            None => return Ok(default),
+            Some(RawStatuses::One(one)) => vec![one],
+            Some(RawStatuses::List(list)) => list,
+        };
+        if items.is_empty() {
+            return Err(self.err(key, "lists no status; write e.g. 200, 2xx or [2xx, 302]"));
+        }
+        let mut ranges = Vec::new();
+        for item in items {
+            let range = match item {
+                RawStatus::Code(code) => Some(code..=code),
+                RawStatus::Text(text) => parse_status(&text),
+            };
+            match range {
+                Some(r) if (100..=599).contains(r.start()) && (100..=599).contains(r.end()) => {
+                    ranges.push(r)
+                }
+                _ => {
+                    return Err(self.err(
+                        key,
+                        "statuses are codes from 100 to 599: write e.g. 200, 2xx, 200-399 or a list of these",
+                    ))
+                }
+            }
+        }
+        Ok(Statuses(ranges))
     }
 }
 
+/// `302`, `3xx` or `200-399`.
+fn parse_status(text: &str) -> Option<RangeInclusive<u16>> {
+    let t = text.trim().to_ascii_lowercase();
+    if let Some(class) = t.strip_suffix("xx") {
+        let c: u16 = class.parse().ok().filter(|c| (1..=5).contains(c))?;
+        return Some(c * 100..=c * 100 + 99);
+    }
+    if let Some((a, b)) = t.split_once('-') {
+        let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+        return (a <= b).then_some(a..=b);
+    }
+    t.parse().ok().map(|c: u16| c..=c)
+}
+
 impl RawConfig {
-    fn validate(self, text: &str, base: &Path) -> Result<Config, String> {
-        let v = Validator { text, base };
-        let proxy = validate_proxy(&v, self.proxy)?;
-        let run_as = validate_run_as(&v, self.user, self.group)?;
-        let control_socket = self.control_socket.as_deref().map(|p| v.path(p));
+    fn validate(self, v: &Validator) -> Result<Config, String> {
+        let proxy = validate_proxy(v, self.proxy)?;
+        let run_as = validate_run_as(v, self.user, self.group)?;
+        let control_socket = self.control_socket.as_deref().map(|p| v.own_path(p));
         let admin = match self.admin.as_deref().map(str::trim) {
             None => None,
             Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
@@ -372,12 +545,15 @@ impl RawConfig {
             )),
             (Some(sets), None) => {
                 let sets: Vec<Vec<u16>> = sets.into_iter().map(|s| s.numprocs).collect();
-                validate_worksets(&v, &sets)?;
+                validate_worksets(v, &sets)?;
                 PortPlan::Worksets(sets)
             }
             (None, Some(count)) => {
-                if count == 0 {
-                    return Err(v.err("app-servers.processes", "must be at least 1"));
+                if !(1..=MAX_PROCESSES).contains(&count) {
+                    return Err(v.err(
+                        "app-servers.processes",
+                        format!("{count} is not between 1 and {MAX_PROCESSES}"),
+                    ));
                 }
                 let range = match app.port_range.as_deref() {
                     None => DEFAULT_PORT_RANGE,
@@ -423,47 +599,69 @@ impl RawConfig {
             }
         }
 
+        // The original ran processes in `directory`, relative to where it was started.
+        // Without it (the original required it), processes run beside the config file.
         let directory = match app.directory.as_deref() {
-            None => base.to_path_buf(),
-            Some(dir) => v.path(dir),
+            None => v.config_dir.to_path_buf(),
+            Some(dir) => v.original_path(dir),
         };
-        let environment = parse_environment(&v, app.environment)?;
+        let in_directory = |p: &str| realpath(&directory.join(p));
+        let environment = parse_environment(v, app.environment)?;
+        // The original wrote its log files relative to `directory`.
+        let stdout = app.stdout.as_deref().map(in_directory);
+        let stderr = app.stderr.as_deref().map(in_directory);
 
         let mut smoke_tests = Vec::new();
         for (i, test) in app.smoke_test.into_iter().enumerate() {
+            let at = format!("app-servers.smoke_test[{i}]");
             match test.check_all_http_ports.as_deref() {
-                Some("numprocs") => smoke_tests.push(SmokeTest::CheckAllHttpPorts),
+                Some("numprocs") => {}
                 Some(other) => {
                     return Err(v.err(
-                        "check_all_http_ports",
-                        format!("smoke_test[{i}]: `{other}` is not known; the ports to check are `numprocs`"),
+                        &format!("{at}.check_all_http_ports"),
+                        format!("`{other}` is not known; the ports to check are `numprocs`"),
                     ))
                 }
-                None => return Err(v.err("smoke_test", format!("smoke_test[{i}] is empty; write `- check_all_http_ports: numprocs`"))),
+                None => return Err(v.err(
+                    &at,
+                    "write `- check_all_http_ports: numprocs` (with optional `path` and `status`)",
+                )),
             }
+            let path = test.path.unwrap_or_else(|| "/".to_string());
+            check_request_path(v, &format!("{at}.path"), &path)?;
+            let status = v.statuses(
+                &format!("{at}.status"),
+                test.status,
+                Statuses::success_or_redirect(),
+            )?;
+            smoke_tests.push(SmokeTest::CheckAllHttpPorts(HttpCheck { path, status }));
         }
 
         let mut after_start = Vec::new();
         for (i, action) in app.after_start.into_iter().enumerate() {
+            let at = format!("app-servers.after_start[{i}]");
+            // As in the original, these paths are relative to where rolld runs.
             let action = match (action.replace_file, action.run_proc) {
                 (Some(args), None) => match args.as_slice() {
                     [what, template, output] if what == "numprocs" => Action::ReplaceFile {
-                        template: v.path(template),
-                        output: v.path(output),
+                        template: v.original_path(template),
+                        output: v.original_path(output),
                     },
                     _ => {
                         return Err(v.err(
-                            "replace_file",
-                            format!("after_start[{i}]: write `replace_file: [numprocs, TEMPLATE, OUTPUT]`"),
+                            &format!("{at}.replace_file"),
+                            "write `replace_file: [numprocs, TEMPLATE, OUTPUT]`",
                         ))
                     }
                 },
                 (None, Some(command)) if !command.trim().is_empty() => Action::RunProc { command },
-                (None, Some(_)) => return Err(v.err("run_proc", format!("after_start[{i}]: the command is empty"))),
+                (None, Some(_)) => {
+                    return Err(v.err(&format!("{at}.run_proc"), "the command is empty"))
+                }
                 _ => {
                     return Err(v.err(
-                        "after_start",
-                        format!("after_start[{i}]: each action is one of `replace_file: [...]` or `run_proc: COMMAND`"),
+                        &at,
+                        "each action is one of `replace_file: [...]` or `run_proc: COMMAND`",
                     ))
                 }
             };
@@ -479,41 +677,34 @@ impl RawConfig {
             },
             Some(h) => {
                 let path = h.path.unwrap_or_else(|| "/".to_string());
-                if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
-                    return Err(v.err(
-                        "app-servers.health.path",
-                        format!("`{path}` is not a request path; write e.g. /health"),
-                    ));
-                }
-                let status = h.status.unwrap_or(200);
-                if !(100..=599).contains(&status) {
-                    return Err(v.err(
-                        "app-servers.health.status",
-                        format!("{status} is not an HTTP status"),
-                    ));
-                }
+                check_request_path(v, "app-servers.health.path", &path)?;
+                let status = v.statuses(
+                    "app-servers.health.status",
+                    h.status,
+                    Statuses::exactly(200),
+                )?;
                 let health = Health {
                     http: Some(HttpCheck { path, status }),
                     timeout: v.duration(
-                        "health.timeout",
+                        "app-servers.health.timeout",
                         h.timeout.as_deref(),
                         DEFAULT_HEALTH_TIMEOUT,
                     )?,
                     interval: v.duration(
-                        "health.interval",
+                        "app-servers.health.interval",
                         h.interval.as_deref(),
                         DEFAULT_HEALTH_INTERVAL,
                     )?,
                     start_timeout: v.duration(
-                        "health.start_timeout",
+                        "app-servers.health.start_timeout",
                         h.start_timeout.as_deref(),
                         DEFAULT_START_TIMEOUT,
                     )?,
                 };
                 for (key, d) in [
-                    ("health.timeout", health.timeout),
-                    ("health.interval", health.interval),
-                    ("health.start_timeout", health.start_timeout),
+                    ("app-servers.health.timeout", health.timeout),
+                    ("app-servers.health.interval", health.interval),
+                    ("app-servers.health.start_timeout", health.start_timeout),
                 ] {
                     if d.is_zero() {
                         return Err(v.err(key, "must be longer than zero"));
@@ -544,7 +735,9 @@ impl RawConfig {
         };
 
         Ok(Config {
-            path: PathBuf::new(), // set by `Config::parse`, which knows the file
+            // Both set by `Config::parse`, which knows the file and the folder.
+            path: PathBuf::new(),
+            workdir: PathBuf::new(),
             listen,
             proxy,
             run_as,
@@ -555,8 +748,8 @@ impl RawConfig {
                 argv,
                 directory,
                 environment,
-                stdout: app.stdout.as_deref().map(|p| v.path(p)),
-                stderr: app.stderr.as_deref().map(|p| v.path(p)),
+                stdout,
+                stderr,
                 ports,
                 smoke_tests,
                 after_start,
@@ -607,8 +800,11 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
         }
     };
     let max_connections = raw.max_connections.unwrap_or(d.max_connections);
-    if max_connections == 0 {
-        return Err(v.err("proxy.max_connections", "must be at least 1"));
+    if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
+        return Err(v.err(
+            "proxy.max_connections",
+            format!("{max_connections} is not between 1 and {MAX_CONNECTIONS}"),
+        ));
     }
     let mut trusted_proxies = Vec::new();
     for text in raw.trusted_proxies.unwrap_or_default() {
@@ -736,20 +932,31 @@ fn validate_worksets(v: &Validator, sets: &[Vec<u16>]) -> Result<(), String> {
     }
     let mut seen = BTreeMap::new();
     for (i, set) in sets.iter().enumerate() {
+        let at = format!("app-servers.workset[{i}].numprocs");
         if set.is_empty() {
-            return Err(v.err("numprocs", format!("workset[{i}] has no ports")));
+            return Err(v.err(&at, "has no ports"));
         }
-        for &port in set {
+        for (j, &port) in set.iter().enumerate() {
             if port == 0 {
-                return Err(v.err("numprocs", format!("workset[{i}]: port 0 is not a port")));
+                return Err(v.err(&format!("{at}[{j}]"), "port 0 is not a port"));
             }
             if let Some(first) = seen.insert(port, i) {
                 return Err(v.err(
-                    "numprocs",
+                    &format!("{at}[{j}]"),
                     format!("port {port} appears twice (workset[{first}] and workset[{i}]); every process needs its own port"),
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+fn check_request_path(v: &Validator, key: &str, path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+        return Err(v.err(
+            key,
+            format!("`{path}` is not a request path; write e.g. /health"),
+        ));
     }
     Ok(())
 }
@@ -804,8 +1011,8 @@ fn parse_environment(
                     Value::Bool(b) => b.to_string(),
                     _ => {
                         return Err(v.err(
-                            key,
-                            format!("`{k}`: a value is a string, number or boolean"),
+                            &format!("{key}.{k}"),
+                            "a value is a string, number or boolean",
                         ))
                     }
                 };
@@ -864,7 +1071,8 @@ app-servers:
 ";
 
     fn parse(text: &str) -> Result<Config, String> {
-        Config::parse(text, Path::new("/etc/rolld/rolld.yml")).map_err(|e| e.to_string())
+        Config::parse(text, Path::new("/etc/rolld/rolld.yml"), Path::new("/srv"))
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -881,15 +1089,162 @@ app-servers:
         assert_eq!(c.app.directory, Path::new("/srv/app"));
         assert_eq!(
             c.app.stdout.as_deref(),
-            Some(Path::new("/etc/rolld/logs/tornado-{numproc}.log"))
+            Some(Path::new("/srv/app/logs/tornado-{numproc}.log"))
         );
-        assert_eq!(c.app.smoke_tests, vec![SmokeTest::CheckAllHttpPorts]);
-        assert_eq!(c.app.after_start.len(), 2);
+        assert_eq!(
+            c.app.smoke_tests,
+            vec![SmokeTest::CheckAllHttpPorts(HttpCheck {
+                path: "/".into(),
+                status: Statuses::success_or_redirect()
+            })]
+        );
+        assert_eq!(
+            c.app.after_start,
+            vec![
+                Action::ReplaceFile {
+                    template: "/srv/nginx.conf.templ".into(),
+                    output: "/srv/nginx.conf".into()
+                },
+                Action::RunProc {
+                    command: "nginx -s reload".into()
+                }
+            ]
+        );
+        assert_eq!(c.workdir, Path::new("/srv"));
         assert_eq!(
             c.command_for(8001),
             vec!["/srv/app/../env/bin/python", "app.py", "8001"]
         );
         assert!(c.app.environment.is_empty());
+    }
+
+    #[test]
+    fn original_paths_resolve_like_the_original() {
+        // A relative `directory` is relative to where rolld runs; logs to `directory`;
+        // rolld's own `control_socket` to the config file's folder.
+        let c = parse(&ORIGINAL.replace("'/srv/app'", "'app'").replace(
+            "app-servers:",
+            "control_socket: run/rolld.sock\napp-servers:",
+        ))
+        .expect("valid");
+        assert_eq!(c.app.directory, Path::new("/srv/app"));
+        assert_eq!(
+            c.app.stderr.as_deref(),
+            Some(Path::new("/srv/app/logs/tornado-{numproc}.err"))
+        );
+        assert_eq!(c.control_socket(), Path::new("/etc/rolld/run/rolld.sock"));
+        let absolute = parse(&ORIGINAL.replace("'logs/tornado-{numproc}.log'", "'/var/log/t.log'"))
+            .expect("valid");
+        assert_eq!(
+            absolute.app.stdout.as_deref(),
+            Some(Path::new("/var/log/t.log"))
+        );
+        // Without `directory`, processes run beside the config file.
+        let c = parse(&ORIGINAL.replace("  directory: '/srv/app'\n", "")).expect("valid");
+        assert_eq!(c.app.directory, Path::new("/etc/rolld"));
+    }
+
+    #[test]
+    fn realpath_cleans_dots_and_resolves_what_exists() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let real = std::fs::canonicalize(dir.path()).expect("real");
+        std::fs::create_dir(real.join("a")).expect("a");
+        std::os::unix::fs::symlink(real.join("a"), real.join("link")).expect("symlink");
+        assert_eq!(realpath(&real.join("a/../a/./x.log")), real.join("a/x.log"));
+        assert_eq!(realpath(&real.join("link/new/../y")), real.join("a/y"));
+        assert_eq!(
+            realpath(Path::new("/nonexistent-rolld/a/../b/./c")),
+            Path::new("/nonexistent-rolld/b/c")
+        );
+    }
+
+    #[test]
+    fn smoke_test_statuses_default_to_2xx_and_3xx_and_can_be_set() {
+        let c = parse(&ORIGINAL.replace(
+            "- check_all_http_ports: numprocs",
+            "- check_all_http_ports: numprocs\n      path: /login\n      status: [200, 302, 5xx, 400-404]",
+        ))
+        .expect("valid");
+        let SmokeTest::CheckAllHttpPorts(check) = &c.app.smoke_tests[0];
+        assert_eq!(check.path, "/login");
+        for (status, accepted) in [
+            (200, true),
+            (201, false),
+            (302, true),
+            (301, false),
+            (503, true),
+            (404, true),
+            (405, false),
+        ] {
+            assert_eq!(check.status.accepts(status), accepted, "{status}");
+        }
+        assert_eq!(check.status.to_string(), "200, 302, 5xx, 400-404");
+        let default = Statuses::success_or_redirect();
+        assert!(default.accepts(200) && default.accepts(302) && default.accepts(399));
+        assert!(!default.accepts(404) && !default.accepts(500) && !default.accepts(199));
+        assert_eq!(default.to_string(), "2xx, 3xx");
+        assert_error(
+            &ORIGINAL.replace(
+                "- check_all_http_ports: numprocs",
+                "- check_all_http_ports: numprocs\n      status: 7xx",
+            ),
+            &["line 12", "app-servers.smoke_test[0].status", "100 to 599"],
+        );
+    }
+
+    #[test]
+    fn errors_found_after_parsing_name_their_exact_line() {
+        // The duplicate is in the second workset, on line 9, not the first's line 8.
+        assert_error(
+            &ORIGINAL.replace("8502", "8002"),
+            &[
+                "line 9:",
+                "workset[1].numprocs[1]",
+                "port 8002 appears twice",
+            ],
+        );
+        // The second replace_file is wrong; the first is fine.
+        let two = ORIGINAL.replace(
+            "    - run_proc: 'nginx -s reload'\n",
+            "    - replace_file: [numprocs, 'a.templ']\n    - run_proc: 'nginx -s reload'\n",
+        );
+        assert_error(&two, &["line 14:", "after_start[1].replace_file"]);
+        // A flow-style mapping.
+        assert_error(
+            &ORIGINAL.replace(
+                "  smoke_test:",
+                "  health: {path: /health, timeout: soon}\n  smoke_test:",
+            ),
+            &["line 10:", "app-servers.health.timeout", "soon"],
+        );
+        // A value over several lines: the line of its key.
+        assert_error(
+            &ORIGINAL.replace(
+                "  workset:",
+                "  health:\n    path: /\n    interval: 0s\n  workset:",
+            ),
+            &["line 9:", "app-servers.health.interval", "longer than zero"],
+        );
+    }
+
+    #[test]
+    fn durations_and_counts_are_bounded() {
+        assert_error(
+            &format!("{ORIGINAL}  drain_timeout: 10000000000000000000s\n"),
+            &["line 15", "drain_timeout"],
+        );
+        assert_error(
+            &format!("{ORIGINAL}  stop_timeout: 400days\n"),
+            &["line 15", "stop_timeout", "longer than a year"],
+        );
+        assert_error(
+            &format!("proxy: {{response_timeout: 9999999999999s}}\n{ORIGINAL}"),
+            &["line 1", "proxy.response_timeout"],
+        );
+        assert_error(
+            &format!("proxy:\n  max_connections: 99999999999\n{ORIGINAL}"),
+            &["line 2", "proxy.max_connections"],
+        );
     }
 
     #[test]
@@ -918,7 +1273,7 @@ app-servers:
             c.app.health.http,
             Some(HttpCheck {
                 path: "/health".into(),
-                status: 204
+                status: Statuses::exactly(204)
             })
         );
         assert_eq!(c.app.stop_signal, Signal::SIGINT);
@@ -957,10 +1312,6 @@ app-servers:
         );
         assert_error(&ORIGINAL.replace("8002", "'x'"), &["numprocs", "line 8"]);
         assert_error(
-            &ORIGINAL.replace("8502", "8002"),
-            &["port 8002 appears twice", "line 8"],
-        );
-        assert_error(
             &ORIGINAL.replace("    - numprocs: [8501, 8502, 8503, 8504]\n", ""),
             &["workset", "at least two", "line 7"],
         );
@@ -984,12 +1335,85 @@ app-servers:
                 "check_all_http_ports: numprocs",
                 "check_all_http_ports: ports",
             ),
-            &["ports", "line 11"],
+            &["ports", "line 11", "smoke_test[0].check_all_http_ports"],
         );
         assert_error("app-servers: [1]\n", &["app-servers"]);
         assert_error(
             &ORIGINAL.replace("  workset:", "  processes: 2\n  workset:"),
             &["not both"],
         );
+    }
+}
+
+/// The loader takes untrusted text: whatever it is given, it answers a config or an
+/// error, never a panic. Cases derive from the original example, mutated, and from
+/// arbitrary text; both bounded so the run takes seconds.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const BASE: &str = "\
+listen: 127.0.0.1:8080
+proxy: {response_timeout: 5s, max_body_size: 10m, trusted_proxies: [10.0.0.0/8]}
+app-servers:
+  cmd: '../env/bin/python app.py {numproc}'
+  directory: 'app'
+  environment: {A: 'p{port}'}
+  stderr: 'logs/tornado-{numproc}.err'
+  stdout: 'logs/tornado-{numproc}.log'
+  workset:
+    - numprocs: [8001, 8002]
+    - numprocs: [8501, 8502]
+  health: {path: /health, status: [200, 3xx], timeout: 1s}
+  smoke_test:
+    - check_all_http_ports: numprocs
+      status: 2xx
+  after_start:
+    - replace_file: [numprocs, 'a.templ', 'a.conf']
+    - run_proc: 'true'
+  drain_timeout: 2s
+";
+
+    fn load(text: &str) {
+        let _ = Config::parse(text, Path::new("/etc/rolld/rolld.yml"), Path::new("/srv"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn mutated_configs_never_panic(
+            at in 0..BASE.len(),
+            cut in 0usize..40,
+            insert in "[ -~\n\t]{0,12}",
+        ) {
+            let at = (0..=at).rev().find(|&i| BASE.is_char_boundary(i)).unwrap_or(0);
+            let end = (at + cut).min(BASE.len());
+            let end = (end..=BASE.len()).find(|&i| BASE.is_char_boundary(i)).unwrap_or(BASE.len());
+            load(&format!("{}{insert}{}", &BASE[..at], &BASE[end..]));
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+            load(&text);
+        }
+
+        #[test]
+        fn any_value_of_a_key_never_panics(
+            key in prop::sample::select(vec![
+                "drain_timeout", "stop_timeout", "stop_signal", "balance", "processes",
+                "port_range", "cmd", "environment", "directory", "stdout",
+            ]),
+            proxy_key in prop::sample::select(vec![
+                "client_header_timeout", "keepalive_timeout", "max_body_size",
+                "max_header_size", "max_connections", "trusted_proxies", "workers",
+            ]),
+            value in "[ -~]{0,30}",
+        ) {
+            load(&format!("{BASE}  {key}: {value}\n"));
+            load(&BASE.replacen("127.0.0.1:8080", &value, 1));
+            load(&BASE.replacen("response_timeout: 5s", &format!("{proxy_key}: {value}"), 1));
+        }
     }
 }

@@ -329,21 +329,36 @@ pub fn call(socket: &Path, request: &Request, mut each: impl FnMut(Answer)) -> R
     }
     let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .map_err(|e| format!("cannot send to rolld: {e}"))?;
+    // rolld may answer (a refusal) and close before reading the request: what it said
+    // is still there to read, and says more than the failed send would.
+    let sent = stream.write_all(line.as_bytes());
+    let mut answered = false;
     for line in BufReader::new(stream).lines() {
-        let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                format!("rolld did not answer within {}s", ANSWER_TIMEOUT.as_secs())
+        let line = match line {
+            Ok(line) => line,
+            Err(_) if sent.is_err() => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "rolld did not answer within {}s",
+                    ANSWER_TIMEOUT.as_secs()
+                ))
             }
-            _ => format!("reading rolld's answer: {e}"),
-        })?;
+            Err(e) => return Err(format!("reading rolld's answer: {e}")),
+        };
         let answer =
             serde_json::from_str(&line).map_err(|e| format!("rolld answered `{line}`: {e}"))?;
+        answered = true;
         each(answer);
     }
-    Ok(())
+    match sent {
+        Err(e) if !answered => Err(format!("cannot send to rolld: {e}")),
+        _ => Ok(()),
+    }
 }
 
 /// The socket path for `config`: `control_socket` if set, else beside the config file.

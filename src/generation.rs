@@ -31,6 +31,29 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A process that ran this long without dying starts its next backoff from the minimum.
 const HEALTHY_RESET: Duration = Duration::from_secs(60);
 
+/// The delay before restarting a process that keeps dying: 1 s, doubling up to 30 s; a
+/// process that ran a healthy minute starts again from 1 s.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: BACKOFF_MIN }
+    }
+
+    /// The delay before restarting a process that died after running for `ran`.
+    fn after(&mut self, ran: Duration) -> Duration {
+        if ran >= HEALTHY_RESET {
+            self.next = BACKOFF_MIN;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        delay
+    }
+}
+
 /// How to stop a process group.
 #[derive(Clone, Copy, Debug)]
 pub struct StopHow {
@@ -226,7 +249,13 @@ impl Drop for Generation {
 
 fn spec_for(config: &Config, port: u16) -> Spec {
     let mut environment = vec![("PORT".to_string(), port.to_string())];
-    environment.extend(config.app.environment.iter().cloned());
+    environment.extend(
+        config
+            .app
+            .environment
+            .iter()
+            .map(|(k, v)| (k.clone(), crate::config::fill(v, port))),
+    );
     Spec {
         argv: config.command_for(port),
         directory: config.app.directory.clone(),
@@ -267,7 +296,7 @@ impl Keeper {
     async fn run(self, mut stop: oneshot::Receiver<StopHow>) {
         let mut shutdown = self.ctx.shutdown.clone();
         let port = self.port;
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new();
         let mut restarted = false;
         loop {
             let started = Instant::now();
@@ -317,26 +346,23 @@ impl Keeper {
                 self.ctx.board.forget(self.generation, port);
                 return;
             }
-            if started.elapsed() >= HEALTHY_RESET {
-                backoff = BACKOFF_MIN;
-            }
+            let delay = backoff.after(started.elapsed());
             error!(
                 generation = self.generation,
                 port,
                 "process exited unexpectedly ({how}); restarting in {}",
-                humantime::format_duration(backoff)
+                humantime::format_duration(delay)
             );
             self.state.send_replace(ProcessState::Restarting);
             self.ctx
                 .board
                 .process(self.generation, port, None, "restarting");
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(delay) => {}
                 _ = &mut stop => { self.state.send_replace(ProcessState::Stopped); self.ctx.board.forget(self.generation, port); return; }
                 _ = shutdown.wait_for(Option::is_some) => { self.state.send_replace(ProcessState::Stopped); self.ctx.board.forget(self.generation, port); return; }
             }
             self.ctx.board.restarted(self.generation, port);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
             restarted = true;
         }
     }
@@ -421,4 +447,22 @@ impl Keeper {
 /// The proxy's addresses for `ports`.
 pub fn addrs(ports: &[u16]) -> Vec<SocketAddr> {
     ports.iter().map(|&p| health::local(p)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_backoff_doubles_to_30s_and_resets_after_a_healthy_minute() {
+        let mut backoff = Backoff::new();
+        let quick = Duration::from_millis(10);
+        let delays: Vec<u64> = (0..8).map(|_| backoff.after(quick).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
+        // 59 s is not a healthy minute: the backoff keeps its cap.
+        assert_eq!(backoff.after(Duration::from_secs(59)), BACKOFF_MAX);
+        // A minute without dying starts over from the minimum.
+        assert_eq!(backoff.after(HEALTHY_RESET), BACKOFF_MIN);
+        assert_eq!(backoff.after(quick), Duration::from_secs(2));
+    }
 }

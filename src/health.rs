@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::{Health, HttpCheck};
+use crate::config::{Health, HttpCheck, Statuses};
 use crate::generation::ProcessState;
 
 /// Why a process is not ready.
@@ -19,8 +19,11 @@ use crate::generation::ProcessState;
 pub enum NotReady {
     /// The port refuses connections (or the probe failed before HTTP).
     Refused(String),
-    /// The HTTP check answered, with the wrong status.
-    Status { wanted: u16, got: u16 },
+    /// The HTTP check answered, with a status it does not accept.
+    Status {
+        wanted: Statuses,
+        got: http::StatusCode,
+    },
     /// The HTTP check did not complete.
     Http(String),
     /// The probe took longer than its timeout.
@@ -32,7 +35,7 @@ impl fmt::Display for NotReady {
         match self {
             NotReady::Refused(e) => write!(f, "port does not accept connections ({e})"),
             NotReady::Status { wanted, got } => {
-                write!(f, "health check answered {got}, wanted {wanted}")
+                write!(f, "answered {got}, accepted {wanted}")
             }
             NotReady::Http(e) => write!(f, "health check failed: {e}"),
             NotReady::Timeout => write!(f, "probe timed out"),
@@ -52,7 +55,7 @@ pub async fn probe(port: u16, http: Option<&HttpCheck>, timeout: Duration) -> Re
             .map_err(|e| NotReady::Refused(e.to_string()))?;
         match http {
             None => Ok(()),
-            Some(check) => get(stream, port, &check.path, check.status).await,
+            Some(check) => get(stream, port, check).await,
         }
     };
     tokio::time::timeout(timeout, probe)
@@ -60,25 +63,28 @@ pub async fn probe(port: u16, http: Option<&HttpCheck>, timeout: Duration) -> Re
         .unwrap_or(Err(NotReady::Timeout))
 }
 
-async fn get(stream: TcpStream, port: u16, path: &str, wanted: u16) -> Result<(), NotReady> {
+async fn get(stream: TcpStream, port: u16, check: &HttpCheck) -> Result<(), NotReady> {
     let http_err = |e: hyper::Error| NotReady::Http(e.to_string());
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
             .map_err(http_err)?;
     let conn = tokio::spawn(conn);
-    let request = http::Request::get(path)
+    let request = http::Request::get(check.path.as_str())
         .header(http::header::HOST, format!("127.0.0.1:{port}"))
         .header(http::header::USER_AGENT, "rolld-health")
         .body(Empty::new())
         .map_err(|e| NotReady::Http(e.to_string()))?;
     let response = sender.send_request(request).await.map_err(http_err);
     conn.abort();
-    let got = response?.status().as_u16();
-    if got == wanted {
+    let got = response?.status();
+    if check.status.accepts(got.as_u16()) {
         Ok(())
     } else {
-        Err(NotReady::Status { wanted, got })
+        Err(NotReady::Status {
+            wanted: check.status.clone(),
+            got,
+        })
     }
 }
 
@@ -131,16 +137,20 @@ pub async fn wait_ready(
     }
 }
 
-/// The original smoke test: `GET /` on every port answers 200.
-pub async fn check_all_http_ports(ports: &[u16], timeout: Duration) -> Result<(), String> {
-    let check = HttpCheck {
-        path: "/".into(),
-        status: 200,
-    };
+/// The original smoke test: `GET /` (or `check.path`) on every port answers a status
+/// the check accepts. Redirects are not followed: a login redirect is an answer.
+pub async fn check_all_http_ports(
+    ports: &[u16],
+    check: &HttpCheck,
+    timeout: Duration,
+) -> Result<(), String> {
     for &port in ports {
-        probe(port, Some(&check), timeout)
-            .await
-            .map_err(|e| format!("smoke test check_all_http_ports: port {port}: {e}"))?;
+        probe(port, Some(check), timeout).await.map_err(|e| {
+            format!(
+                "smoke test check_all_http_ports: port {port}: GET {}: {e}",
+                check.path
+            )
+        })?;
     }
     Ok(())
 }

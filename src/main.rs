@@ -38,6 +38,7 @@ mod rolling;
 mod signals;
 mod status;
 mod supervisor;
+mod yaml_lines;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -212,42 +213,56 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// The first set's ports, for rendering templates before any roll, and what they are.
+fn first_ports(config: &Config) -> (Vec<u16>, &'static str) {
+    match &config.app.ports {
+        PortPlan::Worksets(sets) => (sets.first().cloned().unwrap_or_default(), "set 1"),
+        PortPlan::Pick { count, range } => (
+            (*range.start()..=*range.end()).take(*count).collect(),
+            "example ports; the real ones are picked at each roll",
+        ),
+    }
+}
+
+/// Renders every `replace_file` template for the first set: a template that cannot
+/// render is a config error, found before anything starts.
+fn render_templates(config: &Config) -> Result<Vec<(PathBuf, String)>, String> {
+    let (ports, _) = first_ports(config);
+    let mut rendered = Vec::new();
+    for action in &config.app.after_start {
+        if let Action::ReplaceFile { template, output } = action {
+            let text = actions::render(template, &ports, 1)
+                .map_err(|why| format!("config {}: {why}", config.path.display()))?;
+            rendered.push((output.clone(), text));
+        }
+    }
+    Ok(rendered)
+}
+
 fn check(path: &Path) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    out_raw!("{}", plan(&config));
-    if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
-        say!("warning: {warning}");
-    }
-    // Show what the balancer will get, rendered for the first set.
-    let (ports, which) = match &config.app.ports {
-        PortPlan::Worksets(sets) => (sets[0].clone(), "set 1".to_string()),
-        PortPlan::Pick { count, range } => {
-            let ports: Vec<u16> = (*range.start()..=*range.end()).take(*count).collect();
-            (
-                ports,
-                "example ports; the real ones are picked at each roll".to_string(),
-            )
+    let rendered = match render_templates(&config) {
+        Ok(rendered) => rendered,
+        Err(why) => {
+            say!("{why}");
+            return ExitCode::from(2);
         }
     };
-    for action in &config.app.after_start {
-        if let Action::ReplaceFile { template, output } = action {
-            match actions::render(template, &ports, 1) {
-                Ok(text) => {
-                    out!("\n--- {} ({which}) ---", output.display());
-                    out_raw!("{text}");
-                    if !text.ends_with('\n') {
-                        out!();
-                    }
-                }
-                Err(why) => {
-                    say!("config {}: {why}", config.path.display());
-                    return ExitCode::from(2);
-                }
-            }
+    out_raw!("{}", plan(&config));
+    // Show what the balancer will get, rendered for the first set.
+    let (_, which) = first_ports(&config);
+    for (output, text) in rendered {
+        out!("\n--- {} ({which}) ---", output.display());
+        out_raw!("{text}");
+        if !text.ends_with('\n') {
+            out!();
         }
+    }
+    if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
+        say!("warning: {warning}");
     }
     ExitCode::SUCCESS
 }
@@ -258,6 +273,11 @@ fn plan(config: &Config) -> String {
     let app = &config.app;
     let mut out = String::new();
     let _ = writeln!(out, "config {} is valid", config.path.display());
+    let _ = writeln!(
+        out,
+        "working dir:  {} (relative `directory`, `replace_file` and `run_proc` resolve here)",
+        config.workdir.display()
+    );
     match config.listen {
         Some(addr) => {
             let _ = writeln!(
@@ -326,10 +346,21 @@ fn plan(config: &Config) -> String {
             .collect();
         let _ = writeln!(out, "environment:  {}", vars.join(" "));
     }
+    let (first, _) = first_ports(config);
     for (name, path) in [("stdout", &app.stdout), ("stderr", &app.stderr)] {
-        let target = path
-            .as_ref()
-            .map_or_else(|| format!("rolld's {name}"), |p| p.display().to_string());
+        let target = match (path, first.first()) {
+            (None, _) => format!("rolld's {name}, each line prefixed `PORT: `"),
+            (Some(p), Some(&port))
+                if config::fill(&p.display().to_string(), port) != p.display().to_string() =>
+            {
+                format!(
+                    "{} (port {port}: {})",
+                    p.display(),
+                    config::fill(&p.display().to_string(), port)
+                )
+            }
+            (Some(p), _) => p.display().to_string(),
+        };
         let _ = writeln!(out, "{name}:       {target}");
     }
     match &app.ports {
@@ -358,10 +389,11 @@ fn plan(config: &Config) -> String {
     let _ = writeln!(out, "health:       {}", app.health);
     for test in &app.smoke_tests {
         match test {
-            SmokeTest::CheckAllHttpPorts => {
+            SmokeTest::CheckAllHttpPorts(check) => {
                 let _ = writeln!(
                     out,
-                    "smoke test:   check_all_http_ports (GET / on every port answers 200)"
+                    "smoke test:   check_all_http_ports (GET {} on every port answers {})",
+                    check.path, check.status
                 );
             }
         }
@@ -377,7 +409,11 @@ fn plan(config: &Config) -> String {
                 );
             }
             Action::RunProc { command } => {
-                let _ = writeln!(out, "after start:  run_proc {command}");
+                let _ = writeln!(
+                    out,
+                    "after start:  run_proc {command} (sh -c, in {})",
+                    config.workdir.display()
+                );
             }
         }
     }
@@ -547,6 +583,11 @@ fn run(path: &Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    // A template that cannot render is a config error: found before anything starts.
+    if let Err(why) = render_templates(&config) {
+        say!("{why}");
+        return ExitCode::from(2);
+    }
     if let Some(warning) = rolling::port_range_warning(&config.app.ports) {
         tracing::warn!("{warning}");
     }

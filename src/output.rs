@@ -55,7 +55,8 @@ async fn pump(mut rx: pipe::Receiver, port: u16, sink: Sink) {
     if let Sink::File(path) = &writer.sink {
         writer.log.file(path);
     }
-    let prefix = format!("[{port}] ");
+    // The original rolld's prefix, so that what reads these logs keeps working.
+    let prefix = format!("{port}: ");
     let mut buf = Vec::with_capacity(8 * 1024);
     let mut chunk = vec![0u8; 16 * 1024];
     loop {

@@ -166,8 +166,8 @@ impl Roll {
             self.report("checking", format!("{n}/{n} healthy", n = ports.len()));
             for test in &app.smoke_tests {
                 match test {
-                    SmokeTest::CheckAllHttpPorts => {
-                        health::check_all_http_ports(&ports, app.health.timeout).await?
+                    SmokeTest::CheckAllHttpPorts(check) => {
+                        health::check_all_http_ports(&ports, check, app.health.timeout).await?
                     }
                 }
             }
@@ -195,11 +195,8 @@ impl Roll {
         // 4. after_start (another balancer), then swap: from here on new requests go to
         // the new set. A failed action has already been undone.
         if !app.after_start.is_empty() {
-            let folder = self
-                .config
-                .path
-                .parent()
-                .unwrap_or(std::path::Path::new("/"));
+            // As in the original, commands run in the folder rolld was started in.
+            let folder = &self.config.workdir;
             if let Err(why) =
                 actions::run_after_start(&self.ctx, &app.after_start, folder, &ports, self.id).await
             {

@@ -14,9 +14,11 @@ fn check(yaml: &str) -> (i32, String, String) {
     .expect("template");
     let path = dir.path().join("rolld.yml");
     std::fs::write(&path, yaml).expect("write config");
+    // Run from the config's folder, where its relative template paths are.
     let out = Command::new(ROLLD)
         .arg("check")
         .arg(&path)
+        .current_dir(dir.path())
         .output()
         .expect("run rolld check");
     (
@@ -83,6 +85,7 @@ fn check_refuses_a_template_with_an_error_naming_file_and_line() {
     let out = Command::new(ROLLD)
         .arg("check")
         .arg(&path)
+        .current_dir(dir.path())
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
@@ -131,7 +134,11 @@ fn a_wrong_type_is_refused_with_its_key_and_line() {
 fn duplicate_ports_are_refused() {
     assert_refused(
         &ORIGINAL.replace("8503", "8003"),
-        &["port 8003 appears twice", "line 8"],
+        &[
+            "port 8003 appears twice",
+            "line 9:",
+            "workset[1].numprocs[2]",
+        ],
     );
 }
 

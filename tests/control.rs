@@ -45,7 +45,8 @@ fn reload_exits_non_zero_with_the_reason_when_the_roll_rolls_back() {
     let (code, _, stderr) = rolld.control("reload", &[]);
     assert_eq!(code, Some(1));
     assert!(
-        stderr.contains("rolled back") && stderr.contains("answered 503, wanted 200"),
+        stderr.contains("rolled back")
+            && stderr.contains("answered 503 Service Unavailable, accepted 200"),
         "{stderr}"
     );
     // An invalid file is refused, also with the reason.
@@ -216,8 +217,7 @@ fn sigusr1_reopens_the_process_log_files() {
     rolld.wait_log("reopening process log files", 1);
     get_blocking(port, "/log?msg=after-rotation").expect("log");
     wait_until("a new file with the new line", SOON, || {
-        std::fs::read_to_string(&path)
-            .is_ok_and(|t| t.contains(&format!("[{port}] after-rotation")))
+        std::fs::read_to_string(&path).is_ok_and(|t| t.contains(&format!("{port}: after-rotation")))
     });
     let old = std::fs::read_to_string(&rotated).expect("rotated file");
     assert!(

@@ -25,6 +25,7 @@ fn spawn_with_stdio(yaml: &str, listen: u16, stdout: Stdio, stderr: Stdio) -> Ro
     Rolld {
         child: Some(child),
         dir,
+        config: "rolld.yml".into(),
         listen,
     }
 }
@@ -519,6 +520,7 @@ fn the_control_socket_backs_off_when_rolld_runs_out_of_descriptors() {
     let rolld = Rolld {
         child: Some(command.spawn().expect("start rolld")),
         dir,
+        config: "rolld.yml".into(),
         listen: fixture.listen,
     };
     rolld.wait_log("roll finished", 1);

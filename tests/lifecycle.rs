@@ -135,7 +135,7 @@ fn child_output_goes_to_templated_files_with_a_port_prefix() {
     let path = rolld.dir.path().join(format!("logs/app-{port}.out"));
     wait_until("the app's first line", SOON, || {
         std::fs::read_to_string(&path)
-            .is_ok_and(|s| s.contains(&format!("[{port}] listening on 127.0.0.1:{port}")))
+            .is_ok_and(|s| s.contains(&format!("{port}: listening on 127.0.0.1:{port}")))
     });
     assert!(rolld
         .dir

@@ -218,7 +218,9 @@ fn a_new_set_that_fails_its_health_check_rolls_back() {
         .expect("pid");
     assert!(old.contains(&served), "old set keeps serving");
     assert!(
-        rolld.log().contains("answered 503, wanted 200"),
+        rolld
+            .log()
+            .contains("answered 503 Service Unavailable, accepted 200"),
         "the log says why"
     );
 }

@@ -4,8 +4,10 @@ mod support;
 
 mod config;
 mod control;
+mod exact;
 mod hardening;
 mod lifecycle;
 mod nginx;
+mod original;
 mod proxying;
 mod rolling;

@@ -125,6 +125,10 @@ pub(crate) struct ClientIo {
     armed_for: Option<Instant>,
     /// Whether this connection may end its hyper connection while idle (HTTP/1 only).
     sheddable: bool,
+    /// HTTP/2: bytes while no request is in progress are not a request's head (PING,
+    /// WINDOW_UPDATE, SETTINGS come any time), so they start no header clock and an
+    /// idle connection stays open for `keepalive_timeout`.
+    multiplexed: bool,
     /// The last four bytes handed to hyper.
     tail: [u8; 4],
     /// Requests started when bytes were last handed to hyper.
@@ -149,6 +153,7 @@ impl ClientIo {
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
             armed_for: None,
             sheddable: false,
+            multiplexed: false,
             tail: [0; 4],
             read_at: 0,
             flushed_at: None,
@@ -161,6 +166,13 @@ impl ClientIo {
     /// module docs).
     pub(crate) fn allow_shedding(&mut self) {
         self.sheddable = true;
+    }
+
+    /// Serves HTTP/2 from now on (see `multiplexed`): the preface read so far started
+    /// no request.
+    pub(crate) fn multiplex(&mut self) {
+        self.multiplexed = true;
+        self.header_started = None;
     }
 
     /// Whether the last hyper connection ended because this IO shed it while idle
@@ -342,7 +354,9 @@ impl Read for ClientIo {
         match polled {
             Poll::Ready(result) => {
                 // Bytes (or the end) while no request is in progress: a request begins.
-                if this.header_started.is_none() && this.activity.busy.load(Ordering::Acquire) == 0
+                if this.header_started.is_none()
+                    && !this.multiplexed
+                    && this.activity.busy.load(Ordering::Acquire) == 0
                 {
                     let started = this.activity.started.load(Ordering::Acquire);
                     this.header_started = Some((Instant::now(), started));

@@ -7,6 +7,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use crate::access::AccessLog;
 use crate::activity::Busy;
 use crate::pool::Conn;
 use crate::upstream::InFlight;
+use crate::watchdog::Progress;
 
 /// Why a body was cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +92,81 @@ impl IdleTimer {
     }
 }
 
+/// Where a request stands on its way to its upstream, for the clock of its answer:
+/// `response_timeout` runs from the end of the request body (as nginx's
+/// `proxy_read_timeout` does), not over connecting and the client's upload. While the
+/// body is sent, each chunk the upstream takes must follow the last within
+/// `body_idle_timeout` (an app that stops reading its request is the app's fault); a
+/// client that stops sending is the body's own idle timer's business (408).
+#[derive(Debug)]
+pub(crate) struct Upload {
+    phase: AtomicU8,
+    /// When the request last moved, in ms since `epoch`.
+    moved_ms: AtomicU64,
+    /// The body waits for the client (its own idle timer runs), not for the upstream.
+    waiting_for_client: AtomicBool,
+    epoch: Instant,
+    /// Wakes the clock when the phase changes.
+    changed: tokio::sync::Notify,
+}
+
+/// Connecting (bounded by `connect_timeout`); nothing of the request is sent yet.
+const CONNECTING: u8 = 0;
+/// Connected, sending the body.
+const SENDING: u8 = 1;
+/// Request sent, waiting for the answer.
+const SENT: u8 = 2;
+
+impl Upload {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Upload {
+            phase: AtomicU8::new(CONNECTING),
+            moved_ms: AtomicU64::new(0),
+            waiting_for_client: AtomicBool::new(false),
+            epoch: Instant::now(),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn moved(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.moved_ms.store(ms, Ordering::Release);
+    }
+
+    fn enter(&self, phase: u8) {
+        self.moved();
+        self.phase.store(phase, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// A connection to the upstream is ready and the request goes out now.
+    pub(crate) fn connected(&self, with_body: bool) {
+        self.enter(if with_body { SENDING } else { SENT });
+    }
+
+    /// When the clock runs out, if it runs: `None` while connecting or while the body
+    /// waits for the client.
+    pub(crate) fn deadline(&self, response: Duration, body_idle: Duration) -> Option<Instant> {
+        let after = match self.phase.load(Ordering::Acquire) {
+            SENDING if !self.waiting_for_client.load(Ordering::Acquire) => body_idle,
+            SENT => response,
+            _ => return None,
+        };
+        let moved = Duration::from_millis(self.moved_ms.load(Ordering::Acquire));
+        Some(self.epoch + moved + after)
+    }
+
+    /// Whether the body was sent whole (else the upstream stopped taking it).
+    pub(crate) fn sent(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == SENT
+    }
+
+    /// Resolves when the phase changes.
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
 /// A client's request body on its way to an upstream, bounded in size and idleness.
 pub struct RequestBody {
     /// `None` for a request rebuilt to be sent again, which never had a body.
@@ -96,14 +174,22 @@ pub struct RequestBody {
     /// Bytes still allowed.
     remaining: u64,
     idle: IdleTimer,
+    /// Told when the body moves and when it ends.
+    upload: Option<Arc<Upload>>,
 }
 
 impl RequestBody {
-    pub(crate) fn new(inner: Incoming, limit: Option<u64>, idle: Duration) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+        idle: Duration,
+        upload: Arc<Upload>,
+    ) -> Self {
         RequestBody {
             inner: Some(inner),
             remaining: limit.unwrap_or(u64::MAX),
             idle: IdleTimer::new(idle),
+            upload: Some(upload),
         }
     }
 
@@ -112,6 +198,24 @@ impl RequestBody {
             inner: None,
             remaining: 0,
             idle: IdleTimer::new(Duration::MAX),
+            upload: None,
+        }
+    }
+
+    fn waiting_for_client(&self, waiting: bool) {
+        if let Some(upload) = &self.upload {
+            upload.waiting_for_client.store(waiting, Ordering::Release);
+        }
+    }
+
+    /// The body moved; `done` when that was its end.
+    fn moved(&self, done: bool) {
+        if let Some(upload) = &self.upload {
+            if done {
+                upload.enter(SENT);
+            } else {
+                upload.moved();
+            }
         }
     }
 }
@@ -128,8 +232,12 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let ended = inner.is_end_stream();
+        this.waiting_for_client(polled.is_pending());
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                this.moved(ended);
                 this.idle.progress();
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -142,7 +250,10 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(ClientBodyFailed(err).into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.moved(true);
+                Poll::Ready(None)
+            }
             Poll::Pending => match this.idle.poll_expired(cx) {
                 Poll::Ready(()) => {
                     this.inner = None;
@@ -169,6 +280,8 @@ pub struct ResponseBody {
     kind: Kind,
     /// Keeps the client connection's request in progress until hyper drops the body.
     _busy: Option<Busy>,
+    /// The HTTP/2 stream's watchdog, told of every chunk taken.
+    progress: Option<Arc<Progress>>,
 }
 
 enum Kind {
@@ -183,6 +296,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full(Some(bytes)),
             _busy: None,
+            progress: None,
         }
     }
 
@@ -190,6 +304,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Full(None),
             _busy: None,
+            progress: None,
         }
     }
 
@@ -198,12 +313,20 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Upstream(body),
             _busy: None,
+            progress: None,
         }
     }
 
     /// Keeps the client connection's request in progress until this body is dropped.
     pub(crate) fn holding(mut self, busy: Option<Busy>) -> Self {
         self._busy = busy;
+        self
+    }
+
+    /// Reports progress to the HTTP/2 stream's watchdog, which starts now.
+    pub(crate) fn watched(mut self, progress: Arc<Progress>) -> Self {
+        progress.sending();
+        self.progress = Some(progress);
         self
     }
 }
@@ -273,7 +396,33 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        let polled = this.poll_kind(cx);
+        if let (Some(progress), Poll::Ready(Some(Ok(_)))) = (&this.progress, &polled) {
+            progress.moved();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.is_none(),
+            Kind::Upstream(up) => up.body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Upstream(up) => up.body.size_hint(),
+        }
+    }
+}
+
+impl ResponseBody {
+    fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -302,21 +451,6 @@ impl Body for ResponseBody {
                     Poll::Pending => Poll::Pending,
                 },
             },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Full(bytes) => bytes.is_none(),
-            Kind::Upstream(up) => up.body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(up) => up.body.size_hint(),
         }
     }
 }

@@ -55,6 +55,43 @@ impl Default for ProxyConfig {
     }
 }
 
+/// Limits of HTTP/2 and upgraded connections, with production defaults.
+///
+/// Kept apart from [`ProxyConfig`] only so that its callers, which build that with a
+/// struct literal, keep compiling until they read these from their configuration too;
+/// set them with [`Proxy::with_limits`](crate::Proxy::with_limits).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Streams one HTTP/2 client connection may have open at once (its SETTINGS
+    /// `MAX_CONCURRENT_STREAMS`). Each open stream holds at most one upstream
+    /// connection, so this also bounds the upstream connections one client connection
+    /// holds at once.
+    pub http2_max_concurrent_streams: u32,
+    /// How often an HTTP/2 connection is PINGed to check that the client is still there.
+    pub http2_keepalive_interval: Duration,
+    /// An HTTP/2 client that does not answer a PING within this is disconnected.
+    pub http2_keepalive_timeout: Duration,
+    /// An upgraded connection (a WebSocket tunnel) that carries no byte either way for
+    /// this long is closed. One hour, as HAProxy's usual `timeout tunnel 1h`: nginx's
+    /// 60 s `proxy_read_timeout` is the limit WebSocket users most often raise, and an
+    /// app that pings its sockets less often than every minute must not see them cut
+    /// when moving behind rolld. It frees the connection's `max_connections` slot
+    /// and its place in a drain.
+    pub tunnel_idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // nginx's http2_max_concurrent_streams is 128, HAProxy's 100.
+            http2_max_concurrent_streams: 100,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            tunnel_idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
 impl ProxyConfig {
     pub(crate) fn trusts(&self, ip: std::net::IpAddr) -> bool {
         let ip = match ip {

@@ -78,9 +78,10 @@ mod tests {
     #[tokio::test]
     async fn drain_resolves_at_once_when_nothing_is_in_flight() {
         let upstreams = Upstreams::new();
-        upstreams.swap(set(1));
-        let mut drain = upstreams.swap(set(2));
-        assert_eq!(drain.generation(), 1);
+        upstreams.swap(set(7));
+        let mut drain = upstreams.swap(set(8));
+        assert_eq!(drain.generation(), 7);
+        assert_eq!(drain.in_flight(), 0);
         drain
             .wait_timeout(Duration::from_secs(5))
             .await
@@ -92,10 +93,13 @@ mod tests {
         let upstreams = Upstreams::new();
         upstreams.swap(set(1));
         let lease = InFlight::route(upstreams.current()).expect("upstream");
+        let second = InFlight::route(upstreams.current()).expect("upstream");
         let mut drain = upstreams.swap(set(2));
-        assert_eq!(drain.in_flight(), 1);
+        assert_eq!(drain.in_flight(), 2);
         let cut = drain.wait_timeout(Duration::from_millis(50)).await;
-        assert_eq!(cut, Err(DrainTimedOut { in_flight: 1 }));
+        assert_eq!(cut, Err(DrainTimedOut { in_flight: 2 }));
+        drop(second);
+        assert_eq!(drain.in_flight(), 1);
         let waiter = tokio::spawn(async move { drain.wait().await });
         drop(lease);
         tokio::time::timeout(Duration::from_secs(5), waiter)

@@ -28,6 +28,11 @@ pub enum ProxyError {
         upstream: std::net::SocketAddr,
         after: std::time::Duration,
     },
+    #[error("upstream {upstream} took no request body bytes within {after:?}")]
+    UploadStalled {
+        upstream: std::net::SocketAddr,
+        after: std::time::Duration,
+    },
     #[error("request body larger than max_body_size")]
     BodyTooLarge,
     #[error("client sent no request body bytes within body_idle_timeout")]
@@ -43,7 +48,9 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Exhausted => {
                 StatusCode::BAD_GATEWAY
             }
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Timeout { .. } | ProxyError::UploadStalled { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBodyIdle => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -13,19 +13,21 @@ use tracing::{debug, warn};
 
 use crate::access::AccessLog;
 use crate::activity::{Activity, Busy};
-use crate::body::{BodyError, ClientBodyFailed, RequestBody, ResponseBody, UpstreamBody};
-use crate::config::ProxyConfig;
+use crate::body::{BodyError, ClientBodyFailed, RequestBody, ResponseBody, Upload, UpstreamBody};
+use crate::config::{Limits, ProxyConfig};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::pool::Conn;
 use crate::stats::Stats;
 use crate::upstream::{InFlight, Upstreams};
+use crate::watchdog::Progress;
 
 /// The reverse proxy: shared by every connection of the front listener.
 #[derive(Debug)]
 pub struct Proxy {
     upstreams: Arc<Upstreams>,
     config: ProxyConfig,
+    limits: Limits,
     stats: Stats,
 }
 
@@ -37,6 +39,9 @@ pub struct Client {
     /// Whether its X-Forwarded-* headers are kept.
     trusted: bool,
     activity: Arc<Activity>,
+    /// The connection's `max_connections` slot, held by the connection and by the
+    /// tunnel of an upgrade on it, until both have ended.
+    slot: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Client {
@@ -45,7 +50,12 @@ impl Client {
         self.activity.begin(with_body)
     }
 
-    pub(crate) fn new(addr: SocketAddr, activity: Arc<Activity>, config: &ProxyConfig) -> Self {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        activity: Arc<Activity>,
+        config: &ProxyConfig,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Client {
@@ -53,6 +63,7 @@ impl Client {
             ip,
             trusted: config.trusts(addr.ip()),
             activity,
+            slot: Arc::new(slot),
         }
     }
 }
@@ -62,8 +73,19 @@ impl Proxy {
         Proxy {
             upstreams,
             config,
+            limits: Limits::default(),
             stats: Stats::default(),
         }
+    }
+
+    /// The same proxy with other limits for HTTP/2 and upgraded connections.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Counters of the traffic so far.
@@ -107,7 +129,7 @@ impl Proxy {
             })
         });
         let method = req.method().clone();
-        match self.forward(req, client, &mut busy, access).await {
+        let response = match self.forward(req, client, &mut busy, access).await {
             Ok(response) => {
                 self.stats.count_response(response.status());
                 response
@@ -125,6 +147,11 @@ impl Proxy {
                 }
                 response
             }
+        };
+        // On HTTP/2, the stream must now make progress (see `watchdog`).
+        match Progress::current() {
+            Some(progress) => response.map(|body| body.watched(progress)),
+            None => response,
         }
     }
 
@@ -135,6 +162,9 @@ impl Proxy {
         busy: &mut Option<Busy>,
         mut access: Option<Box<AccessLog>>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Option<Box<AccessLog>>)> {
+        if let Some(why) = headers::ambiguous(req.headers()) {
+            return Err((ProxyError::BadRequest(why), access));
+        }
         if let Some(limit) = self.config.max_body_size {
             if req.body().size_hint().lower() > limit {
                 return Err((ProxyError::BodyTooLarge, access));
@@ -163,7 +193,9 @@ impl Proxy {
         // rolld answers `Expect: 100-continue` to the client itself (when the body is
         // first read); the upstream gets the body without the handshake.
         parts.headers.remove(header::EXPECT);
-        headers::set_forwarded(&mut parts.headers, &client.ip, client.trusted);
+        headers::set_forwarded(&mut parts.headers, &client.ip, client.trusted, &|ip| {
+            self.config.trusts(ip)
+        });
 
         // A request without a body and with an idempotent method can be sent again if
         // a reused connection turns out dead after it was written (the app crashed, or
@@ -171,33 +203,58 @@ impl Proxy {
         // only when that can happen.
         let replay = (body.is_end_stream() && parts.method.is_idempotent() && !upgrade)
             .then(|| Replay::of(&parts));
+        let upload = Upload::new();
         let body = RequestBody::new(
             body,
             self.config.max_body_size,
             self.config.body_idle_timeout,
+            upload.clone(),
         );
         let req = Request::from_parts(parts, body);
         let sending = Instant::now();
-        let sent = tokio::time::timeout(
-            self.config.response_timeout,
-            self.send(req, replay, &mut lease),
-        )
-        .await;
+        let sent = {
+            let send = self.send(req, replay, &mut lease, &upload);
+            tokio::pin!(send);
+            loop {
+                let (response, idle) =
+                    (self.config.response_timeout, self.config.body_idle_timeout);
+                let deadline = upload.deadline(response, idle);
+                tokio::select! {
+                    sent = &mut send => break Some(sent),
+                    () = upload.changed() => {}
+                    () = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                        // Progress may have moved the deadline meanwhile.
+                        if upload.deadline(response, idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
         let upstream = lease.upstream().addr();
         if let Some(access) = access.as_mut() {
             access.upstream = Some(upstream);
         }
         let (mut response, conn) = match sent {
-            Ok(Ok(sent)) => {
+            Some(Ok(sent)) => {
                 self.stats.observe_upstream(sending.elapsed());
                 sent
             }
-            Ok(Err(err)) => return Err((err, access)),
-            Err(_) => {
+            Some(Err(err)) => return Err((err, access)),
+            None if upload.sent() => {
                 return Err((
                     ProxyError::Timeout {
                         upstream,
                         after: self.config.response_timeout,
+                    },
+                    access,
+                ))
+            }
+            None => {
+                return Err((
+                    ProxyError::UploadStalled {
+                        upstream,
+                        after: self.config.body_idle_timeout,
                     },
                     access,
                 ))
@@ -210,7 +267,13 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, lease, busy.take()));
+                let held = Held {
+                    lease,
+                    _busy: busy.take(),
+                    _slot: client.slot.clone(),
+                };
+                let idle = self.limits.tunnel_idle_timeout;
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, held, idle));
                 let (parts, _) = response.into_parts();
                 return Ok(Response::from_parts(parts, ResponseBody::empty()));
             }
@@ -243,6 +306,7 @@ impl Proxy {
         mut req: Request<RequestBody>,
         mut replay: Option<Replay>,
         lease: &mut InFlight,
+        upload: &Upload,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
         let mut fresh = false;
         for _attempt in 0..MAX_ATTEMPTS {
@@ -255,6 +319,15 @@ impl Proxy {
             let mut conn = match checkout {
                 Ok(conn) => conn,
                 Err(source) => {
+                    if !blames_upstream(&source) {
+                        // Short of descriptors or local ports: the next upstream would
+                        // fail the same way, and marking this one down would turn a
+                        // shortage of ours into 503s for everyone.
+                        return Err(ProxyError::Connect {
+                            upstream: upstream.addr(),
+                            source,
+                        });
+                    }
                     upstream.mark_down_for(self.config.down_period);
                     if !lease.reroute() {
                         return Err(ProxyError::Connect {
@@ -266,6 +339,7 @@ impl Proxy {
                     continue;
                 }
             };
+            upload.connected(!req.body().is_end_stream());
             let mut err = match conn.sender.try_send_request(req).await {
                 Ok(response) => return Ok((response, conn)),
                 Err(err) => err,
@@ -301,6 +375,27 @@ impl Proxy {
         }
         Err(ProxyError::Exhausted)
     }
+}
+
+/// Whether a failed connect says the upstream is down (refused, timed out, unreachable,
+/// reset), rather than this machine being short of something (EMFILE, ENFILE,
+/// EADDRNOTAVAIL, ENOBUFS...), which says nothing about the upstream.
+fn blames_upstream(err: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        err.kind(),
+        ConnectionRefused
+            | TimedOut
+            | HostUnreachable
+            | NetworkUnreachable
+            | ConnectionReset
+            | ConnectionAborted
+    )
+}
+
+/// A deadline that never comes, for a clock that does not run.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
 /// A failed send that was the client's doing: its body was too large, idle, or broken.
@@ -361,32 +456,159 @@ fn origin_form(uri: Uri) -> Uri {
     Uri::from(path)
 }
 
-/// Carries bytes both ways after a protocol switch. The lease lives as long as the
-/// tunnel, so a drain waits for the upgraded connection to close.
+/// What an upgraded connection holds until its tunnel ends: its lease (a drain waits
+/// for the tunnel), its request's place on the connection, and the connection's
+/// `max_connections` slot.
+struct Held {
+    lease: InFlight,
+    _busy: Option<Busy>,
+    _slot: Arc<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Carries bytes both ways after a protocol switch, until either side closes or no
+/// byte has moved either way for `idle`.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    lease: InFlight,
-    busy: Option<Busy>,
+    held: Held,
+    idle: std::time::Duration,
 ) {
+    let addr = held.lease.upstream().addr();
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(err) => {
-            debug!(upstream = %lease.upstream().addr(), error = %err, "upgrade failed");
+            debug!(upstream = %addr, error = %err, "upgrade failed");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        debug!(upstream = %lease.upstream().addr(), error = %err, "upgraded connection ended");
+    let moved = Arc::new(Moved::new());
+    let mut client = Tracked::new(TokioIo::new(client), moved.clone());
+    let mut upstream = Tracked::new(TokioIo::new(upstream), moved.clone());
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        tokio::select! {
+            copied = &mut copy => {
+                if let Err(err) = copied {
+                    debug!(upstream = %addr, error = %err, "upgraded connection ended");
+                }
+                break;
+            }
+            () = tokio::time::sleep_until(moved.at() + idle) => {
+                if moved.at() + idle <= tokio::time::Instant::now() {
+                    debug!(upstream = %addr, ?idle, "upgraded connection idle; closing it");
+                    break;
+                }
+            }
+        }
     }
-    drop((lease, busy));
+    drop(held);
+}
+
+/// When a tunnel last carried a byte.
+struct Moved {
+    epoch: tokio::time::Instant,
+    ms: std::sync::atomic::AtomicU64,
+}
+
+impl Moved {
+    fn new() -> Self {
+        Moved {
+            epoch: tokio::time::Instant::now(),
+            ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn at(&self) -> tokio::time::Instant {
+        let ms = self.ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.epoch + std::time::Duration::from_millis(ms)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One side of a tunnel, noting each byte it reads.
+    struct Tracked<T> {
+        #[pin]
+        io: T,
+        moved: Arc<Moved>,
+    }
+}
+
+impl<T> Tracked<T> {
+    fn new(io: T, moved: Arc<Moved>) -> Self {
+        Tracked { io, moved }
+    }
+}
+
+impl<T: tokio::io::AsyncRead> tokio::io::AsyncRead for Tracked<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.io.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.moved.now();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Tracked<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_failures_of_the_upstream_mark_it_down() {
+        use std::io::{Error, ErrorKind};
+        for kind in [
+            ErrorKind::ConnectionRefused,
+            ErrorKind::TimedOut,
+            ErrorKind::HostUnreachable,
+            ErrorKind::NetworkUnreachable,
+            ErrorKind::ConnectionReset,
+        ] {
+            assert!(blames_upstream(&Error::from(kind)), "{kind:?}");
+        }
+        // EMFILE, ENFILE, EADDRNOTAVAIL, ENOBUFS on Linux.
+        for errno in [24, 23, 99, 105] {
+            assert!(
+                !blames_upstream(&Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+    }
 
     #[test]
     fn absolute_form_becomes_origin_form() {

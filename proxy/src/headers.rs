@@ -1,6 +1,8 @@
 //! Header rewriting between client and upstream: hop-by-hop headers stay on their hop,
 //! and the upstream learns who the client is.
 
+use std::net::IpAddr;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -65,10 +67,34 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Why a request's framing or routing headers cannot be forwarded safely, if they
+/// cannot: a `Transfer-Encoding` other than exactly one `chunked` (a proxy and an app
+/// that read such framing differently smuggle requests; nginx and HAProxy refuse it
+/// too), or more than one `Host`.
+pub(crate) fn ambiguous(headers: &HeaderMap) -> Option<&'static str> {
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next() {
+        if te.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Some("Transfer-Encoding other than one `chunked`");
+        }
+    }
+    let mut host = headers.get_all(header::HOST).iter();
+    if host.next().is_some() && host.next().is_some() {
+        return Some("more than one Host header");
+    }
+    None
+}
+
 /// Tells the upstream who the client is. From a trusted proxy, the forwarding headers
 /// it sent are kept and the client's address is appended; from anyone else they are
-/// replaced, so a client cannot claim another address.
-pub(crate) fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, trusted: bool) {
+/// replaced, so a client cannot claim another address. `trusts` says which addresses
+/// are trusted proxies.
+pub(crate) fn set_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    trusted: bool,
+    trusts: &dyn Fn(IpAddr) -> bool,
+) {
     if trusted {
         let chain: Vec<u8> = headers
             .get_all(&X_FORWARDED_FOR)
@@ -78,14 +104,7 @@ pub(crate) fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, tr
             .chain(std::iter::once(client_ip.as_bytes()))
             .collect::<Vec<_>>()
             .join(&b", "[..]);
-        // The first address in the chain is the original client, as the proxy before us
-        // saw it.
-        let real = headers
-            .get(&X_FORWARDED_FOR)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| HeaderValue::from_str(v.trim()).ok())
-            .unwrap_or_else(|| client_ip.clone());
+        let real = real_ip(&chain, trusts).unwrap_or_else(|| client_ip.clone());
         if let Ok(value) = HeaderValue::from_bytes(&chain) {
             headers.insert(&X_FORWARDED_FOR, value);
         }
@@ -107,6 +126,34 @@ pub(crate) fn set_forwarded(headers: &mut HeaderMap, client_ip: &HeaderValue, tr
         Some(host) => headers.insert(&X_FORWARDED_HOST, host),
         None => headers.remove(&X_FORWARDED_HOST),
     };
+}
+
+/// The client's address in an `X-Forwarded-For` chain (ending with our peer): walking
+/// from the right, the first address that is not a trusted proxy, as nginx's
+/// `real_ip_recursive on` does. Everything left of it was written by the client. An
+/// entry that is not an address ends the walk at the last address vouched for; when
+/// every entry is trusted, the leftmost.
+fn real_ip(chain: &[u8], trusts: &dyn Fn(IpAddr) -> bool) -> Option<HeaderValue> {
+    let chain = std::str::from_utf8(chain).ok()?;
+    let mut vouched: Option<IpAddr> = None;
+    for entry in chain.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let Some(ip) = parse_ip(entry) else {
+            break;
+        };
+        vouched = Some(ip);
+        if !trusts(ip) {
+            break;
+        }
+    }
+    vouched.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok())
+}
+
+/// An address as proxies write it: bare, `ip:port`, or `[v6]:port`.
+fn parse_ip(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
 }
 
 #[cfg(test)]
@@ -159,7 +206,12 @@ mod tests {
     #[test]
     fn spoofed_forwarding_headers_are_replaced() {
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("host", "example.test")]);
-        set_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"), false);
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("127.0.0.1"),
+            false,
+            &|_| false,
+        );
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-host"], "example.test");
@@ -172,9 +224,31 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("host", "example.test"),
         ]);
-        set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.3"), true);
+        set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.3"), true, &|ip| {
+            ip.to_string().starts_with("10.")
+        });
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2, 10.0.0.3");
         assert_eq!(h["x-real-ip"], "203.0.113.7");
         assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn the_real_ip_is_the_rightmost_untrusted_entry() {
+        let trusts = |ip: IpAddr| ip.to_string().starts_with("10.");
+        let real = |chain: &str| real_ip(chain.as_bytes(), &trusts).map(|v| v.as_bytes().to_vec());
+        assert_eq!(
+            real("6.6.6.6, 203.0.113.7, 10.0.0.2, 10.0.0.3"),
+            Some(b"203.0.113.7".to_vec())
+        );
+        assert_eq!(real("10.0.0.1, 10.0.0.2"), Some(b"10.0.0.1".to_vec()));
+        assert_eq!(real("garbage, 10.0.0.2"), Some(b"10.0.0.2".to_vec()));
+        assert_eq!(
+            real("[2001:db8::1]:443, 10.0.0.2"),
+            Some(b"2001:db8::1".to_vec())
+        );
+        assert_eq!(
+            real("203.0.113.7:8080,10.0.0.2"),
+            Some(b"203.0.113.7".to_vec())
+        );
     }
 }

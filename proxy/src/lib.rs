@@ -15,6 +15,7 @@
 //! - `activity`: the client connection's IO: header and keep-alive timeouts, and
 //!   giving hyper's buffers back while a connection is idle.
 //! - `access`: the access log line.
+//! - `watchdog`: resetting an HTTP/2 stream whose response makes no progress.
 //! - [`stats`]: traffic counters for metrics.
 //! - [`error`]: failures the proxy answers itself, mapped to status codes in one place.
 //! - [`server`]: binding, accepting, graceful shutdown.
@@ -31,9 +32,10 @@ mod pool;
 pub mod server;
 pub mod stats;
 pub mod upstream;
+mod watchdog;
 
 pub use body::{BodyError, RequestBody, ResponseBody};
-pub use config::ProxyConfig;
+pub use config::{Limits, ProxyConfig};
 pub use drain::{Drain, DrainTimedOut};
 pub use error::ProxyError;
 pub use forward::{Client, Proxy};

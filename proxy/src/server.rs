@@ -10,18 +10,24 @@ use std::time::Duration;
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::activity::{ClientIo, Timeouts};
-use crate::config::ProxyConfig;
+use crate::config::{Limits, ProxyConfig};
 use crate::forward::{Client, Proxy};
+use crate::watchdog::StreamExecutor;
 
 /// What an HTTP/2 client with prior knowledge sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// HTTP/2 flow-control windows rolld grants a client: how much of request bodies it
+/// may send ahead, per stream and per connection.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// Pending connections the kernel queues before rolld accepts them.
 const BACKLOG: i32 = 1024;
@@ -128,7 +134,7 @@ async fn accept(
             tick.tick().await;
         }
     });
-    let protocols = Arc::new(Protocols::new(proxy.config()));
+    let protocols = Arc::new(Protocols::new(proxy.config(), proxy.limits()));
     // Every connection task holds a clone; `recv` returns None once all have ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     let shutdown = stopping(stopped.clone());
@@ -166,7 +172,7 @@ async fn accept(
             protocols: protocols.clone(),
             stopped: stopped.clone(),
             _open: open.clone(),
-            _slot: permit,
+            slot: permit,
         };
         tokio::spawn(conn.serve());
     };
@@ -194,21 +200,31 @@ async fn accept(
 /// The HTTP/1 and HTTP/2 settings every connection of a worker is served with.
 struct Protocols {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<StreamExecutor>,
     timeouts: Timeouts,
 }
 
 impl Protocols {
-    fn new(config: &ProxyConfig) -> Self {
+    fn new(config: &ProxyConfig, limits: &Limits) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             // Our own IO enforces the header and keep-alive timeouts (see `activity`).
             .header_read_timeout(None)
             .max_buf_size(config.max_header_size.max(8192))
             .keep_alive(true);
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        let mut h2 = http2::Builder::new(StreamExecutor {
+            idle: config.body_idle_timeout,
+        });
         h2.timer(TokioTimer::new())
-            .max_header_list_size(config.max_header_size.min(u32::MAX as usize) as u32);
+            .max_header_list_size(config.max_header_size.min(u32::MAX as usize) as u32)
+            .max_concurrent_streams(limits.http2_max_concurrent_streams.max(1))
+            // What a client may send before rolld has passed it on: 256 KiB a stream,
+            // 1 MiB a connection (hyper's default is 1 MiB for each).
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            // A client that stops answering PINGs is gone, whatever its streams say.
+            .keep_alive_interval(limits.http2_keepalive_interval)
+            .keep_alive_timeout(limits.http2_keepalive_timeout);
         Protocols {
             http1: h1,
             http2: h2,
@@ -234,8 +250,9 @@ struct Connection {
     stopped: watch::Receiver<Option<Duration>>,
     /// Held while the connection is open, for the shutdown to wait on.
     _open: mpsc::Sender<()>,
-    /// One of max_connections.
-    _slot: OwnedSemaphorePermit,
+    /// One of max_connections; shared with an upgraded connection's tunnel, which
+    /// keeps it after this connection hands over its socket.
+    slot: OwnedSemaphorePermit,
 }
 
 impl Connection {
@@ -251,10 +268,10 @@ impl Connection {
             stopped,
             // Held until this returns.
             _open,
-            _slot,
+            slot,
         } = self;
         let (mut io, activity) = ClientIo::new(stream, protocols.timeouts);
-        let client = Arc::new(Client::new(peer, activity, proxy.config()));
+        let client = Arc::new(Client::new(peer, activity, proxy.config(), slot));
         let service = service_fn(move |req: hyper::Request<Incoming>| {
             // In progress from now, not from the future's first poll: hyper may hold a
             // parsed request a while before polling it.
@@ -282,6 +299,7 @@ impl Connection {
             _ = &mut stop => return,
         };
         if h2 {
+            io.multiplex();
             // Boxed, as the HTTP/1 connection below: the task of an idle connection
             // then holds no room for either.
             let mut conn = Box::pin(protocols.http2.serve_connection(io, service));

@@ -22,15 +22,43 @@ pub const BACKEND: &str = env!("CARGO_BIN_EXE_rolld-example-backend");
 /// A generous deadline for anything that should happen "soon" on a loaded machine.
 pub const SOON: Duration = Duration::from_secs(30);
 
-/// Ports that were free a moment ago, all distinct.
+/// Ports that were free a moment ago, all distinct, and outside the kernel's ephemeral
+/// range: a port from that range can be taken as the source port of any outgoing
+/// connection (a health check, a client) between this check and the app's bind.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Below the ephemeral range (32768 on most systems, read from the kernel), above the
+    // well-known ports; each test process starts at its own offset so that test binaries
+    // running side by side rarely meet, and every port is checked free by binding it.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low: u32 = 10_000;
+    let high: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+        .clamp(low + 2_000, 65_535);
+    let span = high - low;
+    let _ = NEXT.compare_exchange(
+        0,
+        1 + std::process::id().wrapping_mul(7_919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    let mut ports = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..span {
+        if ports.len() == n {
+            break;
+        }
+        let port = (low + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        // Held until all are picked, so that one call never returns a port twice.
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+            ports.push(port);
+        }
+    }
+    assert_eq!(ports.len(), n, "{n} free ports below the ephemeral range");
+    ports
 }
 
 /// Polls `cond` until it holds or `deadline` passes.
@@ -133,13 +161,16 @@ impl Fixture {
 /// A running rolld. Dropping it kills it and every process it started.
 pub struct Rolld {
     pub child: Option<Child>,
+    /// The folder rolld runs in; its log is `rolld.log` here.
     pub dir: tempfile::TempDir,
+    /// The config file, relative to `dir`.
+    pub config: PathBuf,
     pub listen: u16,
 }
 
 impl Rolld {
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("rolld.yml")
+        self.dir.path().join(&self.config)
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -174,11 +205,24 @@ impl Rolld {
         let dir = tempfile::tempdir().expect("temp dir");
         prepare(dir.path());
         fs::write(dir.path().join("rolld.yml"), yaml).expect("write config");
+        Rolld::run_in(dir, Path::new("rolld.yml"), listen, args, env)
+    }
+
+    /// Starts `rolld ARGS CONFIG` in `dir` (its working directory), `config` being
+    /// relative to it, as a user types it in a terminal.
+    pub fn run_in(
+        dir: tempfile::TempDir,
+        config: &Path,
+        listen: u16,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> Rolld {
         let log = fs::File::create(dir.path().join("rolld.log")).expect("log file");
         let out = fs::File::create(dir.path().join("rolld.out")).expect("out file");
         let child = Command::new(ROLLD)
             .args(args)
-            .arg(dir.path().join("rolld.yml"))
+            .arg(config)
+            .current_dir(dir.path())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -189,6 +233,7 @@ impl Rolld {
         Rolld {
             child: Some(child),
             dir,
+            config: config.to_path_buf(),
             listen,
         }
     }
@@ -262,13 +307,14 @@ impl Rolld {
 
     /// Runs `rolld SUBCOMMAND -c CONFIG ARGS...` and returns (exit code, stdout, stderr).
     pub fn control(&self, subcommand: &str, args: &[&str]) -> (Option<i32>, String, String) {
-        let out = Command::new(ROLLD)
-            .arg(subcommand)
-            .arg("-c")
-            .arg(self.config_path())
-            .args(args)
-            .output()
-            .expect("run a rolld control command");
+        let out = output_within(
+            Command::new(ROLLD)
+                .arg(subcommand)
+                .arg("-c")
+                .arg(self.config_path())
+                .args(args),
+            Duration::from_secs(120),
+        );
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -319,6 +365,29 @@ impl Drop for Rolld {
                 self.log_path().display(),
                 self.log()
             );
+        }
+    }
+}
+
+/// Runs `command` to its end and returns its output; a command still running after
+/// `deadline` is killed and the test fails saying so (a regression fails, not hangs).
+pub fn output_within(command: &mut Command, deadline: Duration) -> std::process::Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a command");
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(out) => out.expect("wait for a command"),
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            panic!("{command:?} did not finish within {deadline:?}");
         }
     }
 }
@@ -402,4 +471,90 @@ pub fn root_or_skip(why: &str) -> bool {
 
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// GET load from `workers` concurrent clients, each request on a new connection, every
+/// answer checked to be the example backend's `hello`. Bounded in time and count.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Load {
+    pub fn start(port: u16, workers: u64) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let workers = (0..workers)
+            .map(|w| {
+                let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
+                rt.spawn(async move {
+                    // A new connection per request: behind nginx, what is measured is
+                    // rolld's drain, not nginx closing idle connections of old workers.
+                    let client = Client::builder(TokioExecutor::new())
+                        .pool_max_idle_per_host(0)
+                        .build_http::<Full<Bytes>>();
+                    let started = Instant::now();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed)
+                        && started.elapsed() < Duration::from_secs(120)
+                        && n < 100_000
+                    {
+                        n += 1;
+                        let delay = (n * 37 + w) % 150;
+                        match request(&client, "GET", port, &format!("/?delay={delay}"), b"").await
+                        {
+                            Ok((200, _, body)) if body.starts_with(b"hello from ") => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok((status, _, body)) => errors
+                                .lock()
+                                .expect("lock")
+                                .push(format!("{status}: {}", String::from_utf8_lossy(&body))),
+                            Err(e) => errors.lock().expect("lock").push(e),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            errors,
+            workers,
+            rt,
+        }
+    }
+
+    /// Requests answered well so far.
+    pub fn ok(&self) -> usize {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests than now have been answered well.
+    pub fn wait_for_more(&self, n: usize) {
+        let before = self.ok();
+        wait_until(&format!("{n} more answered requests"), SOON, || {
+            self.ok() >= before + n
+        });
+    }
+
+    /// Stops the load and returns (answered well, errors).
+    pub fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let workers = self.workers;
+        self.rt.block_on(async {
+            for w in workers {
+                w.await.expect("load worker");
+            }
+        });
+        let errors = std::mem::take(&mut *self.errors.lock().expect("lock"));
+        (self.ok.load(std::sync::atomic::Ordering::Relaxed), errors)
+    }
 }

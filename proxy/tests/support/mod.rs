@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rolld_proxy::{Balance, Proxy, ProxyConfig, UpstreamSet, Upstreams};
+use rolld_proxy::{Balance, Limits, Proxy, ProxyConfig, UpstreamSet, Upstreams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -25,13 +25,23 @@ pub struct Front {
 
 impl Front {
     pub async fn start(config: ProxyConfig, upstreams: &[SocketAddr], balance: Balance) -> Front {
+        Front::start_with(config, Limits::default(), upstreams, balance).await
+    }
+
+    /// With other limits for HTTP/2 and upgraded connections.
+    pub async fn start_with(
+        config: ProxyConfig,
+        limits: Limits,
+        upstreams: &[SocketAddr],
+        balance: Balance,
+    ) -> Front {
         let listener = rolld_proxy::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let set = Arc::new(Upstreams::new());
         if !upstreams.is_empty() {
             set.swap(Arc::new(UpstreamSet::new(1, upstreams, balance)));
         }
-        let proxy = Arc::new(Proxy::new(set.clone(), config));
+        let proxy = Arc::new(Proxy::new(set.clone(), config).with_limits(limits));
         let (stop, rx) = oneshot::channel();
         let task = tokio::spawn(rolld_proxy::serve(listener, proxy, async move {
             rx.await.unwrap_or(Duration::ZERO)

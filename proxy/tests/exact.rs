@@ -1,0 +1,208 @@
+//! Behaviour that only an exact test tells apart from a near miss: each test here fails
+//! for a wrong line that the broader tests let through (found by mutation testing).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rolld_proxy::{Balance, ProxyConfig};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An upstream whose first connection answers one request, then reads the next one and
+/// closes without a word (an app process that died holding it); every later connection
+/// answers everything. What it received, per connection, is recorded.
+struct DiesOnSecondRequest {
+    addr: SocketAddr,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl DiesOnSecondRequest {
+    async fn start() -> DiesOnSecondRequest {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let n = connections.fetch_add(1, Ordering::SeqCst);
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut answered = 0;
+                    loop {
+                        let Some(request) = read_one(&mut stream).await else {
+                            return;
+                        };
+                        seen.lock().expect("lock").push(request);
+                        if n == 0 && answered == 1 {
+                            return; // read it whole, then gone: the connection closes
+                        }
+                        let _ = stream.write_all(&ok("fine")).await;
+                        answered += 1;
+                    }
+                });
+            }
+        });
+        DiesOnSecondRequest { addr, requests }
+    }
+
+    fn count(&self, method: &str) -> usize {
+        self.requests
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|r| r.starts_with(method))
+            .count()
+    }
+}
+
+/// One request head and its Content-Length body; None at end of stream.
+async fn read_one(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = text(&buf[..end]).to_ascii_lowercase();
+            let body = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + body {
+                return Some(text(&buf));
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Sends `request` on `stream` and reads one answer with a Content-Length body.
+async fn ask(stream: &mut TcpStream, request: &[u8]) -> String {
+    stream.write_all(request).await.expect("send");
+    let answer = read_until(stream, b"\r\n\r\n", 1, SOON).await;
+    let head = text(&answer).to_ascii_lowercase();
+    let body: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let have = answer.len() - find(&answer, b"\r\n\r\n").map_or(answer.len(), |i| i + 4);
+    let mut rest = vec![0u8; body.saturating_sub(have)];
+    stream
+        .read_exact(&mut rest)
+        .await
+        .expect("the answer's body");
+    text(&answer) + &text(&rest)
+}
+
+#[tokio::test]
+async fn a_get_on_a_reused_connection_the_app_closed_after_reading_is_sent_again() {
+    let up = DiesOnSecondRequest::start().await;
+    let front = Front::start(ProxyConfig::default(), &[up.addr], Balance::LeastConn).await;
+    let mut client = TcpStream::connect(front.addr).await.expect("connect");
+    let first = ask(&mut client, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // The pooled connection is taken again, the app reads the GET and closes: nothing
+    // was answered and a GET may be sent twice, so it goes again on a new connection.
+    let second = ask(&mut client, b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert!(second.ends_with("fine"), "{second}");
+    assert_eq!(up.count("GET /b"), 2, "sent, lost, sent again");
+}
+
+#[tokio::test]
+async fn a_post_on_a_reused_connection_the_app_closed_after_reading_gets_502_and_is_not_resent() {
+    let up = DiesOnSecondRequest::start().await;
+    let front = Front::start(ProxyConfig::default(), &[up.addr], Balance::LeastConn).await;
+    let mut client = TcpStream::connect(front.addr).await.expect("connect");
+    let first = ask(&mut client, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // The app may have acted on the POST before it died: it is not sent again.
+    let second = ask(
+        &mut client,
+        b"POST /pay HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+    )
+    .await;
+    assert!(second.starts_with("HTTP/1.1 502"), "{second}");
+    assert_eq!(up.count("POST /pay"), 1, "the POST reached the app once");
+}
+
+#[tokio::test]
+async fn a_pooled_connection_idle_longer_than_4s_is_not_reused() {
+    // App servers close idle keep-alive connections after a few seconds (5 s is common);
+    // reusing one at that moment would fail the request, so rolld keeps them 4 s.
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    // One pool: pools are per upstream and worker thread.
+    let cfg = ProxyConfig {
+        workers: 1,
+        ..ProxyConfig::default()
+    };
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    assert!(get_once(front.addr).await.ends_with("hi"));
+    assert!(get_once(front.addr).await.ends_with("hi"));
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "reused while fresh"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(4_300)).await;
+    assert!(get_once(front.addr).await.ends_with("hi"));
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        2,
+        "a connection idle for 4.3 s is not reused"
+    );
+}
+
+#[tokio::test]
+async fn at_most_64_idle_connections_per_upstream_are_kept() {
+    // 70 requests at once, each held by the upstream until all 70 have arrived: 70
+    // upstream connections. Once answered, the pool keeps 64 and closes the other 6.
+    const BURST: usize = 70;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let arrived = Arc::new(tokio::sync::Semaphore::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (a, c) = (arrived.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (arrived, closed) = (a.clone(), c.clone());
+            tokio::spawn(async move {
+                while read_one(&mut stream).await.is_some() {
+                    arrived.add_permits(1);
+                    // Answer once every request of the burst is here.
+                    let all = arrived.acquire_many(BURST as u32).await.expect("permits");
+                    all.forget();
+                    arrived.add_permits(BURST);
+                    let _ = stream.write_all(&ok("hi")).await;
+                }
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    // One pool: the cap is per upstream and worker thread.
+    let cfg = ProxyConfig {
+        workers: 1,
+        ..ProxyConfig::default()
+    };
+    let front = Front::start(cfg, &[addr], Balance::LeastConn).await;
+    let clients: Vec<_> = (0..BURST)
+        .map(|_| tokio::spawn(get_once(front.addr)))
+        .collect();
+    for client in clients {
+        assert!(client.await.expect("client").ends_with("hi"));
+    }
+    let deadline = tokio::time::Instant::now() + SOON;
+    while closed.load(Ordering::SeqCst) < BURST - 64 {
+        assert!(tokio::time::Instant::now() < deadline, "surplus closed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(closed.load(Ordering::SeqCst), BURST - 64, "64 kept idle");
+}
