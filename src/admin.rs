@@ -1,5 +1,6 @@
 //! The admin listener (`admin:` in the config): `/metrics` in the Prometheus text
-//! format, `/status` (the JSON of `rolld status --json`) and `/healthz`.
+//! format, `/status` (the JSON of `rolld status --json`) and `/healthz`. At most
+//! [`MAX_CONNECTIONS`] clients at once, each with a header timeout and a lifetime.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,6 +17,14 @@ use rolld_proxy::Proxy;
 use tracing::{debug, warn};
 
 use crate::status::Board;
+
+/// Admin clients served at once (scrapers, health checks: a handful).
+const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this (and an idle keep-alive connection
+/// closes after it).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// No admin connection lives longer than this, busy or not.
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Renders the metrics from the live counters on every scrape.
 #[derive(Debug)]
@@ -128,10 +137,19 @@ pub fn serve(
         proxy,
     }));
     let registry = Arc::new(registry);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            // At the cap, more clients wait in the kernel's accept queue.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    crate::control::accept_failed("admin", &err).await;
+                    continue;
+                }
             };
             let (registry, board, upstreams) = (registry.clone(), board.clone(), upstreams.clone());
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -139,11 +157,15 @@ pub fn serve(
                 async move { Ok::<_, Infallible>(response) }
             });
             tokio::spawn(async move {
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!("admin connection: {e}");
+                let _slot = slot;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!("admin connection: {e}"),
+                    Err(_) => debug!("admin connection open too long; closed"),
                 }
             });
         }

@@ -30,23 +30,17 @@ fn tables() -> io::Result<Vec<String>> {
     Ok(texts)
 }
 
-/// One row of a TCP table: local port, state, socket inode.
-fn rows(table: &str) -> impl Iterator<Item = (u16, &str, u64)> {
-    table.lines().skip(1).filter_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let port = fields.get(1)?.rsplit(':').next()?;
-        let port = u16::from_str_radix(port, 16).ok()?;
-        Some((port, *fields.get(3)?, fields.get(9)?.parse().ok()?))
-    })
+/// Listening sockets of a TCP table: local port and socket inode.
+fn listening(table: &str) -> impl Iterator<Item = (u16, u64)> + '_ {
+    connections(table)
+        .filter(|(_, _, state, _)| *state == LISTEN)
+        .map(|(local, _, _, inode)| (local.1, inode))
 }
 
 /// Whether something already uses `port`: a socket listens on it, or it cannot be bound.
 pub fn in_use(port: u16) -> bool {
-    let listening = tables().is_ok_and(|tables| {
-        tables
-            .iter()
-            .any(|t| rows(t).any(|(p, state, _)| p == port && state == LISTEN))
-    });
+    let listening =
+        tables().is_ok_and(|tables| tables.iter().any(|t| listening(t).any(|(p, _)| p == port)));
     listening || std::net::TcpListener::bind(("0.0.0.0", port)).is_err()
 }
 
@@ -59,8 +53,8 @@ pub fn check_owner(port: u16, pgid: i32) -> Result<(), String> {
     };
     let listeners: Vec<u64> = tables
         .iter()
-        .flat_map(|t| rows(t).filter(|&(p, state, _)| p == port && state == LISTEN))
-        .map(|(_, _, inode)| inode)
+        .flat_map(|t| listening(t).filter(|&(p, _)| p == port))
+        .map(|(_, inode)| inode)
         .collect();
     if listeners.is_empty() {
         return Err(format!("nothing listens on port {port} any more"));
@@ -133,34 +127,54 @@ fn socket_inodes(fd_dir: &str) -> io::Result<HashSet<u64>> {
 }
 
 /// Connections whose local port is one of `ports` and that can still carry a request,
-/// over IPv4 and IPv6.
+/// over IPv4 and IPv6. rolld's own connections to those ports (its proxy's idle pooled
+/// connections, a health check) are not counted: they are not a balancer's, and would
+/// hold the drain until `drain_timeout`.
 pub fn open_to(ports: &[u16]) -> io::Result<usize> {
     let ports: HashSet<u16> = ports.iter().copied().collect();
-    let mut count = 0;
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        match std::fs::read_to_string(table) {
-            Ok(text) => count += count_in(&text, &ports),
-            // A kernel without IPv6 has no tcp6 table.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && table.ends_with('6') => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(count)
+    let tables = tables()?;
+    let own = socket_inodes("/proc/self/fd").unwrap_or_default();
+    Ok(count_in(&tables, &ports, &own))
 }
 
-fn count_in(table: &str, ports: &HashSet<u16>) -> usize {
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let mut fields = line.split_whitespace();
-            let local = fields.nth(1);
-            let state = fields.nth(1);
-            let port = local
-                .and_then(|l| l.rsplit(':').next())
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            matches!(state, Some(ESTABLISHED | SYN_RECV))
-                && port.is_some_and(|p| ports.contains(&p))
+/// An address in a TCP table: the hex address (an IPv4-mapped IPv6 address as IPv4,
+/// so both ends of a connection compare equal across the two tables) and the port.
+type Addr<'a> = (&'a str, u16);
+
+fn addr(field: &str) -> Option<Addr<'_>> {
+    let (ip, port) = field.rsplit_once(':')?;
+    let ip = ip.strip_prefix("0000000000000000FFFF0000").unwrap_or(ip);
+    Some((ip, u16::from_str_radix(port, 16).ok()?))
+}
+
+/// One connection of a TCP table: local and remote address, state, socket inode.
+fn connections(table: &str) -> impl Iterator<Item = (Addr<'_>, Addr<'_>, &str, u64)> {
+    table.lines().skip(1).filter_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        Some((
+            addr(fields.get(1)?)?,
+            addr(fields.get(2)?)?,
+            *fields.get(3)?,
+            fields.get(9)?.parse().ok()?,
+        ))
+    })
+}
+
+fn count_in(tables: &[String], ports: &HashSet<u16>, own: &HashSet<u64>) -> usize {
+    // The app's ends of rolld's own connections: (app's address, rolld's address).
+    let ours: HashSet<(Addr<'_>, Addr<'_>)> = tables
+        .iter()
+        .flat_map(|t| connections(t))
+        .filter(|(_, remote, _, inode)| own.contains(inode) && ports.contains(&remote.1))
+        .map(|(local, remote, _, _)| (remote, local))
+        .collect();
+    tables
+        .iter()
+        .flat_map(|t| connections(t))
+        .filter(|(local, remote, state, _)| {
+            matches!(*state, ESTABLISHED | SYN_RECV)
+                && ports.contains(&local.1)
+                && !ours.contains(&(*local, *remote))
         })
         .count()
 }
@@ -178,11 +192,15 @@ mod tests {
    3: 0100007F:1F42 0100007F:D432 06 00000000:00000000 00:00000000 00000000     0        0 0 3 0 0 0 0 0 0
 ";
         let ports: HashSet<u16> = [8001, 8002].into_iter().collect();
+        let tables = [table.to_string()];
         assert_eq!(
-            count_in(table, &ports),
+            count_in(&tables, &ports, &HashSet::new()),
             1,
             "one established server-side socket on 8001"
         );
+        // Socket 3 (the client end of that connection) is rolld's own.
+        let own: HashSet<u64> = [3].into_iter().collect();
+        assert_eq!(count_in(&tables, &ports, &own), 0, "rolld's own connection");
     }
 
     #[test]
@@ -205,6 +223,10 @@ mod tests {
         assert_eq!(open_to(&[port]).expect("read tables"), 0);
         let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let (_server, _) = listener.accept().expect("accept");
-        assert_eq!(open_to(&[port]).expect("read tables"), 1);
+        // Both ends are this process's: its own connection does not count.
+        assert_eq!(open_to(&[port]).expect("read tables"), 0);
+        let tables = tables().expect("read tables");
+        let ports: HashSet<u16> = [port].into_iter().collect();
+        assert_eq!(count_in(&tables, &ports, &HashSet::new()), 1);
     }
 }

@@ -133,14 +133,23 @@ impl ControlSocket {
             return Ok(());
         };
         let listener = UnixListener::from_std(listener)?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        accept_failed("control", &err).await;
+                        continue;
+                    }
                 };
                 let (commands, board, upstreams) =
                     (commands.clone(), board.clone(), upstreams.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = answer(stream, commands, board, upstreams).await {
                         debug!("control connection: {e}");
                     }
@@ -149,6 +158,23 @@ impl ControlSocket {
         });
         Ok(())
     }
+}
+
+/// Control connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 64;
+
+/// An accept that failed (out of descriptors, most often): back off instead of spinning
+/// on a listener that stays readable, and say so at most every 10 s.
+pub async fn accept_failed(listener: &str, err: &std::io::Error) {
+    static LAST_WARNED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    {
+        let mut last = LAST_WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+            warn!(listener, error = %err, "accept failed; backing off");
+            *last = Some(std::time::Instant::now());
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
 impl Drop for ControlSocket {
@@ -165,27 +191,7 @@ async fn answer(
     board: Arc<Board>,
     upstreams: Option<Arc<rolld_proxy::Upstreams>>,
 ) -> std::io::Result<()> {
-    // The socket file is 0600, but a directory or a mode changed by hand must not open
-    // rolld to every local user: only root and rolld's own user may drive it.
     let peer = stream.peer_cred()?;
-    let own = nix::unistd::geteuid().as_raw();
-    if peer.uid() != 0 && peer.uid() != own {
-        warn!(
-            uid = peer.uid(),
-            pid = peer.pid(),
-            "control connection refused: only root and rolld's own user (uid {own}) may use the control socket"
-        );
-        let mut stream = stream;
-        let refusal = serde_json::to_string(&Answer::Error {
-            message: format!(
-                "permission denied: uid {} is neither root nor rolld's user (uid {own})",
-                peer.uid()
-            ),
-        })
-        .unwrap_or_default();
-        stream.write_all(format!("{refusal}\n").as_bytes()).await?;
-        return Ok(());
-    }
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // One request line, bounded in size and time.
@@ -196,6 +202,26 @@ async fn answer(
     )
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within 10 s"))??;
+    // The socket file is 0600, but a directory or a mode changed by hand must not open
+    // rolld to every local user: only root and rolld's own user may drive it. (Checked
+    // once the request is read, so that the client hears why rather than EPIPE.)
+    let own = nix::unistd::geteuid().as_raw();
+    if peer.uid() != 0 && peer.uid() != own {
+        warn!(
+            uid = peer.uid(),
+            pid = peer.pid(),
+            "control connection refused: only root and rolld's own user (uid {own}) may use the control socket"
+        );
+        let refusal = serde_json::to_string(&Answer::Error {
+            message: format!(
+                "permission denied: uid {} is neither root nor rolld's user (uid {own})",
+                peer.uid()
+            ),
+        })
+        .unwrap_or_default();
+        write.write_all(format!("{refusal}\n").as_bytes()).await?;
+        return Ok(());
+    }
     let send = |answer: Answer| {
         let mut text = serde_json::to_string(&answer)
             .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"message\":\"{e}\"}}"));
@@ -284,6 +310,10 @@ async fn answer(
 
 // ---- the client side, as the CLI runs it ---------------------------------------------
 
+/// Longest wait for each answer line of `status` and `stop`, so that a wedged rolld
+/// cannot hang a script; `reload` waits as long as its roll takes.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Sends `request` and calls `each` with every answer line until the server closes.
 pub fn call(socket: &Path, request: &Request, mut each: impl FnMut(Answer)) -> Result<(), String> {
     let mut stream = StdUnixStream::connect(socket).map_err(|e| {
@@ -292,6 +322,11 @@ pub fn call(socket: &Path, request: &Request, mut each: impl FnMut(Answer)) -> R
             socket.display()
         )
     })?;
+    if !matches!(request, Request::Reload { wait: true }) {
+        stream
+            .set_read_timeout(Some(ANSWER_TIMEOUT))
+            .map_err(|e| format!("cannot set a timeout on the control socket: {e}"))?;
+    }
     let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
     line.push('\n');
     // rolld may answer (a refusal) and close before reading the request: what it said
@@ -302,6 +337,17 @@ pub fn call(socket: &Path, request: &Request, mut each: impl FnMut(Answer)) -> R
         let line = match line {
             Ok(line) => line,
             Err(_) if sent.is_err() => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "rolld did not answer within {}s",
+                    ANSWER_TIMEOUT.as_secs()
+                ))
+            }
             Err(e) => return Err(format!("reading rolld's answer: {e}")),
         };
         let answer =

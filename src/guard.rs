@@ -29,6 +29,16 @@ impl Guard {
     /// Must be called while the process has a single thread (before the runtime starts):
     /// the child goes on running ordinary Rust code after `fork`.
     pub unsafe fn start() -> std::io::Result<Guard> {
+        // The contract, checked where it can be: a thread started too early (a log
+        // writer, say) would make the child's state incoherent.
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            let threads = tasks.count();
+            if threads > 1 {
+                return Err(std::io::Error::other(format!(
+                    "rolld has {threads} threads; the guard must be forked while it has one"
+                )));
+            }
+        }
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         // SAFETY: the caller guarantees a single thread, so the child's memory is coherent.
         match unsafe { fork() }? {

@@ -13,9 +13,9 @@
 //! `println!`, which panics on EPIPE).
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Lines waiting for a stream's writer thread; more are dropped.
@@ -33,19 +33,41 @@ pub enum Stream {
 
 /// The queue to one stream's writer thread.
 struct Queue {
-    tx: Option<SyncSender<Vec<u8>>>,
+    stream: Stream,
+    tx: SyncSender<Vec<u8>>,
+    /// The queue's far end until its writer thread starts (see [`hold`]).
+    parked: Mutex<Option<Receiver<Vec<u8>>>>,
     /// Lines queued and not yet written (or dropped), for [`flush`].
     pending: Arc<AtomicUsize>,
 }
 
 static STDOUT: OnceLock<Queue> = OnceLock::new();
 static STDERR: OnceLock<Queue> = OnceLock::new();
+/// While set, writer threads are not started: lines wait in their queue.
+static HELD: AtomicBool = AtomicBool::new(false);
 
 impl Queue {
-    fn start(stream: Stream) -> Queue {
+    fn new(stream: Stream) -> Queue {
         let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE_LINES);
-        let pending = Arc::new(AtomicUsize::new(0));
-        let left = pending.clone();
+        let queue = Queue {
+            stream,
+            tx,
+            parked: Mutex::new(Some(rx)),
+            pending: Arc::new(AtomicUsize::new(0)),
+        };
+        if !HELD.load(Ordering::Acquire) {
+            queue.start();
+        }
+        queue
+    }
+
+    /// Starts the writer thread, once.
+    fn start(&self) {
+        let Some(rx) = self.parked.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let stream = self.stream;
+        let left = self.pending.clone();
         let name = match stream {
             Stream::Stdout => "rolld-stdout",
             Stream::Stderr => "rolld-stderr",
@@ -64,30 +86,38 @@ impl Queue {
                     left.fetch_sub(1, Ordering::Release);
                 }
             });
-        Queue {
-            // Without its thread, a stream's lines are all dropped (and counted).
-            tx: spawned.ok().map(|_| tx),
-            pending,
-        }
+        // Without its thread, the queue fills and the stream's lines are dropped (and
+        // counted); nothing else can be done about it.
+        drop(spawned);
     }
 
     fn get(stream: Stream) -> &'static Queue {
         match stream {
-            Stream::Stdout => STDOUT.get_or_init(|| Queue::start(Stream::Stdout)),
-            Stream::Stderr => STDERR.get_or_init(|| Queue::start(Stream::Stderr)),
+            Stream::Stdout => STDOUT.get_or_init(|| Queue::new(Stream::Stdout)),
+            Stream::Stderr => STDERR.get_or_init(|| Queue::new(Stream::Stderr)),
         }
     }
 
     fn send(&self, line: Vec<u8>) {
-        let Some(tx) = &self.tx else {
-            DROPPED.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
         self.pending.fetch_add(1, Ordering::Acquire);
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(line) {
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(line) {
             self.pending.fetch_sub(1, Ordering::Release);
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Keeps the writer threads from starting until [`release`]: rolld forks its guard
+/// after logging its first lines, and must have a single thread then.
+pub fn hold() {
+    HELD.store(true, Ordering::Release);
+}
+
+/// Starts the writer threads held back by [`hold`]; the lines queued meanwhile follow.
+pub fn release() {
+    HELD.store(false, Ordering::Release);
+    for queue in [STDOUT.get(), STDERR.get()].into_iter().flatten() {
+        queue.start();
     }
 }
 
@@ -104,6 +134,7 @@ pub fn dropped() -> u64 {
 /// Waits until the queued lines are written, up to `timeout` (a stalled stream must not
 /// keep rolld from exiting).
 pub fn flush(timeout: Duration) {
+    release();
     let deadline = Instant::now() + timeout;
     for queue in [STDOUT.get(), STDERR.get()].into_iter().flatten() {
         while queue.pending.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
@@ -146,9 +177,11 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_blocking() {
-        let (tx, _rx) = sync_channel::<Vec<u8>>(2);
+        let (tx, rx) = sync_channel::<Vec<u8>>(2);
         let queue = Queue {
-            tx: Some(tx),
+            stream: Stream::Stderr,
+            tx,
+            parked: Mutex::new(Some(rx)),
             pending: Arc::new(AtomicUsize::new(0)),
         };
         let before = dropped();

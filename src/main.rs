@@ -578,6 +578,9 @@ fn drop_privileges(run_as: &config::RunAs) -> nix::Result<()> {
 }
 
 fn run(path: &Path) -> ExitCode {
+    // The guard is forked below, before any other thread may exist: log lines wait in
+    // their queue until then.
+    logs::hold();
     // Until the runtime's handlers are installed a SIGHUP or SIGUSR1 would kill rolld;
     // ignore them meanwhile (the handlers replace this, and exec resets it for children).
     for sig in [Signal::SIGHUP, Signal::SIGUSR1] {
@@ -633,8 +636,11 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    // SAFETY: no thread has been started yet; the runtime is built below.
-    let guard = match unsafe { guard::Guard::start() } {
+    // SAFETY: no thread has been started yet (the log writers are held back); the
+    // runtime is built below.
+    let guard = unsafe { guard::Guard::start() };
+    logs::release();
+    let guard = match guard {
         Ok(guard) => Arc::new(guard),
         Err(err) => {
             say!("cannot start the guard process: {err}");

@@ -195,6 +195,14 @@ impl Reaper {
     }
 }
 
+/// The instant `after` from now; a duration too large to add (a config value of
+/// centuries) means "about never" rather than a panic.
+pub fn deadline_in(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 /// Signals a whole process group; a group already gone is not an error.
 pub fn signal_group(pgid: Pid, sig: Signal) {
     match killpg(pgid, sig) {
@@ -219,7 +227,7 @@ pub async fn terminate(
     timeout: Duration,
     guard: &Guard,
 ) -> Option<Exit> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = deadline_in(timeout);
     signal_group(pgid, sig);
     let mut status = tokio::time::timeout_at(deadline, &mut *exit)
         .await

@@ -202,7 +202,7 @@ impl Roll {
             {
                 // The balancer may have sent requests to the new set before it was
                 // pointed back: let them finish first.
-                let deadline = tokio::time::Instant::now() + app.drain_timeout;
+                let deadline = crate::process::deadline_in(app.drain_timeout);
                 let timeout = humantime::format_duration(app.drain_timeout).to_string();
                 drain_connections(self.id, &ports, deadline, &timeout).await;
                 next.terminate(StopHow::from_config(&self.config)).await;
@@ -242,7 +242,7 @@ impl Roll {
         if failpoint("roll-panic-after-swap", self.id) {
             panic!("failpoint roll-panic-after-swap");
         }
-        let deadline = tokio::time::Instant::now() + app.drain_timeout;
+        let deadline = crate::process::deadline_in(app.drain_timeout);
         let timeout = humantime::format_duration(app.drain_timeout).to_string();
         let draining = Instant::now();
         if let Some(mut drain) = drain {

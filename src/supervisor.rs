@@ -295,14 +295,14 @@ impl Supervisor {
         let drain_timeout = config.app.drain_timeout;
         let how = StopHow::from_config(&config);
         let graceful = async move {
-            let deadline = tokio::time::Instant::now() + drain_timeout;
+            let deadline = crate::process::deadline_in(drain_timeout);
             // New clients are refused from now on.
             if let Some(stop) = stop_accepting {
                 let _ = stop.send(drain_timeout);
             }
             // A roll that has not swapped stops its new set and hands back the old one;
             // one past its swap finishes draining and stopping its old set.
-            let _ = cancel_roll.send(true);
+            cancel_roll.send_replace(true);
             if let Some(roll) = roll {
                 match roll.await {
                     Ok(rolled) => {

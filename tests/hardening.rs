@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
@@ -38,7 +38,11 @@ fn status_json(rolld: &Rolld) -> serde_json::Value {
 #[test]
 fn a_stalled_stderr_does_not_stop_the_proxy_nor_the_supervisor() {
     let fixture = Fixture::new(1);
-    let yaml = format!("proxy:\n  access_log: true\n{}", fixture.yaml());
+    let admin = free_ports(1)[0];
+    let yaml = format!(
+        "admin: 127.0.0.1:{admin}\nproxy:\n  access_log: true\n{}",
+        fixture.yaml()
+    );
     // A pipe nobody reads: a stuck log collector. 64 KiB fill it after a few hundred lines,
     // and rolld's queue (4096 lines) after a few thousand more.
     let mut rolld = spawn_with_stdio(&yaml, fixture.listen, Stdio::piped(), Stdio::piped());
@@ -74,6 +78,12 @@ fn a_stalled_stderr_does_not_stop_the_proxy_nor_the_supervisor() {
         status["log_lines_dropped"].as_u64().unwrap_or(0) > 0,
         "dropped lines are counted: {status}"
     );
+    let (_, metrics) = get_blocking(admin, "/metrics").expect("metrics");
+    let dropped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rolld_log_lines_dropped_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(dropped.is_some_and(|n| n > 0), "{metrics}");
     rolld.signal(Signal::SIGHUP);
     wait_until("generation 2 serves", SOON, || {
         status_json(&rolld)["generation"].as_u64() == Some(2)
@@ -447,4 +457,201 @@ fn the_configured_user_gets_its_supplementary_groups() {
         "its app too: {:?}",
         groups_of(app)
     );
+}
+
+#[test]
+fn the_admin_listener_closes_a_connection_whose_headers_never_come() {
+    use std::io::{Read, Write};
+    let fixture = Fixture::new(1);
+    let admin = free_ports(1)[0];
+    let yaml = format!("admin: 127.0.0.1:{admin}\n{}", fixture.yaml());
+    let rolld = Rolld::spawn(&yaml, fixture.listen);
+    rolld.wait_log("roll finished", 1);
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", admin)).expect("connect");
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n")
+        .expect("half a request");
+    slow.set_read_timeout(Some(SOON)).expect("timeout");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let read = slow.read(&mut buf);
+    assert!(
+        read.is_ok() && started.elapsed() < SOON,
+        "closed (or answered) by rolld, not left open: {read:?}"
+    );
+    // The listener still serves complete requests.
+    let (status, body) = get_blocking(admin, "/healthz").expect("healthz");
+    assert_eq!(status, 200, "{body}");
+}
+
+/// CPU time (user + system) rolld has used, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .expect("fields")
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn the_control_socket_backs_off_when_rolld_runs_out_of_descriptors() {
+    use std::os::unix::process::CommandExt;
+    let fixture = Fixture::new(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("rolld.yml"), fixture.yaml()).expect("write config");
+    let log = std::fs::File::create(dir.path().join("rolld.log")).expect("log");
+    let mut command = Command::new(ROLLD);
+    command
+        .arg(dir.path().join("rolld.yml"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: setrlimit is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            use nix::sys::resource::{setrlimit, Resource};
+            setrlimit(Resource::RLIMIT_NOFILE, 64, 64).map_err(std::io::Error::from)
+        });
+    }
+    let rolld = Rolld {
+        child: Some(command.spawn().expect("start rolld")),
+        dir,
+        config: "rolld.yml".into(),
+        listen: fixture.listen,
+    };
+    rolld.wait_log("roll finished", 1);
+    // Idle control connections until rolld has no descriptor left to accept with.
+    let socket = rolld.dir.path().join("rolld.sock");
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..80)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+        .collect();
+    assert!(idle.len() > 64, "{} connections queued", idle.len());
+    let pid = rolld.pid();
+    wait_until("rolld out of descriptors", SOON, || {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()) >= 63
+    });
+    let before = cpu_ticks(rolld.pid());
+    let window = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(rolld.pid()) - before;
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let elapsed_ticks = window.elapsed().as_secs_f64() * ticks_per_s as f64;
+    assert!(
+        (used as f64) < elapsed_ticks * 0.25,
+        "rolld used {used} ticks of CPU in {elapsed_ticks:.0}: it spins on accept"
+    );
+    drop(idle);
+}
+
+#[test]
+fn rollds_own_idle_connections_do_not_hold_up_the_drain_behind_another_balancer() {
+    // `listen` and `after_start` together: the drain also waits for connections to the
+    // old ports to close, and rolld's own pooled connections must not count.
+    let fixture = Fixture::new(2).extra(
+        "  drain_timeout: 20s\n  after_start:\n    - replace_file: [numprocs, 'up.templ', 'up.conf']\n",
+    );
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, |dir| {
+        std::fs::write(
+            dir.join("up.templ"),
+            "{% for p in ports %}{{ p }} {% endfor %}\n",
+        )
+        .expect("template");
+    });
+    rolld.wait_log("roll finished", 1);
+    // Concurrent requests leave several idle connections in the proxy's pools.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let port = rolld.listen;
+    rt.block_on(async {
+        let client = client();
+        let requests: Vec<_> = (0..8)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move { get(&client, port, "/?delay=100").await })
+            })
+            .collect();
+        for request in requests {
+            let answer = request.await.expect("task");
+            assert!(matches!(answer, Ok((200, _))), "{answer:?}");
+        }
+    });
+    let started = Instant::now();
+    let (code, stdout, stderr) = rolld.control("reload", &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the roll waited {:?} for rolld's own idle connections:\n{stdout}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn new_clients_are_refused_at_once_during_a_graceful_shutdown() {
+    let fixture = Fixture::new(1);
+    let mut rolld = Rolld::start(&fixture);
+    let guard = guard_pid(&rolld);
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let slow = rt.spawn(async move { get(&client(), port, "/?delay=10000").await });
+    rolld.wait_in_flight(1);
+    rolld.signal(Signal::SIGTERM);
+    rolld.wait_log("shutting down", 1);
+    // Refused (not accepted into a backlog nobody reads) while rolld still drains.
+    wait_until(
+        "a new connection is refused",
+        Duration::from_secs(5),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        },
+    );
+    assert!(!slow.is_finished(), "the shutdown is still draining");
+    assert!(alive(guard), "the guard still runs");
+    let answer = rt.block_on(slow).expect("request task");
+    assert!(matches!(answer, Ok((200, _))), "{answer:?}");
+    assert_eq!(rolld.wait_exit(SOON).code(), Some(0));
+}
+
+#[test]
+fn status_and_stop_give_up_on_a_rolld_that_never_answers() {
+    let dir = tempfile::tempdir().expect("dir");
+    let socket = dir.path().join("wedged.sock");
+    // Accepts (the kernel's backlog does) and never answers.
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let mut children: Vec<(&str, std::process::Child)> = ["status", "stop"]
+        .into_iter()
+        .map(|subcommand| {
+            let child = Command::new(ROLLD)
+                .arg(subcommand)
+                .arg("--socket")
+                .arg(&socket)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run the CLI");
+            (subcommand, child)
+        })
+        .collect();
+    let started = Instant::now();
+    for (subcommand, child) in &mut children {
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break Some(status);
+            }
+            if started.elapsed() > SOON {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let status = status.unwrap_or_else(|| panic!("`rolld {subcommand}` still waits"));
+        assert_eq!(status.code(), Some(1), "{subcommand}");
+    }
 }

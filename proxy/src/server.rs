@@ -100,6 +100,9 @@ pub async fn serve(
             })?;
         done.push(finished_rx);
     }
+    // Only the workers' clones may keep the socket listening: once they stop accepting,
+    // new clients must be refused, not queued in a backlog nobody reads.
+    drop(listener);
     let grace = shutdown.await;
     let _ = stop.send(Some(grace));
     let mut result = Ok(());
