@@ -63,6 +63,8 @@ struct RawProxy {
     http2_keepalive_interval: Option<String>,
     http2_keepalive_timeout: Option<String>,
     tunnel_idle_timeout: Option<String>,
+    hold_timeout: Option<String>,
+    max_held: Option<usize>,
 }
 
 /// A byte size: a number, or a string with a k/m/g suffix as nginx writes them.
@@ -298,6 +300,10 @@ const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 const PLACEHOLDERS: [&str; 2] = ["{port}", "{numproc}"];
 const MAX_PROCESSES: usize = 4096;
 const MAX_CONNECTIONS: usize = 1 << 24;
+/// Longest `proxy.hold_timeout`: clients and balancers in front give up sooner anyway.
+const MAX_HOLD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most `proxy.max_held`.
+const MAX_HELD: usize = 100_000;
 
 impl Config {
     /// Reads and validates the file at `path`, with relative paths of the original's
@@ -843,7 +849,31 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
             ))
         }
     };
+    // Zero is allowed: no holding, 503 at once.
+    let hold_timeout = v.duration(
+        "proxy.hold_timeout",
+        raw.hold_timeout.as_deref(),
+        d.hold_timeout,
+    )?;
+    if hold_timeout > MAX_HOLD_TIMEOUT {
+        return Err(v.err(
+            "proxy.hold_timeout",
+            format!(
+                "must be at most {} (0 answers 503 at once)",
+                humantime::format_duration(MAX_HOLD_TIMEOUT)
+            ),
+        ));
+    }
+    let max_held = raw.max_held.unwrap_or(d.max_held);
+    if !(1..=MAX_HELD).contains(&max_held) {
+        return Err(v.err(
+            "proxy.max_held",
+            format!("{max_held} is not between 1 and {MAX_HELD}"),
+        ));
+    }
     Ok(ProxyConfig {
+        hold_timeout,
+        max_held,
         http2_max_concurrent_streams,
         http2_keepalive_interval: bounded(
             "http2_keepalive_interval",
@@ -1359,6 +1389,37 @@ app-servers:
     }
 
     #[test]
+    fn hold_settings_parse_and_are_bounded() {
+        let c = parse(&format!(
+            "proxy:\n  hold_timeout: 2s\n  max_held: 50\n{ORIGINAL}"
+        ))
+        .expect("valid");
+        assert_eq!(c.proxy.hold_timeout, Duration::from_secs(2));
+        assert_eq!(c.proxy.max_held, 50);
+        let c = parse(&format!("proxy:\n  hold_timeout: 0s\n{ORIGINAL}")).expect("valid");
+        assert_eq!(c.proxy.hold_timeout, Duration::ZERO, "0 turns holding off");
+        let c = parse(ORIGINAL).expect("valid");
+        assert_eq!(c.proxy.hold_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy.max_held, 1024);
+        assert_error(
+            &format!("proxy:\n  workers: 1\n  hold_timeout: 1h\n{ORIGINAL}"),
+            &["line 3", "proxy.hold_timeout", "at most 10m"],
+        );
+        assert_error(
+            &format!("proxy:\n  hold_timeout: soon\n{ORIGINAL}"),
+            &["line 2", "proxy.hold_timeout", "not a duration"],
+        );
+        assert_error(
+            &format!("proxy:\n  max_held: 0\n{ORIGINAL}"),
+            &["line 2", "proxy.max_held", "between 1 and 100000"],
+        );
+        assert_error(
+            &format!("proxy:\n  max_held: 1000000\n{ORIGINAL}"),
+            &["line 2", "proxy.max_held"],
+        );
+    }
+
+    #[test]
     fn environment_string_form_splits_into_pairs() {
         let c = parse(&ORIGINAL.replace("environment: ''", "environment: 'A=1 B=\"two words\"'"))
             .expect("valid");
@@ -1479,6 +1540,7 @@ app-servers:
             proxy_key in prop::sample::select(vec![
                 "client_header_timeout", "keepalive_timeout", "max_body_size",
                 "max_header_size", "max_connections", "trusted_proxies", "workers",
+                "hold_timeout", "max_held",
             ]),
             value in "[ -~]{0,30}",
         ) {

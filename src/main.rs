@@ -321,6 +321,19 @@ fn plan(config: &Config) -> String {
             d(p.http2_keepalive_timeout),
             d(p.tunnel_idle_timeout)
         );
+        if p.hold_timeout.is_zero() {
+            let _ = writeln!(
+                out,
+                "hold:         off (503 at once while no process can take a request)"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "hold:         up to {} while no process can take a request, at most {} request(s)",
+                d(p.hold_timeout),
+                p.max_held
+            );
+        }
         let trusted: Vec<String> = p.trusted_proxies.iter().map(|n| n.to_string()).collect();
         let trusted = if trusted.is_empty() {
             "none".to_string()

@@ -306,9 +306,10 @@ fn sighups_during_a_roll_queue_exactly_one_more_roll() {
 }
 
 #[test]
-fn requests_before_the_first_set_is_ready_get_503_with_retry_after() {
+fn without_holding_requests_before_the_first_set_is_ready_get_503_with_retry_after() {
     let fixture = Fixture::new(1).cmd(format!("{BACKEND} {{port}} --start-delay 3000"));
-    let rolld = Rolld::spawn(&fixture.yaml(), fixture.listen);
+    let yaml = format!("proxy:\n  hold_timeout: 0s\n{}", fixture.yaml());
+    let rolld = Rolld::spawn(&yaml, fixture.listen);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let client = client();
     let port = rolld.listen;

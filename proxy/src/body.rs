@@ -152,6 +152,12 @@ impl Upload {
         self.changed.notify_one();
     }
 
+    /// Back to waiting for an upstream (held after every connect failed): no clock
+    /// runs but the hold's own.
+    pub(crate) fn held(&self) {
+        self.enter(CONNECTING);
+    }
+
     /// A connection to the upstream, whose reads are `reads`, is ready and the request
     /// goes out now.
     pub(crate) fn connected(&self, with_body: bool, reads: Arc<crate::moved::Moved>) {

@@ -50,6 +50,14 @@ pub struct ProxyConfig {
     /// when moving behind rolld. It frees the connection's `max_connections` slot
     /// and its place in a drain.
     pub tunnel_idle_timeout: Duration,
+    /// How long a request waits for a set while no upstream can take it (start-up,
+    /// every process restarting) before it gets 503; zero answers 503 at once. During
+    /// a pause, requests wait until the pause ends and then up to this.
+    pub hold_timeout: Duration,
+    /// Requests held at once; beyond, 503 at once. Each holds its head (at most
+    /// `max_header_size`) and its connection's buffers, so this bounds the memory held
+    /// requests take.
+    pub max_held: usize,
 }
 
 impl Default for ProxyConfig {
@@ -71,6 +79,8 @@ impl Default for ProxyConfig {
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(20),
             tunnel_idle_timeout: Duration::from_secs(3600),
+            hold_timeout: Duration::from_secs(5),
+            max_held: 1024,
         }
     }
 }

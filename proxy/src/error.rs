@@ -11,6 +11,10 @@ use crate::body::ResponseBody;
 pub enum ProxyError {
     #[error("no upstream is ready")]
     NoUpstream,
+    #[error("no upstream became ready while the request was held ({waited:?})")]
+    HoldTimedOut { waited: std::time::Duration },
+    #[error("no upstream is ready and max_held requests are already held")]
+    HoldFull,
     #[error("connecting to {upstream} failed: {source}")]
     Connect {
         upstream: std::net::SocketAddr,
@@ -44,7 +48,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoUpstream | ProxyError::HoldTimedOut { .. } | ProxyError::HoldFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Exhausted => {
                 StatusCode::BAD_GATEWAY
             }

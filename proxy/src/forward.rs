@@ -19,6 +19,7 @@ use crate::body::{
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::headers;
+use crate::maintenance::MaintenancePage;
 use crate::moved::{Moved, Tracked};
 use crate::pool::Conn;
 use crate::stats::Stats;
@@ -31,6 +32,8 @@ pub struct Proxy {
     upstreams: Arc<Upstreams>,
     config: ProxyConfig,
     stats: Stats,
+    /// While set, every request gets this page (503) and nothing reaches an app.
+    maintenance: arc_swap::ArcSwapOption<MaintenancePage>,
 }
 
 /// Who is on the other end of a front connection, computed once per connection.
@@ -76,7 +79,18 @@ impl Proxy {
             upstreams,
             config,
             stats: Stats::default(),
+            maintenance: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Turns maintenance on (with its page) or off. Requests in flight go on.
+    pub fn set_maintenance(&self, page: Option<MaintenancePage>) {
+        self.maintenance.store(page.map(Arc::new));
+    }
+
+    /// The page served while maintenance is on.
+    pub fn maintenance(&self) -> Option<Arc<MaintenancePage>> {
+        self.maintenance.load_full()
     }
 
     /// Counters of the traffic so far.
@@ -120,17 +134,36 @@ impl Proxy {
             })
         });
         let method = req.method().clone();
-        let response = match self.forward(req, client, &mut busy, access).await {
+        let forwarded = match self.maintenance.load_full() {
+            Some(page) => Err((Err(page), access)),
+            None => self
+                .forward(req, client, &mut busy, access)
+                .await
+                .map_err(|(err, access)| (Ok(err), access)),
+        };
+        let response = match forwarded {
             Ok(response) => {
                 self.stats.count_response(response.status());
                 response
             }
             Err((err, access)) => {
-                match &err {
-                    ProxyError::NoUpstream => debug!(client = %client.addr, %method, "503: {err}"),
-                    _ => warn!(client = %client.addr, %method, "{}: {err}", err.status().as_u16()),
-                }
-                let response = err.into_response().map(|body| body.holding(busy));
+                let response = match err {
+                    Ok(err) => {
+                        match &err {
+                            ProxyError::NoUpstream
+                            | ProxyError::HoldTimedOut { .. }
+                            | ProxyError::HoldFull => {
+                                debug!(client = %client.addr, %method, "503: {err}")
+                            }
+                            _ => {
+                                warn!(client = %client.addr, %method, "{}: {err}", err.status().as_u16())
+                            }
+                        }
+                        err.into_response()
+                    }
+                    Err(page) => page.response(),
+                };
+                let response = response.map(|body| body.holding(busy));
                 self.stats.count_response(response.status());
                 if let Some(mut access) = access {
                     access.status = response.status();
@@ -161,9 +194,11 @@ impl Proxy {
                 return Err((ProxyError::BodyTooLarge, access));
             }
         }
-        let Some(mut lease) = InFlight::route(self.upstreams.current()) else {
-            return Err((ProxyError::NoUpstream, access));
+        let lease = match self.admit().await {
+            Ok(lease) => lease,
+            Err(err) => return Err((err, access)),
         };
+        let mut lease = Some(lease);
 
         let upgrade = headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -229,10 +264,19 @@ impl Proxy {
                 }
             }
         };
-        let upstream = lease.upstream().addr();
+        // Only a request held again after its connects failed, and whose hold ended
+        // without a set, has no lease; `send` said so in its error.
+        let upstream = lease.as_ref().map(|l| l.upstream().addr());
         if let Some(access) = access.as_mut() {
-            access.upstream = Some(upstream);
+            access.upstream = upstream;
         }
+        let (Some(lease), Some(upstream)) = (lease, upstream) else {
+            let err = match sent {
+                Some(Err(err)) => err,
+                _ => ProxyError::NoUpstream,
+            };
+            return Err((err, access));
+        };
         let (mut response, conn) = match sent {
             Some(Ok(sent)) => {
                 self.stats.observe_upstream(sending.elapsed());
@@ -290,6 +334,18 @@ impl Proxy {
         ))
     }
 
+    /// A lease for a new request, held while no upstream can take it (see `hold`).
+    async fn admit(&self) -> Result<InFlight, ProxyError> {
+        self.upstreams
+            .admit(self.config.hold_timeout, self.config.max_held)
+            .await
+    }
+
+    /// Whether a request with no upstream to go to waits rather than fails.
+    fn holds(&self) -> bool {
+        !self.config.hold_timeout.is_zero() || self.upstreams.paused_until().is_some()
+    }
+
     /// Sends `req` to the lease's upstream. Connect failures move the request to another
     /// upstream of the set (nothing was sent, so any method is safe). A connection that
     /// fails before any answer gets the request again on a new connection when it was
@@ -299,11 +355,14 @@ impl Proxy {
         &self,
         mut req: Request<RequestBody>,
         mut replay: Option<Replay>,
-        lease: &mut InFlight,
+        slot: &mut Option<InFlight>,
         upload: &Upload,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
         let mut fresh = false;
         for _attempt in 0..MAX_ATTEMPTS {
+            let Some(lease) = slot.as_mut() else {
+                return Err(ProxyError::NoUpstream);
+            };
             let upstream = lease.upstream().clone();
             let checkout = if fresh {
                 upstream.pool().connect(self.config.connect_timeout).await
@@ -324,10 +383,20 @@ impl Proxy {
                     }
                     upstream.mark_down_for(self.config.down_period);
                     if !lease.reroute() {
-                        return Err(ProxyError::Connect {
-                            upstream: upstream.addr(),
-                            source,
-                        });
+                        if !self.holds() {
+                            return Err(ProxyError::Connect {
+                                upstream: upstream.addr(),
+                                source,
+                            });
+                        }
+                        // Nothing was sent: wait, without a lease, for a set that can
+                        // take the request (the processes are likely being restarted).
+                        debug!(upstream = %upstream.addr(), error = %source, "connect failed on every upstream; holding the request");
+                        *slot = None;
+                        upload.held();
+                        *slot = Some(self.admit().await?);
+                        fresh = true;
+                        continue;
                     }
                     warn!(upstream = %upstream.addr(), error = %source, "connect failed, trying another upstream");
                     continue;

@@ -7,6 +7,8 @@
 //! # Layout
 //! - [`upstream`]: the swappable set of upstreams, balancing, and the per-request lease.
 //! - [`drain`]: waiting for a replaced set's last request.
+//! - `hold`: the queue requests wait in while no upstream can take them, and the pause.
+//! - `maintenance`: the page every request gets while maintenance is on.
 //! - [`config`]: every setting, with production defaults.
 //! - `forward`: the per-request path (route, rewrite, send, stream back).
 //! - `pool`: keep-alive connections to each upstream.
@@ -29,6 +31,8 @@ pub mod drain;
 pub mod error;
 mod forward;
 mod headers;
+mod hold;
+mod maintenance;
 mod moved;
 mod pool;
 pub mod server;
@@ -41,6 +45,8 @@ pub use config::ProxyConfig;
 pub use drain::{Drain, DrainTimedOut};
 pub use error::ProxyError;
 pub use forward::{Client, Proxy};
+pub use hold::HoldSnapshot;
+pub use maintenance::MaintenancePage;
 pub use server::{bind, serve};
 pub use stats::{Stats, StatsSnapshot};
 pub use upstream::{Balance, InFlight, Upstream, UpstreamSet, Upstreams};

@@ -8,14 +8,20 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::drain::Drain;
+use crate::error::ProxyError;
+use crate::hold::{Hold, HoldSnapshot, Place, Turn};
 use crate::pool::Pool;
+
+/// The [`Upstreams`] a set is installed in, filled in by [`Upstreams::swap`]: how an
+/// upstream marked available releases held requests, and where leases are counted.
+type Owner = Arc<OnceLock<Weak<Shared>>>;
 
 /// How a request picks its upstream within a set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,16 +56,18 @@ pub struct Upstream {
     /// so that a connection is only used by the thread whose event loop drives it;
     /// dies with the set.
     pools: Box<[Pool]>,
+    owner: Owner,
 }
 
 impl Upstream {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, owner: Owner) -> Self {
         Upstream {
             addr,
             in_flight: AtomicUsize::new(0),
             available: AtomicBool::new(true),
             down_until_ms: AtomicU64::new(0),
             pools: (0..pool_count()).map(|_| Pool::new(addr)).collect(),
+            owner,
         }
     }
 
@@ -79,12 +87,26 @@ impl Upstream {
     }
 
     /// Marks the process as (un)able to take requests. The supervisor calls this when a
-    /// process dies and again once its replacement is ready.
+    /// process dies and again once its replacement is ready, which releases the
+    /// requests held meanwhile.
     pub fn set_available(&self, available: bool) {
         self.available.store(available, Ordering::Release);
         if available {
             self.down_until_ms.store(0, Ordering::Relaxed);
+            if let Some(shared) = self.owner.get().and_then(Weak::upgrade) {
+                shared.release();
+            }
         }
+    }
+
+    /// How long until passive health lets the balancer pick this upstream again, if
+    /// the supervisor counts it available.
+    fn up_in(&self) -> Option<Duration> {
+        if !self.available.load(Ordering::Acquire) {
+            return None;
+        }
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        Some(Duration::from_millis(until.saturating_sub(now_ms())))
     }
 
     /// Whether the balancer may pick this upstream now.
@@ -126,17 +148,23 @@ pub struct UpstreamSet {
     cursor: AtomicUsize,
     /// Never sent on: dropping it with the set wakes every [`Drain`] of this set.
     pub(crate) dropped: watch::Sender<()>,
+    owner: Owner,
 }
 
 impl UpstreamSet {
     /// A set for `generation` with one upstream per address.
     pub fn new(generation: u64, addrs: &[SocketAddr], balance: Balance) -> Self {
+        let owner = Owner::default();
         UpstreamSet {
             generation,
-            upstreams: addrs.iter().map(|&a| Arc::new(Upstream::new(a))).collect(),
+            upstreams: addrs
+                .iter()
+                .map(|&a| Arc::new(Upstream::new(a, owner.clone())))
+                .collect(),
             balance,
             cursor: AtomicUsize::new(0),
             dropped: watch::Sender::new(()),
+            owner,
         }
     }
 
@@ -165,6 +193,15 @@ impl UpstreamSet {
     /// Requests in flight on this set, all upstreams together.
     pub fn in_flight(&self) -> usize {
         self.upstreams.iter().map(|u| u.in_flight()).sum()
+    }
+
+    /// Whether a request can be routed now; if not, how long until passive health may
+    /// let one through (None: only the supervisor can make it so).
+    fn ready(&self) -> Result<(), Option<Duration>> {
+        if self.upstreams.iter().any(|u| u.is_available()) {
+            return Ok(());
+        }
+        Err(self.upstreams.iter().filter_map(|u| u.up_in()).min())
     }
 
     /// Picks an available upstream not in `tried` (a bit mask of indexes; sets larger
@@ -196,6 +233,8 @@ pub struct InFlight {
     index: usize,
     /// Indexes already tried by this request (retries go elsewhere).
     tried: u64,
+    /// Where the lease is counted for `Upstreams::quiet`.
+    owner: Option<Arc<Shared>>,
 }
 
 impl InFlight {
@@ -205,10 +244,15 @@ impl InFlight {
         set.upstreams[index]
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
+        let owner = set.owner.get().and_then(Weak::upgrade);
+        if let Some(owner) = &owner {
+            owner.hold.lease_taken();
+        }
         Some(InFlight {
             set,
             index,
             tried: 0,
+            owner,
         })
     }
 
@@ -245,13 +289,31 @@ impl Drop for InFlight {
         self.set.upstreams[self.index]
             .in_flight
             .fetch_sub(1, Ordering::Relaxed);
+        if let Some(owner) = &self.owner {
+            owner.hold.lease_dropped();
+        }
     }
 }
 
-/// The proxy's current upstream set: one atomic pointer, swapped per generation.
+/// The proxy's current upstream set: one atomic pointer, swapped per generation, and
+/// the requests held while it cannot take them.
 #[derive(Debug)]
 pub struct Upstreams {
+    shared: Arc<Shared>,
+}
+
+/// What the sets installed in an [`Upstreams`] reach back to.
+#[derive(Debug)]
+struct Shared {
     current: ArcSwap<UpstreamSet>,
+    hold: Hold,
+}
+
+impl Shared {
+    /// Releases the held requests if the serving set can take them now.
+    fn release(&self) {
+        self.hold.release(|| self.current.load().ready().is_ok());
+    }
 }
 
 impl Default for Upstreams {
@@ -264,21 +326,130 @@ impl Upstreams {
     /// Starts with the empty set (503 for every request).
     pub fn new() -> Self {
         Upstreams {
-            current: ArcSwap::from_pointee(UpstreamSet::empty()),
+            shared: Arc::new(Shared {
+                current: ArcSwap::from_pointee(UpstreamSet::empty()),
+                hold: Hold::default(),
+            }),
         }
     }
 
     /// The set new requests are routed to now.
     pub fn current(&self) -> Arc<UpstreamSet> {
-        self.current.load_full()
+        self.shared.current.load_full()
     }
 
-    /// Installs `next` for every request routed from now on, and returns the drain of
-    /// the set it replaced. Requests that loaded the old set before the swap are counted
-    /// by it: arc-swap turns every outstanding load into a real reference during `swap`.
+    /// Installs `next` for every request routed from now on (the held ones first, if it
+    /// can take them), and returns the drain of the set it replaced. Requests that
+    /// loaded the old set before the swap are counted by it: arc-swap turns every
+    /// outstanding load into a real reference during `swap`.
     pub fn swap(&self, next: Arc<UpstreamSet>) -> Drain {
-        let old = self.current.swap(next);
+        // A set installed elsewhere before keeps its first owner.
+        let _ = next.owner.set(Arc::downgrade(&self.shared));
+        let old = self.shared.current.swap(next);
+        self.shared.release();
         Drain::new(old)
+    }
+
+    /// Holds every new request until [`resume`](Self::resume), or until `timeout` has
+    /// passed, whichever comes first. Requests in flight go on. Returns the pause's id.
+    pub fn pause(&self, timeout: Duration) -> u64 {
+        self.shared.hold.pause(timeout)
+    }
+
+    /// Ends the pause (with `id`, only if it is still that pause) and releases the held
+    /// requests if a set can take them. Returns whether a pause was on.
+    pub fn resume(&self, id: Option<u64>) -> bool {
+        let resumed = self.shared.hold.resume(id);
+        self.shared.release();
+        resumed
+    }
+
+    /// When the pause on now ends by itself, if one is on.
+    pub fn paused_until(&self) -> Option<tokio::time::Instant> {
+        self.shared.hold.paused_until()
+    }
+
+    /// Requests holding a lease on any set installed here: in flight to an app.
+    pub fn leases(&self) -> usize {
+        self.shared.hold.leases.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no request is in flight to any set installed here.
+    pub async fn quiet(&self) {
+        self.shared.hold.quiet().await
+    }
+
+    /// Counters of the held requests.
+    pub fn held(&self) -> HoldSnapshot {
+        self.shared.hold.snapshot()
+    }
+
+    /// A lease on the serving set for a new request: at once if it can take it, else
+    /// after waiting in the hold queue (see `hold`) for up to `hold_timeout`, longer
+    /// while paused. With `hold_timeout` zero and no pause, today's immediate 503.
+    pub(crate) async fn admit(
+        &self,
+        hold_timeout: Duration,
+        max_held: usize,
+    ) -> Result<InFlight, ProxyError> {
+        let shared = &self.shared;
+        if !shared.hold.is_paused() {
+            if let Some(lease) = InFlight::route(self.current()) {
+                return Ok(lease);
+            }
+            if hold_timeout.is_zero() {
+                return Err(ProxyError::NoUpstream);
+            }
+        }
+        let mut place = Place {
+            hold: &shared.hold,
+            ticket: None,
+        };
+        let mut deadline = tokio::time::Instant::now() + hold_timeout;
+        let mut waited = false;
+        // Ready but not routable means the set changed between the two looks; a few
+        // such races in a row are as good as no upstream.
+        let mut races = 0;
+        loop {
+            let turn = shared.hold.look(
+                &mut place.ticket,
+                &mut deadline,
+                hold_timeout,
+                max_held,
+                || shared.current.load().ready(),
+            );
+            match turn {
+                Turn::Ready => {
+                    if let Some(lease) = InFlight::route(self.current()) {
+                        if waited {
+                            shared.hold.count_released();
+                        }
+                        return Ok(lease);
+                    }
+                    races += 1;
+                    if races > 8 {
+                        return Err(ProxyError::NoUpstream);
+                    }
+                }
+                Turn::Wait(released, wake_at) => {
+                    waited = true;
+                    tokio::select! {
+                        _ = released => {}
+                        () = tokio::time::sleep_until(wake_at) => {
+                            // The pause's end or a passive-health period's: the event
+                            // that nobody else announces.
+                            shared.release();
+                        }
+                    }
+                }
+                Turn::Full => return Err(ProxyError::HoldFull),
+                Turn::TimedOut => {
+                    return Err(ProxyError::HoldTimedOut {
+                        waited: hold_timeout,
+                    })
+                }
+            }
+        }
     }
 }
 

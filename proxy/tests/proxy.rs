@@ -439,6 +439,11 @@ async fn an_upstream_closing_mid_body_gives_a_broken_body_not_a_short_success() 
 
 #[tokio::test]
 async fn errors_are_502_503_with_retry_after_and_short_plain_bodies() {
+    // Without holding: today's immediate answers.
+    let config = || ProxyConfig {
+        hold_timeout: Duration::ZERO,
+        ..ProxyConfig::default()
+    };
     let front = Front::start(config(), &[], Balance::LeastConn).await;
     let answer = get_once(front.addr).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
