@@ -81,6 +81,51 @@ impl prometheus_client::collector::Collector for Collector {
                     MetricType::Gauge,
                 )?
                 .encode_gauge(&in_flight)?;
+            let held = proxy.upstreams().held();
+            encoder
+                .encode_descriptor(
+                    "rolld_requests_held",
+                    "Requests waiting now for a set that can take them (hold_timeout, pause).",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&(held.held as i64))?;
+            counter(
+                &mut encoder,
+                "rolld_held_requests_released",
+                "Held requests that were then sent to an app.",
+                held.released,
+            )?;
+            counter(
+                &mut encoder,
+                "rolld_held_requests_timed_out",
+                "Held requests answered 503 because no set became ready in time.",
+                held.timed_out,
+            )?;
+            counter(
+                &mut encoder,
+                "rolld_held_requests_refused",
+                "Requests answered 503 at once because max_held requests were already held.",
+                held.refused,
+            )?;
+            let paused = i64::from(proxy.upstreams().paused_until().is_some());
+            encoder
+                .encode_descriptor(
+                    "rolld_paused",
+                    "1 while a pause (`rolld pause`) holds new requests.",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&paused)?;
+            let maintenance = i64::from(proxy.maintenance().is_some());
+            encoder
+                .encode_descriptor(
+                    "rolld_maintenance",
+                    "1 while maintenance mode answers every request with its page.",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&maintenance)?;
         }
         counter(
             &mut encoder,
@@ -131,10 +176,9 @@ pub fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let mut registry = Registry::default();
-    let upstreams = proxy.as_ref().map(|p| p.upstreams().clone());
     registry.register_collector(Box::new(Collector {
         board: board.clone(),
-        proxy,
+        proxy: proxy.clone(),
     }));
     let registry = Arc::new(registry);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -151,9 +195,9 @@ pub fn serve(
                     continue;
                 }
             };
-            let (registry, board, upstreams) = (registry.clone(), board.clone(), upstreams.clone());
+            let (registry, board, proxy) = (registry.clone(), board.clone(), proxy.clone());
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let response = route(req.uri().path(), &registry, &board, upstreams.as_deref());
+                let response = route(req.uri().path(), &registry, &board, proxy.as_deref());
                 async move { Ok::<_, Infallible>(response) }
             });
             tokio::spawn(async move {
@@ -177,7 +221,7 @@ fn route(
     path: &str,
     registry: &Registry,
     board: &Board,
-    upstreams: Option<&rolld_proxy::Upstreams>,
+    proxy: Option<&Proxy>,
 ) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/metrics" => {
@@ -199,7 +243,7 @@ fn route(
             }
         }
         "/status" => {
-            let snapshot = board.snapshot(upstreams);
+            let snapshot = board.snapshot(proxy);
             let json = serde_json::to_string_pretty(&snapshot).unwrap_or_else(|_| "{}".into());
             (StatusCode::OK, "application/json", json + "\n")
         }

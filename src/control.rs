@@ -1,5 +1,5 @@
-//! The control socket: `rolld reload`, `rolld status` and `rolld stop` talk to a running
-//! rolld over a Unix socket, one JSON object per line.
+//! The control socket: `rolld reload`, `status`, `stop`, `pause`, `resume` and
+//! `maintenance` talk to a running rolld over a Unix socket, one JSON object per line.
 //!
 //! The server side turns requests into the same [`Command`]s as signals, with a channel
 //! on which a reload's progress and outcome come back; the client side is what the CLI
@@ -23,10 +23,28 @@ use crate::status::{Board, Snapshot};
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase")]
 pub enum Request {
-    Reload { wait: bool },
+    Reload {
+        wait: bool,
+    },
     Status,
     Stop,
+    /// Hold new requests until `resume`, or for `timeout_ms`; answers once nothing is
+    /// in flight.
+    Pause {
+        timeout_ms: u64,
+    },
+    Resume,
+    /// Maintenance on (with the page file, read by rolld) or off.
+    Maintenance {
+        on: bool,
+        page: Option<PathBuf>,
+    },
 }
+
+/// Longest pause: a crashed deploy script cannot hold the site for longer.
+pub const MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Largest maintenance page.
+const MAX_PAGE: u64 = 1024 * 1024;
 
 /// One line of an answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -127,7 +145,7 @@ impl ControlSocket {
         &mut self,
         commands: mpsc::UnboundedSender<Command>,
         board: Arc<Board>,
-        upstreams: Option<Arc<rolld_proxy::Upstreams>>,
+        proxy: Option<Arc<rolld_proxy::Proxy>>,
     ) -> std::io::Result<()> {
         let Some(listener) = self.listener.take() else {
             return Ok(());
@@ -146,11 +164,10 @@ impl ControlSocket {
                         continue;
                     }
                 };
-                let (commands, board, upstreams) =
-                    (commands.clone(), board.clone(), upstreams.clone());
+                let (commands, board, proxy) = (commands.clone(), board.clone(), proxy.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
-                    if let Err(e) = answer(stream, commands, board, upstreams).await {
+                    if let Err(e) = answer(stream, commands, board, proxy).await {
                         debug!("control connection: {e}");
                     }
                 });
@@ -189,7 +206,7 @@ async fn answer(
     stream: UnixStream,
     commands: mpsc::UnboundedSender<Command>,
     board: Arc<Board>,
-    upstreams: Option<Arc<rolld_proxy::Upstreams>>,
+    proxy: Option<Arc<rolld_proxy::Proxy>>,
 ) -> std::io::Result<()> {
     let peer = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
@@ -242,9 +259,122 @@ async fn answer(
             return Ok(());
         }
     };
+    let done = |ok: bool, message: String| send(Answer::Done { ok, message });
+    let needs_proxy = |what: &str| {
+        done(
+            false,
+            format!("{what} needs rolld's built-in proxy (`listen` in the config)"),
+        )
+    };
     match request {
+        Request::Pause { timeout_ms } => {
+            let Some(proxy) = proxy else {
+                write.write_all(needs_proxy("pause").as_bytes()).await?;
+                return Ok(());
+            };
+            let timeout = std::time::Duration::from_millis(timeout_ms);
+            if timeout.is_zero() || timeout > MAX_PAUSE {
+                let message = format!(
+                    "a pause lasts between 1ms and {}",
+                    humantime::format_duration(MAX_PAUSE)
+                );
+                write.write_all(done(false, message).as_bytes()).await?;
+                return Ok(());
+            }
+            let upstreams = proxy.upstreams().clone();
+            let id = upstreams.pause(timeout);
+            let shown = humantime::format_duration(timeout).to_string();
+            info!(timeout = %shown, "paused: new requests are held until `rolld resume`");
+            // The pause ends by itself, whatever becomes of the script that asked.
+            let (ends, after) = (upstreams.clone(), shown.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout).await;
+                if ends.resume(Some(id)) {
+                    warn!(timeout = %after, "pause timed out; held requests released");
+                }
+            });
+            let in_flight = upstreams.leases();
+            let message = format!(
+                "paused: new requests are held; waiting for {in_flight} request(s) in flight"
+            );
+            write
+                .write_all(send(Answer::Progress { message }).as_bytes())
+                .await?;
+            let quiet = tokio::select! {
+                () = upstreams.quiet() => true,
+                () = tokio::time::sleep(timeout) => false,
+            };
+            let answer = if quiet && upstreams.paused_until().is_some() {
+                done(
+                    true,
+                    format!("paused, nothing in flight; `rolld resume` releases the held requests (it resumes by itself after {shown})"),
+                )
+            } else {
+                done(
+                    false,
+                    format!(
+                        "the pause ended after {shown} with {} request(s) still in flight",
+                        upstreams.leases()
+                    ),
+                )
+            };
+            write.write_all(answer.as_bytes()).await?;
+        }
+        Request::Resume => {
+            let Some(proxy) = proxy else {
+                write.write_all(needs_proxy("resume").as_bytes()).await?;
+                return Ok(());
+            };
+            let upstreams = proxy.upstreams();
+            let held = upstreams.held().held;
+            let message = if upstreams.resume(None) {
+                info!(held, "resumed: held requests released");
+                format!("resumed; {held} held request(s) released")
+            } else {
+                "no pause was on".to_string()
+            };
+            write.write_all(done(true, message).as_bytes()).await?;
+        }
+        Request::Maintenance { on, page } => {
+            let Some(proxy) = proxy else {
+                write
+                    .write_all(needs_proxy("maintenance").as_bytes())
+                    .await?;
+                return Ok(());
+            };
+            let answer = if on {
+                match maintenance_page(page.as_deref()) {
+                    Ok(page) => {
+                        let kind = if page.is_html() { "HTML" } else { "text" };
+                        let message = format!(
+                            "maintenance on: every request gets 503 with the {kind} page ({} bytes)",
+                            page.len()
+                        );
+                        proxy.set_maintenance(Some(page));
+                        info!("{message}");
+                        done(true, message)
+                    }
+                    Err(why) => done(false, why),
+                }
+            } else {
+                let was = proxy.maintenance().is_some();
+                proxy.set_maintenance(None);
+                if was {
+                    info!("maintenance off: requests reach the apps again");
+                }
+                done(
+                    true,
+                    if was {
+                        "maintenance off".to_string()
+                    } else {
+                        "maintenance was not on".to_string()
+                    },
+                )
+            };
+            write.write_all(answer.as_bytes()).await?;
+        }
         Request::Status => {
-            let status = Box::new(board.snapshot(upstreams.as_deref()));
+            let status = Box::new(board.snapshot(proxy.as_deref()));
             write
                 .write_all(send(Answer::Status { status }).as_bytes())
                 .await?;
@@ -308,6 +438,32 @@ async fn answer(
     Ok(())
 }
 
+/// The page of `rolld maintenance on --page FILE`: HTML if the file's name ends in
+/// `.html` or `.htm`, else plain text; read by rolld, so it must be readable by rolld's
+/// user.
+fn maintenance_page(path: Option<&Path>) -> Result<rolld_proxy::MaintenancePage, String> {
+    let Some(path) = path else {
+        return Ok(rolld_proxy::MaintenancePage::plain());
+    };
+    let html = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("html") || e.eq_ignore_ascii_case("htm"));
+    let file = std::fs::File::open(path)
+        .map_err(|e| format!("cannot read the page {}: {e}", path.display()))?;
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_PAGE + 1), &mut body)
+        .map_err(|e| format!("cannot read the page {}: {e}", path.display()))?;
+    if body.len() as u64 > MAX_PAGE {
+        return Err(format!(
+            "the page {} is larger than {} KiB",
+            path.display(),
+            MAX_PAGE / 1024
+        ));
+    }
+    Ok(rolld_proxy::MaintenancePage::new(body, html))
+}
+
 // ---- the client side, as the CLI runs it ---------------------------------------------
 
 /// Longest wait for each answer line of `status` and `stop`, so that a wedged rolld
@@ -322,7 +478,12 @@ pub fn call(socket: &Path, request: &Request, mut each: impl FnMut(Answer)) -> R
             socket.display()
         )
     })?;
-    if !matches!(request, Request::Reload { wait: true }) {
+    // A reload waits as long as its roll, a pause until nothing is in flight (bounded
+    // by the pause): rolld bounds both.
+    if !matches!(
+        request,
+        Request::Reload { wait: true } | Request::Pause { .. }
+    ) {
         stream
             .set_read_timeout(Some(ANSWER_TIMEOUT))
             .map_err(|e| format!("cannot set a timeout on the control socket: {e}"))?;

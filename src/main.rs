@@ -14,7 +14,8 @@
 //! - [`output`]: child stdout/stderr into prefixed log lines.
 //! - [`guard`]: the process that kills every app if rolld itself is killed.
 //! - [`signals`]: signals into commands.
-//! - [`control`]: the control socket (`rolld reload`, `status`, `stop`).
+//! - [`control`]: the control socket (`rolld reload`, `status`, `stop`, `pause`,
+//!   `resume`, `maintenance`).
 //! - [`status`]: what rolld is doing, for status and metrics.
 //! - [`admin`]: `/metrics`, `/status`, `/healthz`.
 //! - [`notify`]: systemd readiness notifications.
@@ -155,6 +156,37 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Hold new requests (in-flight ones finish) and exit once nothing is in flight, so
+    /// that a migration can run; `rolld resume` releases the held requests.
+    Pause {
+        #[command(flatten)]
+        target: Target,
+        /// The pause ends by itself after this (at most 1h).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// End a pause: the held requests go to the serving set, in arrival order.
+    Resume {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Answer every request with 503 and a page (`on`), or stop doing so (`off`).
+    /// Lasts across reloads, not across a restart of rolld.
+    Maintenance {
+        #[command(flatten)]
+        target: Target,
+        state: Switch,
+        /// The page: a file ending in .html or .htm is served as HTML, any other as
+        /// plain text (read by rolld, at most 1 MiB).
+        #[arg(long)]
+        page: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -175,6 +207,16 @@ fn main() -> ExitCode {
         (Some(Cmd::Reload { target, no_wait }), _) => reload(&target, !no_wait),
         (Some(Cmd::Status { target, json }), _) => status(&target, json),
         (Some(Cmd::Stop { target }), _) => stop(&target),
+        (Some(Cmd::Pause { target, timeout }), _) => pause(&target, timeout),
+        (Some(Cmd::Resume { target }), _) => command(&target, &control::Request::Resume),
+        (
+            Some(Cmd::Maintenance {
+                target,
+                state,
+                page,
+            }),
+            _,
+        ) => maintenance(&target, state, page),
         (Some(Cmd::Run { config }), _) | (None, Some(config)) => run(&config),
         (None, None) => {
             say!("no config file given\n\nUsage: rolld [run] CONFIG | rolld check CONFIG\nSee `rolld --help`.");
@@ -543,6 +585,75 @@ fn status(target: &Target, json: bool) -> ExitCode {
     }
 }
 
+fn pause(target: &Target, timeout: std::time::Duration) -> ExitCode {
+    if timeout < std::time::Duration::from_secs(1) || timeout > control::MAX_PAUSE {
+        say!(
+            "--timeout must be between 1s and {}",
+            humantime::format_duration(control::MAX_PAUSE)
+        );
+        return ExitCode::from(2);
+    }
+    command(
+        target,
+        &control::Request::Pause {
+            timeout_ms: timeout.as_millis() as u64,
+        },
+    )
+}
+
+fn maintenance(target: &Target, state: Switch, page: Option<PathBuf>) -> ExitCode {
+    let request = match (state, page) {
+        (Switch::Off, Some(_)) => {
+            say!("--page goes with `maintenance on`");
+            return ExitCode::from(2);
+        }
+        (Switch::Off, None) => control::Request::Maintenance {
+            on: false,
+            page: None,
+        },
+        // rolld reads the page: from wherever it runs, the path must name the same file.
+        (Switch::On, page) => match page.map(std::path::absolute).transpose() {
+            Ok(page) => control::Request::Maintenance { on: true, page },
+            Err(e) => {
+                say!("--page: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    command(target, &request)
+}
+
+/// Sends a request whose answer is progress lines and one `done`; exits 0 if it says ok.
+fn command(target: &Target, request: &control::Request) -> ExitCode {
+    use control::Answer;
+    let mut outcome = None;
+    let called = control::call(&socket_of(target), request, |answer| match answer {
+        Answer::Progress { message } => out!("{message}"),
+        Answer::Done { ok, message } => {
+            if ok {
+                out!("{message}");
+            } else {
+                say!("{message}");
+            }
+            outcome = Some(ok);
+        }
+        Answer::Error { message } => say!("{message}"),
+        Answer::Accepted | Answer::Status { .. } => {}
+    });
+    match (called, outcome) {
+        (Err(why), _) => {
+            say!("{why}");
+            ExitCode::from(1)
+        }
+        (Ok(()), Some(true)) => ExitCode::SUCCESS,
+        (Ok(()), Some(false)) => ExitCode::from(1),
+        (Ok(()), None) => {
+            say!("the connection closed before rolld answered");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn stop(target: &Target) -> ExitCode {
     let mut refused = false;
     let called = control::call(&socket_of(target), &control::Request::Stop, |answer| {
@@ -686,8 +797,7 @@ fn run(path: &Path) -> ExitCode {
         );
         let board = Arc::new(status::Board::default());
         let supervisor = supervisor::Supervisor::new(config.clone(), guard, board.clone())?;
-        let upstreams = supervisor.proxy().map(|p| p.upstreams().clone());
-        control.serve(commands_tx, board.clone(), upstreams)?;
+        control.serve(commands_tx, board.clone(), supervisor.proxy().cloned())?;
         if let Some(admin) = admin {
             info!(addr = ?config.admin, "admin endpoints: /metrics /status /healthz");
             admin::serve(admin, board, supervisor.proxy().cloned())?;

@@ -64,6 +64,31 @@ pub struct Snapshot {
     /// stalled or closed.
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// Requests waiting for a set (see `proxy.hold_timeout`), and what became of
+    /// those that waited.
+    #[serde(default)]
+    pub held: HeldStatus,
+    /// Seconds left of the pause on now (`rolld pause`), if one is on.
+    #[serde(default)]
+    pub paused_for_s: Option<f64>,
+    /// Maintenance mode (`rolld maintenance on`): every request gets the page.
+    #[serde(default)]
+    pub maintenance: Option<MaintenanceStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HeldStatus {
+    pub now: usize,
+    pub released: u64,
+    pub timed_out: u64,
+    pub refused: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MaintenanceStatus {
+    /// `text/html` or `text/plain`.
+    pub content_type: String,
+    pub bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,7 +185,9 @@ impl Board {
         });
     }
 
-    pub fn snapshot(&self, upstreams: Option<&rolld_proxy::Upstreams>) -> Snapshot {
+    pub fn snapshot(&self, proxy: Option<&rolld_proxy::Proxy>) -> Snapshot {
+        let front = proxy.map(|p| p.upstreams());
+        let upstreams = front;
         let s = self.state();
         let processes = s
             .processes
@@ -199,6 +226,31 @@ impl Board {
             }),
             last_roll: s.last_roll.clone(),
             log_lines_dropped: crate::logs::dropped(),
+            held: front.map_or_else(HeldStatus::default, |u| {
+                let h = u.held();
+                HeldStatus {
+                    now: h.held,
+                    released: h.released,
+                    timed_out: h.timed_out,
+                    refused: h.refused,
+                }
+            }),
+            paused_for_s: front.and_then(|u| u.paused_until()).map(|until| {
+                until
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .as_secs_f64()
+            }),
+            maintenance: proxy
+                .and_then(|p| p.maintenance())
+                .map(|page| MaintenanceStatus {
+                    content_type: if page.is_html() {
+                        "text/html"
+                    } else {
+                        "text/plain"
+                    }
+                    .into(),
+                    bytes: page.len(),
+                }),
         }
     }
 }
@@ -250,6 +302,27 @@ impl Snapshot {
                 out,
                 "last roll: generation {} {} in {} ms: {}",
                 l.generation, l.outcome, l.duration_ms, l.message
+            );
+        }
+        if let Some(m) = &self.maintenance {
+            let _ = writeln!(
+                out,
+                "maintenance on: every request gets 503 with a {} page of {} bytes",
+                m.content_type, m.bytes
+            );
+        }
+        if let Some(left) = self.paused_for_s {
+            let _ = writeln!(
+                out,
+                "paused: new requests are held; resumes by itself in {left:.0}s"
+            );
+        }
+        let h = &self.held;
+        if h.now > 0 || h.released > 0 || h.timed_out > 0 || h.refused > 0 {
+            let _ = writeln!(
+                out,
+                "held requests: {} now, {} released, {} timed out, {} refused (queue full)",
+                h.now, h.released, h.timed_out, h.refused
             );
         }
         if self.log_lines_dropped > 0 {

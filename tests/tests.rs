@@ -6,6 +6,7 @@ mod config;
 mod control;
 mod exact;
 mod hardening;
+mod hold;
 mod lifecycle;
 mod nginx;
 mod original;

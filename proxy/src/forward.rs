@@ -354,12 +354,15 @@ impl Proxy {
     async fn send(
         &self,
         mut req: Request<RequestBody>,
-        mut replay: Option<Replay>,
+        replay: Option<Replay>,
         slot: &mut Option<InFlight>,
         upload: &Upload,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
         let mut fresh = false;
-        for _attempt in 0..MAX_ATTEMPTS {
+        let mut holds = 0;
+        let mut attempt = 0;
+        while attempt < MAX_ATTEMPTS {
+            attempt += 1;
             let Some(lease) = slot.as_mut() else {
                 return Err(ProxyError::NoUpstream);
             };
@@ -383,7 +386,7 @@ impl Proxy {
                     }
                     upstream.mark_down_for(self.config.down_period);
                     if !lease.reroute() {
-                        if !self.holds() {
+                        if !self.holds() || holds == MAX_HOLDS {
                             return Err(ProxyError::Connect {
                                 upstream: upstream.addr(),
                                 source,
@@ -395,6 +398,9 @@ impl Proxy {
                         *slot = None;
                         upload.held();
                         *slot = Some(self.admit().await?);
+                        holds += 1;
+                        // A new set or a restarted process: the attempts start over.
+                        attempt = 0;
                         fresh = true;
                         continue;
                     }
@@ -412,10 +418,10 @@ impl Proxy {
             }
             // Never written: safe to send again, whatever the method. Written, but
             // idempotent and without a body, and no answer came: safe too (as nginx's
-            // proxy_next_upstream does).
+            // proxy_next_upstream does), on each attempt.
             let retry = match err.take_message() {
                 Some(unsent) => Some(unsent),
-                None => replay.take().map(Replay::build),
+                None => replay.as_ref().map(Replay::build),
             };
             match retry {
                 Some(again) => {
@@ -482,6 +488,10 @@ fn client_fault(err: &hyper::Error) -> Option<ProxyError> {
 /// Attempts at sending one request: connects to other upstreams and resends together.
 const MAX_ATTEMPTS: usize = 4;
 
+/// Times one request is held again after every connect of its set failed: a process
+/// that is marked ready but refuses connections must not hold a request for ever.
+const MAX_HOLDS: usize = 2;
+
 /// What it takes to send a body-less request again.
 struct Replay {
     method: http::Method,
@@ -498,11 +508,11 @@ impl Replay {
         }
     }
 
-    fn build(self) -> Request<RequestBody> {
+    fn build(&self) -> Request<RequestBody> {
         let mut req = Request::new(RequestBody::empty());
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.headers_mut() = self.headers;
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
         req
     }
 }

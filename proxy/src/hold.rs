@@ -47,6 +47,8 @@ struct Queue {
     next_ticket: u64,
     pause: Option<Pause>,
     next_pause: u64,
+    /// The last pause that ended by itself, until its owner asks (see `resume`).
+    expired: Option<u64>,
 }
 
 /// The queue and the pause, shared by every worker of the proxy.
@@ -91,6 +93,7 @@ impl Hold {
         match q.pause {
             Some(p) if p.until <= now => {
                 q.pause = None;
+                q.expired = Some(p.id);
                 self.paused.store(false, Ordering::Release);
                 false
             }
@@ -199,7 +202,8 @@ impl Hold {
         id
     }
 
-    /// Ends the pause (`id`: only that one); true if one was on.
+    /// Ends the pause (`id`: only that one); true if one was on. With `id`, also true
+    /// if that pause has just ended by itself (its time was up).
     pub(crate) fn resume(&self, id: Option<u64>) -> bool {
         let mut q = self.lock();
         let on = self.pause_on(&mut q, Instant::now());
@@ -207,6 +211,10 @@ impl Hold {
             Some(p) if on && id.is_none_or(|id| id == p.id) => {
                 q.pause = None;
                 self.paused.store(false, Ordering::Release);
+                true
+            }
+            _ if id.is_some() && q.expired == id => {
+                q.expired = None;
                 true
             }
             _ => false,
