@@ -292,6 +292,12 @@ impl Supervisor {
             ..
         } = self;
         drop(proxy);
+        // Requests held by a pause go to the set still serving, within the drain.
+        if let Some(upstreams) = &upstreams {
+            if upstreams.resume(None) {
+                info!("shutting down: the pause ends, held requests are released");
+            }
+        }
         let drain_timeout = config.app.drain_timeout;
         let how = StopHow::from_config(&config);
         let graceful = async move {

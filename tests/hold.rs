@@ -392,3 +392,101 @@ fn control_commands_refuse_bad_arguments() {
     assert!(stdout.contains("no pause was on"), "{stdout}");
     assert_eq!(get_blocking(fixture.listen, "/").map(|a| a.0), Ok(200));
 }
+
+/// rolld's resident memory, from /proc.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_flood_beyond_max_held_is_refused_and_memory_stays_bounded() {
+    use std::io::{Read, Write};
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::spawn(
+        &with_proxy(&fixture, "  hold_timeout: 30s\n  max_held: 200\n"),
+        fixture.listen,
+    );
+    rolld.wait_log("roll finished", 1);
+    let (code, _, stderr) = rolld.control("pause", &["--timeout", "5m"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let idle = rss_kib(rolld.pid());
+    let held: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| {
+            let mut s =
+                std::net::TcpStream::connect(("127.0.0.1", fixture.listen)).expect("connect");
+            s.write_all(request).expect("send");
+            s
+        })
+        .collect();
+    wait_until("200 requests held", SOON, || held_now(&rolld) == 200);
+    let before = rss_kib(rolld.pid());
+    let flood = 3000;
+    let started = Instant::now();
+    for _ in 0..flood {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", fixture.listen)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(request).expect("send");
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        assert!(
+            answer.starts_with(b"HTTP/1.1 503"),
+            "refused at once: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let took = started.elapsed();
+    let after = rss_kib(rolld.pid());
+    let status = status_json(&rolld);
+    assert_eq!(status["held"]["now"].as_u64(), Some(200));
+    assert_eq!(status["held"]["refused"].as_u64(), Some(flood));
+    eprintln!(
+        "memory: {idle} KiB idle, {before} KiB with 200 held, {after} KiB after {flood} more refused in {took:?} ({:.2} ms each)",
+        took.as_secs_f64() * 1000.0 / flood as f64
+    );
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    let (code, _, stderr) = rolld.control("resume", &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    for mut s in held {
+        s.set_read_timeout(Some(SOON)).expect("timeout");
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "released: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+}
+
+#[test]
+fn shutting_down_during_a_pause_releases_the_held_requests_first() {
+    let fixture = Fixture::new(1);
+    let mut rolld = Rolld::spawn(
+        &with_proxy(&fixture, "  hold_timeout: 1s\n"),
+        fixture.listen,
+    );
+    rolld.wait_log("roll finished", 1);
+    let (code, _, stderr) = rolld.control("pause", &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let held = send_all(fixture.listen, 2, "/?n=");
+    wait_until("2 requests held", SOON, || held_now(&rolld) == 2);
+    rolld.signal(Signal::SIGTERM);
+    for h in held {
+        let answer = h.join().expect("thread");
+        assert!(
+            matches!(&answer, Ok((200, body)) if body.starts_with("hello from")),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(rolld.wait_exit(SOON).code(), Some(0));
+}
