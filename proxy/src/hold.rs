@@ -61,10 +61,46 @@ pub(crate) struct Hold {
     released: AtomicU64,
     timed_out: AtomicU64,
     refused: AtomicU64,
-    /// Leases on any set installed here (see `InFlight`), and a wake-up when they
-    /// reach zero: what `pause` waits for.
-    pub(crate) leases: AtomicUsize,
-    pub(crate) idle: Notify,
+}
+
+/// Leases on every set installed in one `Upstreams` (see `InFlight`), and a wake-up
+/// when they reach zero: what a pause waits for. Each set holds the same counter, so a
+/// request counts itself without reaching back to the `Upstreams`.
+#[derive(Debug, Default)]
+pub(crate) struct Leases {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Leases {
+    pub(crate) fn taken(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The last one wakes whoever waits for quiet.
+    pub(crate) fn dropped(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no lease is held.
+    pub(crate) async fn quiet(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a last drop in between still wakes us.
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// What a waiting request learns from one look at the queue.
@@ -239,32 +275,6 @@ impl Hold {
             refused: self.refused.load(Ordering::Relaxed),
         }
     }
-
-    /// Counts a new lease.
-    pub(crate) fn lease_taken(&self) {
-        self.leases.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Counts a lease gone; the last one wakes whoever waits for quiet.
-    pub(crate) fn lease_dropped(&self) {
-        if self.leases.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.idle.notify_waiters();
-        }
-    }
-
-    /// Resolves once no lease is held.
-    pub(crate) async fn quiet(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            // Registered before the check, so a last drop in between still wakes us.
-            notified.as_mut().enable();
-            if self.leases.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
 }
 
 /// A request's place in the queue; leaving it (dropped with the request) frees it.
@@ -278,5 +288,67 @@ impl Drop for Place<'_> {
         if let Some(t) = self.ticket.take() {
             self.hold.leave(t);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn look(hold: &Hold, ticket: &mut Option<u64>, max_held: usize) -> Turn {
+        let mut deadline = Instant::now() + Duration::from_secs(60);
+        hold.look(
+            ticket,
+            &mut deadline,
+            Duration::from_secs(60),
+            max_held,
+            || Err(None),
+        )
+    }
+
+    #[test]
+    fn the_queue_refuses_beyond_max_held_and_a_leaver_frees_its_place() {
+        let hold = Hold::default();
+        let (mut a, mut b) = (None, None);
+        assert!(matches!(look(&hold, &mut a, 1), Turn::Wait(..)));
+        assert!(matches!(look(&hold, &mut b, 1), Turn::Full));
+        assert_eq!(hold.snapshot().refused, 1);
+        hold.leave(a.expect("a ticket"));
+        assert!(matches!(look(&hold, &mut b, 1), Turn::Wait(..)));
+        assert_eq!(hold.snapshot().held, 1);
+    }
+
+    #[test]
+    fn release_sends_to_every_waiter_only_when_ready() {
+        let hold = Hold::default();
+        let mut receivers = Vec::new();
+        for _ in 0..3 {
+            let mut ticket = None;
+            match look(&hold, &mut ticket, 10) {
+                Turn::Wait(rx, _) => receivers.push(rx),
+                _ => panic!("expected to wait"),
+            }
+        }
+        hold.release(|| false);
+        assert!(receivers.iter_mut().all(|rx| rx.try_recv().is_err()));
+        hold.release(|| true);
+        assert!(receivers.iter_mut().all(|rx| rx.try_recv().is_ok()));
+        assert_eq!(hold.snapshot().held, 0);
+    }
+
+    #[test]
+    fn a_pause_that_ran_out_reports_to_its_own_resume_only() {
+        let hold = Hold::default();
+        let id = hold.pause(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(hold.paused_until().is_none(), "ran out");
+        assert!(!hold.resume(Some(id + 1)));
+        assert!(hold.resume(Some(id)), "its own auto-resume learns it ended");
+        assert!(!hold.resume(Some(id)));
+        let id = hold.pause(Duration::from_secs(60));
+        assert!(hold.is_paused());
+        assert!(!hold.resume(Some(id - 1)), "an older pause's timer");
+        assert!(hold.resume(None));
+        assert!(!hold.is_paused());
     }
 }

@@ -16,11 +16,11 @@ use tokio::sync::watch;
 
 use crate::drain::Drain;
 use crate::error::ProxyError;
-use crate::hold::{Hold, HoldSnapshot, Place, Turn};
+use crate::hold::{Hold, HoldSnapshot, Leases, Place, Turn};
 use crate::pool::Pool;
 
 /// The [`Upstreams`] a set is installed in, filled in by [`Upstreams::swap`]: how an
-/// upstream marked available releases held requests, and where leases are counted.
+/// upstream marked available releases held requests.
 type Owner = Arc<OnceLock<Weak<Shared>>>;
 
 /// How a request picks its upstream within a set.
@@ -149,6 +149,8 @@ pub struct UpstreamSet {
     /// Never sent on: dropping it with the set wakes every [`Drain`] of this set.
     pub(crate) dropped: watch::Sender<()>,
     owner: Owner,
+    /// The lease counter of the [`Upstreams`] the set is installed in.
+    leases: OnceLock<Arc<Leases>>,
 }
 
 impl UpstreamSet {
@@ -165,6 +167,7 @@ impl UpstreamSet {
             cursor: AtomicUsize::new(0),
             dropped: watch::Sender::new(()),
             owner,
+            leases: OnceLock::new(),
         }
     }
 
@@ -233,8 +236,6 @@ pub struct InFlight {
     index: usize,
     /// Indexes already tried by this request (retries go elsewhere).
     tried: u64,
-    /// Where the lease is counted for `Upstreams::quiet`.
-    owner: Option<Arc<Shared>>,
 }
 
 impl InFlight {
@@ -244,15 +245,13 @@ impl InFlight {
         set.upstreams[index]
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
-        let owner = set.owner.get().and_then(Weak::upgrade);
-        if let Some(owner) = &owner {
-            owner.hold.lease_taken();
+        if let Some(leases) = set.leases.get() {
+            leases.taken();
         }
         Some(InFlight {
             set,
             index,
             tried: 0,
-            owner,
         })
     }
 
@@ -289,8 +288,8 @@ impl Drop for InFlight {
         self.set.upstreams[self.index]
             .in_flight
             .fetch_sub(1, Ordering::Relaxed);
-        if let Some(owner) = &self.owner {
-            owner.hold.lease_dropped();
+        if let Some(leases) = self.set.leases.get() {
+            leases.dropped();
         }
     }
 }
@@ -307,6 +306,7 @@ pub struct Upstreams {
 struct Shared {
     current: ArcSwap<UpstreamSet>,
     hold: Hold,
+    leases: Arc<Leases>,
 }
 
 impl Shared {
@@ -329,6 +329,7 @@ impl Upstreams {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(UpstreamSet::empty()),
                 hold: Hold::default(),
+                leases: Arc::default(),
             }),
         }
     }
@@ -345,6 +346,7 @@ impl Upstreams {
     pub fn swap(&self, next: Arc<UpstreamSet>) -> Drain {
         // A set installed elsewhere before keeps its first owner.
         let _ = next.owner.set(Arc::downgrade(&self.shared));
+        let _ = next.leases.set(self.shared.leases.clone());
         let old = self.shared.current.swap(next);
         self.shared.release();
         Drain::new(old)
@@ -371,12 +373,12 @@ impl Upstreams {
 
     /// Requests holding a lease on any set installed here: in flight to an app.
     pub fn leases(&self) -> usize {
-        self.shared.hold.leases.load(Ordering::Acquire)
+        self.shared.leases.count()
     }
 
     /// Resolves once no request is in flight to any set installed here.
     pub async fn quiet(&self) {
-        self.shared.hold.quiet().await
+        self.shared.leases.quiet().await
     }
 
     /// Counters of the held requests.
