@@ -206,3 +206,20 @@ async fn at_most_64_idle_connections_per_upstream_are_kept() {
     }
     assert_eq!(closed.load(Ordering::SeqCst), BURST - 64, "64 kept idle");
 }
+
+#[tokio::test]
+async fn more_workers_than_cores_all_serve() {
+    // Upstream connection pools are per worker thread, shared when workers outnumber them.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let cfg = ProxyConfig {
+        workers: (4 * cores).min(256),
+        ..ProxyConfig::default()
+    };
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    // Many connections, so that every worker thread accepts some.
+    for _ in 0..300 {
+        let answer = get_once(front.addr).await;
+        assert!(answer.ends_with("hi"), "{answer}");
+    }
+}
