@@ -360,6 +360,7 @@ impl Proxy {
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
         let mut fresh = false;
         let mut holds = 0;
+        let mut replays = 0;
         let mut attempt = 0;
         while attempt < MAX_ATTEMPTS {
             attempt += 1;
@@ -386,7 +387,11 @@ impl Proxy {
                     }
                     upstream.mark_down_for(self.config.down_period);
                     if !lease.reroute() {
-                        if !self.holds() || holds == MAX_HOLDS {
+                        // A request already written to a process of a set that has been
+                        // replaced was cut by the drain's timeout: it fails visibly, and
+                        // is not run again on the new set.
+                        let cut = replays > 0 && !self.upstreams.serves(lease);
+                        if !self.holds() || holds == MAX_HOLDS || cut {
                             return Err(ProxyError::Connect {
                                 upstream: upstream.addr(),
                                 source,
@@ -418,10 +423,14 @@ impl Proxy {
             }
             // Never written: safe to send again, whatever the method. Written, but
             // idempotent and without a body, and no answer came: safe too (as nginx's
-            // proxy_next_upstream does), on each attempt.
+            // proxy_next_upstream does), at most MAX_REPLAYS times.
             let retry = match err.take_message() {
                 Some(unsent) => Some(unsent),
-                None => replay.as_ref().map(Replay::build),
+                None if replays < MAX_REPLAYS => {
+                    replays += 1;
+                    replay.as_ref().map(Replay::build)
+                }
+                None => None,
             };
             match retry {
                 Some(again) => {
@@ -487,6 +496,11 @@ fn client_fault(err: &hyper::Error) -> Option<ProxyError> {
 
 /// Attempts at sending one request: connects to other upstreams and resends together.
 const MAX_ATTEMPTS: usize = 4;
+
+/// Times a written, body-less idempotent request is sent again after its connection
+/// failed without an answer: twice covers a whole set dying under it (one process after
+/// the other), and a request that kills the app it reaches cannot go on killing.
+const MAX_REPLAYS: usize = 2;
 
 /// Times one request is held again after every connect of its set failed: a process
 /// that is marked ready but refuses connections must not hold a request for ever.

@@ -352,6 +352,11 @@ impl Upstreams {
         Drain::new(old)
     }
 
+    /// Whether `lease` is on the set serving now (not on one replaced since).
+    pub fn serves(&self, lease: &InFlight) -> bool {
+        std::ptr::eq(Arc::as_ptr(&lease.set), self.shared.current.load().as_ref())
+    }
+
     /// Holds every new request until [`resume`](Self::resume), or until `timeout` has
     /// passed, whichever comes first. Requests in flight go on. Returns the pause's id.
     pub fn pause(&self, timeout: Duration) -> u64 {
