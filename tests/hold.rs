@@ -351,6 +351,15 @@ fn maintenance_answers_with_the_page_under_load_and_across_a_reload() {
     assert_eq!(get_blocking(admin, "/healthz").map(|a| a.0), Ok(200));
     let metrics = get_blocking(admin, "/metrics").expect("metrics").1;
     assert!(metrics.contains("rolld_maintenance 1"), "{metrics}");
+    for held in [
+        "rolld_requests_held 0",
+        "rolld_paused 0",
+        "rolld_held_requests_released_total 0",
+        "rolld_held_requests_timed_out_total 0",
+        "rolld_held_requests_refused_total 0",
+    ] {
+        assert!(metrics.contains(held), "{held}: {metrics}");
+    }
     let (code, _, stderr) = rolld.control("maintenance", &["off"]);
     assert_eq!(code, Some(0), "{stderr}");
     let answer = get_blocking(fixture.listen, "/");
