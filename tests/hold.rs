@@ -485,13 +485,19 @@ fn shutting_down_during_a_pause_releases_the_held_requests_first() {
         fixture.listen,
     );
     rolld.wait_log("roll finished", 1);
-    let (code, _, stderr) = rolld.control("pause", &[]);
+    let (code, _, stderr) = rolld.control("pause", &["--timeout", "5m"]);
     assert_eq!(code, Some(0), "{stderr}");
     let held = send_all(fixture.listen, 2, "/?n=");
     wait_until("2 requests held", SOON, || held_now(&rolld) == 2);
+    let stopping = Instant::now();
     rolld.signal(Signal::SIGTERM);
     for h in held {
         let answer = h.join().expect("thread");
+        assert!(
+            stopping.elapsed() < Duration::from_secs(20),
+            "answered {:?} after SIGTERM: the pause kept them",
+            stopping.elapsed()
+        );
         assert!(
             matches!(&answer, Ok((200, body)) if body.starts_with("hello from")),
             "{answer:?}"
