@@ -13,6 +13,10 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// A hold longer than any wait of these tests for an answer (`SOON`): a request
+/// answered in time was released by an event, not by the end of its hold.
+const LONG: Duration = Duration::from_secs(120);
+
 fn holding(timeout: Duration, max_held: usize) -> ProxyConfig {
     ProxyConfig {
         hold_timeout: timeout,
@@ -109,7 +113,7 @@ async fn wait_held(front: &Front, n: usize) {
 
 #[tokio::test]
 async fn held_requests_are_released_in_arrival_order_once_a_set_is_installed() {
-    let front = Front::start(holding(SOON, 100), &[], Balance::LeastConn).await;
+    let front = Front::start(holding(LONG, 100), &[], Balance::LeastConn).await;
     let mut waiting = Vec::new();
     for i in 0..6 {
         waiting.push(send_get(front.addr, &format!("/{i}")).await);
@@ -167,7 +171,7 @@ async fn with_hold_timeout_zero_a_request_gets_503_at_once() {
 
 #[tokio::test]
 async fn beyond_max_held_a_request_gets_503_at_once() {
-    let front = Front::start(holding(SOON, 2), &[], Balance::LeastConn).await;
+    let front = Front::start(holding(LONG, 2), &[], Balance::LeastConn).await;
     let first = send_get(front.addr, "/a").await;
     let second = send_get(front.addr, "/b").await;
     wait_held(&front, 2).await;
@@ -192,7 +196,7 @@ async fn beyond_max_held_a_request_gets_503_at_once() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_leaves_the_queue_and_frees_its_place() {
-    let front = Front::start(holding(SOON, 1), &[], Balance::LeastConn).await;
+    let front = Front::start(holding(LONG, 1), &[], Balance::LeastConn).await;
     let gone = send_get(front.addr, "/gone").await;
     wait_held(&front, 1).await;
     drop(gone);
@@ -214,7 +218,7 @@ async fn a_client_that_goes_away_leaves_the_queue_and_frees_its_place() {
 #[tokio::test]
 async fn a_request_whose_connects_all_fail_is_held_until_its_upstream_is_back() {
     let port = dead_port();
-    let front = Front::start(holding(SOON, 100), &[port], Balance::LeastConn).await;
+    let front = Front::start(holding(LONG, 100), &[port], Balance::LeastConn).await;
     let waiting = send_get(front.addr, "/again").await;
     wait_held(&front, 1).await;
     // The process is back on its port, and the supervisor says so.
@@ -228,7 +232,7 @@ async fn a_request_whose_connects_all_fail_is_held_until_its_upstream_is_back() 
 #[tokio::test]
 async fn a_request_is_held_while_its_only_upstream_is_unavailable() {
     let up = Ordered::start().await;
-    let front = Front::start(holding(SOON, 100), &[up.addr], Balance::LeastConn).await;
+    let front = Front::start(holding(LONG, 100), &[up.addr], Balance::LeastConn).await;
     let upstream = front.upstreams.current().upstreams()[0].clone();
     upstream.set_available(false);
     let waiting = send_get(front.addr, "/later").await;
@@ -240,7 +244,7 @@ async fn a_request_is_held_while_its_only_upstream_is_unavailable() {
 
 #[tokio::test]
 async fn an_http2_stream_is_held_and_released_like_a_request() {
-    let front = Front::start(holding(SOON, 100), &[], Balance::LeastConn).await;
+    let front = Front::start(holding(LONG, 100), &[], Balance::LeastConn).await;
     let tcp = TcpStream::connect(front.addr).await.expect("connect");
     let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
     tokio::spawn(async move {
@@ -316,7 +320,7 @@ async fn a_pause_ends_by_itself_after_its_timeout() {
 #[tokio::test]
 async fn quiet_resolves_when_the_last_request_in_flight_ends() {
     let up = Upstream::start(Script::Silent).await;
-    let front = Front::start(holding(SOON, 100), &[up.addr], Balance::LeastConn).await;
+    let front = Front::start(holding(LONG, 100), &[up.addr], Balance::LeastConn).await;
     assert_eq!(front.upstreams.leases(), 0);
     tokio::time::timeout(SOON, front.upstreams.quiet())
         .await
@@ -343,7 +347,7 @@ async fn quiet_resolves_when_the_last_request_in_flight_ends() {
 #[tokio::test]
 async fn maintenance_answers_every_request_with_its_page_and_nothing_reaches_the_app() {
     let up = Ordered::start().await;
-    let front = Front::start(holding(SOON, 100), &[up.addr], Balance::LeastConn).await;
+    let front = Front::start(holding(LONG, 100), &[up.addr], Balance::LeastConn).await;
     front
         .proxy
         .set_maintenance(Some(MaintenancePage::new(&b"<h1>back soon</h1>"[..], true)));
