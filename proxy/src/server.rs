@@ -218,15 +218,6 @@ async fn accept_loop(listener: TcpListener, shared: Shared, slots: Arc<Semaphore
     let shutdown = stopping(shared.stopped.clone());
     tokio::pin!(shutdown);
     loop {
-        // Backpressure: at max_connections the loop stops accepting, and new clients
-        // wait in the kernel's queue instead of being refused or crashing rolld.
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return Duration::ZERO,
-            },
-            grace = &mut shutdown => return grace,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -236,6 +227,17 @@ async fn accept_loop(listener: TcpListener, shared: Shared, slots: Arc<Semaphore
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            },
+            grace = &mut shutdown => return grace,
+        };
+        // Backpressure: at max_connections the loop holds the client it accepted and
+        // stops accepting, and new clients wait in the kernel's queue instead of being
+        // refused or crashing rolld. The slot is taken after the accept so that a loop
+        // waiting on one listener holds none that another listener's clients need.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return Duration::ZERO,
             },
             grace = &mut shutdown => return grace,
         };
