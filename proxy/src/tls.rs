@@ -317,3 +317,66 @@ impl TlsStats {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(names: &[&str]) -> Certificate {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        let cert = params.self_signed(&key).expect("cert");
+        let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let signer = rustls::crypto::ring::sign::any_supported_type(&der).expect("signer");
+        Certificate {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)),
+        }
+    }
+
+    #[test]
+    fn names_pick_their_certificate_and_anything_else_the_first() {
+        let (a, b, c) = (
+            certificate(&["a.test"]),
+            certificate(&["*.b.test", "b.test"]),
+            certificate(&["x.b.test"]),
+        );
+        let store = Store::new(&[a.clone(), b.clone(), c.clone()]);
+        let pick = |name: Option<&str>| store.pick(name).expect("a certificate");
+        assert!(Arc::ptr_eq(&pick(Some("a.test")), &a.key));
+        assert!(
+            Arc::ptr_eq(&pick(Some("A.Test.")), &a.key),
+            "case and root dot"
+        );
+        assert!(Arc::ptr_eq(&pick(Some("b.test")), &b.key));
+        assert!(Arc::ptr_eq(&pick(Some("y.b.test")), &b.key), "wildcard");
+        assert!(
+            Arc::ptr_eq(&pick(Some("x.b.test")), &c.key),
+            "exact beats wildcard"
+        );
+        assert!(
+            Arc::ptr_eq(&pick(Some("z.y.b.test")), &a.key),
+            "one label only"
+        );
+        assert!(Arc::ptr_eq(&pick(Some("other.test")), &a.key));
+        assert!(Arc::ptr_eq(&pick(None), &a.key));
+    }
+
+    #[test]
+    fn rotation_refuses_an_empty_list_and_keeps_serving() {
+        let (a, b) = (certificate(&["a.test"]), certificate(&["a.test"]));
+        let tls = Tls::new(std::slice::from_ref(&a), Duration::from_secs(1), None).expect("tls");
+        assert!(tls.rotate(&[]).is_err());
+        assert!(Arc::ptr_eq(
+            &tls.resolver.0.load().pick(None).expect("a"),
+            &a.key
+        ));
+        tls.rotate(std::slice::from_ref(&b)).expect("rotate");
+        assert!(Arc::ptr_eq(
+            &tls.resolver.0.load().pick(None).expect("b"),
+            &b.key
+        ));
+    }
+}
