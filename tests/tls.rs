@@ -753,3 +753,58 @@ fn a_broken_new_certificate_is_refused_on_reload_and_the_old_one_keeps_serving()
         other.der
     );
 }
+
+#[test]
+fn tls_binds_its_privileged_port_and_reads_the_key_as_root_then_runs_as_the_user() {
+    if !root_or_skip("dropping privileges after binding the TLS port") {
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("lookup")
+        .expect("user nobody exists");
+    let (_bin, backend) = world_readable_copy(BACKEND);
+    let fixture = Fixture::new(1).cmd(format!("{} {{port}}", backend.display()));
+    let ca = Ca::new();
+    let leaf = ca.leaf(&["a.test"], 90);
+    // Only root can bind it: serving on it proves the bind came before the switch.
+    let https = free_privileged_port();
+    let yaml = format!(
+        "user: nobody\n{}tls:\n  listen: 127.0.0.1:{https}\n  certificates:\n    - {{cert: a.pem, key: a.key}}\n",
+        fixture.yaml()
+    );
+    let ca_pem = ca.pem();
+    let rolld = Rolld::spawn_with(&yaml, fixture.listen, |dir| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, PermissionsExt::from_mode(0o755)).expect("chmod");
+        std::fs::write(dir.join("ca.pem"), ca_pem).expect("write CA");
+        leaf.write(dir, "a");
+        // The key is root's alone, as in /etc/ssl/private.
+        std::fs::set_permissions(dir.join("a.key"), PermissionsExt::from_mode(0o600))
+            .expect("chmod key");
+    });
+    rolld.wait_log("roll finished", 1);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", rolld.pid())).expect("status");
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("uid");
+    assert_eq!(uid, nobody.uid.as_raw(), "rolld runs as nobody");
+    let ca_file = rolld.dir.path().join("ca.pem");
+    assert_eq!(
+        served_cert(https, "a.test", &ca_file, true).expect("served"),
+        leaf.der
+    );
+    // A reload reads the files as nobody: a key only root can read refuses it, saying
+    // so, and the certificate read at start keeps serving.
+    let (code, _, err) = rolld.control("reload", &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("a.key"),
+        "{err}"
+    );
+    assert_eq!(
+        served_cert(https, "a.test", &ca_file, true).expect("still served"),
+        leaf.der
+    );
+}

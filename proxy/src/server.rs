@@ -341,6 +341,7 @@ impl Connection {
             Front::RedirectToHttps { https_port } => Some(*https_port),
             _ => None,
         };
+        let counted = proxy.clone();
         let proxy = proxy.clone();
         let service = service_fn(move |req: hyper::Request<Incoming>| {
             // In progress from now, not from the future's first poll: hyper may hold a
@@ -422,6 +423,7 @@ impl Connection {
             if !io.take_shed(parts.read_buf) {
                 return;
             }
+            counted.stats().count_idle_release();
             // Idle between requests, holding no buffer: wait for the next bytes.
             tokio::select! {
                 ready = io.ready() => if let Err(err) = ready {
