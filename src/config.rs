@@ -871,14 +871,6 @@ fn validate_tls(
             key: v.own_path(&c.key),
         })
         .collect();
-    let now = std::time::SystemTime::now();
-    let mut loaded = Vec::with_capacity(files.len());
-    for (i, f) in files.iter().enumerate() {
-        loaded.push(
-            crate::tls::load(f, now)
-                .map_err(|why| v.err(&format!("tls.certificates[{i}]"), why))?,
-        );
-    }
     let redirect_http = raw.redirect_http.unwrap_or(false);
     if redirect_http && listen.is_none() {
         return Err(v.err(
@@ -908,6 +900,15 @@ fn validate_tls(
     )?;
     if handshake_timeout.is_zero() {
         return Err(v.err("tls.handshake_timeout", "must be longer than zero"));
+    }
+    // The files last: every cheaper mistake is named first.
+    let now = std::time::SystemTime::now();
+    let mut loaded = Vec::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        loaded.push(
+            crate::tls::load(f, now)
+                .map_err(|why| v.err(&format!("tls.certificates[{i}]"), why))?,
+        );
     }
     Ok(TlsSettings {
         listen: tls_listen,
@@ -1516,6 +1517,45 @@ app-servers:
         for w in wanted {
             assert!(err.contains(w), "error `{err}` should mention `{w}`");
         }
+    }
+
+    #[test]
+    fn tls_settings_are_checked_before_any_file_is_read() {
+        let tls = |body: &str| format!("listen: 127.0.0.1:8080\ntls:\n{body}{ORIGINAL}");
+        let certs = "  certificates:\n    - {cert: /nonexistent/a.pem, key: /nonexistent/a.key}\n";
+        assert_error(
+            &tls(&format!("  listen: nowhere\n{certs}")),
+            &["tls.listen", "line 3", "not an address"],
+        );
+        assert_error(
+            &tls(&format!("  listen: 127.0.0.1:8080\n{certs}")),
+            &["tls.listen", "the same port as `listen`"],
+        );
+        assert_error(
+            &tls("  listen: 127.0.0.1:8443\n  certificates: []\n"),
+            &["tls.certificates", "at least one"],
+        );
+        assert_error(
+            &tls(&format!("  listen: 127.0.0.1:8443\n{certs}")),
+            &["tls.certificates[0]", "cannot read /nonexistent/a.pem"],
+        );
+        assert_error(
+            &tls("  listen: 127.0.0.1:8443\n  certificates:\n    - {cert: a.pem}\n"),
+            &["missing field `key`"],
+        );
+        assert_error(
+            &tls(&format!("  listen: 127.0.0.1:8443\n  hsts: 3y\n{certs}")),
+            &["tls.hsts", "longer than two years"],
+        );
+        assert_error(
+            &tls(&format!(
+                "  listen: 127.0.0.1:8443\n  handshake_timeout: 0s\n{certs}"
+            )),
+            &["tls.handshake_timeout", "longer than zero"],
+        );
+        let no_listen =
+            format!("tls:\n  listen: 127.0.0.1:8443\n  redirect_http: true\n{certs}{ORIGINAL}");
+        assert_error(&no_listen, &["tls.redirect_http", "needs `listen`"]);
     }
 
     #[test]
