@@ -49,35 +49,57 @@ type Conn = (
     Vec<u8>,
 );
 
-/// A TLS connection to `addr` as `a.test`, trusting `ca`: the HTTP/1 sender and the
-/// certificate the handshake got.
-async fn connect(addr: std::net::SocketAddr, ca: &Ca) -> Conn {
+/// A client trusting `ca`, speaking `versions`; it remembers sessions to resume.
+fn client(
+    ca: &Ca,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from(ca.cert.der().to_vec()))
         .expect("root");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .expect("versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A TLS connection to `addr` as `a.test`, trusting `ca`: the HTTP/1 sender and the
+/// certificate the handshake got.
+async fn connect(addr: std::net::SocketAddr, ca: &Ca) -> Conn {
+    let (send, served, _) = connect_with(addr, client(ca, rustls::DEFAULT_VERSIONS)).await;
+    (send, served)
+}
+
+/// [`connect`] with `config`; also says whether the session was resumed.
+async fn connect_with(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    Vec<u8>,
+    bool,
+) {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("a.test").expect("name");
     let tls = tokio::time::timeout(
         SOON,
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
     )
     .await
     .expect("handshake in time")
     .expect("handshake");
     let served = tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec();
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .expect("http1");
     tokio::spawn(conn);
-    (send, served)
+    (send, served, resumed)
 }
 
 async fn get(
@@ -96,6 +118,56 @@ async fn get(
         .map(|v| v.to_str().unwrap_or_default().to_string());
     let body = res.into_body().collect().await.expect("body").to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned(), hsts)
+}
+
+/// Serves `tls` in front of `up` on a free port.
+fn serve(
+    up: &Upstream,
+    tls: Arc<Tls>,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<Duration>) {
+    let listener = rolld_proxy::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let upstreams = Arc::new(Upstreams::new());
+    upstreams.swap(Arc::new(UpstreamSet::new(
+        1,
+        &[up.addr],
+        Balance::LeastConn,
+    )));
+    let proxy = Arc::new(Proxy::new(upstreams, ProxyConfig::default()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<Duration>();
+    tokio::spawn(rolld_proxy::serve_fronts(
+        vec![(listener, Front::Tls(tls))],
+        proxy,
+        async move { stopped.await.unwrap_or(Duration::ZERO) },
+    ));
+    (addr, stop)
+}
+
+#[tokio::test]
+async fn sessions_resume_over_tls_1_3_tickets_and_the_tls_1_2_session_cache() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let ca = ca();
+    let (cert, _) = leaf(&ca);
+    let tls = Arc::new(Tls::new(&[cert], Duration::from_secs(5), None).expect("tls"));
+    let (addr, _stop) = serve(&up, tls.clone());
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        let config = client(&ca, versions);
+        let (mut first, _, resumed) = connect_with(addr, config.clone()).await;
+        assert!(!resumed, "{versions:?}: a first handshake is a full one");
+        // A request, so that the client has read the session tickets sent after the
+        // handshake (TLS 1.3).
+        assert_eq!(get(&mut first).await.0, 200);
+        let (mut second, _, resumed) = connect_with(addr, config).await;
+        assert!(resumed, "{versions:?}: the second handshake resumes");
+        assert_eq!(get(&mut second).await.0, 200);
+    }
+    let stats = tls.stats().snapshot();
+    assert_eq!((stats.handshakes, stats.resumed), (4, 2), "{stats:?}");
+    assert!(stats.versions.contains(&("TLSv1.2", 2)), "{stats:?}");
+    assert!(stats.versions.contains(&("TLSv1.3", 2)), "{stats:?}");
 }
 
 #[tokio::test]
