@@ -808,3 +808,42 @@ fn tls_binds_its_privileged_port_and_reads_the_key_as_root_then_runs_as_the_user
         leaf.der
     );
 }
+
+#[test]
+fn a_websocket_over_tls_echoes_across_a_roll() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let ca = Ca::new();
+    let leaf = ca.leaf(&["a.test"], 90);
+    let fixture = Fixture::new(1);
+    let t = start(&fixture, &["a"], "", "", |d| leaf.write(d, "a"), &ca);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let tls = connect(
+            t.https,
+            "a.test",
+            client_config(&t.ca, &[b"http/1.1"], true),
+        )
+        .await
+        .expect("TLS");
+        let (mut ws, response) = tokio_tungstenite::client_async("wss://a.test/ws", tls)
+            .await
+            .expect("WebSocket handshake over TLS");
+        assert_eq!(response.status(), 101);
+        for text in ["before the roll", "during the roll"] {
+            if text == "during the roll" {
+                t.rolld.signal(Signal::SIGHUP);
+                t.rolld.wait_log("draining 1 request(s) in flight", 1);
+            }
+            ws.send(Message::text(text)).await.expect("send");
+            let echo = tokio::time::timeout(SOON, ws.next())
+                .await
+                .expect("echo in time")
+                .expect("echo")
+                .expect("frame");
+            assert_eq!(echo, Message::text(text));
+        }
+        ws.close(None).await.expect("close");
+    });
+    t.rolld.wait_log("roll finished", 2);
+}
