@@ -28,6 +28,8 @@ struct State {
     processes: BTreeMap<(u64, u16), Process>,
     roll: Option<(u64, String)>,
     last_roll: Option<LastRoll>,
+    /// The TLS listener's certificates, as last loaded.
+    certificates: Vec<crate::tls::CertInfo>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +76,9 @@ pub struct Snapshot {
     /// Maintenance mode (`rolld maintenance on`): every request gets the page.
     #[serde(default)]
     pub maintenance: Option<MaintenanceStatus>,
+    /// The TLS listener's certificates (none without `tls`).
+    #[serde(default)]
+    pub certificates: Vec<CertificateStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -89,6 +94,15 @@ pub struct MaintenanceStatus {
     /// `text/html` or `text/plain`.
     pub content_type: String,
     pub bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    pub cert: String,
+    pub names: Vec<String>,
+    /// Unix time (seconds) of its expiry.
+    pub not_after: i64,
+    pub days_left: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,6 +199,15 @@ impl Board {
         });
     }
 
+    /// The TLS certificates now served to new handshakes.
+    pub fn set_certificates(&self, certificates: Vec<crate::tls::CertInfo>) {
+        self.state().certificates = certificates;
+    }
+
+    pub fn certificates(&self) -> Vec<crate::tls::CertInfo> {
+        self.state().certificates.clone()
+    }
+
     pub fn snapshot(&self, proxy: Option<&rolld_proxy::Proxy>) -> Snapshot {
         let front = proxy.map(|p| p.upstreams());
         let upstreams = front;
@@ -251,6 +274,16 @@ impl Board {
                     .into(),
                     bytes: page.len(),
                 }),
+            certificates: s
+                .certificates
+                .iter()
+                .map(|c| CertificateStatus {
+                    cert: c.cert.display().to_string(),
+                    names: c.names.clone(),
+                    not_after: c.not_after,
+                    days_left: c.days_left(SystemTime::now()),
+                })
+                .collect(),
         }
     }
 }
@@ -323,6 +356,15 @@ impl Snapshot {
                 out,
                 "held requests: {} now, {} released, {} timed out, {} refused (queue full)",
                 h.now, h.released, h.timed_out, h.refused
+            );
+        }
+        for c in &self.certificates {
+            let _ = writeln!(
+                out,
+                "certificate {}: {} days to expiry ({})",
+                c.names.join(", "),
+                c.days_left,
+                c.cert
             );
         }
         if self.log_lines_dropped > 0 {
