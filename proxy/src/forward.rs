@@ -161,7 +161,7 @@ impl Proxy {
                 return Err((ProxyError::BodyTooLarge, access));
             }
         }
-        let Some(mut lease) = InFlight::route(self.upstreams.current()) else {
+        let Some(mut lease) = self.upstreams.route() else {
             return Err((ProxyError::NoUpstream, access));
         };
 
@@ -236,9 +236,15 @@ impl Proxy {
         let (mut response, conn) = match sent {
             Some(Ok(sent)) => {
                 self.stats.observe_upstream(sending.elapsed());
+                lease.answered(sent.0.status().as_u16());
                 sent
             }
-            Some(Err(err)) => return Err((err, access)),
+            Some(Err(err)) => {
+                if err.blames_upstream() {
+                    lease.failed();
+                }
+                return Err((err, access));
+            }
             None => {
                 let err = match upload.stalled() {
                     Stalled::Answer => ProxyError::Timeout {
@@ -251,6 +257,9 @@ impl Proxy {
                     },
                     Stalled::Client => ProxyError::ClientBodyIdle,
                 };
+                if err.blames_upstream() {
+                    lease.failed();
+                }
                 return Err((err, access));
             }
         };

@@ -43,4 +43,4 @@ pub use error::ProxyError;
 pub use forward::{Client, Proxy};
 pub use server::{bind, serve};
 pub use stats::{Stats, StatsSnapshot};
-pub use upstream::{Balance, InFlight, Upstream, UpstreamSet, Upstreams};
+pub use upstream::{Balance, InFlight, OutcomeCounts, Outcomes, Upstream, UpstreamSet, Upstreams};
