@@ -118,6 +118,8 @@ pub struct Generation {
     serving: Arc<AtomicBool>,
     /// How each unexpected exit went, while serving: a release is judged on these.
     crashes: Arc<Mutex<Vec<String>>>,
+    /// Woken at each crash, so that a judge acts at once rather than at its next look.
+    crashed: Arc<tokio::sync::Notify>,
 }
 
 impl Generation {
@@ -131,6 +133,7 @@ impl Generation {
     ) -> Generation {
         let serving = Arc::new(AtomicBool::new(false));
         let crashes = Arc::new(Mutex::new(Vec::new()));
+        let crashed = Arc::new(tokio::sync::Notify::new());
         let processes = ports
             .iter()
             .map(|&port| {
@@ -150,6 +153,7 @@ impl Generation {
                     upstream: upstream.clone(),
                     serving: serving.clone(),
                     crashes: crashes.clone(),
+                    crashed: crashed.clone(),
                     state: state_tx,
                     default_stop: StopHow::from_config(config),
                 };
@@ -169,7 +173,13 @@ impl Generation {
             processes,
             serving,
             crashes,
+            crashed,
         }
+    }
+
+    /// Resolves at the next crash of a process of this generation.
+    pub async fn crashed(&self) {
+        self.crashed.notified().await
     }
 
     /// Unexpected exits while serving so far, each in words.
@@ -320,6 +330,7 @@ struct Keeper {
     upstream: UpstreamSlot,
     serving: Arc<AtomicBool>,
     crashes: Arc<Mutex<Vec<String>>>,
+    crashed: Arc<tokio::sync::Notify>,
     state: watch::Sender<ProcessState>,
     default_stop: StopHow,
 }
@@ -384,6 +395,7 @@ impl Keeper {
                 return;
             }
             lock(&self.crashes).push(format!("process on port {port} exited ({how})"));
+            self.crashed.notify_waiters();
             let delay = backoff.after(started.elapsed());
             error!(
                 generation = self.generation,

@@ -360,13 +360,26 @@ impl Roll {
                     humantime::format_duration(rollout.bake)
                 ),
             );
+            // The old processes get a set of their own, for no request unless every
+            // process of the new set is down at once, and to switch back to.
+            let standby = self.upstreams.as_ref().map(|upstreams| {
+                let set = Arc::new(UpstreamSet::new(
+                    old_id,
+                    &generation::addrs(&old.ports),
+                    app.balance,
+                ));
+                old.attach(&set);
+                let outcomes = set.outcomes().clone();
+                upstreams.set_standby(Some(set));
+                outcomes
+            });
             let current = self.current.take().expect("the new set was just installed");
             let verdict = Watch {
                 phase: Phase::Bake,
                 rollout,
                 length: rollout.bake,
                 new: new_outcomes.clone(),
-                old: old_outcomes.clone(),
+                old: standby,
                 baseline,
                 generation: &current,
                 old_generation: old_id,
@@ -382,6 +395,16 @@ impl Roll {
                 Verdict::Shutdown => {}
                 Verdict::RollBack { reason, message } => {
                     return self.switch_back(old, reason, message).await;
+                }
+            }
+            // Requests the old set took as the standby finish before it stops.
+            if let Some(mut drain) = self.upstreams.as_ref().and_then(|u| u.set_standby(None)) {
+                if let Err(cut) = drain.wait_timeout(app.drain_timeout).await {
+                    warn!(
+                        old_generation = old_id,
+                        "drain_timeout ({timeout}) passed with {} request(s) in flight on the standby set; they will be cut",
+                        cut.in_flight
+                    );
                 }
             }
         }
@@ -452,6 +475,9 @@ impl Roll {
                     "cannot roll back: the old process on port {port} is not ready ({why}); the new set keeps serving"
                 );
                 old.set_serving(false);
+                if let Some(mut drain) = self.upstreams.as_ref().and_then(|u| u.set_standby(None)) {
+                    let _ = drain.wait_timeout(app.drain_timeout).await;
+                }
                 old.terminate(StopHow::from_config(&self.config)).await;
                 return Err(format!(
                     "generation {}: {message}, but the old set was not ready (port {port}: {why}); the new set keeps serving",
@@ -463,18 +489,9 @@ impl Roll {
             .current
             .take()
             .expect("the new set serves during the bake");
-        let drain = match &self.upstreams {
-            Some(upstreams) => {
-                let set = Arc::new(UpstreamSet::new(
-                    old.id,
-                    &generation::addrs(&old.ports),
-                    app.balance,
-                ));
-                old.attach(&set);
-                Some(upstreams.swap(set))
-            }
-            None => None,
-        };
+        // The standby set of the old processes serves again (their keepers already
+        // mark availability on it).
+        let drain = self.upstreams.as_ref().and_then(|u| u.restore_standby());
         if !app.after_start.is_empty() {
             let folder = &self.config.workdir;
             if let Err(why) =

@@ -144,7 +144,7 @@ impl Watch<'_> {
                         describe(judged)
                     ));
                 }
-                () = tokio::time::sleep(JUDGE_EVERY) => {
+                () = first_of(tokio::time::sleep(JUDGE_EVERY), generation.crashed()) => {
                     let crashes = generation.crashes();
                     if let Some(crash) = crashes.get(crashes_at_start) {
                         break Verdict::RollBack {
@@ -195,6 +195,17 @@ impl Watch<'_> {
         };
         board.rollout(None);
         verdict
+    }
+}
+
+/// Resolves when either does.
+async fn first_of(
+    a: impl std::future::Future<Output = ()>,
+    b: impl std::future::Future<Output = ()>,
+) {
+    tokio::select! {
+        () = a => {}
+        () = b => {}
     }
 }
 

@@ -11,3 +11,4 @@ mod nginx;
 mod original;
 mod proxying;
 mod rolling;
+mod rollout;

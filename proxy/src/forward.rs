@@ -307,7 +307,7 @@ impl Proxy {
     async fn send(
         &self,
         mut req: Request<RequestBody>,
-        mut replay: Option<Replay>,
+        replay: Option<Replay>,
         lease: &mut InFlight,
         upload: &Upload,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
@@ -332,7 +332,7 @@ impl Proxy {
                         });
                     }
                     upstream.mark_down_for(self.config.down_period);
-                    if !lease.reroute() {
+                    if !lease.reroute() && !self.upstreams.fall_back(lease) {
                         return Err(ProxyError::Connect {
                             upstream: upstream.addr(),
                             source,
@@ -355,14 +355,18 @@ impl Proxy {
             // proxy_next_upstream does).
             let retry = match err.take_message() {
                 Some(unsent) => Some(unsent),
-                None => replay.take().map(Replay::build),
+                // Each attempt may need it again: a process that crashed can take the
+                // resent request down with it too (bounded by MAX_ATTEMPTS).
+                None => replay.as_ref().map(Replay::build),
             };
             match retry {
                 Some(again) => {
                     if !conn.reused {
                         // Even a new connection failed: the process is likely gone.
                         upstream.mark_down_for(self.config.down_period);
-                        lease.reroute();
+                        if !lease.reroute() {
+                            self.upstreams.fall_back(lease);
+                        }
                     }
                     debug!(upstream = %upstream.addr(), error = %err.error(), "sending failed before any answer; sending again on a new connection");
                     req = again;
@@ -438,11 +442,11 @@ impl Replay {
         }
     }
 
-    fn build(self) -> Request<RequestBody> {
+    fn build(&self) -> Request<RequestBody> {
         let mut req = Request::new(RequestBody::empty());
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.headers_mut() = self.headers;
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
         req
     }
 }

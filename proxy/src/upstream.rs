@@ -331,6 +331,9 @@ impl Drop for InFlight {
 pub struct Upstreams {
     current: ArcSwap<UpstreamSet>,
     canary: ArcSwapOption<Canary>,
+    /// The set kept to go back to during a bake: it takes a request only when the
+    /// current set has no upstream able to (all of its processes died at once).
+    standby: ArcSwapOption<UpstreamSet>,
 }
 
 /// A set taking an exact share of new requests beside the current one.
@@ -365,6 +368,7 @@ impl Upstreams {
         Upstreams {
             current: ArcSwap::from_pointee(UpstreamSet::empty()),
             canary: ArcSwapOption::empty(),
+            standby: ArcSwapOption::empty(),
         }
     }
 
@@ -378,7 +382,58 @@ impl Upstreams {
                 }
             }
         }
-        InFlight::route(self.current())
+        InFlight::route(self.current()).or_else(|| self.on_standby())
+    }
+
+    /// A lease on the standby set, if there is one with an available upstream.
+    fn on_standby(&self) -> Option<InFlight> {
+        self.standby
+            .load()
+            .as_ref()
+            .and_then(|set| InFlight::route(set.clone()))
+    }
+
+    /// Moves a request that could not connect anywhere in its set (nothing was sent
+    /// yet) to the current set, if it was routed to another one before a swap, or else
+    /// to the standby set. Returns false when there is nowhere else to go.
+    pub fn fall_back(&self, lease: &mut InFlight) -> bool {
+        let current = self.current.load();
+        if !Arc::ptr_eq(&current, &lease.set) {
+            if let Some(moved) = InFlight::route(current.clone()) {
+                *lease = moved;
+                return true;
+            }
+        }
+        let on_standby = self
+            .standby
+            .load()
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &lease.set));
+        if on_standby {
+            return false;
+        }
+        match self.on_standby() {
+            Some(standby) => {
+                *lease = standby;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keeps `set` (or none) to go back to; returns the drain of the standby it replaced.
+    pub fn set_standby(&self, set: Option<Arc<UpstreamSet>>) -> Option<Drain> {
+        let old = self.standby.swap(set)?;
+        Some(Drain::new(old))
+    }
+
+    /// Makes the standby set the current one again and returns the drain of the set it
+    /// replaced; `None` when there is no standby.
+    pub fn restore_standby(&self) -> Option<Drain> {
+        let set = self.standby.load_full()?;
+        let drain = self.swap(set);
+        self.standby.store(None);
+        Some(drain)
     }
 
     /// Sends `per_million` millionths of new requests to `set`, beside the current set.
@@ -578,6 +633,45 @@ mod tests {
         drop(old);
         assert_eq!(drain.in_flight(), 0);
         assert!(upstreams.promote_canary().is_none());
+    }
+
+    #[test]
+    fn the_standby_set_takes_requests_only_when_the_current_one_cannot() {
+        let upstreams = Upstreams::new();
+        let current = Arc::new(UpstreamSet::new(2, &addrs(1), Balance::LeastConn));
+        upstreams.swap(current.clone());
+        upstreams.set_standby(Some(Arc::new(UpstreamSet::new(
+            1,
+            &addrs(1),
+            Balance::LeastConn,
+        ))));
+        assert!((0..10).all(|_| upstreams.route().expect("upstream").generation() == 2));
+        let mut lease = upstreams.route().expect("upstream");
+        assert!(
+            upstreams.fall_back(&mut lease),
+            "a failed connect moves over"
+        );
+        assert_eq!(lease.generation(), 1);
+        assert!(
+            upstreams.fall_back(&mut lease),
+            "and back to the current set"
+        );
+        assert_eq!(lease.generation(), 2);
+        current.upstreams()[0].set_available(false);
+        assert!(
+            upstreams.fall_back(&mut lease),
+            "the current set has none left"
+        );
+        assert_eq!(lease.generation(), 1);
+        assert!(!upstreams.fall_back(&mut lease), "nowhere else to go");
+        assert_eq!(upstreams.route().expect("standby").generation(), 1);
+        let drain = upstreams.restore_standby().expect("a standby");
+        assert_eq!(drain.generation(), 2);
+        assert_eq!(upstreams.current().generation(), 1);
+        assert!(upstreams.restore_standby().is_none());
+        drop(lease);
+        let gone = upstreams.set_standby(None);
+        assert!(gone.is_none());
     }
 
     #[test]

@@ -1,0 +1,312 @@
+//! The rollout guard: a release judged on real traffic after its switch. A bad release
+//! (500s, a crash) is rolled back during its bake to the old processes, still running;
+//! a good one is promoted when the bake ends; a canary takes its exact share of
+//! requests; an operator can end a canary or bake either way. Under load, nothing is
+//! lost but what the bad release itself answered.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Two processes per set; a roll to the next set is guarded by `rollout`.
+fn fixture(rollout: &str) -> Fixture {
+    Fixture::new(2).extra(&format!("  rollout:\n{rollout}"))
+}
+
+/// The same config with the app command `cmd` (the next release).
+fn release(fixture: &Fixture, flags: &str) -> String {
+    Fixture {
+        listen: fixture.listen,
+        sets: fixture.sets.clone(),
+        cmd: format!("{BACKEND} {{port}} {flags}"),
+        extra: fixture.extra.clone(),
+    }
+    .yaml()
+}
+
+fn status(rolld: &Rolld) -> serde_json::Value {
+    let (_, stdout, _) = rolld.control("status", &["--json"]);
+    serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// The phase of the canary or bake in progress, if any.
+fn phase(rolld: &Rolld) -> Option<String> {
+    status(rolld)["rollout"]["phase"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Every failed answer of the load is a 500 the bad release wrote itself, on `ports`.
+fn only_the_bad_releases_500s(errors: &[String], ports: &[u16]) {
+    for e in errors {
+        let from_bad = ports
+            .iter()
+            .any(|p| e.starts_with(&format!("500: failing on purpose from {p} ")));
+        assert!(from_bad, "a request was lost or failed elsewhere: {e}");
+    }
+}
+
+/// Answers on `ports` between two tallies, and all answers between them.
+fn share(
+    before: &HashMap<u16, usize>,
+    after: &HashMap<u16, usize>,
+    ports: &[u16],
+) -> (usize, usize) {
+    let delta = |p: &u16| after.get(p).copied().unwrap_or(0) - before.get(p).copied().unwrap_or(0);
+    let on: usize = ports.iter().map(delta).sum();
+    let all: usize = after.keys().map(delta).sum();
+    (on, all)
+}
+
+#[test]
+fn a_release_answering_500s_is_rolled_back_during_its_bake_to_the_same_old_processes() {
+    let fixture = fixture("    bake: 60s\n    max_error_rate: 2%\n    min_requests: 50\n");
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    assert_eq!(old.len(), 2);
+    let load = Load::start(rolld.listen, 8);
+    load.wait_for_more(50);
+
+    rolld.write_config(&release(&fixture, "--fail-share 20"));
+    let started = Instant::now();
+    let (code, stdout, stderr) = rolld.control("reload", &[]);
+    let took = started.elapsed();
+    assert_eq!(
+        code,
+        Some(1),
+        "reload exits 1 on a rollback: {stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("rolled back after switch: ")
+            && stderr.contains("requests failed (5xx ")
+            && stderr.contains("> 2%"),
+        "the reason: {stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(50),
+        "judged on the failures, not at the end of the 60 s bake ({took:?})"
+    );
+    // The old processes served again: the same pids, never restarted.
+    for pid in &old {
+        assert!(alive(*pid), "old process {pid} still runs");
+    }
+    assert_eq!(rolld.pids_of(1), old, "no old process was started again");
+    let new = rolld.pids_of(2);
+    assert_eq!(new.len(), 2);
+    wait_until("the bad release stopped", SOON, || {
+        new.iter().all(|p| !alive(*p))
+    });
+    let served: i32 = get_blocking(rolld.listen, "/pid")
+        .expect("proxy answers")
+        .1
+        .parse()
+        .expect("a pid");
+    assert!(old.contains(&served), "{served} is of the old set {old:?}");
+    let s = status(&rolld);
+    assert_eq!(s["generation"], 1, "{s}");
+    assert_eq!(s["last_roll"]["outcome"], "rolled back", "{s}");
+
+    load.wait_for_more(100);
+    let (ok, errors) = load.finish();
+    assert!(ok > 150);
+    assert!(!errors.is_empty(), "the bad release answered some 500s");
+    only_the_bad_releases_500s(&errors, &fixture.sets[1]);
+}
+
+#[test]
+fn a_release_crashing_after_it_became_healthy_is_rolled_back_during_its_bake() {
+    let fixture = fixture("    bake: 60s\n");
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    let load = Load::start(rolld.listen, 8);
+    load.wait_for_more(50);
+
+    rolld.write_config(&release(&fixture, "--crash-after 5000"));
+    let started = Instant::now();
+    let (code, stdout, stderr) = rolld.control("reload", &[]);
+    let took = started.elapsed();
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("rolled back after switch: process on port ") && stderr.contains("exited"),
+        "the reason: {stderr}"
+    );
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(50),
+        "rolled back at the crash, 5 s after healthy ({took:?})"
+    );
+    assert_eq!(rolld.pids_of(1), old);
+    assert!(old.iter().all(|p| alive(*p)), "old processes {old:?} run");
+    let (_, errors) = {
+        load.wait_for_more(100);
+        load.finish()
+    };
+    assert!(errors.is_empty(), "lost: {errors:?}");
+}
+
+#[test]
+fn a_good_release_is_promoted_when_its_bake_ends_and_the_old_set_stops() {
+    let fixture = fixture("    bake: 3s\n");
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    let load = Load::start(rolld.listen, 8);
+    load.wait_for_more(50);
+
+    rolld.write_config(&release(&fixture, ""));
+    std::thread::scope(|scope| {
+        let reload = scope.spawn(|| rolld.control("reload", &[]));
+        wait_until("the bake", SOON, || {
+            phase(&rolld).as_deref() == Some("bake")
+        });
+        // Baking: the new set serves, the old one is up and idle.
+        let served: i32 = get_blocking(rolld.listen, "/pid")
+            .expect("proxy answers")
+            .1
+            .parse()
+            .expect("a pid");
+        assert!(rolld.pids_of(2).contains(&served));
+        assert!(old.iter().all(|p| alive(*p)), "old set up during the bake");
+        let s = status(&rolld);
+        assert_eq!(s["rollout"]["generation"], 2, "{s}");
+        assert_eq!(s["rollout"]["old_generation"], 1, "{s}");
+        assert!(s["rollout"]["seconds_left"]
+            .as_f64()
+            .is_some_and(|s| s <= 3.0));
+        let (code, stdout, stderr) = reload.join().expect("reload");
+        assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+        assert!(stdout.contains("promoted: bake of 3s passed"), "{stdout}");
+    });
+    assert!(
+        old.iter().all(|p| !alive(*p)),
+        "old set stopped after the bake"
+    );
+    assert!(phase(&rolld).is_none());
+    let (_, errors) = load.finish();
+    assert!(errors.is_empty(), "lost: {errors:?}");
+}
+
+#[test]
+fn a_canary_takes_its_share_of_requests_and_a_bad_one_is_rolled_back_after_it() {
+    let fixture =
+        fixture("    canary: 10%\n    canary_for: 4s\n    bake: 0s\n    min_requests: 20\n");
+    let rolld = Rolld::start(&fixture);
+    let load = Load::start(rolld.listen, 16);
+    load.wait_for_more(50);
+    let (old_ports, new_ports) = (&fixture.sets[0], &fixture.sets[1]);
+
+    // A good canary: measured by the client, over a window inside the canary.
+    rolld.write_config(&release(&fixture, ""));
+    let (code, stdout, _) = rolld.control("reload", &["--no-wait"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    wait_until("the canary", SOON, || {
+        phase(&rolld).as_deref() == Some("canary")
+    });
+    let before = load.by_port();
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_millis(2500) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = load.by_port();
+    assert_eq!(
+        phase(&rolld).as_deref(),
+        Some("canary"),
+        "the window lay inside the canary"
+    );
+    let (on_new, all) = share(&before, &after, new_ports);
+    assert!(all >= 200, "enough requests to measure: {all}");
+    let measured = on_new as f64 / all as f64;
+    // The proxy routes exactly every tenth request; the window's edges cut through
+    // at most the 16 requests in flight.
+    assert!(
+        (0.07..=0.13).contains(&measured),
+        "10% ± 3% of requests reach the canary: {on_new} of {all} = {:.1}%",
+        measured * 100.0
+    );
+    rolld.wait_log("roll finished", 2);
+    let served_new = rolld.pids_of(2);
+    assert!(served_new.iter().all(|p| alive(*p)));
+
+    // A bad canary: rolled back having served only its share.
+    rolld.write_config(
+        &Fixture {
+            listen: fixture.listen,
+            sets: fixture.sets.clone(),
+            cmd: format!("{BACKEND} {{port}} --fail-share 50"),
+            extra: "  rollout:\n    canary: 10%\n    canary_for: 30s\n    min_requests: 20\n"
+                .into(),
+        }
+        .yaml(),
+    );
+    let before = load.by_port();
+    let (code, stdout, stderr) = rolld.control("reload", &[]);
+    let after = load.by_port();
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("rolled back during canary: ") && stderr.contains("requests failed"),
+        "{stderr}"
+    );
+    let (on_bad, all) = share(&before, &after, old_ports);
+    assert!(on_bad > 0, "the canary served some requests");
+    assert!(
+        on_bad as f64 <= 0.15 * all as f64,
+        "the bad canary served only its share: {on_bad} of {all}"
+    );
+    assert!(
+        served_new.iter().all(|p| alive(*p)),
+        "generation 2 keeps serving"
+    );
+    let (_, errors) = load.finish();
+    only_the_bad_releases_500s(&errors, old_ports);
+}
+
+#[test]
+fn the_operator_rolls_back_or_promotes_during_a_bake_under_load_and_nothing_is_lost() {
+    let fixture = fixture("    bake: 60s\n");
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    let load = Load::start(rolld.listen, 8);
+    load.wait_for_more(50);
+
+    let (code, _, stderr) = rolld.control("promote", &[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("no canary or bake in progress"), "{stderr}");
+
+    // rolld rollback: back to the same old processes, the new set stopped.
+    rolld.write_config(&release(&fixture, ""));
+    let (code, _, _) = rolld.control("reload", &["--no-wait"]);
+    assert_eq!(code, Some(0));
+    wait_until("the bake", SOON, || {
+        phase(&rolld).as_deref() == Some("bake")
+    });
+    load.wait_for_more(50);
+    let (code, stdout, stderr) = rolld.control("rollback", &[]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("rolling back to generation 1"), "{stdout}");
+    rolld.wait_log("rolled back after switch: asked by the operator", 1);
+    let second = rolld.pids_of(2);
+    wait_until("generation 2 stopped", SOON, || {
+        second.iter().all(|p| !alive(*p))
+    });
+    assert_eq!(rolld.pids_of(1), old);
+    assert!(old.iter().all(|p| alive(*p)));
+    load.wait_for_more(50);
+
+    // rolld promote: the bake ends at once, the old set stops.
+    let (code, _, _) = rolld.control("reload", &["--no-wait"]);
+    assert_eq!(code, Some(0));
+    wait_until("the bake", SOON, || {
+        phase(&rolld).as_deref() == Some("bake")
+    });
+    load.wait_for_more(50);
+    let (code, stdout, stderr) = rolld.control("promote", &[]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("promoting generation 3"), "{stdout}");
+    rolld.wait_log("roll finished", 2);
+    wait_until("the old set stopped", SOON, || {
+        old.iter().all(|p| !alive(*p))
+    });
+    assert!(rolld.pids_of(3).iter().all(|p| alive(*p)));
+    load.wait_for_more(50);
+    let (_, errors) = load.finish();
+    assert!(errors.is_empty(), "lost: {errors:?}");
+}
