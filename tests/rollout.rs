@@ -62,7 +62,12 @@ fn share(
 #[test]
 fn a_release_answering_500s_is_rolled_back_during_its_bake_to_the_same_old_processes() {
     let fixture = fixture("    bake: 60s\n    max_error_rate: 2%\n    min_requests: 50\n");
-    let rolld = Rolld::start(&fixture);
+    let admin = free_ports(1)[0];
+    let rolld = Rolld::spawn(
+        &format!("admin: 127.0.0.1:{admin}\n{}", fixture.yaml()),
+        fixture.listen,
+    );
+    rolld.wait_log("roll finished", 1);
     let old = rolld.pids_of(1);
     assert_eq!(old.len(), 2);
     let load = Load::start(rolld.listen, 8);
@@ -106,6 +111,21 @@ fn a_release_answering_500s_is_rolled_back_during_its_bake_to_the_same_old_proce
     let s = status(&rolld);
     assert_eq!(s["generation"], 1, "{s}");
     assert_eq!(s["last_roll"]["outcome"], "rolled back", "{s}");
+
+    let (_, metrics) = get_blocking(admin, "/metrics").expect("metrics");
+    for line in [
+        "rolld_rollbacks_after_switch_total{reason=\"error_rate\"} 1",
+        "rolld_rollbacks_after_switch_total{reason=\"crash\"} 0",
+        "rolld_rollout_phase{phase=\"bake\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    let judged: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rolld_rollout_error_rate "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the error rate judged");
+    assert!(judged > 0.02, "judged {judged}");
 
     load.wait_for_more(100);
     let (ok, errors) = load.finish();
@@ -309,4 +329,91 @@ fn the_operator_rolls_back_or_promotes_during_a_bake_under_load_and_nothing_is_l
     load.wait_for_more(50);
     let (_, errors) = load.finish();
     assert!(errors.is_empty(), "lost: {errors:?}");
+}
+
+#[test]
+fn a_reload_during_a_bake_promotes_the_baking_release_then_rolls() {
+    let fixture = fixture("    bake: 60s\n");
+    let rolld = Rolld::start(&fixture);
+    let first = rolld.pids_of(1);
+    let load = Load::start(rolld.listen, 8);
+    load.wait_for_more(50);
+    let (code, _, _) = rolld.control("reload", &["--no-wait"]);
+    assert_eq!(code, Some(0));
+    wait_until("the bake", SOON, || {
+        phase(&rolld).as_deref() == Some("bake")
+    });
+
+    rolld.signal(nix::sys::signal::Signal::SIGHUP);
+    rolld.wait_log("promoting the new set first", 1);
+    rolld.wait_log("roll finished", 2);
+    assert!(first.iter().all(|p| !alive(*p)), "generation 1 stopped");
+    // The next roll started from the promoted release and bakes in turn.
+    wait_until("the next bake", SOON, || {
+        status(&rolld)["rollout"]["generation"] == 3
+    });
+    let second = rolld.pids_of(2);
+    assert!(second.iter().all(|p| alive(*p)), "generation 2 stands by");
+    let (code, stdout, stderr) = rolld.control("promote", &[]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    rolld.wait_log("roll finished", 3);
+    wait_until("generation 2 stopped", SOON, || {
+        second.iter().all(|p| !alive(*p))
+    });
+    let (_, errors) = load.finish();
+    assert!(errors.is_empty(), "lost: {errors:?}");
+}
+
+#[test]
+fn behind_another_balancer_a_crashing_release_is_rolled_back_and_the_file_renders_the_old_ports() {
+    let ports = free_ports(2);
+    let yaml = format!(
+        "app-servers:\n  cmd: '{BACKEND} {{port}} {{flags}}'\n  workset:\n    - numprocs: [{}]\n    - numprocs: [{}]\n  health: {{path: /health, interval: 20ms}}\n  after_start:\n    - replace_file: [numprocs, 'up.templ', 'up.conf']\n    - run_proc: 'cat up.conf >> balancer-reloads'\n  rollout:\n    bake: 60s\n",
+        ports[0], ports[1]
+    );
+    let rolld = Rolld::spawn_with(&yaml.replace("{flags}", ""), 0, |dir| {
+        std::fs::write(
+            dir.join("up.templ"),
+            "{% for port in numprocs %}server 127.0.0.1:{{ port }};{% endfor %}\n",
+        )
+        .expect("template");
+    });
+    rolld.wait_log("roll finished", 1);
+    let old = rolld.pids_of(1);
+    let conf = || {
+        std::fs::read_to_string(rolld.config_path().with_file_name("up.conf")).unwrap_or_default()
+    };
+    assert_eq!(conf(), format!("server 127.0.0.1:{};\n", ports[0]));
+
+    rolld.write_config(&yaml.replace("{flags}", "--crash-after 1000"));
+    let (code, stdout, stderr) = rolld.control("reload", &[]);
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("rolled back after switch: process on port "),
+        "{stderr}"
+    );
+    assert_eq!(
+        conf(),
+        format!("server 127.0.0.1:{};\n", ports[0]),
+        "the balancer's file names the old port again"
+    );
+    let reloads = std::fs::read_to_string(rolld.config_path().with_file_name("balancer-reloads"))
+        .unwrap_or_default();
+    assert_eq!(
+        reloads,
+        format!(
+            "server 127.0.0.1:{a};\nserver 127.0.0.1:{b};\nserver 127.0.0.1:{a};\n",
+            a = ports[0],
+            b = ports[1]
+        ),
+        "the balancer was reloaded on the new ports, then back on the old"
+    );
+    assert_eq!(rolld.pids_of(1), old);
+    assert!(old.iter().all(|p| alive(*p)));
+    assert_eq!(
+        get_blocking(ports[0], "/pid")
+            .expect("old process answers")
+            .1,
+        old[0].to_string()
+    );
 }
