@@ -37,44 +37,58 @@ fn listening(table: &str) -> impl Iterator<Item = (u16, u64)> + '_ {
         .map(|(local, _, _, inode)| (local.1, inode))
 }
 
-/// Whether something already uses `port`: a socket listens on it, or it cannot be bound.
+/// Whether something already uses `port`: it cannot be bound on all addresses (a
+/// listener on any local address of the port makes that bind fail). No kernel table is
+/// read: on a busy host those hold thousands of sockets and take milliseconds each.
 pub fn in_use(port: u16) -> bool {
-    let listening =
-        tables().is_ok_and(|tables| tables.iter().any(|t| listening(t).any(|(p, _)| p == port)));
-    listening || std::net::TcpListener::bind(("0.0.0.0", port)).is_err()
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_err()
 }
 
 /// Checks that every socket listening on `port` belongs to a process of group `pgid`.
 /// Where the kernel's tables or a process's descriptors cannot be read, nothing is
 /// claimed: the check passes.
 pub fn check_owner(port: u16, pgid: i32) -> Result<(), String> {
+    check_owners(&[(port, pgid)])
+}
+
+/// [`check_owner`] for several ports at once, reading the kernel's tables and the
+/// process list once for all of them.
+pub fn check_owners(owners: &[(u16, i32)]) -> Result<(), String> {
     let Ok(tables) = tables() else {
         return Ok(());
     };
-    let listeners: Vec<u64> = tables
-        .iter()
-        .flat_map(|t| listening(t).filter(|&(p, _)| p == port))
-        .map(|(_, inode)| inode)
-        .collect();
-    if listeners.is_empty() {
-        return Err(format!("nothing listens on port {port} any more"));
-    }
-    let Ok(owned) = group_sockets(pgid) else {
+    let groups: HashSet<i32> = owners.iter().map(|&(_, pgid)| pgid).collect();
+    let Ok(owned) = group_sockets(&groups) else {
         return Ok(());
     };
-    if listeners.iter().all(|inode| owned.contains(inode)) {
-        Ok(())
-    } else {
-        Err(format!(
-            "port {port} is answered by another process, not by the process group {pgid} \
-             rolld started (port squatting?)"
-        ))
+    for &(port, pgid) in owners {
+        let listeners: Vec<u64> = tables
+            .iter()
+            .flat_map(|t| listening(t).filter(|&(p, _)| p == port))
+            .map(|(_, inode)| inode)
+            .collect();
+        if listeners.is_empty() {
+            return Err(format!("nothing listens on port {port} any more"));
+        }
+        let theirs = owned.get(&pgid);
+        if !listeners
+            .iter()
+            .all(|inode| theirs.is_some_and(|set| set.contains(inode)))
+        {
+            return Err(format!(
+                "port {port} is answered by another process, not by the process group {pgid} \
+                 rolld started (port squatting?)"
+            ));
+        }
     }
+    Ok(())
 }
 
-/// Socket inodes held by the processes of group `pgid`.
-fn group_sockets(pgid: i32) -> io::Result<HashSet<u64>> {
-    let mut inodes = HashSet::new();
+/// Socket inodes held by the processes of each of `groups`.
+fn group_sockets(
+    groups: &HashSet<i32>,
+) -> io::Result<std::collections::HashMap<i32, HashSet<u64>>> {
+    let mut inodes: std::collections::HashMap<i32, HashSet<u64>> = std::collections::HashMap::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -83,7 +97,7 @@ fn group_sockets(pgid: i32) -> io::Result<HashSet<u64>> {
         else {
             continue;
         };
-        let in_group = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        let group: Option<i32> = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|stat| {
                 // After the command's closing parenthesis: state, ppid, pgrp.
@@ -93,11 +107,10 @@ fn group_sockets(pgid: i32) -> io::Result<HashSet<u64>> {
                     .nth(2)?
                     .parse()
                     .ok()
-            })
-            == Some(pgid);
-        if in_group {
+            });
+        if let Some(group) = group.filter(|g| groups.contains(g)) {
             match socket_inodes(&format!("/proc/{pid}/fd")) {
-                Ok(found) => inodes.extend(found),
+                Ok(found) => inodes.entry(group).or_default().extend(found),
                 // It exited meanwhile.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),

@@ -242,16 +242,15 @@ impl Generation {
     /// Checks that each process's port is answered by that process's group, not by a
     /// stranger that took the port.
     pub fn check_owners(&self) -> Result<(), String> {
-        for p in &self.processes {
-            let running = match &*p.state.borrow() {
-                ProcessState::Running(pid) => Some(*pid),
+        let owners: Vec<(u16, i32)> = self
+            .processes
+            .iter()
+            .filter_map(|p| match &*p.state.borrow() {
+                ProcessState::Running(pid) => Some((p.port, pid.as_raw())),
                 _ => None,
-            };
-            if let Some(pid) = running {
-                connections::check_owner(p.port, pid.as_raw())?;
-            }
-        }
-        Ok(())
+            })
+            .collect();
+        connections::check_owners(&owners)
     }
 
     /// Process ids of the running processes, for logs.
