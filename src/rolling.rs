@@ -244,10 +244,10 @@ impl Roll {
 
         // 4b. canary: a share of new requests goes to the new set first.
         let mut promoted = None;
+        let mut skip_bake = false;
         if let (Some(rollout), Some(upstreams), Some(new_set)) = (&rollout, &self.upstreams, &set) {
             if let Some((share, length)) = rollout.canary {
                 upstreams.start_canary(new_set.clone(), share);
-                self.ctx.board.serving(self.id);
                 self.report(
                     "canary",
                     format!(
@@ -276,6 +276,14 @@ impl Roll {
                     Verdict::Promote(why) => {
                         self.report("promoted", format!("canary promoted: {why}"));
                         promoted = upstreams.promote_canary();
+                    }
+                    Verdict::Promoted => {
+                        self.report(
+                            "promoted",
+                            "canary promoted by the operator; no bake".to_string(),
+                        );
+                        promoted = upstreams.promote_canary();
+                        skip_bake = true;
                     }
                     Verdict::RollBack { reason, message } => {
                         self.ctx.board.rolled_back_after_switch(reason);
@@ -313,7 +321,7 @@ impl Roll {
         };
 
         // 5. drain the old set, 6. stop it (after the bake, if any).
-        let baking = rollout.as_ref().filter(|r| !r.bake.is_zero());
+        let baking = rollout.as_ref().filter(|r| !r.bake.is_zero() && !skip_bake);
         // Through a bake the old processes stay supervised: one that dies is restarted,
         // so that the set to go back to is whole.
         old.set_serving(baking.is_some());
@@ -392,6 +400,10 @@ impl Roll {
             self.current = Some(current);
             match verdict {
                 Verdict::Promote(why) => self.report("promoted", format!("promoted: {why}")),
+                Verdict::Promoted => self.report(
+                    "promoted",
+                    "promoted by the operator: the bake ended early".to_string(),
+                ),
                 Verdict::Shutdown => {}
                 Verdict::RollBack { reason, message } => {
                     return self.switch_back(old, reason, message).await;

@@ -78,6 +78,8 @@ impl Reason {
 pub enum Verdict {
     /// The new set passed (or the operator promoted it); in words.
     Promote(String),
+    /// The operator promoted the new set: no further phase.
+    Promoted,
     /// Switch back, and why.
     RollBack { reason: Reason, message: String },
     /// rolld is shutting down.
@@ -167,7 +169,7 @@ impl Watch<'_> {
                     };
                     let (verdict, said) = match decision {
                         Decision::Promote => (
-                            Verdict::Promote(format!("{phase} ended early by the operator")),
+                            Verdict::Promoted,
                             format!("promoting generation {} ({phase} ended early)", generation.id),
                         ),
                         Decision::RollBack => (

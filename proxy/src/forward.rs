@@ -312,6 +312,8 @@ impl Proxy {
         upload: &Upload,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
         let mut fresh = false;
+        // Whether the request went out to a process once (see `Upstreams::fall_back`).
+        let mut written = false;
         for _attempt in 0..MAX_ATTEMPTS {
             let upstream = lease.upstream().clone();
             let checkout = if fresh {
@@ -332,7 +334,7 @@ impl Proxy {
                         });
                     }
                     upstream.mark_down_for(self.config.down_period);
-                    if !lease.reroute() && !self.upstreams.fall_back(lease) {
+                    if !lease.reroute() && !self.upstreams.fall_back(lease, written) {
                         return Err(ProxyError::Connect {
                             upstream: upstream.addr(),
                             source,
@@ -357,7 +359,10 @@ impl Proxy {
                 Some(unsent) => Some(unsent),
                 // Each attempt may need it again: a process that crashed can take the
                 // resent request down with it too (bounded by MAX_ATTEMPTS).
-                None => replay.as_ref().map(Replay::build),
+                None => {
+                    written = true;
+                    replay.as_ref().map(Replay::build)
+                }
             };
             match retry {
                 Some(again) => {
@@ -365,7 +370,7 @@ impl Proxy {
                         // Even a new connection failed: the process is likely gone.
                         upstream.mark_down_for(self.config.down_period);
                         if !lease.reroute() {
-                            self.upstreams.fall_back(lease);
+                            self.upstreams.fall_back(lease, written);
                         }
                     }
                     debug!(upstream = %upstream.addr(), error = %err.error(), "sending failed before any answer; sending again on a new connection");

@@ -129,6 +129,9 @@ pub struct UpstreamSet {
     balance: Balance,
     /// Round-robin cursor, and where least-conn starts scanning so ties rotate.
     cursor: AtomicUsize,
+    /// Set when a drain of this set timed out: its requests are being cut on purpose,
+    /// and one that was already sent is not resent elsewhere.
+    pub(crate) cut: AtomicBool,
     /// What became of the requests routed to this set; shared so that it can be read
     /// without holding the set (which would keep its drain waiting).
     outcomes: Arc<Outcomes>,
@@ -191,6 +194,7 @@ impl UpstreamSet {
             upstreams: addrs.iter().map(|&a| Arc::new(Upstream::new(a))).collect(),
             balance,
             cursor: AtomicUsize::new(0),
+            cut: AtomicBool::new(false),
             outcomes: Arc::default(),
             dropped: watch::Sender::new(()),
         }
@@ -396,7 +400,12 @@ impl Upstreams {
     /// Moves a request that could not connect anywhere in its set (nothing was sent
     /// yet) to the current set, if it was routed to another one before a swap, or else
     /// to the standby set. Returns false when there is nowhere else to go.
-    pub fn fall_back(&self, lease: &mut InFlight) -> bool {
+    /// `written`: the request already went out once; it moves only if its set was not
+    /// cut on purpose (a drain that timed out), since then its process died under it.
+    pub fn fall_back(&self, lease: &mut InFlight, written: bool) -> bool {
+        if written && lease.set.cut.load(Ordering::Relaxed) {
+            return false;
+        }
         let current = self.current.load();
         if !Arc::ptr_eq(&current, &lease.set) {
             if let Some(moved) = InFlight::route(current.clone()) {
@@ -648,22 +657,25 @@ mod tests {
         assert!((0..10).all(|_| upstreams.route().expect("upstream").generation() == 2));
         let mut lease = upstreams.route().expect("upstream");
         assert!(
-            upstreams.fall_back(&mut lease),
+            upstreams.fall_back(&mut lease, false),
             "a failed connect moves over"
         );
         assert_eq!(lease.generation(), 1);
         assert!(
-            upstreams.fall_back(&mut lease),
+            upstreams.fall_back(&mut lease, false),
             "and back to the current set"
         );
         assert_eq!(lease.generation(), 2);
         current.upstreams()[0].set_available(false);
         assert!(
-            upstreams.fall_back(&mut lease),
+            upstreams.fall_back(&mut lease, false),
             "the current set has none left"
         );
         assert_eq!(lease.generation(), 1);
-        assert!(!upstreams.fall_back(&mut lease), "nowhere else to go");
+        assert!(
+            !upstreams.fall_back(&mut lease, false),
+            "nowhere else to go"
+        );
         assert_eq!(upstreams.route().expect("standby").generation(), 1);
         let drain = upstreams.restore_standby().expect("a standby");
         assert_eq!(drain.generation(), 2);
@@ -672,6 +684,15 @@ mod tests {
         drop(lease);
         let gone = upstreams.set_standby(None);
         assert!(gone.is_none());
+        // A request sent once in a set cut on purpose stays there.
+        let cut = Arc::new(UpstreamSet::new(3, &addrs(1), Balance::LeastConn));
+        cut.cut.store(true, Ordering::Relaxed);
+        let mut lease = InFlight::route(cut).expect("upstream");
+        assert!(!upstreams.fall_back(&mut lease, true));
+        assert!(
+            upstreams.fall_back(&mut lease, false),
+            "never sent: it moves"
+        );
     }
 
     #[test]
