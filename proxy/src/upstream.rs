@@ -148,7 +148,7 @@ pub struct Outcomes {
     /// 5xx answers of the upstream, passed on to the client.
     server_errors: AtomicU64,
     /// Connect and read failures and timeouts of the upstream, answered by the proxy
-    /// with 502/504.
+    /// with 502/504, and answers the upstream broke off mid-body.
     upstream_errors: AtomicU64,
 }
 
@@ -311,6 +311,15 @@ impl InFlight {
         if status >= 500 {
             outcomes.server_errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts an answer the upstream broke off (a reset or a stall mid-body): its
+    /// request, already counted as answered, failed after all.
+    pub fn cut_mid_answer(&self) {
+        self.set
+            .outcomes
+            .upstream_errors
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a failure of the upstream the proxy answered itself (502, 504).
@@ -705,21 +714,24 @@ mod tests {
                 .answered(status);
         }
         InFlight::route(set.clone()).expect("upstream").failed();
+        let reset = InFlight::route(set.clone()).expect("upstream");
+        reset.answered(200);
+        reset.cut_mid_answer();
         let counts = outcomes.counts();
         assert_eq!(
             counts,
             OutcomeCounts {
-                requests: 6,
+                requests: 7,
                 server_errors: 2,
-                upstream_errors: 1
+                upstream_errors: 2
             }
         );
-        assert_eq!(counts.failed(), 3);
-        assert!((counts.failure_rate() - 0.5).abs() < 1e-9);
+        assert_eq!(counts.failed(), 4);
+        assert!((counts.failure_rate() - 4.0 / 7.0).abs() < 1e-9);
         drop(set);
         assert_eq!(
             outcomes.counts().requests,
-            6,
+            7,
             "readable after the set is gone"
         );
     }
