@@ -11,4 +11,5 @@ mod nginx;
 mod original;
 mod proxying;
 mod rolling;
+mod rollout;
 mod tls;
