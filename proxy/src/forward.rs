@@ -288,9 +288,15 @@ impl Proxy {
         let (mut response, conn) = match sent {
             Some(Ok(sent)) => {
                 self.stats.observe_upstream(sending.elapsed());
+                lease.answered(sent.0.status().as_u16());
                 sent
             }
-            Some(Err(err)) => return Err((err, access)),
+            Some(Err(err)) => {
+                if err.blames_upstream() {
+                    lease.failed();
+                }
+                return Err((err, access));
+            }
             None => {
                 let err = match upload.stalled() {
                     Stalled::Answer => ProxyError::Timeout {
@@ -303,6 +309,9 @@ impl Proxy {
                     },
                     Stalled::Client => ProxyError::ClientBodyIdle,
                 };
+                if err.blames_upstream() {
+                    lease.failed();
+                }
                 return Err((err, access));
             }
         };
@@ -367,6 +376,8 @@ impl Proxy {
         upload: &Upload,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
         let mut fresh = false;
+        // Whether the request went out to a process once (see `Upstreams::fall_back`).
+        let mut written = false;
         let mut holds = 0;
         let mut replays = 0;
         let mut attempt = 0;
@@ -394,11 +405,11 @@ impl Proxy {
                         });
                     }
                     upstream.mark_down_for(self.config.down_period);
-                    if !lease.reroute() {
-                        // A request already written to a process of a set that has been
-                        // replaced was cut by the drain's timeout: it fails visibly, and
-                        // is not run again on the new set.
-                        let cut = replays > 0 && !self.upstreams.serves(lease);
+                    if !lease.reroute() && !self.upstreams.fall_back(lease, written) {
+                        // A request already written to a process of a set whose drain
+                        // timed out was cut on purpose: it fails visibly, and is not run
+                        // again elsewhere.
+                        let cut = written && lease.is_cut();
                         if !self.holds() || holds == MAX_HOLDS || cut {
                             return Err(ProxyError::Connect {
                                 upstream: upstream.addr(),
@@ -434,8 +445,11 @@ impl Proxy {
             // proxy_next_upstream does), at most MAX_REPLAYS times.
             let retry = match err.take_message() {
                 Some(unsent) => Some(unsent),
+                // A process that crashed can take the resent request down with it
+                // too: bounded by MAX_REPLAYS.
                 None if replays < MAX_REPLAYS => {
                     replays += 1;
+                    written = true;
                     replay.as_ref().map(Replay::build)
                 }
                 None => None,
@@ -445,7 +459,9 @@ impl Proxy {
                     if !conn.reused {
                         // Even a new connection failed: the process is likely gone.
                         upstream.mark_down_for(self.config.down_period);
-                        lease.reroute();
+                        if !lease.reroute() {
+                            self.upstreams.fall_back(lease, written);
+                        }
                     }
                     debug!(upstream = %upstream.addr(), error = %err.error(), "sending failed before any answer; sending again on a new connection");
                     req = again;

@@ -53,4 +53,4 @@ pub use hold::HoldSnapshot;
 pub use maintenance::MaintenancePage;
 pub use server::{bind, serve, serve_fronts, Front};
 pub use stats::{Stats, StatsSnapshot};
-pub use upstream::{Balance, InFlight, Upstream, UpstreamSet, Upstreams};
+pub use upstream::{Balance, InFlight, OutcomeCounts, Outcomes, Upstream, UpstreamSet, Upstreams};
