@@ -40,6 +40,7 @@ struct RawConfig {
     group: Option<String>,
     control_socket: Option<String>,
     admin: Option<String>,
+    cgroup: Option<String>,
     #[serde(rename = "app-servers")]
     app_servers: RawAppServers,
 }
@@ -165,6 +166,10 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Where `/metrics`, `/status` and `/healthz` are served, if anywhere.
     pub admin: Option<SocketAddr>,
+    /// A delegated cgroup v2 folder: each set runs in a cgroup of its own under it.
+    /// Checked when rolld starts (`cgroup::Mode::choose`), not here: `rolld check`
+    /// runs anywhere.
+    pub cgroup: Option<PathBuf>,
     pub app: AppServers,
 }
 
@@ -504,6 +509,11 @@ impl RawConfig {
         let proxy = validate_proxy(v, self.proxy)?;
         let run_as = validate_run_as(v, self.user, self.group)?;
         let control_socket = self.control_socket.as_deref().map(|p| v.own_path(p));
+        let cgroup = match self.cgroup.as_deref().map(str::trim) {
+            None => None,
+            Some("") => return Err(v.err("cgroup", "empty; write a cgroup v2 folder")),
+            Some(p) => Some(v.own_path(p)),
+        };
         let admin = match self.admin.as_deref().map(str::trim) {
             None => None,
             Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
@@ -747,6 +757,7 @@ impl RawConfig {
             run_as,
             control_socket,
             admin,
+            cgroup,
             app: AppServers {
                 cmd: app.cmd,
                 argv,

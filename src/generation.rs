@@ -18,13 +18,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
+use crate::cgroup::{Cgroup, Hierarchy};
 use crate::config::{Config, Health};
 use crate::connections;
 use crate::guard::Guard;
 use crate::health::{self, StartFailed};
 use crate::output::{self, Sink};
-use crate::process::{self, Exit, Reaper, Spawner, Spec};
+use crate::process::{self, Exit, Reaper, Spawner, Spec, Tree};
 use crate::status::Board;
+use crate::tree;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -77,6 +79,8 @@ pub struct Context {
     pub guard: Arc<Guard>,
     /// What `rolld status` and `/metrics` show.
     pub board: Arc<Board>,
+    /// rolld's cgroups, in cgroup mode.
+    pub cgroups: Option<Arc<Hierarchy>>,
     /// Set once, on shutdown: every keeper stops its process this way.
     pub shutdown: watch::Receiver<Option<StopHow>>,
     /// Never sent on: every keeper holds the context, so the receiver sees the channel
@@ -110,6 +114,8 @@ pub struct Generation {
     processes: Vec<Process>,
     /// While true, a process that dies is restarted; before the swap, it fails the roll.
     serving: Arc<AtomicBool>,
+    /// Where the set's cgroup is removed once stopped (cgroup mode).
+    cgroups: Option<Arc<Hierarchy>>,
 }
 
 impl Generation {
@@ -127,11 +133,26 @@ impl Generation {
             .map(|&port| {
                 let (state_tx, state) = watch::channel(ProcessState::Starting);
                 let (stop, stop_rx) = oneshot::channel();
+                let cgroup = match &ctx.cgroups {
+                    Some(cgroups) => cgroups
+                        .create_process(id, port)
+                        .map(Some)
+                        .map_err(|e| format!("cannot create its cgroup: {e}")),
+                    None => Ok(None),
+                };
+                let mut spec = spec_for(config, port);
+                spec.environment
+                    .push((tree::MARK_VAR.to_string(), tree::mark(id, port)));
+                if let Ok(Some(cgroup)) = &cgroup {
+                    spec.cgroup = Some(cgroup.procs_file().to_owned());
+                }
                 let keeper = Keeper {
                     ctx: ctx.clone(),
                     generation: id,
                     port,
-                    spec: spec_for(config, port),
+                    mark: tree::mark(id, port),
+                    cgroup,
+                    spec,
                     stdout: sink(config.app.stdout.as_deref(), port, Sink::Stdout),
                     stderr: sink(config.app.stderr.as_deref(), port, Sink::Stderr),
                     health: config.app.health.clone(),
@@ -154,6 +175,7 @@ impl Generation {
             ports: ports.to_vec(),
             processes,
             serving,
+            cgroups: ctx.cgroups.clone(),
         }
     }
 
@@ -196,8 +218,8 @@ impl Generation {
             })
     }
 
-    /// Checks that each process's port is answered by that process's group, not by a
-    /// stranger that took the port.
+    /// Checks that each process's port is answered by that process or one it started
+    /// (a forked worker, a daemon), not by a stranger that took the port.
     pub fn check_owners(&self) -> Result<(), String> {
         for p in &self.processes {
             let running = match &*p.state.borrow() {
@@ -205,7 +227,8 @@ impl Generation {
                 _ => None,
             };
             if let Some(pid) = running {
-                connections::check_owner(p.port, pid.as_raw())?;
+                let mark = tree::mark(self.id, p.port);
+                connections::check_owner(p.port, pid, &tree::members(pid, Some(&mark)))?;
             }
         }
         Ok(())
@@ -236,6 +259,9 @@ impl Generation {
                 let _ = done.await;
             }
         }
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove_set(self.id);
+        }
     }
 }
 
@@ -261,6 +287,7 @@ fn spec_for(config: &Config, port: u16) -> Spec {
         directory: config.app.directory.clone(),
         environment,
         capture_output: true,
+        cgroup: None,
     }
 }
 
@@ -275,6 +302,10 @@ struct Keeper {
     ctx: Arc<Context>,
     generation: u64,
     port: u16,
+    /// The mark in its environment, which its daemons inherit.
+    mark: String,
+    /// Its cgroup (cgroup mode), or why it could not be made.
+    cgroup: Result<Option<Cgroup>, String>,
     spec: Spec,
     stdout: Sink,
     stderr: Sink,
@@ -314,7 +345,7 @@ impl Keeper {
                     match ended {
                         Ended::Stop(how) => {
                             let status = process::terminate(
-                                pid,
+                                self.tree(pid),
                                 &mut exit,
                                 how.signal,
                                 how.timeout,
@@ -329,8 +360,8 @@ impl Keeper {
                             return;
                         }
                         Ended::Exited(status) => {
-                            // Its workers, if any, go with it.
-                            process::signal_group(pid, Signal::SIGKILL);
+                            // Its workers and daemons, if any, go with it.
+                            self.tree(pid).kill();
                             self.ctx.guard.forget(pid);
                             Ended::Exited(status)
                         }
@@ -367,7 +398,19 @@ impl Keeper {
         }
     }
 
+    /// What stopping the process `pid` stops.
+    fn tree(&self, pid: Pid) -> Tree<'_> {
+        Tree {
+            leader: pid,
+            mark: Some(&self.mark),
+            cgroup: self.cgroup.as_ref().ok().and_then(Option::as_ref),
+        }
+    }
+
     async fn start(&self) -> std::io::Result<Pid> {
+        if let Err(why) = &self.cgroup {
+            return Err(std::io::Error::other(why.clone()));
+        }
         let mut child = self.ctx.spawner.spawn(self.spec.clone()).await?;
         let pid = Pid::from_raw(child.id() as i32);
         self.ctx.guard.watch(pid);
@@ -414,7 +457,7 @@ impl Keeper {
                 result = &mut ready, if checking => {
                     checking = false;
                     match result {
-                        Ok(()) => match connections::check_owner(self.port, pid.as_raw()) {
+                        Ok(()) => match connections::check_owner(self.port, pid, &tree::members(pid, Some(&self.mark))) {
                             Ok(()) => {
                                 info!(generation = self.generation, port = self.port, pid = pid.as_raw(), "restarted process is ready");
                                 if let Some(upstream) = &self.upstream {
@@ -423,12 +466,12 @@ impl Keeper {
                             }
                             Err(why) => {
                                 error!(generation = self.generation, port = self.port, pid = pid.as_raw(), "{why}; killing the restarted process to try again");
-                                process::signal_group(pid, Signal::SIGKILL);
+                                self.tree(pid).kill();
                             }
                         },
                         Err(failed) => {
                             warn!(port = self.port, "{failed}; killing it to try again");
-                            process::signal_group(pid, Signal::SIGKILL);
+                            self.tree(pid).kill();
                         }
                     }
                 }

@@ -10,7 +10,10 @@
 //! - [`health`]: readiness polling and smoke tests.
 //! - [`actions`]: `after_start`: rendered upstream files and reload commands (nginx mode).
 //! - [`connections`]: open TCP connections per port, for draining behind another balancer.
-//! - [`process`]: spawning from one thread, reaping in one place, stopping a group.
+//! - [`process`]: spawning from one thread, reaping in one place (orphans too: rolld is
+//!   a child subreaper, and may be PID 1), stopping what a process left running.
+//! - [`tree`]: which processes belong to a started process (group, mark, descendants).
+//! - [`cgroup`]: cgroup v2 mode, where a subtree is delegated to rolld.
 //! - [`output`]: child stdout/stderr into prefixed log lines.
 //! - [`guard`]: the process that kills every app if rolld itself is killed.
 //! - [`signals`]: signals into commands.
@@ -24,6 +27,7 @@
 
 mod actions;
 mod admin;
+mod cgroup;
 mod config;
 mod connections;
 mod control;
@@ -38,6 +42,7 @@ mod rolling;
 mod signals;
 mod status;
 mod supervisor;
+mod tree;
 mod yaml_lines;
 
 use std::path::{Path, PathBuf};
@@ -158,6 +163,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // The guard is rolld's binary run again; it takes no part in the CLI.
+    let mut args = std::env::args();
+    if args.nth(1).as_deref() == Some(guard::SUBCOMMAND) {
+        guard::run(&args.next().unwrap_or_default());
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
     // The default hook writes to stderr itself, and would block on a stalled one.
@@ -578,9 +588,6 @@ fn drop_privileges(run_as: &config::RunAs) -> nix::Result<()> {
 }
 
 fn run(path: &Path) -> ExitCode {
-    // The guard is forked below, before any other thread may exist: log lines wait in
-    // their queue until then.
-    logs::hold();
     // Until the runtime's handlers are installed a SIGHUP or SIGUSR1 would kill rolld;
     // ignore them meanwhile (the handlers replace this, and exec resets it for children).
     for sig in [Signal::SIGHUP, Signal::SIGUSR1] {
@@ -636,11 +643,33 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    // SAFETY: no thread has been started yet (the log writers are held back); the
-    // runtime is built below.
-    let guard = unsafe { guard::Guard::start() };
-    logs::release();
-    let guard = match guard {
+    // A daemonized app process is re-parented to rolld, not to init: rolld still stops
+    // and reaps it.
+    if let Err(err) = process::become_subreaper() {
+        say!("cannot become a child subreaper: {err}");
+        return ExitCode::from(1);
+    }
+    let mode = match cgroup::Mode::choose(config.cgroup.as_deref()) {
+        Ok(mode) => mode,
+        Err(why) => {
+            say!("config {}: {why}", config.path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let cgroups = match &mode {
+        cgroup::Mode::Cgroup { root, .. } => match cgroup::Hierarchy::create(root) {
+            Ok(hierarchy) => Some(Arc::new(hierarchy)),
+            Err(err) => {
+                say!(
+                    "cannot create rolld's cgroup under {}: {err}",
+                    root.display()
+                );
+                return ExitCode::from(1);
+            }
+        },
+        cgroup::Mode::Groups { .. } => None,
+    };
+    let guard = match guard::Guard::start(cgroups.as_ref().map(|h| h.dir().to_path_buf())) {
         Ok(guard) => Arc::new(guard),
         Err(err) => {
             say!("cannot start the guard process: {err}");
@@ -664,6 +693,10 @@ fn run(path: &Path) -> ExitCode {
         if let Some(addr) = config.listen {
             info!(%addr, "listening");
         }
+        info!(mode = %mode.describe(), "containment");
+        if std::process::id() == 1 {
+            info!("running as PID 1: reaping every orphan");
+        }
         info!(
             guard = guard.pid().as_raw(),
             config = %config.path.display(),
@@ -672,7 +705,8 @@ fn run(path: &Path) -> ExitCode {
             env!("CARGO_PKG_VERSION")
         );
         let board = Arc::new(status::Board::default());
-        let supervisor = supervisor::Supervisor::new(config.clone(), guard, board.clone())?;
+        let supervisor =
+            supervisor::Supervisor::new(config.clone(), guard, board.clone(), cgroups)?;
         let upstreams = supervisor.proxy().map(|p| p.upstreams().clone());
         control.serve(commands_tx, board.clone(), upstreams)?;
         if let Some(admin) = admin {

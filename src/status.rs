@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::histogram::Histogram;
 use serde::{Deserialize, Serialize};
+
+use crate::cgroup::Hierarchy;
 
 /// The shared record. Counters are atomics; the rest sits behind one lock taken only on
 /// state changes (process started, roll phase) and reads, never per request.
@@ -20,6 +22,8 @@ pub struct Board {
     pub restarts: AtomicU64,
     /// Seconds each drain took.
     pub drain_seconds: Histogram,
+    /// rolld's cgroups (cgroup mode), for each set's memory and CPU.
+    cgroups: std::sync::OnceLock<Arc<Hierarchy>>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +60,9 @@ pub struct Snapshot {
     /// The generation serving now (none before the first set is ready).
     pub generation: Option<u64>,
     pub processes: Vec<ProcessStatus>,
+    /// Each set's memory and CPU, from its cgroup (cgroup mode only).
+    #[serde(default)]
+    pub sets: Vec<SetUsage>,
     pub upstreams: Vec<UpstreamStatus>,
     /// The roll in progress, if any.
     pub roll: Option<RollStatus>,
@@ -74,6 +81,16 @@ pub struct ProcessStatus {
     pub state: String,
     pub uptime_s: f64,
     pub restarts: u32,
+}
+
+/// What a set uses, from its cgroup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetUsage {
+    pub generation: u64,
+    /// `memory.current`; none when the memory controller is not enabled for rolld.
+    pub memory_bytes: Option<u64>,
+    /// `usage_usec` of `cpu.stat`: CPU time used, in microseconds.
+    pub cpu_usec: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +115,7 @@ impl Default for Board {
             rolls_rolled_back: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             drain_seconds: Histogram::new([0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            cgroups: std::sync::OnceLock::new(),
         }
     }
 }
@@ -105,6 +123,13 @@ impl Default for Board {
 impl Board {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where each set's usage comes from, in cgroup mode.
+    pub fn set_cgroups(&self, cgroups: Option<Arc<Hierarchy>>) {
+        if let Some(cgroups) = cgroups {
+            let _ = self.cgroups.set(cgroups);
+        }
     }
 
     /// A process changed state; `pid` None keeps the one known.
@@ -189,9 +214,28 @@ impl Board {
                 })
                 .collect()
         });
+        let sets = match self.cgroups.get() {
+            Some(cgroups) => {
+                let generations: std::collections::BTreeSet<u64> =
+                    s.processes.keys().map(|&(g, _)| g).collect();
+                generations
+                    .into_iter()
+                    .map(|generation| {
+                        let (memory_bytes, cpu_usec) = cgroups.usage(generation);
+                        SetUsage {
+                            generation,
+                            memory_bytes,
+                            cpu_usec,
+                        }
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         Snapshot {
             generation: s.serving,
             processes,
+            sets,
             upstreams,
             roll: s.roll.as_ref().map(|(generation, phase)| RollStatus {
                 generation: *generation,
@@ -227,6 +271,21 @@ impl Snapshot {
                 out,
                 "{:<6} {:<6} {:<8} {:<11} {:>8.0}s {:>8}",
                 p.generation, p.port, pid, p.state, p.uptime_s, p.restarts
+            );
+        }
+        for set in &self.sets {
+            let memory = set.memory_bytes.map_or_else(
+                || "n/a (no memory controller)".to_string(),
+                |b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+            );
+            let cpu = set.cpu_usec.map_or_else(
+                || "n/a".to_string(),
+                |us| format!("{:.2} s", us as f64 / 1e6),
+            );
+            let _ = writeln!(
+                out,
+                "set {} (cgroup): memory {memory}, cpu {cpu}",
+                set.generation
             );
         }
         for u in &self.upstreams {
