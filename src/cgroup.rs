@@ -164,6 +164,11 @@ impl Hierarchy {
         Cgroup::at(dir)
     }
 
+    /// The processes in the cgroup of the process of `generation` on `port`.
+    pub fn procs_of(&self, generation: u64, port: u16) -> Vec<Pid> {
+        read_procs(&self.set_dir(generation).join(format!("port-{port}")))
+    }
+
     /// Removes the (empty) cgroup of the set `generation`.
     pub fn remove_set(&self, generation: u64) {
         remove_dir(&self.set_dir(generation));
@@ -203,6 +208,15 @@ impl Drop for Hierarchy {
         }
         remove_dir(&self.dir);
     }
+}
+
+fn read_procs(dir: &Path) -> Vec<Pid> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .map(Pid::from_raw)
+        .collect()
 }
 
 fn make_dir(dir: &Path) -> io::Result<()> {
@@ -280,12 +294,7 @@ impl Cgroup {
 
     /// The processes in it now.
     pub fn procs(&self) -> Vec<Pid> {
-        std::fs::read_to_string(self.dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .map(Pid::from_raw)
-            .collect()
+        read_procs(&self.dir)
     }
 
     /// Whether any process is in it.

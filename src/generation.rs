@@ -227,8 +227,8 @@ impl Generation {
                 _ => None,
             };
             if let Some(pid) = running {
-                let mark = tree::mark(self.id, p.port);
-                connections::check_owner(p.port, pid, &tree::members(pid, Some(&mark)))?;
+                let members = members(self.cgroups.as_deref(), self.id, p.port, pid);
+                connections::check_owner(p.port, pid, &members)?;
             }
         }
         Ok(())
@@ -271,6 +271,16 @@ impl Drop for Generation {
         // are tracked by `Context::alive`, so shutdown still waits for them.
         self.set_serving(false);
     }
+}
+
+/// The processes of the process `pid` of `generation` on `port`: its group, its
+/// marked daemons and their descendants, and in cgroup mode whatever is in its cgroup.
+fn members(cgroups: Option<&Hierarchy>, generation: u64, port: u16, pid: Pid) -> Vec<Pid> {
+    let mut members = tree::members(pid, Some(&tree::mark(generation, port)));
+    if let Some(cgroups) = cgroups {
+        members.extend(cgroups.procs_of(generation, port));
+    }
+    members
 }
 
 fn spec_for(config: &Config, port: u16) -> Spec {
@@ -457,7 +467,7 @@ impl Keeper {
                 result = &mut ready, if checking => {
                     checking = false;
                     match result {
-                        Ok(()) => match connections::check_owner(self.port, pid, &tree::members(pid, Some(&self.mark))) {
+                        Ok(()) => match connections::check_owner(self.port, pid, &members(self.ctx.cgroups.as_deref(), self.generation, self.port, pid)) {
                             Ok(()) => {
                                 info!(generation = self.generation, port = self.port, pid = pid.as_raw(), "restarted process is ready");
                                 if let Some(upstream) = &self.upstream {

@@ -261,7 +261,15 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mode = match cgroup::Mode::choose(config.cgroup.as_deref()) {
+        Ok(mode) => mode,
+        Err(why) => {
+            say!("config {}: {why}", config.path.display());
+            return ExitCode::from(2);
+        }
+    };
     out_raw!("{}", plan(&config));
+    out!("containment:  {}", mode.describe());
     // Show what the balancer will get, rendered for the first set.
     let (_, which) = first_ports(&config);
     for (output, text) in rendered {
