@@ -124,14 +124,8 @@ impl Hierarchy {
     /// delegated service cgroup), rolld moves to `<root>/supervisor` first: a cgroup with
     /// processes of its own cannot hand controllers to its children.
     pub fn create(root: &Path) -> io::Result<Hierarchy> {
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        let mine = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .map(|p| p.trim_start_matches('/').to_string());
-        let in_root = mine.is_some_and(|p| {
-            Path::new("/sys/fs/cgroup").join(&p) == root || root.ends_with(&p) && !p.is_empty()
-        });
+        let own = Pid::from_raw(std::process::id() as i32);
+        let in_root = read_procs(root).contains(&own);
         if in_root {
             let leaf = root.join("supervisor");
             make_dir(&leaf)?;
@@ -192,9 +186,13 @@ impl Hierarchy {
     }
 }
 
-impl Drop for Hierarchy {
-    fn drop(&mut self) {
-        // Whatever is left (a set that failed to stop) dies with rolld's cgroup.
+impl Hierarchy {
+    /// Kills whatever is left (a set that failed to stop) and removes rolld's cgroups.
+    /// Called as rolld exits; again on drop, which then finds nothing to do.
+    pub fn close(&self) {
+        if !self.dir.exists() {
+            return;
+        }
         let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
         if let Ok(sets) = std::fs::read_dir(&self.dir) {
             for set in sets.flatten().filter(|e| e.path().is_dir()) {

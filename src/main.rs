@@ -677,6 +677,7 @@ fn run(path: &Path) -> ExitCode {
         },
         cgroup::Mode::Groups { .. } => None,
     };
+    let cgroups_at_exit = cgroups.clone();
     let guard = match guard::Guard::start(cgroups.as_ref().map(|h| h.dir().to_path_buf())) {
         Ok(guard) => Arc::new(guard),
         Err(err) => {
@@ -725,6 +726,10 @@ fn run(path: &Path) -> ExitCode {
     });
     // Do not wait for stray tasks (tunnels of cut connections) at exit.
     runtime.shutdown_background();
+    // Stray tasks may still hold it: remove rolld's cgroups now.
+    if let Some(cgroups) = &cgroups_at_exit {
+        cgroups.close();
+    }
     match result {
         Ok(()) => {
             info!("rolld stopped");

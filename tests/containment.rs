@@ -15,17 +15,33 @@ use crate::support::*;
 
 /// A legacy start script: the server daemonizes (an inner shell starts it in a session
 /// of its own with `setsid` and exits, so its parent is gone), and the script stays in
-/// the foreground with a forked worker.
-fn daemonizing_script() -> String {
-    format!(
-        "sh -c 'setsid \"$0\" \"$1\" </dev/null >/dev/null 2>&1 &' {BACKEND} \"$1\"\n\
+/// the foreground with a forked worker. Beside the server, the daemon runs a watcher
+/// that notes a graceful stop (SIGTERM) in `stopped-PORT`; a SIGKILL leaves no note.
+fn write_daemonizing(dir: &Path) {
+    write_script(
+        dir,
+        "app.sh",
+        "sh -c 'setsid sh daemon.sh \"$0\" </dev/null >/dev/null 2>&1 &' \"$1\"\n\
          sleep 300 &\n\
-         wait\n"
-    )
+         wait\n",
+    );
+    write_script(
+        dir,
+        "daemon.sh",
+        &format!(
+            "sh -c 'trap \"echo stopped > stopped-$0; exit 0\" TERM; while :; do sleep 0.05; done' \"$1\" &\n\
+             exec {BACKEND} \"$1\"\n"
+        ),
+    );
 }
 
 fn write_script(dir: &Path, name: &str, text: &str) {
     fs::write(dir.join(name), text).expect("write the app script");
+}
+
+/// Whether the daemon of `port` was stopped gracefully, by its stop signal.
+fn stopped_gracefully(rolld: &Rolld, port: u16) -> bool {
+    rolld.dir.path().join(format!("stopped-{port}")).exists()
 }
 
 /// Fields of `/proc/PID/stat` after the command: state, ppid, pgrp, session, ...
@@ -84,12 +100,11 @@ fn daemon_of(rolld: i32, generation: u64, port: u16) -> i32 {
     let mark = format!("{rolld}/{generation}/{port}");
     let mut found = None;
     wait_until(
-        "the daemonized server, in a session of its own, re-parented to rolld",
+        "the daemon, in a session of its own, re-parented to rolld",
         SOON,
         || {
             found = all_pids().into_iter().find(|&p| {
                 alive(p)
-                    && comm(p).starts_with("rolld-example")
                     && env_var(p, "ROLLD_PROCESS").as_deref() == Some(mark.as_str())
                     && stat(p).is_some_and(|f| f[1] == rolld.to_string() && f[3] == p.to_string())
             });
@@ -109,9 +124,7 @@ fn gone(pid: i32) -> bool {
 
 fn start_daemonizing(per_set: usize) -> (Fixture, Rolld) {
     let fixture = Fixture::new(per_set).cmd("sh app.sh {port}");
-    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, |dir| {
-        write_script(dir, "app.sh", &daemonizing_script())
-    });
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, write_daemonizing);
     rolld.wait_log("roll finished", 1);
     (fixture, rolld)
 }
@@ -145,6 +158,12 @@ fn a_roll_stops_and_reaps_the_old_sets_daemon_and_frees_its_port() {
     // Not a zombie: rolld, its parent now, reaped it.
     wait_until("the old daemon reaped", SOON, || gone(daemon));
     wait_until("the old set's port free", SOON, || port_free(old_port));
+    assert!(
+        stopped_gracefully(&rolld, old_port),
+        "stopped with SIGTERM; files: {:?}",
+        fs::read_dir(rolld.dir.path())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
     let new = daemon_of(rolld.pid(), 2, fixture.sets[1][0]);
     assert!(alive(new));
     assert_eq!(get_blocking(rolld.listen, "/").expect("serves").0, 200);
@@ -168,6 +187,9 @@ fn sigkill_to_rolld_leaves_no_daemon_behind_and_frees_the_port() {
     wait_until("every app process gone", SOON, || marked_by(pid).is_empty());
     for daemon in daemons {
         assert!(!alive(daemon));
+    }
+    for &port in &fixture.sets[0] {
+        assert!(!stopped_gracefully(&rolld, port), "killed by the guard");
     }
     for &port in &fixture.sets[0] {
         wait_until("the port free", SOON, || port_free(port));
@@ -197,7 +219,7 @@ fn pkill_9_x_rolld_leaves_no_app_process_behind_forked_workers_included() {
     // rolld in a session of its own, so that pkill, scoped to that session, reaches
     // this test's rolld and its guard only (other rollds may run on this machine).
     let dir = tempfile::tempdir().expect("temp dir");
-    write_script(dir.path(), "app.sh", &daemonizing_script());
+    write_daemonizing(dir.path());
     fs::write(dir.path().join("rolld.yml"), fixture.yaml()).expect("config");
     let log = fs::File::create(dir.path().join("rolld.log")).expect("log");
     let child = Command::new("setsid")
@@ -250,7 +272,7 @@ fn pkill_9_x_rolld_leaves_no_app_process_behind_forked_workers_included() {
     wait_until("every app process gone", SOON, || {
         apps.iter().chain(&workers).all(|&p| !alive(p))
     });
-    assert_eq!(marked_by(pid), Vec::<i32>::new());
+    wait_until("no marked process left", SOON, || marked_by(pid).is_empty());
     wait_until("the guard done", SOON, || !alive(guard));
 }
 
@@ -297,17 +319,23 @@ fn a_roll_onto_a_port_a_stranger_holds_fails_naming_the_holder() {
 
 #[test]
 fn a_leftover_of_an_earlier_set_holding_the_port_is_stopped_and_the_roll_goes_on() {
-    // Generation 1 leaves a daemon behind that clears its environment (no mark) and
-    // takes its port as soon as the set lets go of it.
+    // Generation 1, told to stop, leaves a daemon behind that clears its environment
+    // (no mark), and takes its port as soon as the set has let go of it.
     let app = format!(
         "case \"$ROLLD_PROCESS\" in\n\
-         */1/*) sh -c 'env -i setsid sh squat.sh \"$0\" \"$1\" </dev/null >/dev/null 2>&1 &' {BACKEND} \"$1\" ;;\n\
+         */1/*) trap 'sh leave.sh \"$1\"; exit 0' TERM ;;\n\
          esac\n\
-         exec {BACKEND} \"$1\"\n"
+         {BACKEND} \"$1\" &\n\
+         while :; do wait; done\n"
     );
     let fixture = Fixture::new(1).cmd("sh app.sh {port}");
     let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, |dir| {
         write_script(dir, "app.sh", &app);
+        write_script(
+            dir,
+            "leave.sh",
+            &format!("env -i setsid sh squat.sh {BACKEND} \"$1\" </dev/null >/dev/null 2>&1 &\n"),
+        );
         write_script(
             dir,
             "squat.sh",
@@ -370,7 +398,7 @@ fn as_pid_1_of_a_pid_namespace_rolld_reaps_orphans_and_stops_on_sigterm() {
     }
     let fixture = Fixture::new(1).cmd("sh app.sh {port}");
     let dir = tempfile::tempdir().expect("temp dir");
-    write_script(dir.path(), "app.sh", &daemonizing_script());
+    write_daemonizing(dir.path());
     fs::write(dir.path().join("rolld.yml"), fixture.yaml()).expect("config");
     let log = fs::File::create(dir.path().join("rolld.log")).expect("log");
     let child = Command::new("unshare")
@@ -421,13 +449,11 @@ fn as_pid_1_of_a_pid_namespace_rolld_reaps_orphans_and_stops_on_sigterm() {
             .filter(|&p| stat(p).is_some_and(|f| f[0] == "Z" && f[1] == parent.to_string()))
             .collect()
     };
-    // The daemonized server's parent exits: the orphan is re-parented to PID 1.
+    // The daemon's parent exits: the orphan is re-parented to PID 1.
     let mut daemon = None;
-    wait_until("the daemonized server", SOON, || {
+    wait_until("the daemon, re-parented to PID 1", SOON, || {
         daemon = all_pids().into_iter().find(|&p| {
-            alive(p)
-                && comm(p).starts_with("rolld-example")
-                && stat(p).is_some_and(|f| f[1] == pid.to_string())
+            alive(p) && stat(p).is_some_and(|f| f[1] == pid.to_string() && f[3] == p.to_string())
         });
         daemon.is_some()
     });
