@@ -140,6 +140,10 @@ fn sigterm_stops_a_daemonized_app_process_and_frees_its_port() {
     let status = rolld.wait_exit(SOON);
     assert_eq!(status.code(), Some(0), "{}", rolld.log());
     assert!(!alive(daemon), "the daemon outlived rolld");
+    assert!(
+        stopped_gracefully(&rolld, port),
+        "rolld, not the guard, stopped the daemon, with SIGTERM"
+    );
     assert_eq!(
         marked_by(pid),
         Vec::<i32>::new(),
