@@ -84,7 +84,7 @@ fn delegated() -> Result<PathBuf, String> {
     let dir = mount.join(path.trim_start_matches('/'));
     if dir == mount || !is_delegated(&dir) {
         return Err(
-            "no cgroup delegated to rolld (systemd Delegate=yes, or the `cgroup` setting)".into(),
+            "no cgroup delegated to rolld: no `cgroup` setting, no systemd Delegate=yes".into(),
         );
     }
     usable(&dir)?;

@@ -455,7 +455,7 @@ fn plan(config: &Config) -> String {
     );
     let _ = writeln!(
         out,
-        "stop:         {} to each process group, SIGKILL after {}",
+        "stop:         {} to each process and what it started, SIGKILL after {}",
         app.stop_signal,
         humantime::format_duration(app.stop_timeout)
     );
