@@ -81,6 +81,12 @@ impl prometheus_client::collector::Collector for Collector {
                     MetricType::Gauge,
                 )?
                 .encode_gauge(&in_flight)?;
+            counter(
+                &mut encoder,
+                "rolld_idle_buffer_releases",
+                "Times an idle HTTP/1 client connection gave its buffers back.",
+                stats.idle_releases,
+            )?;
         }
         counter(
             &mut encoder,

@@ -40,11 +40,87 @@ fn listening(table: &str) -> impl Iterator<Item = (u16, u64)> + '_ {
         .map(|(local, _, _, inode)| (local.1, inode))
 }
 
-/// Whether something already uses `port`: a socket listens on it, or it cannot be bound.
+/// Listening TCP sockets (IPv4 and IPv6): local port and socket inode, asked of the
+/// kernel over netlink (sock_diag, listeners only), which costs the same however many
+/// other sockets the host has; `/proc/net/tcp` lists them all, thousands on a busy
+/// host, and takes milliseconds per read. Falls back to those tables where netlink
+/// cannot be used.
+fn listeners() -> io::Result<Vec<(u16, u64)>> {
+    match sock_diag_listeners() {
+        Ok(found) => Ok(found),
+        Err(_) => Ok(tables()?.iter().flat_map(|t| listening(t)).collect()),
+    }
+}
+
+fn sock_diag_listeners() -> io::Result<Vec<(u16, u64)>> {
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+    use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST};
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut found = Vec::new();
+    for (family, id) in [
+        (AF_INET, SocketId::new_v4()),
+        (AF_INET6, SocketId::new_v6()),
+    ] {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::LISTEN,
+                socket_id: id,
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut buf = vec![0; request.buffer_len()];
+        request.serialize(&mut buf);
+        socket.send(&buf, 0)?;
+        let mut received = vec![0; 64 * 1024];
+        'dump: loop {
+            let size = socket.recv(&mut &mut received[..], 0)?;
+            let mut offset = 0;
+            while offset < size {
+                let message =
+                    NetlinkMessage::<SockDiagMessage>::deserialize(&received[offset..size])
+                        .map_err(|e| bad(format!("sock_diag answer: {e}")))?;
+                let length = message.header.length as usize;
+                match message.payload {
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                        found.push((
+                            response.header.socket_id.source_port,
+                            u64::from(response.header.inode),
+                        ));
+                    }
+                    NetlinkPayload::Done(_) => break 'dump,
+                    NetlinkPayload::Error(e) => return Err(bad(format!("sock_diag: {e:?}"))),
+                    _ => {}
+                }
+                if length == 0 {
+                    break;
+                }
+                offset += length;
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Whether something already uses `port`: it cannot be bound on all addresses (a
+/// listener on any local address of the port makes that bind fail). No kernel table is
+/// read: on a busy host those hold thousands of sockets and take milliseconds each.
 pub fn in_use(port: u16) -> bool {
-    let listening =
-        tables().is_ok_and(|tables| tables.iter().any(|t| listening(t).any(|(p, _)| p == port)));
-    listening || std::net::TcpListener::bind(("0.0.0.0", port)).is_err()
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_err()
 }
 
 /// Checks that every socket listening on `port` belongs to one of `members`, the
@@ -52,47 +128,55 @@ pub fn in_use(port: u16) -> bool {
 /// tables or a process's descriptors cannot be read, nothing is claimed: the check
 /// passes.
 pub fn check_owner(port: u16, leader: Pid, members: &[Pid]) -> Result<(), String> {
-    let Ok(tables) = tables() else {
-        return Ok(());
-    };
-    let listeners = listeners_on(&tables, port);
-    if listeners.is_empty() {
-        return Err(format!("nothing listens on port {port} any more"));
-    }
-    let mut owned = HashSet::new();
-    for pid in members {
-        match socket_inodes(&format!("/proc/{pid}/fd")) {
-            Ok(found) => owned.extend(found),
-            // It exited meanwhile.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(_) => return Ok(()),
-        }
-    }
-    if listeners.iter().all(|inode| owned.contains(inode)) {
-        Ok(())
-    } else {
-        Err(format!(
-            "port {port} is answered by another process, not by the process {leader} rolld \
-             started or one it started (port squatting?)"
-        ))
-    }
+    check_owners(&[(port, leader, members.to_vec())])
 }
 
-fn listeners_on(tables: &[String], port: u16) -> Vec<u64> {
-    tables
-        .iter()
-        .flat_map(|t| listening(t).filter(|&(p, _)| p == port))
-        .map(|(_, inode)| inode)
-        .collect()
+/// [`check_owner`] for several ports at once, asking the kernel for its listeners once
+/// for all of them: (port, leader, members) each.
+pub fn check_owners(owners: &[(u16, Pid, Vec<Pid>)]) -> Result<(), String> {
+    let Ok(listening) = listeners() else {
+        return Ok(());
+    };
+    for (port, leader, members) in owners {
+        let port = *port;
+        let listeners: Vec<u64> = listening
+            .iter()
+            .filter(|&&(p, _)| p == port)
+            .map(|&(_, inode)| inode)
+            .collect();
+        if listeners.is_empty() {
+            return Err(format!("nothing listens on port {port} any more"));
+        }
+        let mut owned = HashSet::new();
+        for pid in members {
+            match socket_inodes(&format!("/proc/{pid}/fd")) {
+                Ok(found) => owned.extend(found),
+                // It exited meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => return Ok(()),
+            }
+        }
+        if !listeners.iter().all(|inode| owned.contains(inode)) {
+            return Err(format!(
+                "port {port} is answered by another process, not by the process {leader} rolld \
+                 started or one it started (port squatting?)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The processes holding a socket that listens on `port`.
 pub fn holders(port: u16) -> Vec<Pid> {
-    let Ok(tables) = tables() else {
+    let Ok(listening) = listeners() else {
         return Vec::new();
     };
-    let listeners: HashSet<u64> = listeners_on(&tables, port).into_iter().collect();
-    if listeners.is_empty() {
+    let wanted: HashSet<u64> = listening
+        .iter()
+        .filter(|&&(p, _)| p == port)
+        .map(|&(_, inode)| inode)
+        .collect();
+    if wanted.is_empty() {
         return Vec::new();
     }
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -102,7 +186,7 @@ pub fn holders(port: u16) -> Vec<Pid> {
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             socket_inodes(&format!("/proc/{pid}/fd"))
-                .is_ok_and(|inodes| inodes.iter().any(|i| listeners.contains(i)))
+                .is_ok_and(|inodes| inodes.iter().any(|i| wanted.contains(i)))
         })
         .map(Pid::from_raw)
         .collect()
@@ -218,6 +302,31 @@ mod tests {
         drop(listener);
         assert!(check_owner(port, me, &[me]).is_err(), "nobody listens");
         assert!(holders(port).is_empty());
+    }
+
+    #[test]
+    fn netlink_finds_the_listeners_the_kernel_tables_list() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let v6 = std::net::TcpListener::bind("[::1]:0").ok();
+        let from_tables: Vec<(u16, u64)> = tables()
+            .expect("the kernel's tables")
+            .iter()
+            .flat_map(|t| listening(t).collect::<Vec<_>>())
+            .collect();
+        let from_netlink = sock_diag_listeners().expect("sock_diag answers");
+        let ours = from_tables
+            .iter()
+            .find(|(p, _)| *p == port)
+            .expect("listed in /proc/net/tcp");
+        assert!(from_netlink.contains(ours), "{ours:?} in {from_netlink:?}");
+        if let Some(v6) = v6 {
+            let port6 = v6.local_addr().expect("addr").port();
+            assert!(
+                from_netlink.iter().any(|(p, _)| *p == port6),
+                "IPv6 listener"
+            );
+        }
     }
 
     #[test]

@@ -221,17 +221,19 @@ impl Generation {
     /// Checks that each process's port is answered by that process or one it started
     /// (a forked worker, a daemon), not by a stranger that took the port.
     pub fn check_owners(&self) -> Result<(), String> {
-        for p in &self.processes {
-            let running = match &*p.state.borrow() {
-                ProcessState::Running(pid) => Some(*pid),
+        let owners: Vec<(u16, Pid, Vec<Pid>)> = self
+            .processes
+            .iter()
+            .filter_map(|p| match &*p.state.borrow() {
+                ProcessState::Running(pid) => Some((
+                    p.port,
+                    *pid,
+                    members(self.cgroups.as_deref(), self.id, p.port, *pid),
+                )),
                 _ => None,
-            };
-            if let Some(pid) = running {
-                let members = members(self.cgroups.as_deref(), self.id, p.port, pid);
-                connections::check_owner(p.port, pid, &members)?;
-            }
-        }
-        Ok(())
+            })
+            .collect();
+        connections::check_owners(&owners)
     }
 
     /// Process ids of the running processes, for logs.

@@ -377,27 +377,9 @@ fn a_leftover_of_an_earlier_set_holding_the_port_is_stopped_and_the_roll_goes_on
     assert_eq!(get_blocking(rolld.listen, "/").expect("serves").0, 200);
 }
 
-/// Whether a root-only test runs: as root it does; otherwise it fails, unless
-/// `ROLLD_TEST_SKIP_ROOT=1` asks to skip (said loudly), and never skips under CI.
-fn root_or_explicit_skip(what: &str) -> bool {
-    if nix::unistd::getuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{what} needs root, and CI runs as root"
-    );
-    assert!(
-        std::env::var("ROLLD_TEST_SKIP_ROOT").as_deref() == Ok("1"),
-        "{what} needs root; run as root, or set ROLLD_TEST_SKIP_ROOT=1 to skip it"
-    );
-    eprintln!("\n!!! SKIPPED: {what} needs root (ROLLD_TEST_SKIP_ROOT=1) !!!\n");
-    false
-}
-
 #[test]
 fn as_pid_1_of_a_pid_namespace_rolld_reaps_orphans_and_stops_on_sigterm() {
-    if !root_or_explicit_skip("rolld as PID 1 in a PID namespace (unshare)") {
+    if !root_or_skip("rolld as PID 1 in a PID namespace (unshare)") {
         return;
     }
     let fixture = Fixture::new(1).cmd("sh app.sh {port}");
@@ -542,7 +524,7 @@ impl Drop for Cgroup2 {
 
 #[test]
 fn in_cgroup_mode_each_set_has_its_cgroup_and_nothing_escapes_a_stop() {
-    if !root_or_explicit_skip("the cgroup mode (mount -t cgroup2)") {
+    if !root_or_skip("the cgroup mode (mount -t cgroup2)") {
         return;
     }
     let cgroups = Cgroup2::new();

@@ -272,6 +272,7 @@ impl Connection {
         } = self;
         let (mut io, activity) = ClientIo::new(stream, protocols.timeouts);
         let client = Arc::new(Client::new(peer, activity, proxy.config(), slot));
+        let counted = proxy.clone();
         let service = service_fn(move |req: hyper::Request<Incoming>| {
             // In progress from now, not from the future's first poll: hyper may hold a
             // parsed request a while before polling it.
@@ -346,6 +347,7 @@ impl Connection {
             if !io.take_shed(parts.read_buf) {
                 return;
             }
+            counted.stats().count_idle_release();
             // Idle between requests, holding no buffer: wait for the next bytes.
             tokio::select! {
                 ready = io.ready() => if let Err(err) = ready {

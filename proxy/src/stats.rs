@@ -18,6 +18,9 @@ pub struct Stats {
     /// [`RESPONSE_TIME_BUCKETS`] (not cumulative), then the overflow.
     buckets: [AtomicU64; 13],
     sum_micros: AtomicU64,
+    /// HTTP/1 client connections that gave hyper's buffers back while idle (see
+    /// `activity`): the saving is invisible otherwise.
+    idle_releases: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -30,12 +33,18 @@ pub struct StatsSnapshot {
     pub buckets: Vec<(f64, u64)>,
     pub response_count: u64,
     pub response_seconds_sum: f64,
+    /// Times an idle HTTP/1 client connection gave its buffers back.
+    pub idle_releases: u64,
 }
 
 impl Stats {
     pub(crate) fn count_response(&self, status: http::StatusCode) {
         let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_idle_release(&self) {
+        self.idle_releases.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn observe_upstream(&self, took: Duration) {
@@ -63,6 +72,7 @@ impl Stats {
             buckets,
             response_count,
             response_seconds_sum: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            idle_releases: self.idle_releases.load(Ordering::Relaxed),
         }
     }
 }

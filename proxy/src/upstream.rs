@@ -293,6 +293,48 @@ mod tests {
     }
 
     #[test]
+    fn a_set_knows_its_generation_and_finds_its_upstreams_by_address() {
+        let list = addrs(3);
+        let set = Arc::new(UpstreamSet::new(9, &list, Balance::LeastConn));
+        assert_eq!(set.generation(), 9);
+        assert!(!set.is_empty());
+        assert!(UpstreamSet::empty().is_empty());
+        let found: Vec<SocketAddr> = set.upstreams().iter().map(|u| u.addr()).collect();
+        assert_eq!(found, list);
+        assert_eq!(set.get(list[2]).map(|u| u.addr()), Some(list[2]));
+        assert!(set.get(SocketAddr::from(([127, 0, 0, 1], 9))).is_none());
+        let lease = InFlight::route(set.clone()).expect("upstream");
+        assert_eq!(lease.generation(), 9);
+    }
+
+    #[test]
+    fn an_upstream_marked_down_is_skipped_for_that_period_then_comes_back() {
+        let set = Arc::new(UpstreamSet::new(1, &addrs(1), Balance::LeastConn));
+        let upstream = &set.upstreams()[0];
+        upstream.mark_down_for(Duration::from_secs(3600));
+        assert!(!upstream.is_available(), "down for an hour");
+        assert!(InFlight::route(set.clone()).is_none());
+        upstream.mark_down_for(Duration::from_millis(30));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !upstream.is_available() {
+            assert!(Instant::now() < deadline, "available again after 30 ms");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn reroute_works_past_the_64th_upstream() {
+        // The tried-mask holds 64 upstreams; larger sets must not overflow it.
+        let set = Arc::new(UpstreamSet::new(1, &addrs(66), Balance::RoundRobin));
+        let mut lease = (0..200)
+            .filter_map(|_| InFlight::route(set.clone()))
+            .find(|l| l.index == 64)
+            .expect("round robin reaches index 64");
+        assert!(lease.reroute());
+        assert_ne!(lease.index, 64);
+    }
+
+    #[test]
     fn least_conn_prefers_the_idlest_and_spreads_ties() {
         let set = Arc::new(UpstreamSet::new(1, &addrs(3), Balance::LeastConn));
         let leases: Vec<_> = (0..3)

@@ -206,3 +206,67 @@ async fn at_most_64_idle_connections_per_upstream_are_kept() {
     }
     assert_eq!(closed.load(Ordering::SeqCst), BURST - 64, "64 kept idle");
 }
+
+#[tokio::test]
+async fn more_workers_than_cores_all_serve() {
+    // Upstream connection pools are per worker thread, shared when workers outnumber them.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let cfg = ProxyConfig {
+        workers: (4 * cores).min(256),
+        ..ProxyConfig::default()
+    };
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    // Many connections, so that every worker thread accepts some.
+    for _ in 0..300 {
+        let answer = get_once(front.addr).await;
+        assert!(answer.ends_with("hi"), "{answer}");
+    }
+}
+
+/// Waits until the proxy counts `n` idle buffer releases.
+async fn wait_idle_releases(front: &Front, n: u64) {
+    let deadline = tokio::time::Instant::now() + SOON;
+    while front.proxy.stats().snapshot().idle_releases < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} idle release(s) within {SOON:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_gives_its_buffers_back_and_serves_the_next_request() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = Front::start(ProxyConfig::default(), &[up.addr], Balance::LeastConn).await;
+    let mut client = TcpStream::connect(front.addr).await.expect("connect");
+    for round in 1..=3 {
+        let answer = ask(&mut client, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(answer.ends_with("hi"), "{answer}");
+        // Between requests the connection holds no buffers (counted when released).
+        wait_idle_releases(&front, round).await;
+    }
+}
+
+#[tokio::test]
+async fn shutdown_closes_an_idle_connection_within_a_second() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut front = Front::start(ProxyConfig::default(), &[up.addr], Balance::LeastConn).await;
+    let mut client = TcpStream::connect(front.addr).await.expect("connect");
+    let answer = ask(&mut client, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.ends_with("hi"), "{answer}");
+    wait_idle_releases(&front, 1).await;
+    // A long grace period: an idle connection must not wait for it.
+    let done = front.shutdown(std::time::Duration::from_secs(60));
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), client.read(&mut byte))
+        .await
+        .expect("the idle connection is closed, not left open until the grace period");
+    assert!(matches!(read, Ok(0)), "closed without a word: {read:?}");
+    tokio::time::timeout(SOON, done)
+        .await
+        .expect("shutdown finishes")
+        .expect("task")
+        .expect("serve");
+}

@@ -275,9 +275,11 @@ pub async fn get_once(addr: SocketAddr) -> String {
     .await
 }
 
+/// Reads until the proxy closes the connection (end of stream or reset). A connection
+/// still open at `deadline` fails the test: it is not the same as closed.
 pub async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> Vec<u8> {
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(deadline, async {
+    let closed = tokio::time::timeout(deadline, async {
         let mut chunk = [0u8; 8192];
         loop {
             match stream.read(&mut chunk).await {
@@ -287,6 +289,11 @@ pub async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> Ve
         }
     })
     .await;
+    assert!(
+        closed.is_ok(),
+        "the connection was still open after {deadline:?}, having sent {:?}",
+        text(&out)
+    );
     out
 }
 
