@@ -122,6 +122,22 @@ fn launch(cgroup: Option<&PathBuf>) -> std::io::Result<(File, Pid)> {
     Ok((File::from(write), Pid::from_raw(child.id() as i32)))
 }
 
+/// Closes every descriptor but stdin, stdout and stderr: whatever rolld inherited
+/// without close-on-exec (from its own parent) must not be held open by the guard
+/// after rolld is gone.
+fn close_inherited() {
+    // Collected before closing: the listing holds a descriptor of its own.
+    let open: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in open.into_iter().filter(|&fd| fd > 2) {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
 /// The guard's whole life (`rolld __guard ROLLD_PID`): wait for rolld to close the pipe
 /// on stdin, then kill what it left.
 pub fn run(rolld: &str) -> ! {
@@ -139,6 +155,7 @@ pub fn run(rolld: &str) -> ! {
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
     let rolld: u32 = rolld.parse().unwrap_or(0);
+    close_inherited();
     let cgroup = std::env::var_os(CGROUP_VAR).map(PathBuf::from);
 
     let mut groups = BTreeSet::new();
