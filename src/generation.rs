@@ -410,12 +410,15 @@ impl Keeper {
         }
     }
 
-    /// What stopping the process `pid` stops.
+    /// What stopping the process `pid` stops: its group, and its cgroup in cgroup mode,
+    /// else whatever carries its mark (a scan of the process table, which the cgroup
+    /// makes needless).
     fn tree(&self, pid: Pid) -> Tree<'_> {
+        let cgroup = self.cgroup.as_ref().ok().and_then(Option::as_ref);
         Tree {
             leader: pid,
-            mark: Some(&self.mark),
-            cgroup: self.cgroup.as_ref().ok().and_then(Option::as_ref),
+            mark: cgroup.is_none().then_some(self.mark.as_str()),
+            cgroup,
         }
     }
 

@@ -308,9 +308,23 @@ impl Tree<'_> {
 
     /// Whether any member is alive.
     pub fn alive(&self) -> bool {
-        group_alive(self.leader)
-            || self.cgroup.is_some_and(Cgroup::populated)
+        self.group_alive()
             || (self.mark.is_some() && !tree::members(self.leader, self.mark).is_empty())
+    }
+
+    /// Whether a process of the group (or, in cgroup mode, of the cgroup) is alive: no
+    /// reading of the process table.
+    fn group_alive(&self) -> bool {
+        group_alive(self.leader) || self.cgroup.is_some_and(Cgroup::populated)
+    }
+
+    /// The members found through the mark, now.
+    fn marked_members(&self) -> Vec<Pid> {
+        if self.mark.is_some() {
+            tree::members(self.leader, self.mark)
+        } else {
+            Vec::new()
+        }
     }
 }
 
@@ -331,8 +345,15 @@ pub async fn terminate(
         .ok()
         .and_then(Result::ok);
     // The leader is gone; give the rest (forked workers, daemons) the same deadline.
-    while status.is_some() && tree.alive() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // The process table is read once here, not at every poll: on a busy host it holds
+    // thousands of processes. The full check below finds whatever forked meanwhile.
+    if status.is_some() {
+        let members = tree.marked_members();
+        while (tree.group_alive() || members.iter().any(|&pid| tree::live(pid)))
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     if status.is_none() || tree.alive() {
         if sig != Signal::SIGKILL {

@@ -159,6 +159,15 @@ pub fn signal_all(pids: &[Pid], sig: Signal) {
     }
 }
 
+/// Whether `pid` runs (a zombie does not).
+pub fn live(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 /// The short name (`comm`) of `pid`, for messages.
 pub fn name_of(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
