@@ -9,6 +9,7 @@
 //! member, or carries its mark. (In cgroup mode the cgroup is exact; see `cgroup`.)
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
@@ -43,19 +44,67 @@ fn snapshot() -> Vec<Proc> {
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // After the command's closing parenthesis: state, ppid, pgrp.
-            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-            let state = fields.next()?;
-            if state == "Z" || state == "X" {
-                return None;
+        .filter_map(proc_of)
+        .collect()
+}
+
+/// `pid`, if it is alive (not a zombie).
+fn proc_of(pid: i32) -> Option<Proc> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's closing parenthesis: state, ppid, pgrp.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    Some(Proc {
+        pid,
+        ppid: fields.next()?.parse().ok()?,
+        pgid: fields.next()?.parse().ok()?,
+    })
+}
+
+/// rolld's live descendants, found by walking `/proc/PID/task/TID/children` down from
+/// rolld: a few reads, however many processes the host runs. While rolld lives, every
+/// process of its sets is one of them: a daemon is re-parented to rolld (the subreaper)
+/// or to a subreaper below it. `None` where the kernel has no `children` files.
+fn own_descendants() -> Option<Vec<Proc>> {
+    let own = std::process::id() as i32;
+    if !Path::new(&format!("/proc/{own}/task/{own}/children")).exists() {
+        return None;
+    }
+    let mut found = Vec::new();
+    let mut seen = HashSet::from([own]);
+    let mut todo = vec![own];
+    // Each pid is visited once, so this ends; the bound holds it on a runaway fork bomb.
+    while let Some(pid) = todo.pop() {
+        if found.len() > 100_000 {
+            break;
+        }
+        for child in children_of(pid) {
+            if seen.insert(child) {
+                todo.push(child);
+                if let Some(p) = proc_of(child) {
+                    found.push(p);
+                }
             }
-            Some(Proc {
-                pid,
-                ppid: fields.next()?.parse().ok()?,
-                pgid: fields.next()?.parse().ok()?,
-            })
+        }
+    }
+    Some(found)
+}
+
+/// The children of every thread of `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
         })
         .collect()
 }
@@ -74,7 +123,7 @@ fn mark_of(pid: i32) -> Option<String> {
 /// its group, the processes carrying the mark, and their descendants. rolld itself is
 /// never one of them.
 pub fn members(leader: Pid, mark: Option<&str>) -> Vec<Pid> {
-    let procs = snapshot();
+    let procs = own_descendants().unwrap_or_else(snapshot);
     let own = std::process::id() as i32;
     let mut found: HashSet<i32> = procs
         .iter()
