@@ -225,8 +225,9 @@ fn make_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Removes an empty cgroup; the kernel may take a moment to empty it after a kill.
+/// Blocks for at most 100 ms.
 fn remove_dir(dir: &Path) {
-    for _ in 0..50 {
+    for _ in 0..10 {
         match std::fs::remove_dir(dir) {
             Ok(()) => return,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return,

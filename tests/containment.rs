@@ -603,3 +603,27 @@ fn in_cgroup_mode_each_set_has_its_cgroup_and_nothing_escapes_a_stop() {
     let procs = fs::read_to_string(cgroups.sub.join("cgroup.procs")).unwrap_or_default();
     assert!(procs.trim().is_empty(), "{procs}");
 }
+
+#[test]
+fn a_cgroup_setting_that_is_no_cgroup_v2_folder_is_a_config_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("rolld.yml");
+    fs::write(
+        &config,
+        format!(
+            "cgroup: {}\n{}",
+            dir.path().display(),
+            Fixture::new(1).yaml()
+        ),
+    )
+    .expect("config");
+    let out = output_within(Command::new(ROLLD).arg("check").arg(&config), SOON);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`cgroup`") && stderr.contains("not a cgroup v2 folder"),
+        "{stderr}"
+    );
+    let out = output_within(Command::new(ROLLD).arg(&config), SOON);
+    assert_eq!(out.status.code(), Some(2), "rolld does not start either");
+}
