@@ -94,8 +94,22 @@ end
 "#;
 
 fn wrk(wrk: &Path, script: &Path, url: &str, connections: u32, secs: u64) -> Load {
+    wrk_with(wrk, script, url, connections, secs, &[])
+}
+
+/// [`wrk`] with extra request headers (`Connection: close`: a new connection, and so a
+/// new TLS handshake, for every request).
+fn wrk_with(
+    wrk: &Path,
+    script: &Path,
+    url: &str,
+    connections: u32,
+    secs: u64,
+    headers: &[&str],
+) -> Load {
     let threads = connections.min(2);
     let out = Command::new(wrk)
+        .args(headers.iter().flat_map(|h| ["-H", h]))
         .args([
             "-t",
             &threads.to_string(),
@@ -229,7 +243,17 @@ fn backend_ports(config: &Path) -> Vec<u16> {
         .collect()
 }
 
-fn start_nginx(nginx: &Path, dir: &Path, port: u16, backends: &[u16], workers: u32) -> Proc {
+/// The same certificate for rolld and nginx: `(port, cert file, key file)`.
+type TlsListen<'a> = (u16, &'a Path, &'a Path);
+
+fn start_nginx(
+    nginx: &Path,
+    dir: &Path,
+    port: u16,
+    backends: &[u16],
+    workers: u32,
+    tls: TlsListen<'_>,
+) -> Proc {
     let servers: String = backends
         .iter()
         .map(|p| format!("        server 127.0.0.1:{p};\n"))
@@ -243,8 +267,15 @@ fn start_nginx(nginx: &Path, dir: &Path, port: u16, backends: &[u16], workers: u
     // is never recycled (`keepalive_requests`, both sides), proxy buffers that hold a
     // whole 64 KiB answer in memory (the default 8 x 4 KiB spills it to a temporary file),
     // and the error log at `warn`, where such a spill would show (counted below).
+    // HTTPS as nginx's docs advise: TLS 1.2 and 1.3, a shared session cache.
+    let (tls_port, cert, key) = tls;
+    let https = format!(
+        "    server {{\n        listen 127.0.0.1:{tls_port} ssl backlog=1024;\n        ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:SSL:10m;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n",
+        cert.display(),
+        key.display()
+    );
     let conf = format!(
-        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n}}\n"
+        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n{https}}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
     let nginx = Proc::spawn(
@@ -431,12 +462,23 @@ fn main() {
     let backend_start = t.elapsed();
     drop(backend);
 
+    // One ECDSA P-256 certificate for rolld's and nginx's HTTPS.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["bench.test".to_string()])
+        .and_then(|p| p.self_signed(&key))
+        .expect("certificate");
+    let (cert_file, key_file) = (dir.path().join("tls.pem"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, cert.pem()).expect("cert");
+    std::fs::write(&key_file, key.serialize_pem()).expect("key");
+
     // rolld with four backends.
-    let listen = free_ports(1)[0];
+    let [listen, tls_listen] = free_ports(2)[..] else {
+        unreachable!("two ports")
+    };
     let config = dir.path().join("rolld.yml");
     std::fs::write(
         &config,
-        format!("listen: 127.0.0.1:{listen}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 20000-29999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'backend-{{port}}.log'\n"),
+        format!("listen: 127.0.0.1:{listen}\ntls:\n  listen: 127.0.0.1:{tls_listen}\n  certificates:\n    - {{cert: tls.pem, key: tls.key}}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 20000-29999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'backend-{{port}}.log'\n"),
     )
     .expect("config");
     let log = std::fs::File::create(dir.path().join("rolld.log")).expect("log");
@@ -449,7 +491,8 @@ fn main() {
     .expect("start rolld");
     let rolld_pid = rolld.0.id();
     assert!(
-        wait_for_port(listen, Duration::from_secs(30)),
+        wait_for_port(listen, Duration::from_secs(30))
+            && wait_for_port(tls_listen, Duration::from_secs(30)),
         "rolld did not start"
     );
     let start = Instant::now();
@@ -471,17 +514,23 @@ fn main() {
         ("direct".to_string(), backends[0], vec![]),
         ("rolld".to_string(), listen, vec![rolld_pid]),
     ];
+    let mut tls_targets: Vec<(String, u16, Vec<u32>)> =
+        vec![("rolld".to_string(), tls_listen, vec![rolld_pid])];
     let mut nginx_procs = Vec::new();
     match &nginx_bin {
         Some(nginx) => {
             for workers in [1u32, 2] {
-                let port = free_ports(1)[0];
+                let [port, tls_port] = free_ports(2)[..] else {
+                    unreachable!("two ports")
+                };
                 let ndir = dir.path().join(format!("nginx{workers}"));
                 std::fs::create_dir_all(&ndir).expect("dir");
-                let master = start_nginx(nginx, &ndir, port, &backends, workers);
+                let tls = (tls_port, cert_file.as_path(), key_file.as_path());
+                let master = start_nginx(nginx, &ndir, port, &backends, workers, tls);
                 let pids = children_of(master.0.id(), workers as usize);
                 nginx_procs.push(master);
-                targets.push((format!("nginx-{workers}w"), port, pids));
+                targets.push((format!("nginx-{workers}w"), port, pids.clone()));
+                tls_targets.push((format!("nginx-{workers}w"), tls_port, pids));
             }
         }
         None => println!("nginx is not installed (apt-get install -y nginx): skipped nginx"),
@@ -577,6 +626,81 @@ fn main() {
         }
     }
     print!("{table}");
+
+    // HTTPS: keep-alive, and a new connection (a full handshake: wrk resumes no
+    // session) for every request, at 64 connections, small answers.
+    let mut tls_table = String::new();
+    let _ = writeln!(
+        tls_table,
+        "{:<13} {:>4}  {:<10} {:>10} {:>8} {:>8} {:>8} {:>6} {:>8}   {:>10}",
+        "https",
+        "conn",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "errors",
+        "cpu us/r",
+        "rolld/best"
+    );
+    for (mode, headers) in [
+        ("keep-alive", &[][..]),
+        ("new-conn", &["Connection: close"][..]),
+    ] {
+        let connections = 64u32;
+        let mut runs: BTreeMap<String, Vec<Load>> = BTreeMap::new();
+        for round in 0..rounds {
+            for i in 0..tls_targets.len() {
+                let (name, port, pids) = &tls_targets[(i + round) % tls_targets.len()];
+                let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+                let mut load = wrk_with(
+                    &wrk_bin,
+                    &script,
+                    &format!("https://127.0.0.1:{port}/"),
+                    connections,
+                    secs,
+                    headers,
+                );
+                let ticks = pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - before;
+                let requests = load.rps * secs as f64;
+                if requests > 0.0 {
+                    load.cpu_us_per_request = ticks as f64 / ticks_per_sec() * 1e6 / requests;
+                }
+                runs.entry(name.clone()).or_default().push(load);
+            }
+        }
+        let mut cell = BTreeMap::new();
+        for (name, mut loads) in runs {
+            loads.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            let errors = loads.iter().map(|l| l.errors).sum();
+            let mut cpu: Vec<f64> = loads.iter().map(|l| l.cpu_us_per_request).collect();
+            cpu.sort_by(f64::total_cmp);
+            let median = loads[loads.len() / 2].clone();
+            let load = Load {
+                errors,
+                cpu_us_per_request: cpu[cpu.len() / 2],
+                ..median
+            };
+            results.insert(format!("https-{mode}/c{connections}/{name}"), load.clone());
+            cell.insert(name, load);
+        }
+        let best_nginx = ["nginx-1w", "nginx-2w"]
+            .iter()
+            .filter_map(|n| cell.get(*n))
+            .map(|l| l.rps)
+            .fold(0.0, f64::max);
+        for (name, _, _) in &tls_targets {
+            let Some(l) = cell.get(name) else { continue };
+            let ratio = if name == "rolld" && best_nginx > 0.0 {
+                format!("{:>10.2}", l.rps / best_nginx)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(tls_table, "{mode:<13} {connections:>4}  {name:<10} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>8.1}   {ratio}", l.rps, l.p50_ms, l.p99_ms, l.p999_ms, l.errors, l.cpu_us_per_request);
+        }
+    }
+    print!("{tls_table}");
     drop(nginx_procs);
     // A response nginx had to spill to disk would handicap it: say so if it happened.
     let nginx_spills: usize = [1, 2]

@@ -7,6 +7,7 @@
 //! - `?delay=MS` on any path delays the answer;
 //! - `GET /pid` answers the pid; `GET /health` answers 200 (503 with `--unhealthy`);
 //! - `GET /env?name=VAR` answers the value of an environment variable;
+//! - `GET /header?name=NAME` answers the value of a request header (as rolld forwarded it);
 //! - `GET /log?msg=TEXT` prints TEXT on stdout;
 //! - `GET /stream?chunks=N&delay=MS` streams N numbered chunks, MS apart;
 //! - `GET /bytes?n=N` answers N bytes;
@@ -205,6 +206,18 @@ async fn handle(
                 .and_then(|q| q.strip_prefix("name="))
                 .unwrap_or("");
             Response::new(full(std::env::var(name).unwrap_or_default()))
+        }
+        "/header" => {
+            let name = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("name="))
+                .unwrap_or("");
+            let value = req
+                .headers()
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            Response::new(full(value.unwrap_or_default()))
         }
         "/health" if unhealthy => {
             let mut r = Response::new(full("unhealthy\n"));

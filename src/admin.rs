@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use rolld_proxy::tls::Tls;
 use rolld_proxy::Proxy;
 use tracing::{debug, warn};
 
@@ -31,6 +32,7 @@ const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6
 struct Collector {
     board: Arc<Board>,
     proxy: Option<Arc<Proxy>>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl prometheus_client::collector::Collector for Collector {
@@ -88,6 +90,75 @@ impl prometheus_client::collector::Collector for Collector {
                 stats.idle_releases,
             )?;
         }
+        if let Some(tls) = &self.tls {
+            let stats = tls.stats().snapshot();
+            counter(
+                &mut encoder,
+                "rolld_tls_handshakes",
+                "TLS handshakes completed.",
+                stats.handshakes,
+            )?;
+            counter(
+                &mut encoder,
+                "rolld_tls_resumed_sessions",
+                "TLS handshakes that resumed an earlier session.",
+                stats.resumed,
+            )?;
+            let labelled = |encoder: &mut DescriptorEncoder,
+                            name: &str,
+                            help: &str,
+                            label: &str,
+                            values: &[(&str, u64)]|
+             -> Result<(), std::fmt::Error> {
+                let mut family =
+                    encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for (value, n) in values {
+                    family
+                        .encode_family(&[(label, *value)])?
+                        .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+                }
+                Ok(())
+            };
+            let failures: Vec<(&str, u64)> = stats
+                .failures
+                .iter()
+                .map(|(why, n)| (why.as_str(), *n))
+                .collect();
+            labelled(
+                &mut encoder,
+                "rolld_tls_handshake_failures",
+                "TLS handshakes that failed, by reason.",
+                "reason",
+                &failures,
+            )?;
+            labelled(
+                &mut encoder,
+                "rolld_tls_connections",
+                "TLS connections, by protocol version.",
+                "version",
+                &stats.versions,
+            )?;
+            labelled(
+                &mut encoder,
+                "rolld_tls_alpn",
+                "TLS connections, by the protocol ALPN chose.",
+                "protocol",
+                &stats.alpn,
+            )?;
+            let now = std::time::SystemTime::now();
+            let mut family = encoder.encode_descriptor(
+                "rolld_tls_certificate_days_left",
+                "Whole days until each TLS certificate expires.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for cert in self.board.certificates() {
+                let name = cert.names.first().cloned().unwrap_or_default();
+                family
+                    .encode_family(&[("name", name.as_str())])?
+                    .encode_gauge(&cert.days_left(now))?;
+            }
+        }
         counter(
             &mut encoder,
             "rolld_rolls_started",
@@ -134,6 +205,7 @@ pub fn serve(
     listener: std::net::TcpListener,
     board: Arc<Board>,
     proxy: Option<Arc<Proxy>>,
+    tls: Option<Arc<Tls>>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let mut registry = Registry::default();
@@ -141,6 +213,7 @@ pub fn serve(
     registry.register_collector(Box::new(Collector {
         board: board.clone(),
         proxy,
+        tls,
     }));
     let registry = Arc::new(registry);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));

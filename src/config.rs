@@ -41,6 +41,7 @@ struct RawConfig {
     control_socket: Option<String>,
     admin: Option<String>,
     cgroup: Option<String>,
+    tls: Option<RawTls>,
     #[serde(rename = "app-servers")]
     app_servers: RawAppServers,
 }
@@ -64,6 +65,23 @@ struct RawProxy {
     http2_keepalive_interval: Option<String>,
     http2_keepalive_timeout: Option<String>,
     tunnel_idle_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: String,
+    certificates: Vec<RawCertificate>,
+    redirect_http: Option<bool>,
+    hsts: Option<String>,
+    handshake_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: String,
+    key: String,
 }
 
 /// A byte size: a number, or a string with a k/m/g suffix as nginx writes them.
@@ -170,7 +188,34 @@ pub struct Config {
     /// Checked when rolld starts (`cgroup::Mode::choose`), not here: `rolld check`
     /// runs anywhere.
     pub cgroup: Option<PathBuf>,
+    /// The TLS listener of the built-in proxy, if any.
+    pub tls: Option<TlsSettings>,
     pub app: AppServers,
+}
+
+/// The `tls:` section, with its certificates read and checked.
+#[derive(Clone, Debug)]
+pub struct TlsSettings {
+    pub listen: SocketAddr,
+    /// What the files held when the config was read; the first is the default.
+    pub loaded: Vec<crate::tls::Loaded>,
+    /// The plain `listen` answers every request with a 308 to HTTPS.
+    pub redirect_http: bool,
+    /// `Strict-Transport-Security: max-age=...` on every HTTPS response, if set.
+    pub hsts: Option<Duration>,
+    pub handshake_timeout: Duration,
+}
+
+impl TlsSettings {
+    /// Everything but the certificates' contents: what a reload cannot change.
+    pub fn listener_settings(&self) -> (SocketAddr, bool, Option<Duration>, Duration) {
+        (
+            self.listen,
+            self.redirect_http,
+            self.hsts,
+            self.handshake_timeout,
+        )
+    }
 }
 
 /// The unprivileged user (and group) to switch to.
@@ -336,6 +381,11 @@ impl Config {
         config.path = path.to_path_buf();
         config.workdir = workdir.to_path_buf();
         Ok(config)
+    }
+
+    /// Whether rolld runs its built-in proxy (a plain or a TLS listener).
+    pub fn proxied(&self) -> bool {
+        self.listen.is_some() || self.tls.is_some()
     }
 
     /// The control socket's path: `control_socket`, or `NAME.sock` beside the file.
@@ -534,6 +584,10 @@ impl RawConfig {
                 )
             })?),
         };
+        let tls = self
+            .tls
+            .map(|raw| validate_tls(v, raw, listen))
+            .transpose()?;
 
         let argv = shell_words::split(&app.cmd).map_err(|e| {
             v.err(
@@ -603,6 +657,14 @@ impl RawConfig {
                 "app-servers.cmd",
                 format!("`{}` has no {{port}} or {{numproc}}: every process would get the same command line", app.cmd),
             ));
+        }
+        if let (Some(tls), PortPlan::Worksets(sets)) = (&tls, &ports) {
+            if sets.iter().flatten().any(|&p| p == tls.listen.port()) {
+                return Err(v.err(
+                    "tls.listen",
+                    format!("port {} is also in a workset", tls.listen.port()),
+                ));
+            }
         }
         if let (Some(listen), PortPlan::Worksets(sets)) = (listen, &ports) {
             if sets.iter().flatten().any(|&p| p == listen.port()) {
@@ -758,6 +820,7 @@ impl RawConfig {
             control_socket,
             admin,
             cgroup,
+            tls,
             app: AppServers {
                 cmd: app.cmd,
                 argv,
@@ -784,6 +847,87 @@ impl RawConfig {
             },
         })
     }
+}
+
+/// Longest `tls.hsts`: two years, the most browsers' preload lists ask for.
+const MAX_HSTS: Duration = Duration::from_secs(2 * 366 * 24 * 3600);
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn validate_tls(
+    v: &Validator,
+    raw: RawTls,
+    listen: Option<SocketAddr>,
+) -> Result<TlsSettings, String> {
+    let addr = raw.listen.trim();
+    let tls_listen = addr.parse::<SocketAddr>().map_err(|_| {
+        v.err(
+            "tls.listen",
+            format!("`{addr}` is not an address; write e.g. 0.0.0.0:443"),
+        )
+    })?;
+    if listen == Some(tls_listen) || listen.is_some_and(|l| l.port() == tls_listen.port()) {
+        return Err(v.err("tls.listen", "the same port as `listen`"));
+    }
+    if raw.certificates.is_empty() {
+        return Err(v.err(
+            "tls.certificates",
+            "name at least one {cert: FILE, key: FILE}",
+        ));
+    }
+    let files: Vec<crate::tls::CertFiles> = raw
+        .certificates
+        .iter()
+        .map(|c| crate::tls::CertFiles {
+            cert: v.own_path(&c.cert),
+            key: v.own_path(&c.key),
+        })
+        .collect();
+    let redirect_http = raw.redirect_http.unwrap_or(false);
+    if redirect_http && listen.is_none() {
+        return Err(v.err(
+            "tls.redirect_http",
+            "needs `listen`: the plain listener is the one that redirects",
+        ));
+    }
+    let hsts = match raw.hsts.as_deref().map(str::trim) {
+        None => None,
+        Some(text) => {
+            let age = humantime::parse_duration(text).map_err(|e| {
+                v.err(
+                    "tls.hsts",
+                    format!("`{text}` is not a duration ({e}); write e.g. 1y, 180d"),
+                )
+            })?;
+            if age > MAX_HSTS {
+                return Err(v.err("tls.hsts", format!("`{text}` is longer than two years")));
+            }
+            Some(age)
+        }
+    };
+    let handshake_timeout = v.duration(
+        "tls.handshake_timeout",
+        raw.handshake_timeout.as_deref(),
+        DEFAULT_HANDSHAKE_TIMEOUT,
+    )?;
+    if handshake_timeout.is_zero() {
+        return Err(v.err("tls.handshake_timeout", "must be longer than zero"));
+    }
+    // The files last: every cheaper mistake is named first.
+    let now = std::time::SystemTime::now();
+    let mut loaded = Vec::with_capacity(files.len());
+    for (i, f) in files.iter().enumerate() {
+        loaded.push(
+            crate::tls::load(f, now)
+                .map_err(|why| v.err(&format!("tls.certificates[{i}]"), why))?,
+        );
+    }
+    Ok(TlsSettings {
+        listen: tls_listen,
+        loaded,
+        redirect_http,
+        hsts,
+        handshake_timeout,
+    })
 }
 
 fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, String> {
@@ -1384,6 +1528,45 @@ app-servers:
         for w in wanted {
             assert!(err.contains(w), "error `{err}` should mention `{w}`");
         }
+    }
+
+    #[test]
+    fn tls_settings_are_checked_before_any_file_is_read() {
+        let tls = |body: &str| format!("listen: 127.0.0.1:8080\ntls:\n{body}{ORIGINAL}");
+        let certs = "  certificates:\n    - {cert: /nonexistent/a.pem, key: /nonexistent/a.key}\n";
+        assert_error(
+            &tls(&format!("  listen: nowhere\n{certs}")),
+            &["tls.listen", "line 3", "not an address"],
+        );
+        assert_error(
+            &tls(&format!("  listen: 127.0.0.1:8080\n{certs}")),
+            &["tls.listen", "the same port as `listen`"],
+        );
+        assert_error(
+            &tls("  listen: 127.0.0.1:8443\n  certificates: []\n"),
+            &["tls.certificates", "at least one"],
+        );
+        assert_error(
+            &tls(&format!("  listen: 127.0.0.1:8443\n{certs}")),
+            &["tls.certificates[0]", "cannot read /nonexistent/a.pem"],
+        );
+        assert_error(
+            &tls("  listen: 127.0.0.1:8443\n  certificates:\n    - {cert: a.pem}\n"),
+            &["missing field `key`"],
+        );
+        assert_error(
+            &tls(&format!("  listen: 127.0.0.1:8443\n  hsts: 3y\n{certs}")),
+            &["tls.hsts", "longer than two years"],
+        );
+        assert_error(
+            &tls(&format!(
+                "  listen: 127.0.0.1:8443\n  handshake_timeout: 0s\n{certs}"
+            )),
+            &["tls.handshake_timeout", "longer than zero"],
+        );
+        let no_listen =
+            format!("tls:\n  listen: 127.0.0.1:8443\n  redirect_http: true\n{certs}{ORIGINAL}");
+        assert_error(&no_listen, &["tls.redirect_http", "needs `listen`"]);
     }
 
     #[test]

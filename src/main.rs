@@ -21,6 +21,7 @@
 //! - [`status`]: what rolld is doing, for status and metrics.
 //! - [`admin`]: `/metrics`, `/status`, `/healthz`.
 //! - [`notify`]: systemd readiness notifications.
+//! - [`tls`]: certificate files, read and checked for the proxy's TLS listener.
 //! - [`logs`]: rolld's own output, through queues that drop rather than block.
 //!
 //! Data flows one way: config -> supervisor -> generation -> proxy upstream set.
@@ -42,6 +43,7 @@ mod rolling;
 mod signals;
 mod status;
 mod supervisor;
+mod tls;
 mod tree;
 mod yaml_lines;
 
@@ -296,22 +298,67 @@ fn plan(config: &Config) -> String {
         "working dir:  {} (relative `directory`, `replace_file` and `run_proc` resolve here)",
         config.workdir.display()
     );
-    match config.listen {
-        Some(addr) => {
+    match (config.listen, &config.tls) {
+        (Some(addr), Some(tls)) if tls.redirect_http => {
+            let _ = writeln!(
+                out,
+                "proxy:        HTTPS on {}, balance {}; {addr} redirects to HTTPS (308)",
+                tls.listen, app.balance
+            );
+        }
+        (Some(addr), Some(tls)) => {
+            let _ = writeln!(
+                out,
+                "proxy:        listening on {addr} and HTTPS on {}, balance {}",
+                tls.listen, app.balance
+            );
+        }
+        (None, Some(tls)) => {
+            let _ = writeln!(
+                out,
+                "proxy:        HTTPS on {}, balance {}",
+                tls.listen, app.balance
+            );
+        }
+        (Some(addr), None) => {
             let _ = writeln!(
                 out,
                 "proxy:        listening on {addr}, balance {}",
                 app.balance
             );
         }
-        None => {
+        (None, None) => {
             let _ = writeln!(
                 out,
                 "proxy:        none (no `listen`); another balancer is expected in front"
             );
         }
     }
-    if config.listen.is_some() {
+    if let Some(tls) = &config.tls {
+        let now = std::time::SystemTime::now();
+        let hsts = tls.hsts.map_or_else(
+            || "no HSTS".to_string(),
+            |age| format!("HSTS max-age={}", age.as_secs()),
+        );
+        let _ = writeln!(
+            out,
+            "tls:          TLS 1.2 and 1.3, ALPN h2 and http/1.1, handshake timeout {}, {hsts}",
+            humantime::format_duration(tls.handshake_timeout)
+        );
+        for (i, loaded) in tls.loaded.iter().enumerate() {
+            let info = &loaded.info;
+            let _ = writeln!(
+                out,
+                "certificate:  {}{}: {} (expires {}, in {} days)",
+                info.cert.display(),
+                if i == 0 { " (default)" } else { "" },
+                info.names.join(", "),
+                info.expires(),
+                info.days_left(now)
+            );
+        }
+    }
+    if config.proxied() {
         let p = &config.proxy;
         let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
         let _ = writeln!(
@@ -443,7 +490,7 @@ fn plan(config: &Config) -> String {
             }
         }
     }
-    let waits_for = match (config.listen.is_some(), app.after_start.is_empty()) {
+    let waits_for = match (config.proxied(), app.after_start.is_empty()) {
         (true, true) => "in-flight requests of the old set",
         (true, false) => "in-flight requests of the old set, then its connections to close",
         (false, _) => "connections to the old set to close",
@@ -635,6 +682,19 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // 443 needs root too; the key files were read as root when the config was loaded.
+    let tls_listener = match config
+        .tls
+        .as_ref()
+        .map(|tls| bind(tls.listen, "tls.listen"))
+        .transpose()
+    {
+        Ok(listener) => listener,
+        Err(why) => {
+            say!("{why}");
+            return ExitCode::from(1);
+        }
+    };
     let admin = match config.admin.map(|addr| bind(addr, "admin")).transpose() {
         Ok(admin) => admin,
         Err(why) => {
@@ -706,6 +766,9 @@ fn run(path: &Path) -> ExitCode {
         if std::process::id() == 1 {
             info!("running as PID 1: reaping every orphan");
         }
+        if let Some(tls) = &config.tls {
+            info!(addr = %tls.listen, "listening for HTTPS");
+        }
         info!(
             guard = guard.pid().as_raw(),
             config = %config.path.display(),
@@ -720,9 +783,14 @@ fn run(path: &Path) -> ExitCode {
         control.serve(commands_tx, board.clone(), upstreams)?;
         if let Some(admin) = admin {
             info!(addr = ?config.admin, "admin endpoints: /metrics /status /healthz");
-            admin::serve(admin, board, supervisor.proxy().cloned())?;
+            admin::serve(
+                admin,
+                board,
+                supervisor.proxy().cloned(),
+                supervisor.tls().cloned(),
+            )?;
         }
-        supervisor.run(listener, commands).await
+        supervisor.run(listener, tls_listener, commands).await
     });
     // Do not wait for stray tasks (tunnels of cut connections) at exit.
     runtime.shutdown_background();

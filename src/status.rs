@@ -32,6 +32,8 @@ struct State {
     processes: BTreeMap<(u64, u16), Process>,
     roll: Option<(u64, String)>,
     last_roll: Option<LastRoll>,
+    /// The TLS listener's certificates, as last loaded.
+    certificates: Vec<crate::tls::CertInfo>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +73,18 @@ pub struct Snapshot {
     /// stalled or closed.
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// The TLS listener's certificates (none without `tls`).
+    #[serde(default)]
+    pub certificates: Vec<CertificateStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    pub cert: String,
+    pub names: Vec<String>,
+    /// Unix time (seconds) of its expiry.
+    pub not_after: i64,
+    pub days_left: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,6 +199,15 @@ impl Board {
         });
     }
 
+    /// The TLS certificates now served to new handshakes.
+    pub fn set_certificates(&self, certificates: Vec<crate::tls::CertInfo>) {
+        self.state().certificates = certificates;
+    }
+
+    pub fn certificates(&self) -> Vec<crate::tls::CertInfo> {
+        self.state().certificates.clone()
+    }
+
     pub fn snapshot(&self, upstreams: Option<&rolld_proxy::Upstreams>) -> Snapshot {
         let s = self.state();
         let processes = s
@@ -243,6 +266,16 @@ impl Board {
             }),
             last_roll: s.last_roll.clone(),
             log_lines_dropped: crate::logs::dropped(),
+            certificates: s
+                .certificates
+                .iter()
+                .map(|c| CertificateStatus {
+                    cert: c.cert.display().to_string(),
+                    names: c.names.clone(),
+                    not_after: c.not_after,
+                    days_left: c.days_left(SystemTime::now()),
+                })
+                .collect(),
         }
     }
 }
@@ -309,6 +342,15 @@ impl Snapshot {
                 out,
                 "last roll: generation {} {} in {} ms: {}",
                 l.generation, l.outcome, l.duration_ms, l.message
+            );
+        }
+        for c in &self.certificates {
+            let _ = writeln!(
+                out,
+                "certificate {}: {} days to expiry ({})",
+                c.names.join(", "),
+                c.days_left,
+                c.cert
             );
         }
         if self.log_lines_dropped > 0 {

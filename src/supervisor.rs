@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rolld_proxy::{Proxy, Upstreams};
+use rolld_proxy::tls::Tls;
+use rolld_proxy::{Front, Proxy, Upstreams};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -35,8 +36,10 @@ pub enum RunError {
 pub struct Supervisor {
     config: Config,
     ctx: Arc<Context>,
-    /// The built-in proxy, when `listen` is set.
+    /// The built-in proxy, when `listen` or `tls` is set.
     proxy: Option<Arc<Proxy>>,
+    /// The TLS listener's settings and certificates, when `tls` is set.
+    tls: Option<Arc<Tls>>,
     upstreams: Option<Arc<Upstreams>>,
     current: Option<Generation>,
     next_id: u64,
@@ -69,12 +72,28 @@ impl Supervisor {
             shutdown: shutdown_rx,
             alive: alive_tx,
         });
-        let upstreams = config.listen.map(|_| Arc::new(Upstreams::new()));
+        let upstreams = config.proxied().then(|| Arc::new(Upstreams::new()));
         let proxy = upstreams
             .as_ref()
             .map(|u| Arc::new(Proxy::new(u.clone(), config.proxy.clone())));
+        let tls = match &config.tls {
+            Some(settings) => {
+                let certificates: Vec<_> = settings
+                    .loaded
+                    .iter()
+                    .map(|l| l.certificate.clone())
+                    .collect();
+                let tls = Tls::new(&certificates, settings.handshake_timeout, settings.hsts)
+                    .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+                ctx.board
+                    .set_certificates(settings.loaded.iter().map(|l| l.info.clone()).collect());
+                Some(Arc::new(tls))
+            }
+            None => None,
+        };
         Ok(Supervisor {
             proxy,
+            tls,
             upstreams,
             config,
             ctx,
@@ -92,22 +111,53 @@ impl Supervisor {
         self.proxy.as_ref()
     }
 
-    /// Runs until shutdown. `listener` is the bound front listener, if `listen` is set.
+    /// The TLS listener's state, if `tls` is set.
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.tls.as_ref()
+    }
+
+    /// Runs until shutdown. `listener` is the bound front listener, if `listen` is set;
+    /// `tls_listener` the TLS one, if `tls` is.
     pub async fn run(
         mut self,
         listener: Option<std::net::TcpListener>,
+        tls_listener: Option<std::net::TcpListener>,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), RunError> {
-        let (stop_accepting, server) = match (listener, &self.proxy) {
-            (Some(listener), Some(proxy)) => {
+        let mut fronts = Vec::new();
+        if let Some(listener) = listener {
+            let front = match &self.config.tls {
+                Some(tls) if tls.redirect_http => Front::RedirectToHttps {
+                    https_port: tls.listen.port(),
+                },
+                _ => Front::Plain,
+            };
+            fronts.push((listener, front));
+        }
+        if let (Some(listener), Some(tls)) = (tls_listener, &self.tls) {
+            fronts.push((listener, Front::Tls(tls.clone())));
+        }
+        let (stop_accepting, server) = match &self.proxy {
+            Some(proxy) if !fronts.is_empty() => {
                 let proxy = proxy.clone();
                 let (tx, rx) = oneshot::channel::<Duration>();
                 let shutdown = async move { rx.await.unwrap_or(Duration::ZERO) };
-                let server = tokio::spawn(rolld_proxy::serve(listener, proxy, shutdown));
+                let server = tokio::spawn(rolld_proxy::serve_fronts(fronts, proxy, shutdown));
                 (Some(tx), Some(server))
             }
             _ => (None, None),
         };
+        let expiry = self.tls.is_some().then(|| {
+            let board = self.ctx.board.clone();
+            tokio::spawn(async move {
+                // At start, then twice a day.
+                let mut tick = tokio::time::interval(Duration::from_secs(12 * 3600));
+                loop {
+                    tick.tick().await;
+                    crate::tls::warn_expiring(&board.certificates(), std::time::SystemTime::now());
+                }
+            })
+        });
 
         let mut roll = Some(self.start_roll(self.config.clone(), Vec::new()));
         let mut first = true;
@@ -179,6 +229,9 @@ impl Supervisor {
                 });
             }
         }
+        if let Some(expiry) = expiry {
+            expiry.abort();
+        }
         self.shutdown(stop_accepting, server, roll, stopped_by, &mut commands)
             .await?;
         match first_failed {
@@ -215,8 +268,13 @@ impl Supervisor {
         match Config::load(&self.config.path) {
             Ok(mut config) => {
                 // These are set up once, at start; a roll keeps what runs.
+                let tls_listener = |c: &Config| c.tls.as_ref().map(|t| t.listener_settings());
                 let fixed = [
                     ("listen", config.listen != self.config.listen),
+                    (
+                        "tls (listen, redirect_http, hsts, handshake_timeout)",
+                        tls_listener(&config) != tls_listener(&self.config),
+                    ),
                     ("proxy", config.proxy != self.config.proxy),
                     ("user/group", config.run_as != self.config.run_as),
                     (
@@ -231,6 +289,7 @@ impl Supervisor {
                     }
                 }
                 config.listen = self.config.listen;
+                self.rotate_certificates(&mut config);
                 config.proxy = self.config.proxy.clone();
                 config.run_as = self.config.run_as.clone();
                 config.control_socket = self.config.control_socket.clone();
@@ -256,6 +315,38 @@ impl Supervisor {
                 error!("{why}");
                 Err(why)
             }
+        }
+    }
+
+    /// Serves the certificates `config` read to new handshakes (the files are read
+    /// anew at each reload, so a renewed certificate under the same path is picked up),
+    /// and keeps the listener's other settings as they were at start. A `tls:` section
+    /// added or removed takes a restart.
+    fn rotate_certificates(&mut self, config: &mut Config) {
+        let (Some(tls), Some(new)) = (&self.tls, config.tls.as_mut()) else {
+            config.tls = self.config.tls.clone();
+            return;
+        };
+        let certificates: Vec<_> = new.loaded.iter().map(|l| l.certificate.clone()).collect();
+        match tls.rotate(&certificates) {
+            Ok(()) => {
+                let infos: Vec<_> = new.loaded.iter().map(|l| l.info.clone()).collect();
+                for info in &infos {
+                    info!(cert = %info.cert.display(), names = ?info.names, expires = %info.expires(), "TLS certificate loaded for new connections");
+                }
+                crate::tls::warn_expiring(&infos, std::time::SystemTime::now());
+                self.ctx.board.set_certificates(infos);
+            }
+            Err(err) => {
+                warn!("TLS certificates not rotated ({err}); the current ones keep serving");
+                return;
+            }
+        }
+        if let Some(old) = &self.config.tls {
+            new.listen = old.listen;
+            new.redirect_http = old.redirect_http;
+            new.hsts = old.hsts;
+            new.handshake_timeout = old.handshake_timeout;
         }
     }
 

@@ -12,3 +12,4 @@ mod nginx;
 mod original;
 mod proxying;
 mod rolling;
+mod tls;

@@ -109,9 +109,9 @@ impl Timeouts {
     }
 }
 
-/// The client's TCP stream with the timeouts above.
-pub(crate) struct ClientIo {
-    stream: TcpStream,
+/// The client's stream (TCP, or TLS over TCP) with the timeouts above.
+pub(crate) struct ClientIo<S = TcpStream> {
+    stream: S,
     /// Bytes already read from the client, handed to hyper before the socket's.
     prefix: Bytes,
     activity: Arc<Activity>,
@@ -140,8 +140,8 @@ pub(crate) struct ClientIo {
     shed: bool,
 }
 
-impl ClientIo {
-    pub(crate) fn new(stream: TcpStream, timeouts: Timeouts) -> (Self, Arc<Activity>) {
+impl<S> ClientIo<S> {
+    pub(crate) fn new(stream: S, timeouts: Timeouts) -> (Self, Arc<Activity>) {
         let activity = Activity::new();
         let io = ClientIo {
             stream,
@@ -162,71 +162,11 @@ impl ClientIo {
         (io, activity)
     }
 
-    /// Lets this (HTTP/1) connection give hyper's state back while idle (see the
-    /// module docs).
-    pub(crate) fn allow_shedding(&mut self) {
-        self.sheddable = true;
-    }
-
     /// Serves HTTP/2 from now on (see `multiplexed`): the preface read so far started
     /// no request.
     pub(crate) fn multiplex(&mut self) {
         self.multiplexed = true;
         self.header_started = None;
-    }
-
-    /// Whether the last hyper connection ended because this IO shed it while idle
-    /// (rather than the client closing or an error): the socket can serve again.
-    /// Clears the mark for the next hyper connection, which first gets `leftover`.
-    pub(crate) fn take_shed(&mut self, leftover: Bytes) -> bool {
-        let shed = std::mem::take(&mut self.shed);
-        if shed && !leftover.is_empty() {
-            self.prefix = leftover;
-        }
-        shed
-    }
-
-    /// Waits, with no buffer held, until the client sends something (or closes), or
-    /// fails when the keep-alive or header timeout passes first.
-    pub(crate) fn ready(&mut self) -> impl Future<Output = io::Result<()>> + '_ {
-        std::future::poll_fn(move |cx| {
-            if !self.prefix.is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-            match self.stream.poll_read_ready(cx) {
-                Poll::Ready(result) => Poll::Ready(result),
-                Poll::Pending => self.poll_deadline(cx, true).map(Err),
-            }
-        })
-    }
-
-    /// Reads the client's first bytes, up to `want.len()`, for as long as they match
-    /// `want`: true if all of `want` came, false at the first byte that differs. The
-    /// bytes read are handed to hyper later, as if unread. Fails at end of stream, or
-    /// at the keep-alive or header timeout.
-    pub(crate) async fn starts_with(&mut self, want: &[u8]) -> io::Result<bool> {
-        let mut got = Vec::with_capacity(want.len());
-        loop {
-            self.ready().await?;
-            let mut chunk = [0u8; 64];
-            let room = want.len() - got.len();
-            match self.stream.try_read(&mut chunk[..room.min(64)]) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => {
-                    if self.header_started.is_none() {
-                        self.header_started = Some((Instant::now(), 0));
-                    }
-                    got.extend_from_slice(&chunk[..n]);
-                    let matches = want.starts_with(&got);
-                    if !matches || got.len() >= want.len() {
-                        self.prefix = Bytes::from(got);
-                        return Ok(matches);
-                    }
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(err) => return Err(err),
-            }
-        }
     }
 
     /// Whether hyper, asking for bytes now, is idle between requests with nothing of
@@ -313,7 +253,72 @@ impl ClientIo {
     }
 }
 
-impl Read for ClientIo {
+/// Only plain TCP connections sniff the HTTP/2 preface and give hyper's state back
+/// while idle: a TLS connection learns its protocol from ALPN, and its idle state is
+/// rustls's, which a shed would not give back.
+impl ClientIo<TcpStream> {
+    /// Lets this (HTTP/1) connection give hyper's state back while idle (see the
+    /// module docs).
+    pub(crate) fn allow_shedding(&mut self) {
+        self.sheddable = true;
+    }
+
+    /// Whether the last hyper connection ended because this IO shed it while idle
+    /// (rather than the client closing or an error): the socket can serve again.
+    /// Clears the mark for the next hyper connection, which first gets `leftover`.
+    pub(crate) fn take_shed(&mut self, leftover: Bytes) -> bool {
+        let shed = std::mem::take(&mut self.shed);
+        if shed && !leftover.is_empty() {
+            self.prefix = leftover;
+        }
+        shed
+    }
+
+    /// Waits, with no buffer held, until the client sends something (or closes), or
+    /// fails when the keep-alive or header timeout passes first.
+    pub(crate) fn ready(&mut self) -> impl Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(move |cx| {
+            if !self.prefix.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            match self.stream.poll_read_ready(cx) {
+                Poll::Ready(result) => Poll::Ready(result),
+                Poll::Pending => self.poll_deadline(cx, true).map(Err),
+            }
+        })
+    }
+
+    /// Reads the client's first bytes, up to `want.len()`, for as long as they match
+    /// `want`: true if all of `want` came, false at the first byte that differs. The
+    /// bytes read are handed to hyper later, as if unread. Fails at end of stream, or
+    /// at the keep-alive or header timeout.
+    pub(crate) async fn starts_with(&mut self, want: &[u8]) -> io::Result<bool> {
+        let mut got = Vec::with_capacity(want.len());
+        loop {
+            self.ready().await?;
+            let mut chunk = [0u8; 64];
+            let room = want.len() - got.len();
+            match self.stream.try_read(&mut chunk[..room.min(64)]) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    if self.header_started.is_none() {
+                        self.header_started = Some((Instant::now(), 0));
+                    }
+                    got.extend_from_slice(&chunk[..n]);
+                    let matches = want.starts_with(&got);
+                    if !matches || got.len() >= want.len() {
+                        self.prefix = Bytes::from(got);
+                        return Ok(matches);
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Read for ClientIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -368,7 +373,7 @@ impl Read for ClientIo {
     }
 }
 
-impl ClientIo {
+impl<S> ClientIo<S> {
     /// Tracks a write's progress: a write that stays pending past `body_idle_timeout`
     /// fails, so a client that stopped reading does not hold its connection forever.
     fn written(
@@ -390,7 +395,7 @@ impl ClientIo {
     }
 }
 
-impl Write for ClientIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> Write for ClientIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

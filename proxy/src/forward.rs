@@ -40,6 +40,8 @@ pub struct Client {
     ip: HeaderValue,
     /// Whether its X-Forwarded-* headers are kept.
     trusted: bool,
+    /// Whether it came over TLS (`X-Forwarded-Proto: https`).
+    https: bool,
     activity: Arc<Activity>,
     /// The connection's `max_connections` slot, held by the connection and by the
     /// tunnel of an upgrade on it, until both have ended.
@@ -57,6 +59,7 @@ impl Client {
         activity: Arc<Activity>,
         config: &ProxyConfig,
         slot: tokio::sync::OwnedSemaphorePermit,
+        https: bool,
     ) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -64,6 +67,7 @@ impl Client {
             addr,
             ip,
             trusted: config.trusts(addr.ip()),
+            https,
             activity,
             slot: Arc::new(slot),
         }
@@ -184,9 +188,13 @@ impl Proxy {
         // rolld answers `Expect: 100-continue` to the client itself (when the body is
         // first read); the upstream gets the body without the handshake.
         parts.headers.remove(header::EXPECT);
-        headers::set_forwarded(&mut parts.headers, &client.ip, client.trusted, &|ip| {
-            self.config.trusts(ip)
-        });
+        headers::set_forwarded(
+            &mut parts.headers,
+            &client.ip,
+            client.trusted,
+            client.https,
+            &|ip| self.config.trusts(ip),
+        );
 
         // A request without a body and with an idempotent method can be sent again if
         // a reused connection turns out dead after it was written (the app crashed, or

@@ -91,13 +91,15 @@ pub(crate) fn ambiguous(headers: &HeaderMap) -> Option<&'static str> {
 /// Tells the upstream who the client is. From a trusted proxy, the forwarding headers
 /// it sent are kept and the client's address is appended; from anyone else they are
 /// replaced, so a client cannot claim another address. `trusts` says which addresses
-/// are trusted proxies.
+/// are trusted proxies. `https` says whether the client's connection is TLS.
 pub(crate) fn set_forwarded(
     headers: &mut HeaderMap,
     client_ip: &HeaderValue,
     trusted: bool,
+    https: bool,
     trusts: &dyn Fn(IpAddr) -> bool,
 ) {
+    let proto = HeaderValue::from_static(if https { "https" } else { "http" });
     if trusted {
         let chain: Vec<u8> = headers
             .get_all(&X_FORWARDED_FOR)
@@ -113,7 +115,7 @@ pub(crate) fn set_forwarded(
         }
         headers.insert(&X_REAL_IP, real);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            headers.insert(&X_FORWARDED_PROTO, proto);
         }
         if !headers.contains_key(&X_FORWARDED_HOST) {
             if let Some(host) = headers.get(header::HOST).cloned() {
@@ -124,7 +126,7 @@ pub(crate) fn set_forwarded(
     }
     headers.insert(&X_FORWARDED_FOR, client_ip.clone());
     headers.insert(&X_REAL_IP, client_ip.clone());
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(&X_FORWARDED_PROTO, proto);
     match headers.get(header::HOST).cloned() {
         Some(host) => headers.insert(&X_FORWARDED_HOST, host),
         None => headers.remove(&X_FORWARDED_HOST),
@@ -213,11 +215,35 @@ mod tests {
             &mut h,
             &HeaderValue::from_static("127.0.0.1"),
             false,
+            false,
             &|_| false,
         );
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-host"], "example.test");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn a_tls_client_is_forwarded_as_https() {
+        let mut h = map(&[("x-forwarded-proto", "http"), ("host", "example.test")]);
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("127.0.0.1"),
+            false,
+            true,
+            &|_| false,
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        let mut h = map(&[("host", "example.test")]);
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("10.0.0.1"),
+            true,
+            true,
+            &|_| true,
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]
@@ -227,9 +253,13 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("host", "example.test"),
         ]);
-        set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.3"), true, &|ip| {
-            ip.to_string().starts_with("10.")
-        });
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("10.0.0.3"),
+            true,
+            false,
+            &|ip| ip.to_string().starts_with("10."),
+        );
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2, 10.0.0.3");
         assert_eq!(h["x-real-ip"], "203.0.113.7");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -362,7 +392,7 @@ mod tests {
                     IpAddr::V4(v4) => v4.octets()[0] == trusted_first_octet,
                     IpAddr::V6(_) => false,
                 };
-                set_forwarded(&mut headers, &client_value, trusted, &trusts);
+                set_forwarded(&mut headers, &client_value, trusted, false, &trusts);
                 let xff: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
                 prop_assert_eq!(xff.len(), 1);
                 let chain = xff[0].as_bytes();

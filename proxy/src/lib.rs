@@ -19,7 +19,10 @@
 //! - `watchdog`: resetting an HTTP/2 stream whose response makes no progress.
 //! - [`stats`]: traffic counters for metrics.
 //! - [`error`]: failures the proxy answers itself, mapped to status codes in one place.
-//! - [`server`]: binding, accepting, graceful shutdown.
+//! - [`tls`]: TLS settings, certificates chosen by SNI and swapped on rotation, and
+//!   handshake counters.
+//! - [`server`]: binding, accepting (plain, TLS, or redirecting to HTTPS), graceful
+//!   shutdown.
 
 mod access;
 mod activity;
@@ -33,6 +36,7 @@ mod moved;
 mod pool;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod upstream;
 mod watchdog;
 
@@ -41,6 +45,6 @@ pub use config::ProxyConfig;
 pub use drain::{Drain, DrainTimedOut};
 pub use error::ProxyError;
 pub use forward::{Client, Proxy};
-pub use server::{bind, serve};
+pub use server::{bind, serve, serve_fronts, Front};
 pub use stats::{Stats, StatsSnapshot};
 pub use upstream::{Balance, InFlight, Upstream, UpstreamSet, Upstreams};

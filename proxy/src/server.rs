@@ -17,8 +17,10 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::activity::{ClientIo, Timeouts};
+use crate::body::ResponseBody;
 use crate::config::ProxyConfig;
 use crate::forward::{Client, Proxy};
+use crate::tls::{HandshakeFailure, Tls};
 use crate::watchdog::StreamExecutor;
 
 /// What an HTTP/2 client with prior knowledge sends first.
@@ -69,13 +71,38 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = Duration>,
 ) -> io::Result<()> {
+    serve_fronts(vec![(listener, Front::Plain)], proxy, shutdown).await
+}
+
+/// What a front listener speaks.
+#[derive(Clone, Debug)]
+pub enum Front {
+    /// Plain HTTP/1 and HTTP/2 (prior knowledge).
+    Plain,
+    /// Plain HTTP that answers every request with a 308 to the same URL over HTTPS on
+    /// `https_port`, reading no request body.
+    RedirectToHttps { https_port: u16 },
+    /// TLS, then HTTP/2 or HTTP/1 as ALPN chose.
+    Tls(Arc<Tls>),
+}
+
+/// [`serve`] for several listeners at once, each speaking its [`Front`]: the same
+/// workers accept from all of them, and `max_connections` holds for all together.
+pub async fn serve_fronts(
+    listeners: Vec<(std::net::TcpListener, Front)>,
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = Duration>,
+) -> io::Result<()> {
     let workers = proxy.config().workers.max(1);
     let (stop, stopped) = tokio::sync::watch::channel(None::<Duration>);
     // Shared by all workers: max_connections holds for the listener as a whole.
     let slots = Arc::new(Semaphore::new(proxy.config().max_connections.max(1)));
     let mut done = Vec::with_capacity(workers);
     for id in 0..workers {
-        let listener = listener.try_clone()?;
+        let listeners = listeners
+            .iter()
+            .map(|(listener, front)| Ok((listener.try_clone()?, front.clone())))
+            .collect::<io::Result<Vec<_>>>()?;
         let (proxy, stopped, slots) = (proxy.clone(), stopped.clone(), slots.clone());
         let (finished, finished_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -92,7 +119,7 @@ pub async fn serve(
                         return;
                     }
                 };
-                let result = runtime.block_on(accept(listener, proxy, slots, stopped));
+                let result = runtime.block_on(accept(listeners, proxy, slots, stopped));
                 let _ = finished.send(result);
                 // Keep the runtime for the tasks that outlive the listener (tunnels of
                 // upgraded connections); the process ends them.
@@ -100,9 +127,9 @@ pub async fn serve(
             })?;
         done.push(finished_rx);
     }
-    // Only the workers' clones may keep the socket listening: once they stop accepting,
+    // Only the workers' clones may keep the sockets listening: once they stop accepting,
     // new clients must be refused, not queued in a backlog nobody reads.
-    drop(listener);
+    drop(listeners);
     let grace = shutdown.await;
     let _ = stop.send(Some(grace));
     let mut result = Ok(());
@@ -116,14 +143,13 @@ pub async fn serve(
     result
 }
 
-/// One worker's accept loop and graceful shutdown.
+/// One worker's accept loops (one per listener) and graceful shutdown.
 async fn accept(
-    listener: std::net::TcpListener,
+    listeners: Vec<(std::net::TcpListener, Front)>,
     proxy: Arc<Proxy>,
     slots: Arc<Semaphore>,
     stopped: watch::Receiver<Option<Duration>>,
 ) -> io::Result<()> {
-    let listener = TcpListener::from_std(listener)?;
     // tokio interrupts its own event loop (an eventfd write, then one more epoll_wait)
     // whenever a new timer is due before every armed one: with a single busy client,
     // that is each request's response timeout. A tick every second keeps an earlier
@@ -137,47 +163,25 @@ async fn accept(
     let protocols = Arc::new(Protocols::new(proxy.config()));
     // Every connection task holds a clone; `recv` returns None once all have ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
-    let shutdown = stopping(stopped.clone());
-    tokio::pin!(shutdown);
-
-    let grace = loop {
-        // Backpressure: at max_connections the loop stops accepting, and new clients
-        // wait in the kernel's queue instead of being refused or crashing rolld.
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break Duration::ZERO,
-            },
-            grace = &mut shutdown => break grace,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            grace = &mut shutdown => break grace,
-        };
-        if let Err(err) = stream.set_nodelay(true) {
-            debug!(client = %peer, error = %err, "set_nodelay failed");
-        }
-        let conn = Connection {
-            stream,
-            peer,
+    let mut loops = tokio::task::JoinSet::new();
+    for (listener, front) in listeners {
+        let listener = TcpListener::from_std(listener)?;
+        let shared = Shared {
             proxy: proxy.clone(),
             protocols: protocols.clone(),
+            front,
             stopped: stopped.clone(),
             _open: open.clone(),
-            slot: permit,
         };
-        tokio::spawn(conn.serve());
-    };
+        loops.spawn(accept_loop(listener, shared, slots.clone()));
+    }
+    let mut grace = Duration::ZERO;
+    while let Some(ended) = loops.join_next().await {
+        if let Ok(wait) = ended {
+            grace = grace.max(wait);
+        }
+    }
 
-    drop(listener);
     ticker.abort();
     let count = open.strong_count() - 1;
     drop(open);
@@ -195,6 +199,66 @@ async fn accept(
         );
     }
     Ok(())
+}
+
+/// What every connection of one listener of a worker shares.
+#[derive(Clone)]
+struct Shared {
+    proxy: Arc<Proxy>,
+    protocols: Arc<Protocols>,
+    front: Front,
+    stopped: watch::Receiver<Option<Duration>>,
+    /// Held while a connection is open, for the shutdown to wait on.
+    _open: mpsc::Sender<()>,
+}
+
+/// Accepts from one listener until told to stop; returns the grace period, having
+/// closed the listener.
+async fn accept_loop(listener: TcpListener, shared: Shared, slots: Arc<Semaphore>) -> Duration {
+    let shutdown = stopping(shared.stopped.clone());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            grace = &mut shutdown => return grace,
+        };
+        // Backpressure: at max_connections the loop holds the client it accepted and
+        // stops accepting, and new clients wait in the kernel's queue instead of being
+        // refused or crashing rolld. The slot is taken after the accept so that a loop
+        // waiting on one listener holds none that another listener's clients need.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return Duration::ZERO,
+            },
+            grace = &mut shutdown => return grace,
+        };
+        if let Err(err) = stream.set_nodelay(true) {
+            debug!(client = %peer, error = %err, "set_nodelay failed");
+        }
+        let conn = Connection {
+            stream,
+            peer,
+            shared: shared.clone(),
+            slot: permit,
+        };
+        match &shared.front {
+            Front::Tls(tls) => {
+                tokio::spawn(conn.serve_tls(tls.clone()));
+            }
+            Front::Plain | Front::RedirectToHttps { .. } => {
+                tokio::spawn(conn.serve());
+            }
+        }
+    }
 }
 
 /// The HTTP/1 and HTTP/2 settings every connection of a worker is served with.
@@ -245,11 +309,8 @@ async fn stopping(mut stopped: watch::Receiver<Option<Duration>>) -> Duration {
 struct Connection {
     stream: TcpStream,
     peer: SocketAddr,
-    proxy: Arc<Proxy>,
-    protocols: Arc<Protocols>,
-    stopped: watch::Receiver<Option<Duration>>,
-    /// Held while the connection is open, for the shutdown to wait on.
-    _open: mpsc::Sender<()>,
+    /// Its `_open` sender is held until the connection ends.
+    shared: Shared,
     /// One of max_connections; shared with an upgraded connection's tunnel, which
     /// keeps it after this connection hands over its socket.
     slot: OwnedSemaphorePermit,
@@ -263,29 +324,44 @@ impl Connection {
         let Connection {
             stream,
             peer,
+            // `shared._open` is held until this returns.
+            shared,
+            slot,
+        } = self;
+        let Shared {
             proxy,
             protocols,
             stopped,
-            // Held until this returns.
-            _open,
-            slot,
-        } = self;
+            front,
+            ..
+        } = &shared;
         let (mut io, activity) = ClientIo::new(stream, protocols.timeouts);
-        let client = Arc::new(Client::new(peer, activity, proxy.config(), slot));
+        let client = Arc::new(Client::new(peer, activity, proxy.config(), slot, false));
+        let redirect = match front {
+            Front::RedirectToHttps { https_port } => Some(*https_port),
+            _ => None,
+        };
         let counted = proxy.clone();
+        let proxy = proxy.clone();
         let service = service_fn(move |req: hyper::Request<Incoming>| {
             // In progress from now, not from the future's first poll: hyper may hold a
             // parsed request a while before polling it.
             let busy = client.begin(!req.body().is_end_stream());
             let proxy = proxy.clone();
             let client = client.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &client, busy).await) }
+            async move {
+                if let Some(https_port) = redirect {
+                    let response = redirect_to_https(&req, https_port);
+                    return Ok::<_, Infallible>(response.map(|body| body.holding(Some(busy))));
+                }
+                Ok::<_, Infallible>(proxy.handle(req, &client, busy).await)
+            }
         });
 
         // One future for the connection's life: it stays registered with the channel
         // instead of registering anew for every request. Once it resolves, every path
         // below returns.
-        let stop = stopping(stopped);
+        let stop = stopping(stopped.clone());
         tokio::pin!(stop);
 
         // HTTP/2 with prior knowledge, or HTTP/1.
@@ -358,4 +434,137 @@ impl Connection {
             }
         }
     }
+}
+
+impl Connection {
+    /// The TLS handshake, within its timeout and holding the connection's
+    /// `max_connections` slot, then HTTP/2 or HTTP/1 as ALPN chose. No shedding here:
+    /// an idle TLS connection's state is rustls's, which a shed would not give back.
+    async fn serve_tls(self, tls: Arc<Tls>) {
+        let Connection {
+            stream,
+            peer,
+            // `shared._open` is held until this returns.
+            shared,
+            slot,
+        } = self;
+        let stop = stopping(shared.stopped.clone());
+        tokio::pin!(stop);
+        let handshake = tokio::time::timeout(tls.handshake_timeout, tls.acceptor().accept(stream));
+        let stream = tokio::select! {
+            done = handshake => match done {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    let why = HandshakeFailure::of(&err);
+                    tls.stats().failed(why);
+                    debug!(client = %peer, error = %err, reason = why.as_str(), "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tls.stats().failed(HandshakeFailure::Timeout);
+                    debug!(client = %peer, "TLS handshake timed out");
+                    return;
+                }
+            },
+            _ = &mut stop => return,
+        };
+        let (_, session) = stream.get_ref();
+        tls.stats().completed(session);
+        let h2 = session.alpn_protocol() == Some(&b"h2"[..]);
+
+        let Shared {
+            proxy, protocols, ..
+        } = &shared;
+        let (mut io, activity) = ClientIo::new(stream, protocols.timeouts);
+        let client = Arc::new(Client::new(peer, activity, proxy.config(), slot, true));
+        let hsts = tls.hsts.clone();
+        let proxy = proxy.clone();
+        let service = service_fn(move |req: hyper::Request<Incoming>| {
+            let busy = client.begin(!req.body().is_end_stream());
+            let proxy = proxy.clone();
+            let client = client.clone();
+            let hsts = hsts.clone();
+            async move {
+                let mut response = proxy.handle(req, &client, busy).await;
+                if let Some(hsts) = hsts {
+                    response
+                        .headers_mut()
+                        .entry(http::header::STRICT_TRANSPORT_SECURITY)
+                        .or_insert(hsts);
+                }
+                Ok::<_, Infallible>(response)
+            }
+        });
+
+        let result = if h2 {
+            io.multiplex();
+            let mut conn = Box::pin(protocols.http2.serve_connection(io, service));
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = &mut stop => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        } else {
+            let mut conn = Box::pin(
+                protocols
+                    .http1
+                    .serve_connection(io, service)
+                    .with_upgrades(),
+            );
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = &mut stop => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        };
+        if let Err(err) = result {
+            debug!(client = %peer, error = %err, "client connection ended");
+        }
+    }
+}
+
+/// The answer of a [`Front::RedirectToHttps`] listener: 308 to the same host, path
+/// and query over HTTPS (308, unlike 301, keeps the method and body). The body is not
+/// read; a request that has one ends its connection.
+fn redirect_to_https(
+    req: &hyper::Request<Incoming>,
+    https_port: u16,
+) -> http::Response<ResponseBody> {
+    use http::{header, HeaderValue, StatusCode};
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            let value = req.headers().get(header::HOST)?.to_str().ok()?;
+            let authority: http::uri::Authority = value.parse().ok()?;
+            Some(authority.host().to_string())
+        });
+    let location = host.and_then(|host| {
+        let port = if https_port == 443 {
+            String::new()
+        } else {
+            format!(":{https_port}")
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        HeaderValue::from_str(&format!("https://{host}{port}{path}")).ok()
+    });
+    let mut response = http::Response::new(ResponseBody::empty());
+    match location {
+        Some(location) => {
+            *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        None => *response.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    if !req.body().is_end_stream() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
