@@ -345,14 +345,19 @@ pub async fn terminate(
         .ok()
         .and_then(Result::ok);
     // The leader is gone; give the rest (forked workers, daemons) the same deadline.
-    // The process table is read once here, not at every poll: on a busy host it holds
-    // thousands of processes. The full check below finds whatever forked meanwhile.
+    // rolld's descendants are listed again every 0.5 s, not at every poll (a process
+    // that forks meanwhile, or leaves the tree, is seen then).
     if status.is_some() {
-        let members = tree.marked_members();
+        let mut members = tree.marked_members();
+        let mut polls = 0u32;
         while (tree.group_alive() || members.iter().any(|&pid| tree::live(pid)))
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            polls += 1;
+            if polls % 25 == 0 {
+                members = tree.marked_members();
+            }
         }
     }
     if status.is_none() || tree.alive() {

@@ -155,13 +155,15 @@ impl Roll {
         }
         let mut stopping = Vec::new();
         for (holder, name, top) in &leftovers {
+            let subtree = tree::subtree(*top);
             warn!(
                 generation = self.id,
                 port,
                 pid = holder.as_raw(),
+                stopping = ?subtree,
                 "port {port} is held by pid {holder} ({name}), left over from an earlier set; stopping it"
             );
-            stopping.extend(tree::subtree(*top));
+            stopping.extend(subtree);
         }
         let how = StopHow::from_config(&self.config);
         tree::signal_all(&stopping, how.signal);
@@ -181,12 +183,13 @@ impl Roll {
         );
         tree::signal_all(&stopping, nix::sys::signal::Signal::SIGKILL);
         if free(std::time::Duration::from_secs(5)).await {
-            Ok(())
-        } else {
-            Err(format!(
-                "port {port} is still held by pid {first} after SIGKILL"
-            ))
+            return Ok(());
         }
+        let holder = connections::holders(port).first().copied().unwrap_or(first);
+        Err(format!(
+            "port {port} is still held by pid {holder} ({}) after SIGKILL",
+            tree::name_of(holder.as_raw())
+        ))
     }
 
     async fn step_through(&mut self) -> Result<(), String> {
