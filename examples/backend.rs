@@ -1,7 +1,11 @@
 //! The example app that rolld runs in `examples/rolld.yml` and in its tests.
 //!
 //! `rolld-example-backend PORT [--unhealthy] [--start-delay MS] [--ignore-term]
-//! [--root-status CODE]` listens on 127.0.0.1:PORT (`--ignore-term`: SIGTERM does not stop it):
+//! [--root-status CODE] [--fail-share PERCENT] [--crash-after MS]` listens on
+//! 127.0.0.1:PORT (`--ignore-term`: SIGTERM does not stop it). A bad release, for the
+//! rollout guard's tests: `--fail-share 20` answers 500 to every fifth request other
+//! than `/health` (exactly 20%, evenly spread); `--crash-after MS` exits with status 1
+//! MS after its first health check passed.
 //! - `GET /` answers `hello from PORT (pid PID)`; with `--root-status CODE`, `GET /`
 //!   answers CODE instead (a 3xx with `Location: /login`, as an app behind a login does);
 //! - `?delay=MS` on any path delays the answer;
@@ -17,6 +21,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,6 +46,8 @@ struct Options {
     unhealthy: bool,
     start_delay: Duration,
     root_status: Option<StatusCode>,
+    fail_share: u64,
+    crash_after: Option<Duration>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -48,6 +56,8 @@ fn parse_args() -> Result<Options, String> {
     let mut unhealthy = false;
     let mut start_delay = Duration::ZERO;
     let mut root_status = None;
+    let mut fail_share = 0;
+    let mut crash_after = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--unhealthy" => unhealthy = true,
@@ -71,6 +81,20 @@ fn parse_args() -> Result<Options, String> {
                     .ok_or("--root-status takes an HTTP status code")?;
                 root_status = Some(code);
             }
+            "--fail-share" => {
+                fail_share = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|p| *p <= 100)
+                    .ok_or("--fail-share takes a percent from 0 to 100")?;
+            }
+            "--crash-after" => {
+                let ms = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--crash-after takes milliseconds")?;
+                crash_after = Some(Duration::from_millis(ms));
+            }
             "--port" => port = args.next().and_then(|v| v.parse().ok()),
             other => {
                 port = Some(
@@ -87,6 +111,8 @@ fn parse_args() -> Result<Options, String> {
         unhealthy,
         start_delay,
         root_status,
+        fail_share,
+        crash_after,
     })
 }
 
@@ -105,12 +131,39 @@ fn full(text: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// Requests answered other than `/health`, for `--fail-share`.
+static ANSWERED: AtomicU64 = AtomicU64::new(0);
+/// Set by the first passed health check, for `--crash-after`.
+static HEALTHY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+
 async fn handle(
     mut req: Request<Incoming>,
     port: u16,
-    unhealthy: bool,
-    root_status: Option<StatusCode>,
+    options: Arc<Options>,
 ) -> Result<Response<Body>, Infallible> {
+    let (unhealthy, root_status) = (options.unhealthy, options.root_status);
+    if req.uri().path() == "/health" {
+        if !unhealthy && HEALTHY.set(()).is_ok() {
+            if let Some(after) = options.crash_after {
+                tokio::spawn(async move {
+                    tokio::time::sleep(after).await;
+                    eprintln!("crashing on purpose (--crash-after)");
+                    std::process::exit(1);
+                });
+            }
+        }
+    } else if options.fail_share > 0 {
+        // Request n fails when n * share crosses a hundred: exactly the share, spread.
+        let n = ANSWERED.fetch_add(1, Ordering::Relaxed);
+        if (n + 1) * options.fail_share / 100 > n * options.fail_share / 100 {
+            let mut r = Response::new(full(format!(
+                "failing on purpose from {port} (pid {})\n",
+                std::process::id()
+            )));
+            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            return Ok(r);
+        }
+    }
     if let Some(ms) = query(&req, "delay") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -288,14 +341,16 @@ async fn main() {
         }
     };
     println!("listening on {addr} (pid {})", std::process::id());
-    let (port, unhealthy, root_status) = (options.port, options.unhealthy, options.root_status);
+    let port = options.port;
+    let options = Arc::new(options);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let options = options.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, port, unhealthy, root_status));
+            let service = service_fn(move |req| handle(req, port, options.clone()));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()

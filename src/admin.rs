@@ -189,6 +189,41 @@ impl prometheus_client::collector::Collector for Collector {
             "Log and app output lines dropped because rolld's stdout or stderr was stalled or closed.",
             crate::logs::dropped(),
         )?;
+        let mut family = encoder.encode_descriptor(
+            "rolld_rollbacks_after_switch",
+            "Releases rolled back during their canary or bake, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in crate::rollout::Reason::ALL
+            .iter()
+            .zip(&self.board.rollbacks_after_switch)
+        {
+            family
+                .encode_family(&[("reason", reason.label())])?
+                .encode_counter::<NoLabelSet, _, u64>(&n.load(Relaxed), None)?;
+        }
+        encoder
+            .encode_descriptor(
+                "rolld_rollout_error_rate",
+                "The new set's failed share of requests at the last look of a canary or bake.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&self.board.judged_error_rate())?;
+        let phase = self.board.rollout_phase();
+        let mut family = encoder.encode_descriptor(
+            "rolld_rollout_phase",
+            "1 for the phase of the roll in progress (canary or bake), else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for each in [crate::rollout::Phase::Canary, crate::rollout::Phase::Bake] {
+            let name = each.to_string();
+            family
+                .encode_family(&[("phase", name.as_str())])?
+                .encode_gauge(&i64::from(phase == Some(each)))?;
+        }
         let drain = encoder.encode_descriptor(
             "rolld_drain_seconds",
             "How long draining an old set took.",

@@ -112,6 +112,25 @@ struct RawAppServers {
     stop_signal: Option<String>,
     stop_timeout: Option<String>,
     balance: Option<String>,
+    rollout: Option<RawRollout>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    canary: Option<RawPercent>,
+    canary_for: Option<String>,
+    bake: Option<String>,
+    max_error_rate: Option<RawPercent>,
+    min_requests: Option<u64>,
+}
+
+/// A share: `10%`, or a bare number of percent.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPercent {
+    Number(f64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -248,6 +267,21 @@ pub struct AppServers {
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     pub balance: Balance,
+    /// Canary, bake and rollback after the switch; `None`: a roll ends at the switch.
+    pub rollout: Option<Rollout>,
+}
+
+/// How a release is watched after its health checks (`app-servers.rollout`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    /// Share of new requests (millionths) sent to the new set first, and for how long.
+    pub canary: Option<(u32, Duration)>,
+    /// How long the old set stays up, idle, after the full switch.
+    pub bake: Duration,
+    /// The failed share of the new set's requests (0.0-1.0) that rolls it back.
+    pub max_error_rate: f64,
+    /// Fewer requests than this in a phase: judged by crashes only.
+    pub min_requests: u64,
 }
 
 /// Where each generation's processes listen.
@@ -810,6 +844,13 @@ impl RawConfig {
             }
         };
 
+        let rollout = validate_rollout(v, app.rollout)?;
+        if listen.is_none() && rollout.as_ref().is_some_and(|r| r.canary.is_some()) {
+            return Err(v.err(
+                "app-servers.rollout.canary",
+                "needs the built-in proxy (`listen`): only it can send a share of requests to the new set",
+            ));
+        }
         Ok(Config {
             // Both set by `Config::parse`, which knows the file and the folder.
             path: PathBuf::new(),
@@ -844,6 +885,7 @@ impl RawConfig {
                     DEFAULT_STOP_TIMEOUT,
                 )?,
                 balance,
+                rollout,
             },
         })
     }
@@ -929,6 +971,84 @@ fn validate_tls(
         handshake_timeout,
     })
 }
+
+fn validate_rollout(v: &Validator, raw: Option<RawRollout>) -> Result<Option<Rollout>, String> {
+    let Some(raw) = raw else { return Ok(None) };
+    let percent = |key: &str, raw: RawPercent, open: bool| -> Result<f64, String> {
+        let key = format!("app-servers.rollout.{key}");
+        let (text, value) = match raw {
+            RawPercent::Number(n) => (n.to_string(), Some(n)),
+            RawPercent::Text(t) => {
+                let value = t.trim().trim_end_matches('%').trim().parse::<f64>().ok();
+                (t, value)
+            }
+        };
+        let Some(value) = value.filter(|n| n.is_finite()) else {
+            return Err(v.err(&key, format!("`{text}` is not a share; write e.g. 10%")));
+        };
+        let fits = if open {
+            value > 0.0 && value < 100.0
+        } else {
+            (0.0..=100.0).contains(&value)
+        };
+        if !fits {
+            let range = if open {
+                "above 0% and below 100%"
+            } else {
+                "from 0% to 100%"
+            };
+            return Err(v.err(&key, format!("`{text}` is not {range}")));
+        }
+        Ok(value / 100.0)
+    };
+    let canary_for = v.duration(
+        "app-servers.rollout.canary_for",
+        raw.canary_for.as_deref(),
+        DEFAULT_CANARY_FOR,
+    )?;
+    let canary = match raw.canary {
+        None if raw.canary_for.is_some() => {
+            return Err(v.err(
+                "app-servers.rollout.canary_for",
+                "applies only with `canary` (the share of requests, e.g. 10%)",
+            ))
+        }
+        None => None,
+        Some(share) => {
+            if canary_for.is_zero() {
+                return Err(v.err("app-servers.rollout.canary_for", "must be longer than zero"));
+            }
+            let share = percent("canary", share, true)?;
+            Some(((share * 1_000_000.0).round() as u32, canary_for))
+        }
+    };
+    let max_error_rate = match raw.max_error_rate {
+        None => DEFAULT_MAX_ERROR_RATE,
+        Some(rate) => percent("max_error_rate", rate, false)?,
+    };
+    let min_requests = raw.min_requests.unwrap_or(DEFAULT_MIN_REQUESTS);
+    if !(1..=1_000_000_000).contains(&min_requests) {
+        return Err(v.err(
+            "app-servers.rollout.min_requests",
+            format!("`{min_requests}` is not from 1 to 1000000000"),
+        ));
+    }
+    Ok(Some(Rollout {
+        canary,
+        bake: v.duration(
+            "app-servers.rollout.bake",
+            raw.bake.as_deref(),
+            DEFAULT_BAKE,
+        )?,
+        max_error_rate,
+        min_requests,
+    }))
+}
+
+const DEFAULT_CANARY_FOR: Duration = Duration::from_secs(30);
+const DEFAULT_BAKE: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_ERROR_RATE: f64 = 0.02;
+const DEFAULT_MIN_REQUESTS: u64 = 50;
 
 fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, String> {
     let d = ProxyConfig::default();
@@ -1423,6 +1543,52 @@ app-servers:
             ),
             &["line 9:", "app-servers.health.interval", "longer than zero"],
         );
+    }
+
+    #[test]
+    fn rollout_is_read_with_defaults_and_bounded() {
+        let base = "listen: 127.0.0.1:8000\napp-servers:\n  cmd: 'app {port}'\n  processes: 2\n";
+        let c = parse(base).expect("valid");
+        assert_eq!(c.app.rollout, None, "no section, no rollout guard");
+        let c = parse(&format!(
+            "{base}  rollout:\n    canary: 10%\n    bake: 5s\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.app.rollout,
+            Some(Rollout {
+                canary: Some((100_000, Duration::from_secs(30))),
+                bake: Duration::from_secs(5),
+                max_error_rate: 0.02,
+                min_requests: 50,
+            })
+        );
+        for (bad, needles) in [
+            (
+                "    canary: 100%\n",
+                &["line 6", "rollout.canary", "below 100%"][..],
+            ),
+            (
+                "    canary: ten\n",
+                &["line 6", "rollout.canary", "not a share"],
+            ),
+            ("    max_error_rate: 101%\n", &["line 6", "max_error_rate"]),
+            ("    min_requests: 0\n", &["line 6", "min_requests"]),
+            ("    bake: 2y\n", &["line 6", "rollout.bake"]),
+            (
+                "    canary_for: 5s\n",
+                &["line 6", "canary_for", "only with `canary`"],
+            ),
+            ("    colour: red\n", &["colour"]),
+        ] {
+            let err = parse(&format!("{base}  rollout:\n{bad}")).expect_err(bad);
+            for needle in needles {
+                assert!(err.contains(needle), "{bad}: `{err}` lacks `{needle}`");
+            }
+        }
+        let err = parse(&format!("{}  rollout:\n    canary: 5%\n", &base[23..]))
+            .expect_err("canary without listen");
+        assert!(err.contains("needs the built-in proxy"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The control socket: `rolld reload`, `rolld status` and `rolld stop` talk to a running
+//! The control socket: `rolld reload`, `status`, `stop`, `promote` and `rollback` talk to a running
 //! rolld over a Unix socket, one JSON object per line.
 //!
 //! The server side turns requests into the same [`Command`]s as signals, with a channel
@@ -13,9 +13,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::rollout::Decision;
 use crate::signals::{Command, RollEvent, StopFrom};
 use crate::status::{Board, Snapshot};
 
@@ -23,9 +24,15 @@ use crate::status::{Board, Snapshot};
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase")]
 pub enum Request {
-    Reload { wait: bool },
+    Reload {
+        wait: bool,
+    },
     Status,
     Stop,
+    /// End the canary or bake in progress for the new set.
+    Promote,
+    /// Switch back to the old set during a canary or bake.
+    Rollback,
 }
 
 /// One line of an answer.
@@ -259,6 +266,27 @@ async fn answer(
                     })
                     .as_bytes(),
                 )
+                .await?;
+        }
+        Request::Promote | Request::Rollback => {
+            let decision = match request {
+                Request::Promote => Decision::Promote,
+                _ => Decision::RollBack,
+            };
+            let (reply, answer_rx) = oneshot::channel();
+            let answered = if commands.send(Command::Rollout { decision, reply }).is_ok() {
+                answer_rx
+                    .await
+                    .unwrap_or_else(|_| Err("the rollout ended before it was decided".into()))
+            } else {
+                Err("rolld is shutting down".into())
+            };
+            let (ok, message) = match answered {
+                Ok(message) => (true, message),
+                Err(message) => (false, message),
+            };
+            write
+                .write_all(send(Answer::Done { ok, message }).as_bytes())
                 .await?;
         }
         Request::Reload { wait } => {

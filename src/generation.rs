@@ -3,12 +3,14 @@
 //! Each process has a keeper task that starts it, restarts it with backoff if it dies
 //! while its generation serves, and stops its whole process group when told to (or
 //! when the [`Generation`] is dropped). The proxy's view of each process, its
-//! [`Upstream`], is marked unavailable while the process is down.
+//! [`Upstream`], is marked unavailable while the process is down. That handle can be
+//! replaced: a generation kept through a bake and switched back to serves from a new
+//! set, and its keepers must mark availability on the set that serves.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -100,8 +102,12 @@ pub enum ProcessState {
     Stopped,
 }
 
+/// Where a keeper marks its process (un)available: the upstream of the set serving it.
+type UpstreamSlot = Arc<Mutex<Option<Arc<Upstream>>>>;
+
 struct Process {
     port: u16,
+    upstream: UpstreamSlot,
     state: watch::Receiver<ProcessState>,
     stop: Option<oneshot::Sender<StopHow>>,
     done: Option<tokio::task::JoinHandle<()>>,
@@ -116,6 +122,10 @@ pub struct Generation {
     serving: Arc<AtomicBool>,
     /// Where the set's cgroup is removed once stopped (cgroup mode).
     cgroups: Option<Arc<Hierarchy>>,
+    /// How each unexpected exit went, while serving: a release is judged on these.
+    crashes: Arc<Mutex<Vec<String>>>,
+    /// Woken at each crash, so that a judge acts at once rather than at its next look.
+    crashed: Arc<tokio::sync::Notify>,
 }
 
 impl Generation {
@@ -128,6 +138,8 @@ impl Generation {
         set: Option<&UpstreamSet>,
     ) -> Generation {
         let serving = Arc::new(AtomicBool::new(false));
+        let crashes = Arc::new(Mutex::new(Vec::new()));
+        let crashed = Arc::new(tokio::sync::Notify::new());
         let processes = ports
             .iter()
             .map(|&port| {
@@ -146,6 +158,9 @@ impl Generation {
                 if let Ok(Some(cgroup)) = &cgroup {
                     spec.cgroup = Some(cgroup.procs_file().to_owned());
                 }
+                let upstream: UpstreamSlot = Arc::new(Mutex::new(
+                    set.and_then(|s| s.get(health::local(port)).cloned()),
+                ));
                 let keeper = Keeper {
                     ctx: ctx.clone(),
                     generation: id,
@@ -156,14 +171,17 @@ impl Generation {
                     stdout: sink(config.app.stdout.as_deref(), port, Sink::Stdout),
                     stderr: sink(config.app.stderr.as_deref(), port, Sink::Stderr),
                     health: config.app.health.clone(),
-                    upstream: set.and_then(|s| s.get(health::local(port)).cloned()),
+                    upstream: upstream.clone(),
                     serving: serving.clone(),
+                    crashes: crashes.clone(),
+                    crashed: crashed.clone(),
                     state: state_tx,
                     default_stop: StopHow::from_config(config),
                 };
                 let done = tokio::spawn(keeper.run(stop_rx));
                 Process {
                     port,
+                    upstream,
                     state,
                     stop: Some(stop),
                     done: Some(done),
@@ -176,6 +194,31 @@ impl Generation {
             processes,
             serving,
             cgroups: ctx.cgroups.clone(),
+            crashes,
+            crashed,
+        }
+    }
+
+    /// Resolves at the next crash of a process of this generation.
+    pub async fn crashed(&self) {
+        self.crashed.notified().await
+    }
+
+    /// Unexpected exits while serving so far, each in words.
+    pub fn crashes(&self) -> Vec<String> {
+        lock(&self.crashes).clone()
+    }
+
+    /// Makes `set` the proxy's view of these processes: from now on the keepers mark
+    /// availability on it. Each upstream starts available if its process runs.
+    pub fn attach(&self, set: &UpstreamSet) {
+        for p in &self.processes {
+            let upstream = set.get(health::local(p.port)).cloned();
+            if let Some(upstream) = &upstream {
+                let running = matches!(*p.state.borrow(), ProcessState::Running(_));
+                upstream.set_available(running);
+            }
+            *lock(&p.upstream) = upstream;
         }
     }
 
@@ -285,6 +328,11 @@ fn members(cgroups: Option<&Hierarchy>, generation: u64, port: u16, pid: Pid) ->
     members
 }
 
+/// A lock whose holder cannot leave its data half-written (a store or a push).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn spec_for(config: &Config, port: u16) -> Spec {
     let mut environment = vec![("PORT".to_string(), port.to_string())];
     environment.extend(
@@ -322,8 +370,10 @@ struct Keeper {
     stdout: Sink,
     stderr: Sink,
     health: Health,
-    upstream: Option<Arc<Upstream>>,
+    upstream: UpstreamSlot,
     serving: Arc<AtomicBool>,
+    crashes: Arc<Mutex<Vec<String>>>,
+    crashed: Arc<tokio::sync::Notify>,
     state: watch::Sender<ProcessState>,
     default_stop: StopHow,
 }
@@ -381,14 +431,14 @@ impl Keeper {
                 }
             };
             let Ended::Exited(how) = ended else { return };
-            if let Some(upstream) = &self.upstream {
-                upstream.set_available(false);
-            }
+            self.set_available(false);
             if !self.serving.load(Ordering::SeqCst) {
                 self.state.send_replace(ProcessState::Exited(how));
                 self.ctx.board.forget(self.generation, port);
                 return;
             }
+            lock(&self.crashes).push(format!("process on port {port} exited ({how})"));
+            self.crashed.notify_waiters();
             let delay = backoff.after(started.elapsed());
             error!(
                 generation = self.generation,
@@ -419,6 +469,13 @@ impl Keeper {
             leader: pid,
             mark: cgroup.is_none().then_some(self.mark.as_str()),
             cgroup,
+        }
+    }
+
+    /// Marks the process (un)available on the set that serves it, if any.
+    fn set_available(&self, available: bool) {
+        if let Some(upstream) = &*lock(&self.upstream) {
+            upstream.set_available(available);
         }
     }
 
@@ -475,9 +532,7 @@ impl Keeper {
                         Ok(()) => match connections::check_owner(self.port, pid, &members(self.ctx.cgroups.as_deref(), self.generation, self.port, pid)) {
                             Ok(()) => {
                                 info!(generation = self.generation, port = self.port, pid = pid.as_raw(), "restarted process is ready");
-                                if let Some(upstream) = &self.upstream {
-                                    upstream.set_available(true);
-                                }
+                                self.set_available(true);
                             }
                             Err(why) => {
                                 error!(generation = self.generation, port = self.port, pid = pid.as_raw(), "{why}; killing the restarted process to try again");

@@ -6,6 +6,7 @@
 //! - [`config`]: the YAML file, parsed and validated into a typed [`config::Config`].
 //! - [`supervisor`]: owns the state; turns commands into rolls and shutdown.
 //! - [`rolling`]: one roll as named steps; the only caller of the upstream swap.
+//! - [`rollout`]: the guard after the switch: canary, bake, judging, rollback.
 //! - [`generation`]: one set of processes, each with a keeper that restarts or stops it.
 //! - [`health`]: readiness polling and smoke tests.
 //! - [`actions`]: `after_start`: rendered upstream files and reload commands (nginx mode).
@@ -40,6 +41,7 @@ mod notify;
 mod output;
 mod process;
 mod rolling;
+mod rollout;
 mod signals;
 mod status;
 mod supervisor;
@@ -162,6 +164,17 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// End the canary or bake in progress for the new set: it takes every request and
+    /// the old set stops.
+    Promote {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Switch back to the old set during a canary or bake: the new set drains and stops.
+    Rollback {
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn main() -> ExitCode {
@@ -187,6 +200,8 @@ fn main() -> ExitCode {
         (Some(Cmd::Reload { target, no_wait }), _) => reload(&target, !no_wait),
         (Some(Cmd::Status { target, json }), _) => status(&target, json),
         (Some(Cmd::Stop { target }), _) => stop(&target),
+        (Some(Cmd::Promote { target }), _) => decide(&target, control::Request::Promote),
+        (Some(Cmd::Rollback { target }), _) => decide(&target, control::Request::Rollback),
         (Some(Cmd::Run { config }), _) | (None, Some(config)) => run(&config),
         (None, None) => {
             say!("no config file given\n\nUsage: rolld [run] CONFIG | rolld check CONFIG\nSee `rolld --help`.");
@@ -611,6 +626,39 @@ fn stop(target: &Target) -> ExitCode {
         }
         Err(why) => {
             say!("{why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `rolld promote` / `rolld rollback`: exit 0 when the canary or bake in progress was
+/// ended as asked, 1 when there was none.
+fn decide(target: &Target, request: control::Request) -> ExitCode {
+    let mut done = None;
+    let called = control::call(&socket_of(target), &request, |answer| match answer {
+        control::Answer::Done { ok, message } => {
+            if ok {
+                out!("{message}");
+            } else {
+                say!("{message}");
+            }
+            done = Some(ok);
+        }
+        control::Answer::Error { message } => {
+            say!("{message}");
+            done = Some(false);
+        }
+        _ => {}
+    });
+    match (called, done) {
+        (Err(why), _) => {
+            say!("{why}");
+            ExitCode::from(1)
+        }
+        (Ok(()), Some(true)) => ExitCode::SUCCESS,
+        (Ok(()), Some(false)) => ExitCode::from(1),
+        (Ok(()), None) => {
+            say!("rolld gave no answer");
             ExitCode::from(1)
         }
     }

@@ -2,6 +2,10 @@
 //! it is healthy, smoke-test it, swap the proxy's upstreams, drain the old generation
 //! and stop it. Every failure before the swap stops the new generation and leaves the
 //! old one serving, untouched. This is the only caller of [`Upstreams::swap`].
+//!
+//! With `app-servers.rollout`, the switch is guarded (see [`rollout`](crate::rollout)):
+//! an optional canary takes a share of requests first, and after the full switch the
+//! old set stays up through the bake, so that going back is a swap, not an app start.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -10,7 +14,7 @@ use std::time::Instant;
 
 use rand::Rng;
 use rolld_proxy::{UpstreamSet, Upstreams};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::actions;
@@ -18,6 +22,7 @@ use crate::config::{Config, PortPlan, SmokeTest};
 use crate::connections;
 use crate::generation::{self, Context, Generation, StopHow};
 use crate::health;
+use crate::rollout::{Operator, Phase, Reason, Verdict, Watch};
 use crate::signals::{RollEvent, Watcher};
 use crate::tree;
 
@@ -37,6 +42,8 @@ pub struct Roll {
     /// Turns true when rolld shuts down: a roll that has not swapped yet stops its new
     /// set and leaves the old one serving.
     pub cancel: watch::Receiver<bool>,
+    /// `rolld promote` and `rolld rollback`, heard during a canary or bake.
+    pub operator: mpsc::UnboundedReceiver<Operator>,
 }
 
 /// What a roll leaves behind.
@@ -95,7 +102,7 @@ impl Roll {
             Err(why) => {
                 error!(generation = id, "roll failed, rolled back: {why}");
                 board.rolls_rolled_back.fetch_add(1, Ordering::Relaxed);
-                let message = if self.current.is_some() {
+                let message = if self.current.is_some() && !why.starts_with("rolled back") {
                     format!("rolled back: {why}")
                 } else {
                     why
@@ -219,11 +226,14 @@ impl Roll {
         }
 
         // 1. start, 2. wait until healthy, 3. smoke-test.
-        let set = self
-            .upstreams
-            .as_ref()
-            .map(|_| UpstreamSet::new(self.id, &generation::addrs(&ports), app.balance));
-        let next = Generation::spawn(&self.ctx, self.id, &ports, &self.config, set.as_ref());
+        let set = self.upstreams.as_ref().map(|_| {
+            Arc::new(UpstreamSet::new(
+                self.id,
+                &generation::addrs(&ports),
+                app.balance,
+            ))
+        });
+        let next = Generation::spawn(&self.ctx, self.id, &ports, &self.config, set.as_deref());
         let checked = async {
             next.wait_ready(&app.health)
                 .await
@@ -291,8 +301,81 @@ impl Roll {
                 self.keeps_serving()
             ));
         }
+        // The guard applies to a roll that replaces a serving set.
+        let rollout = app.rollout.clone().filter(|_| self.current.is_some());
+        let new_outcomes = set.as_ref().map(|s| s.outcomes().clone());
+        let old_outcomes = self
+            .upstreams
+            .as_ref()
+            .map(|u| u.current().outcomes().clone());
+
+        // 4b. canary: a share of new requests goes to the new set first.
+        let mut promoted = None;
+        let mut skip_bake = false;
+        if let (Some(rollout), Some(upstreams), Some(new_set)) = (&rollout, &self.upstreams, &set) {
+            if let Some((share, length)) = rollout.canary {
+                upstreams.start_canary(new_set.clone(), share);
+                self.report(
+                    "canary",
+                    format!(
+                        "canary: {}% of new requests go to the new set for {}",
+                        f64::from(share) / 10_000.0,
+                        humantime::format_duration(length)
+                    ),
+                );
+                let old_id = self.current.as_ref().map_or(0, |g| g.id);
+                let verdict = Watch {
+                    phase: Phase::Canary,
+                    rollout,
+                    length,
+                    new: new_outcomes.clone(),
+                    old: old_outcomes.clone(),
+                    baseline: old_outcomes.as_ref().map(|o| o.counts()),
+                    generation: &next,
+                    old_generation: old_id,
+                    operator: &mut self.operator,
+                    cancel: self.cancel.clone(),
+                    board: &self.ctx.board,
+                }
+                .run()
+                .await;
+                match verdict {
+                    Verdict::Promote(why) => {
+                        self.report("promoted", format!("canary promoted: {why}"));
+                        promoted = upstreams.promote_canary();
+                    }
+                    Verdict::Promoted => {
+                        self.report(
+                            "promoted",
+                            "canary promoted by the operator; no bake".to_string(),
+                        );
+                        promoted = upstreams.promote_canary();
+                        skip_bake = true;
+                    }
+                    Verdict::RollBack { reason, message } => {
+                        self.ctx.board.rolled_back_after_switch(reason);
+                        let served = new_outcomes.as_ref().map_or(0, |o| o.counts().requests);
+                        return Err(self
+                            .end_canary(
+                                next,
+                                set,
+                                old_id,
+                                served,
+                                format!("rolled back during canary: {message}"),
+                            )
+                            .await);
+                    }
+                    Verdict::Shutdown => {
+                        return Err(self
+                            .end_canary(next, set, old_id, 0, "rolld is shutting down".to_string())
+                            .await);
+                    }
+                }
+            }
+        }
         let drain = match (&self.upstreams, set) {
-            (Some(upstreams), Some(set)) => Some(upstreams.swap(Arc::new(set))),
+            (_, _) if promoted.is_some() => promoted,
+            (Some(upstreams), Some(set)) => Some(upstreams.swap(set)),
             _ => None,
         };
         self.ctx.board.serving(self.id);
@@ -304,8 +387,11 @@ impl Roll {
             return Ok(());
         };
 
-        // 5. drain the old set, 6. stop it.
-        old.set_serving(false);
+        // 5. drain the old set, 6. stop it (after the bake, if any).
+        let baking = rollout.as_ref().filter(|r| !r.bake.is_zero() && !skip_bake);
+        // Through a bake the old processes stay supervised: one that dies is restarted,
+        // so that the set to go back to is whole.
+        old.set_serving(baking.is_some());
         if failpoint("roll-panic-after-swap", self.id) {
             panic!("failpoint roll-panic-after-swap");
         }
@@ -340,6 +426,68 @@ impl Roll {
             .drain_seconds
             .observe(draining.elapsed().as_secs_f64());
         let old_id = old.id;
+        if let Some(rollout) = baking {
+            let baseline = old_outcomes.as_ref().map(|o| o.counts());
+            self.report(
+                "bake",
+                format!(
+                    "baking for {}: the old set generation={old_id} stays up, idle",
+                    humantime::format_duration(rollout.bake)
+                ),
+            );
+            // The old processes get a set of their own, for no request unless every
+            // process of the new set is down at once, and to switch back to.
+            let standby = self.upstreams.as_ref().map(|upstreams| {
+                let set = Arc::new(UpstreamSet::new(
+                    old_id,
+                    &generation::addrs(&old.ports),
+                    app.balance,
+                ));
+                old.attach(&set);
+                let outcomes = set.outcomes().clone();
+                upstreams.set_standby(Some(set));
+                outcomes
+            });
+            let current = self.current.take().expect("the new set was just installed");
+            let verdict = Watch {
+                phase: Phase::Bake,
+                rollout,
+                length: rollout.bake,
+                new: new_outcomes.clone(),
+                old: standby,
+                baseline,
+                generation: &current,
+                old_generation: old_id,
+                operator: &mut self.operator,
+                cancel: self.cancel.clone(),
+                board: &self.ctx.board,
+            }
+            .run()
+            .await;
+            self.current = Some(current);
+            match verdict {
+                Verdict::Promote(why) => self.report("promoted", format!("promoted: {why}")),
+                Verdict::Promoted => self.report(
+                    "promoted",
+                    "promoted by the operator: the bake ended early".to_string(),
+                ),
+                Verdict::Shutdown => {}
+                Verdict::RollBack { reason, message } => {
+                    return self.switch_back(old, reason, message).await;
+                }
+            }
+            // Requests the old set took as the standby finish before it stops.
+            if let Some(mut drain) = self.upstreams.as_ref().and_then(|u| u.set_standby(None)) {
+                if let Err(cut) = drain.wait_timeout(app.drain_timeout).await {
+                    warn!(
+                        old_generation = old_id,
+                        "drain_timeout ({timeout}) passed with {} request(s) in flight on the standby set; they will be cut",
+                        cut.in_flight
+                    );
+                }
+            }
+        }
+        old.set_serving(false);
         self.report(
             "stopping",
             format!("stopping the old set generation={old_id}"),
@@ -347,6 +495,124 @@ impl Roll {
         old.terminate(StopHow::from_config(&self.config)).await;
         self.report("stopped", format!("old set stopped generation={old_id}"));
         Ok(())
+    }
+
+    /// Ends a canary that is not promoted: new requests go to the old set alone, the
+    /// new set drains exactly and stops. Returns the roll's error.
+    async fn end_canary(
+        &mut self,
+        next: Generation,
+        set: Option<Arc<UpstreamSet>>,
+        old_id: u64,
+        served: u64,
+        why: String,
+    ) -> String {
+        // Never hold the set being drained: its drain ends when it is dropped.
+        drop(set);
+        if let Some(old) = &self.current {
+            self.ctx.board.serving(old.id);
+        }
+        let drain = self.upstreams.as_ref().and_then(|u| u.end_canary());
+        next.set_serving(false);
+        self.report(
+            "rolling back",
+            format!("{why}; new requests go to generation {old_id} alone; draining the canary"),
+        );
+        if let Some(mut drain) = drain {
+            if let Err(cut) = drain.wait_timeout(self.config.app.drain_timeout).await {
+                warn!(
+                    generation = self.id,
+                    "drain_timeout passed with {} canary request(s) in flight; they will be cut",
+                    cut.in_flight
+                );
+            }
+        }
+        next.terminate(StopHow::from_config(&self.config)).await;
+        format!(
+            "{why}; the canary served {served} request(s); new processes stopped, generation {old_id} keeps serving"
+        )
+    }
+
+    /// Switches back to `old` after a bake found the new set failing: a quick readiness
+    /// check of the old processes, the swap (or the other balancer pointed back), then
+    /// the new set drains exactly and stops. No process starts.
+    async fn switch_back(
+        &mut self,
+        old: Generation,
+        reason: Reason,
+        message: String,
+    ) -> Result<(), String> {
+        let app = self.config.app.clone();
+        let back = std::time::Instant::now();
+        // The old processes were supervised through the bake; make sure they answer.
+        for &port in &old.ports {
+            let ready = health::probe(port, app.health.http.as_ref(), app.health.timeout).await;
+            if let Err(why) = ready {
+                error!(
+                    generation = self.id,
+                    old_generation = old.id,
+                    "cannot roll back: the old process on port {port} is not ready ({why}); the new set keeps serving"
+                );
+                old.set_serving(false);
+                if let Some(mut drain) = self.upstreams.as_ref().and_then(|u| u.set_standby(None)) {
+                    let _ = drain.wait_timeout(app.drain_timeout).await;
+                }
+                old.terminate(StopHow::from_config(&self.config)).await;
+                return Err(format!(
+                    "generation {}: {message}, but the old set was not ready (port {port}: {why}); the new set keeps serving",
+                    self.id
+                ));
+            }
+        }
+        let new = self
+            .current
+            .take()
+            .expect("the new set serves during the bake");
+        // The standby set of the old processes serves again (their keepers already
+        // mark availability on it).
+        let drain = self.upstreams.as_ref().and_then(|u| u.restore_standby());
+        if !app.after_start.is_empty() {
+            let folder = &self.config.workdir;
+            if let Err(why) =
+                actions::run_after_start(&self.ctx, &app.after_start, folder, &old.ports, old.id)
+                    .await
+            {
+                error!(
+                    generation = self.id,
+                    "pointing the balancer back at generation {} failed: {why}", old.id
+                );
+            }
+        }
+        self.ctx.board.serving(old.id);
+        self.ctx.board.rolled_back_after_switch(reason);
+        let old_id = old.id;
+        self.current = Some(old);
+        new.set_serving(false);
+        self.report(
+            "rolling back",
+            format!(
+                "rolled back after switch: {message}; generation {old_id} serves again after {} ms; draining the new set",
+                back.elapsed().as_millis()
+            ),
+        );
+        let deadline = crate::process::deadline_in(app.drain_timeout);
+        let timeout = humantime::format_duration(app.drain_timeout).to_string();
+        if let Some(mut drain) = drain {
+            if let Err(cut) = drain.wait_timeout(app.drain_timeout).await {
+                warn!(
+                    generation = self.id,
+                    "drain_timeout ({timeout}) passed with {} request(s) in flight; they will be cut",
+                    cut.in_flight
+                );
+            }
+        }
+        if self.upstreams.is_none() || !app.after_start.is_empty() {
+            drain_connections(new.id, &new.ports, deadline, &timeout).await;
+        }
+        new.terminate(StopHow::from_config(&self.config)).await;
+        Err(format!(
+            "rolled back after switch: {message}; new processes stopped, generation {old_id} serves"
+        ))
     }
 }
 

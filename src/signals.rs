@@ -1,7 +1,9 @@
 //! Signals become [`Command`]s here; no other module sees a signal number.
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::rollout::Decision;
 use tracing::info;
 
 /// What an operator can ask of a running rolld.
@@ -16,6 +18,12 @@ pub enum Command {
     Shutdown(StopFrom),
     /// Reopen child log files (SIGUSR1), after log rotation.
     ReopenLogs,
+    /// End a canary or bake (`rolld promote`, `rolld rollback`); the reply says what
+    /// was done, or why nothing was.
+    Rollout {
+        decision: Decision,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// Who asked for a shutdown.

@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::histogram::Histogram;
+use rolld_proxy::Outcomes;
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Hierarchy;
+use crate::rollout::{Phase, Reason};
 
 /// The shared record. Counters are atomics; the rest sits behind one lock taken only on
 /// state changes (process started, roll phase) and reads, never per request.
@@ -24,6 +26,22 @@ pub struct Board {
     pub drain_seconds: Histogram,
     /// rolld's cgroups (cgroup mode), for each set's memory and CPU.
     cgroups: std::sync::OnceLock<Arc<Hierarchy>>,
+    /// Releases rolled back after their switch (canary or bake), by [`Reason`].
+    pub rollbacks_after_switch: [AtomicU64; 3],
+    /// The new set's failed share at the last look of a canary or bake (f64 bits).
+    judged_error_rate: AtomicU64,
+}
+
+/// A canary or bake in progress, for status and metrics.
+#[derive(Debug, Clone)]
+pub struct RolloutView {
+    pub phase: Phase,
+    pub generation: u64,
+    pub old_generation: u64,
+    pub ends_at: Instant,
+    /// The sets' request counts (none without the built-in proxy).
+    pub new: Option<Arc<Outcomes>>,
+    pub old: Option<Arc<Outcomes>>,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +52,7 @@ struct State {
     last_roll: Option<LastRoll>,
     /// The TLS listener's certificates, as last loaded.
     certificates: Vec<crate::tls::CertInfo>,
+    rollout: Option<RolloutView>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +88,9 @@ pub struct Snapshot {
     /// The roll in progress, if any.
     pub roll: Option<RollStatus>,
     pub last_roll: Option<LastRoll>,
+    /// The canary or bake in progress, if any.
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
     /// Lines (rolld's log, app output) dropped because rolld's stdout or stderr was
     /// stalled or closed.
     #[serde(default)]
@@ -115,6 +137,20 @@ pub struct UpstreamStatus {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// `canary` or `bake`.
+    pub phase: String,
+    pub generation: u64,
+    pub old_generation: u64,
+    pub seconds_left: f64,
+    /// The new set's requests with an outcome, and how many failed.
+    pub new_requests: u64,
+    pub new_failed: u64,
+    pub old_requests: u64,
+    pub old_failed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RollStatus {
     pub generation: u64,
     pub phase: String,
@@ -130,6 +166,8 @@ impl Default for Board {
             restarts: AtomicU64::new(0),
             drain_seconds: Histogram::new([0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
             cgroups: std::sync::OnceLock::new(),
+            rollbacks_after_switch: Default::default(),
+            judged_error_rate: AtomicU64::new(0),
         }
     }
 }
@@ -183,6 +221,32 @@ impl Board {
     /// The current roll reached `phase`.
     pub fn phase(&self, generation: u64, phase: impl Into<String>) {
         self.state().roll = Some((generation, phase.into()));
+    }
+
+    /// A canary or bake began (`Some`) or ended (`None`).
+    pub fn rollout(&self, view: Option<RolloutView>) {
+        self.state().rollout = view;
+    }
+
+    /// The phase of the canary or bake in progress, if any.
+    pub fn rollout_phase(&self) -> Option<Phase> {
+        self.state().rollout.as_ref().map(|r| r.phase)
+    }
+
+    /// The new set's failed share at the last look.
+    pub fn judged(&self, rate: f64) {
+        self.judged_error_rate
+            .store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn judged_error_rate(&self) -> f64 {
+        f64::from_bits(self.judged_error_rate.load(Ordering::Relaxed))
+    }
+
+    /// A release was rolled back after its switch.
+    pub fn rolled_back_after_switch(&self, reason: Reason) {
+        let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.rollbacks_after_switch[i].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn roll_ended(&self, generation: u64, outcome: &str, message: String, took: Duration) {
@@ -265,6 +329,23 @@ impl Board {
                 phase: phase.clone(),
             }),
             last_roll: s.last_roll.clone(),
+            rollout: s.rollout.as_ref().map(|r| {
+                let new = r.new.as_ref().map(|o| o.counts()).unwrap_or_default();
+                let old = r.old.as_ref().map(|o| o.counts()).unwrap_or_default();
+                RolloutStatus {
+                    phase: r.phase.to_string(),
+                    generation: r.generation,
+                    old_generation: r.old_generation,
+                    seconds_left: r
+                        .ends_at
+                        .saturating_duration_since(Instant::now())
+                        .as_secs_f64(),
+                    new_requests: new.requests,
+                    new_failed: new.failed(),
+                    old_requests: old.requests,
+                    old_failed: old.failed(),
+                }
+            }),
             log_lines_dropped: crate::logs::dropped(),
             certificates: s
                 .certificates
@@ -335,6 +416,20 @@ impl Snapshot {
                 out,
                 "roll to generation {} in progress: {}",
                 r.generation, r.phase
+            );
+        }
+        if let Some(r) = &self.rollout {
+            let _ = writeln!(
+                out,
+                "{} of generation {}: {:.0}s left; new set {} request(s), {} failed; old set (generation {}) {} request(s), {} failed",
+                r.phase,
+                r.generation,
+                r.seconds_left,
+                r.new_requests,
+                r.new_failed,
+                r.old_generation,
+                r.old_requests,
+                r.old_failed
             );
         }
         if let Some(l) = &self.last_roll {

@@ -19,6 +19,7 @@ use crate::notify;
 use crate::output;
 use crate::process::{Reaper, Spawner};
 use crate::rolling::{Roll, Rolled};
+use crate::rollout::{Decision, Operator, Phase};
 use crate::signals::{Command, RollEvent, StopFrom, Watcher};
 use crate::status::Board;
 
@@ -48,6 +49,8 @@ pub struct Supervisor {
     shutdown: watch::Sender<Option<StopHow>>,
     /// Tells a roll in progress that rolld is shutting down.
     cancel_roll: watch::Sender<bool>,
+    /// Operator decisions for the roll in progress (its canary or bake).
+    operator: mpsc::UnboundedSender<Operator>,
     alive: mpsc::Receiver<()>,
 }
 
@@ -102,6 +105,7 @@ impl Supervisor {
             workset: 0,
             shutdown,
             cancel_roll: watch::channel(false).0,
+            operator: mpsc::unbounded_channel().0,
             alive,
         })
     }
@@ -169,9 +173,28 @@ impl Supervisor {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(Command::Roll { watcher }) if roll.is_some() => {
+                        if self.ctx.board.rollout_phase() == Some(Phase::Bake) {
+                            // The release under bake is the base of the next one.
+                            info!("a roll is asked for during the bake: promoting the new set first");
+                            let _ = self.operator.send(Operator { decision: Decision::Promote, reply: None });
+                        }
                         info!("a roll is in progress; one more is queued after it");
                         let waiting = queued.get_or_insert_with(Vec::new);
                         waiting.extend(watcher);
+                    }
+                    Some(Command::Rollout { decision, reply }) => {
+                        match self.ctx.board.rollout_phase() {
+                            Some(_) if roll.is_some() => {
+                                if let Err(refused) = self.operator.send(Operator { decision, reply: Some(reply) }) {
+                                    if let Some(reply) = refused.0.reply {
+                                        let _ = reply.send(Err("the rollout has ended".into()));
+                                    }
+                                }
+                            }
+                            _ => {
+                                let _ = reply.send(Err("no canary or bake in progress".into()));
+                            }
+                        }
                     }
                     Some(Command::Roll { watcher }) => roll = self.reload(watcher.into_iter().collect()),
                     Some(Command::ReopenLogs) => {
@@ -353,7 +376,10 @@ impl Supervisor {
     fn start_roll(&mut self, config: Config, watchers: Vec<Watcher>) -> JoinHandle<Rolled> {
         let id = self.next_id;
         self.next_id += 1;
+        let (operator, decisions) = mpsc::unbounded_channel();
+        self.operator = operator;
         let roll = Roll {
+            operator: decisions,
             ctx: self.ctx.clone(),
             config,
             upstreams: self.upstreams.clone(),

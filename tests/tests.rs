@@ -12,4 +12,5 @@ mod nginx;
 mod original;
 mod proxying;
 mod rolling;
+mod rollout;
 mod tls;

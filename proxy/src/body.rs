@@ -386,6 +386,7 @@ impl UpstreamBody {
     fn fail(&mut self, why: &dyn fmt::Display) {
         if let Some(lease) = self.lease.as_ref() {
             tracing::warn!(upstream = %lease.upstream().addr(), "response body cut: {why}");
+            lease.cut_mid_answer();
         }
         if let Some(access) = self.access.as_mut() {
             access.complete = false;

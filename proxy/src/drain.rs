@@ -57,9 +57,15 @@ impl Drain {
     pub async fn wait_timeout(&mut self, timeout: Duration) -> Result<(), DrainTimedOut> {
         match tokio::time::timeout(timeout, self.wait()).await {
             Ok(()) => Ok(()),
-            Err(_) => Err(DrainTimedOut {
-                in_flight: self.in_flight(),
-            }),
+            Err(_) => {
+                // The caller cuts what is left; the proxy must not resend it elsewhere.
+                if let Some(set) = self.set.upgrade() {
+                    set.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(DrainTimedOut {
+                    in_flight: self.in_flight(),
+                })
+            }
         }
     }
 }

@@ -57,6 +57,19 @@ impl ProxyError {
         }
     }
 
+    /// Whether the upstream failed (a release is judged on this), rather than the
+    /// client or the proxy's own limits.
+    pub fn blames_upstream(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::Upstream { .. }
+                | ProxyError::Exhausted
+                | ProxyError::Timeout { .. }
+                | ProxyError::UploadStalled { .. }
+        )
+    }
+
     /// The answer the client sees.
     pub fn into_response(self) -> Response<ResponseBody> {
         let status = self.status();

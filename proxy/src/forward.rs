@@ -165,7 +165,7 @@ impl Proxy {
                 return Err((ProxyError::BodyTooLarge, access));
             }
         }
-        let Some(mut lease) = InFlight::route(self.upstreams.current()) else {
+        let Some(mut lease) = self.upstreams.route() else {
             return Err((ProxyError::NoUpstream, access));
         };
 
@@ -244,9 +244,15 @@ impl Proxy {
         let (mut response, conn) = match sent {
             Some(Ok(sent)) => {
                 self.stats.observe_upstream(sending.elapsed());
+                lease.answered(sent.0.status().as_u16());
                 sent
             }
-            Some(Err(err)) => return Err((err, access)),
+            Some(Err(err)) => {
+                if err.blames_upstream() {
+                    lease.failed();
+                }
+                return Err((err, access));
+            }
             None => {
                 let err = match upload.stalled() {
                     Stalled::Answer => ProxyError::Timeout {
@@ -259,6 +265,9 @@ impl Proxy {
                     },
                     Stalled::Client => ProxyError::ClientBodyIdle,
                 };
+                if err.blames_upstream() {
+                    lease.failed();
+                }
                 return Err((err, access));
             }
         };
@@ -306,11 +315,13 @@ impl Proxy {
     async fn send(
         &self,
         mut req: Request<RequestBody>,
-        mut replay: Option<Replay>,
+        replay: Option<Replay>,
         lease: &mut InFlight,
         upload: &Upload,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
         let mut fresh = false;
+        // Whether the request went out to a process once (see `Upstreams::fall_back`).
+        let mut written = false;
         for _attempt in 0..MAX_ATTEMPTS {
             let upstream = lease.upstream().clone();
             let checkout = if fresh {
@@ -331,7 +342,7 @@ impl Proxy {
                         });
                     }
                     upstream.mark_down_for(self.config.down_period);
-                    if !lease.reroute() {
+                    if !lease.reroute() && !self.upstreams.fall_back(lease, written) {
                         return Err(ProxyError::Connect {
                             upstream: upstream.addr(),
                             source,
@@ -354,14 +365,21 @@ impl Proxy {
             // proxy_next_upstream does).
             let retry = match err.take_message() {
                 Some(unsent) => Some(unsent),
-                None => replay.take().map(Replay::build),
+                // Each attempt may need it again: a process that crashed can take the
+                // resent request down with it too (bounded by MAX_ATTEMPTS).
+                None => {
+                    written = true;
+                    replay.as_ref().map(Replay::build)
+                }
             };
             match retry {
                 Some(again) => {
                     if !conn.reused {
                         // Even a new connection failed: the process is likely gone.
                         upstream.mark_down_for(self.config.down_period);
-                        lease.reroute();
+                        if !lease.reroute() {
+                            self.upstreams.fall_back(lease, written);
+                        }
                     }
                     debug!(upstream = %upstream.addr(), error = %err.error(), "sending failed before any answer; sending again on a new connection");
                     req = again;
@@ -437,11 +455,11 @@ impl Replay {
         }
     }
 
-    fn build(self) -> Request<RequestBody> {
+    fn build(&self) -> Request<RequestBody> {
         let mut req = Request::new(RequestBody::empty());
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.headers_mut() = self.headers;
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
         req
     }
 }

@@ -47,4 +47,4 @@ pub use error::ProxyError;
 pub use forward::{Client, Proxy};
 pub use server::{bind, serve, serve_fronts, Front};
 pub use stats::{Stats, StatsSnapshot};
-pub use upstream::{Balance, InFlight, Upstream, UpstreamSet, Upstreams};
+pub use upstream::{Balance, InFlight, OutcomeCounts, Outcomes, Upstream, UpstreamSet, Upstreams};

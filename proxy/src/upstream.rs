@@ -5,13 +5,18 @@
 //! counters, connection pools) comes from one atomic load. A request owns an
 //! [`InFlight`] lease on its set from routing until its response ends; the set is
 //! dropped when the last lease goes, and that drop *is* the end of the drain.
+//!
+//! During a canary a second set takes an exact share of new requests; each request
+//! still holds a lease on exactly the set it was routed to, so both sets drain exactly.
+//! Every set counts what became of its requests ([`Outcomes`]): that count is what a
+//! release is judged on after the switch.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
 
 use crate::drain::Drain;
@@ -124,8 +129,61 @@ pub struct UpstreamSet {
     balance: Balance,
     /// Round-robin cursor, and where least-conn starts scanning so ties rotate.
     cursor: AtomicUsize,
+    /// Set when a drain of this set timed out: its requests are being cut on purpose,
+    /// and one that was already sent is not resent elsewhere.
+    pub(crate) cut: AtomicBool,
+    /// What became of the requests routed to this set; shared so that it can be read
+    /// without holding the set (which would keep its drain waiting).
+    outcomes: Arc<Outcomes>,
     /// Never sent on: dropping it with the set wakes every [`Drain`] of this set.
     pub(crate) dropped: watch::Sender<()>,
+}
+
+/// What became of one set's requests: counted once per request, when its answer (or
+/// the proxy's own error answer) is decided.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    /// Requests with an outcome: answered by the upstream, or failed by it.
+    requests: AtomicU64,
+    /// 5xx answers of the upstream, passed on to the client.
+    server_errors: AtomicU64,
+    /// Connect and read failures and timeouts of the upstream, answered by the proxy
+    /// with 502/504, and answers the upstream broke off mid-body.
+    upstream_errors: AtomicU64,
+}
+
+/// A reading of [`Outcomes`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutcomeCounts {
+    pub requests: u64,
+    pub server_errors: u64,
+    pub upstream_errors: u64,
+}
+
+impl OutcomeCounts {
+    /// Requests that failed, whichever way.
+    pub fn failed(&self) -> u64 {
+        self.server_errors + self.upstream_errors
+    }
+
+    /// The failed share of requests, 0.0 to 1.0 (0.0 without requests).
+    pub fn failure_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.failed() as f64 / self.requests as f64
+        }
+    }
+}
+
+impl Outcomes {
+    pub fn counts(&self) -> OutcomeCounts {
+        OutcomeCounts {
+            requests: self.requests.load(Ordering::Relaxed),
+            server_errors: self.server_errors.load(Ordering::Relaxed),
+            upstream_errors: self.upstream_errors.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl UpstreamSet {
@@ -136,6 +194,8 @@ impl UpstreamSet {
             upstreams: addrs.iter().map(|&a| Arc::new(Upstream::new(a))).collect(),
             balance,
             cursor: AtomicUsize::new(0),
+            cut: AtomicBool::new(false),
+            outcomes: Arc::default(),
             dropped: watch::Sender::new(()),
         }
     }
@@ -160,6 +220,11 @@ impl UpstreamSet {
 
     pub fn is_empty(&self) -> bool {
         self.upstreams.is_empty()
+    }
+
+    /// What became of this set's requests so far.
+    pub fn outcomes(&self) -> &Arc<Outcomes> {
+        &self.outcomes
     }
 
     /// Requests in flight on this set, all upstreams together.
@@ -238,6 +303,31 @@ impl InFlight {
     pub fn generation(&self) -> u64 {
         self.set.generation
     }
+
+    /// Counts the upstream's answer on the set: a 5xx is a failure of the release.
+    pub fn answered(&self, status: u16) {
+        let outcomes = &self.set.outcomes;
+        outcomes.requests.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            outcomes.server_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an answer the upstream broke off (a reset or a stall mid-body): its
+    /// request, already counted as answered, failed after all.
+    pub fn cut_mid_answer(&self) {
+        self.set
+            .outcomes
+            .upstream_errors
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failure of the upstream the proxy answered itself (502, 504).
+    pub fn failed(&self) {
+        let outcomes = &self.set.outcomes;
+        outcomes.requests.fetch_add(1, Ordering::Relaxed);
+        outcomes.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for InFlight {
@@ -248,11 +338,36 @@ impl Drop for InFlight {
     }
 }
 
-/// The proxy's current upstream set: one atomic pointer, swapped per generation.
+/// The proxy's current upstream set: one atomic pointer, swapped per generation, and
+/// during a canary the set that takes a share of new requests.
 #[derive(Debug)]
 pub struct Upstreams {
     current: ArcSwap<UpstreamSet>,
+    canary: ArcSwapOption<Canary>,
+    /// The set kept to go back to during a bake: it takes a request only when the
+    /// current set has no upstream able to (all of its processes died at once).
+    standby: ArcSwapOption<UpstreamSet>,
 }
+
+/// A set taking an exact share of new requests beside the current one.
+#[derive(Debug)]
+struct Canary {
+    set: Arc<UpstreamSet>,
+    /// Its share, in millionths.
+    per_million: u64,
+    /// Requests routed while this canary ran; request n goes to the canary when
+    /// `n * share` crosses a whole number, so after N requests it had floor(N * share).
+    routed: AtomicU64,
+}
+
+impl Canary {
+    fn takes_next(&self) -> bool {
+        let n = self.routed.fetch_add(1, Ordering::Relaxed);
+        (n + 1) * self.per_million / MILLION > n * self.per_million / MILLION
+    }
+}
+
+const MILLION: u64 = 1_000_000;
 
 impl Default for Upstreams {
     fn default() -> Self {
@@ -265,7 +380,107 @@ impl Upstreams {
     pub fn new() -> Self {
         Upstreams {
             current: ArcSwap::from_pointee(UpstreamSet::empty()),
+            canary: ArcSwapOption::empty(),
+            standby: ArcSwapOption::empty(),
         }
+    }
+
+    /// Routes a new request: to the canary when it is its turn (and it has an
+    /// available upstream), else to the current set.
+    pub fn route(&self) -> Option<InFlight> {
+        if let Some(canary) = self.canary.load().as_ref() {
+            if canary.takes_next() {
+                if let Some(lease) = InFlight::route(canary.set.clone()) {
+                    return Some(lease);
+                }
+            }
+        }
+        InFlight::route(self.current()).or_else(|| self.on_standby())
+    }
+
+    /// A lease on the standby set, if there is one with an available upstream.
+    fn on_standby(&self) -> Option<InFlight> {
+        self.standby
+            .load()
+            .as_ref()
+            .and_then(|set| InFlight::route(set.clone()))
+    }
+
+    /// Moves a request that could not connect anywhere in its set (nothing was sent
+    /// yet) to the current set, if it was routed to another one before a swap, or else
+    /// to the standby set. Returns false when there is nowhere else to go.
+    /// `written`: the request already went out once; it moves only if its set was not
+    /// cut on purpose (a drain that timed out), since then its process died under it.
+    pub fn fall_back(&self, lease: &mut InFlight, written: bool) -> bool {
+        if written && lease.set.cut.load(Ordering::Relaxed) {
+            return false;
+        }
+        let current = self.current.load();
+        if !Arc::ptr_eq(&current, &lease.set) {
+            if let Some(moved) = InFlight::route(current.clone()) {
+                *lease = moved;
+                return true;
+            }
+        }
+        let on_standby = self
+            .standby
+            .load()
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &lease.set));
+        if on_standby {
+            return false;
+        }
+        match self.on_standby() {
+            Some(standby) => {
+                *lease = standby;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keeps `set` (or none) to go back to; returns the drain of the standby it replaced.
+    pub fn set_standby(&self, set: Option<Arc<UpstreamSet>>) -> Option<Drain> {
+        let old = self.standby.swap(set)?;
+        Some(Drain::new(old))
+    }
+
+    /// Makes the standby set the current one again and returns the drain of the set it
+    /// replaced; `None` when there is no standby.
+    pub fn restore_standby(&self) -> Option<Drain> {
+        let set = self.standby.load_full()?;
+        let drain = self.swap(set);
+        self.standby.store(None);
+        Some(drain)
+    }
+
+    /// Sends `per_million` millionths of new requests to `set`, beside the current set.
+    pub fn start_canary(&self, set: Arc<UpstreamSet>, per_million: u32) {
+        self.canary.store(Some(Arc::new(Canary {
+            set,
+            per_million: u64::from(per_million).min(MILLION),
+            routed: AtomicU64::new(0),
+        })));
+    }
+
+    /// The canary set, if one takes requests now.
+    pub fn canary(&self) -> Option<Arc<UpstreamSet>> {
+        self.canary.load().as_ref().map(|c| c.set.clone())
+    }
+
+    /// Stops sending requests to the canary; returns the drain of its set.
+    pub fn end_canary(&self) -> Option<Drain> {
+        let canary = self.canary.swap(None)?;
+        Some(Drain::new(canary.set.clone()))
+    }
+
+    /// Makes the canary the current set (all new requests go to it) and returns the
+    /// drain of the set it replaced; `None` when no canary runs.
+    pub fn promote_canary(&self) -> Option<Drain> {
+        let set = self.canary()?;
+        let drain = self.swap(set);
+        self.canary.store(None);
+        Some(drain)
     }
 
     /// The set new requests are routed to now.
@@ -387,6 +602,138 @@ mod tests {
             .map(|_| InFlight::route(set.clone()).expect("upstream").index)
             .collect();
         assert!(picked.contains(&0), "available again: {picked:?}");
+    }
+
+    #[test]
+    fn a_canary_takes_its_exact_share_and_both_sets_drain_exactly() {
+        let upstreams = Upstreams::new();
+        upstreams.swap(Arc::new(UpstreamSet::new(1, &addrs(2), Balance::LeastConn)));
+        upstreams.start_canary(
+            Arc::new(UpstreamSet::new(2, &addrs(1), Balance::LeastConn)),
+            100_000,
+        );
+        let leases: Vec<InFlight> = (0..1000)
+            .map(|_| upstreams.route().expect("upstream"))
+            .collect();
+        let canary = leases.iter().filter(|l| l.generation() == 2).count();
+        assert_eq!(canary, 100, "10% of 1000, exactly");
+        // Every tenth request, not a burst.
+        assert_eq!(leases[9].generation(), 2);
+        assert_eq!(leases[8].generation(), 1);
+        let mut canary_drain = upstreams.end_canary().expect("a canary ran");
+        assert_eq!(canary_drain.in_flight(), 100);
+        assert!(upstreams.canary().is_none());
+        assert!((0..50).all(|_| upstreams.route().expect("upstream").generation() == 1));
+        leases.iter().for_each(|l| l.answered(200));
+        drop(leases);
+        assert_eq!(canary_drain.in_flight(), 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(canary_drain.wait_timeout(Duration::from_secs(5)))
+            .expect("the canary set is gone with its last request");
+    }
+
+    #[test]
+    fn a_promoted_canary_serves_everything_and_the_old_set_drains() {
+        let upstreams = Upstreams::new();
+        upstreams.swap(Arc::new(UpstreamSet::new(1, &addrs(1), Balance::LeastConn)));
+        let old = upstreams.route().expect("upstream");
+        upstreams.start_canary(
+            Arc::new(UpstreamSet::new(2, &addrs(1), Balance::LeastConn)),
+            500_000,
+        );
+        let drain = upstreams.promote_canary().expect("a canary ran");
+        assert_eq!(drain.generation(), 1);
+        assert_eq!(drain.in_flight(), 1);
+        assert!((0..20).all(|_| upstreams.route().expect("upstream").generation() == 2));
+        drop(old);
+        assert_eq!(drain.in_flight(), 0);
+        assert!(upstreams.promote_canary().is_none());
+    }
+
+    #[test]
+    fn the_standby_set_takes_requests_only_when_the_current_one_cannot() {
+        let upstreams = Upstreams::new();
+        let current = Arc::new(UpstreamSet::new(2, &addrs(1), Balance::LeastConn));
+        upstreams.swap(current.clone());
+        upstreams.set_standby(Some(Arc::new(UpstreamSet::new(
+            1,
+            &addrs(1),
+            Balance::LeastConn,
+        ))));
+        assert!((0..10).all(|_| upstreams.route().expect("upstream").generation() == 2));
+        let mut lease = upstreams.route().expect("upstream");
+        assert!(
+            upstreams.fall_back(&mut lease, false),
+            "a failed connect moves over"
+        );
+        assert_eq!(lease.generation(), 1);
+        assert!(
+            upstreams.fall_back(&mut lease, false),
+            "and back to the current set"
+        );
+        assert_eq!(lease.generation(), 2);
+        current.upstreams()[0].set_available(false);
+        assert!(
+            upstreams.fall_back(&mut lease, false),
+            "the current set has none left"
+        );
+        assert_eq!(lease.generation(), 1);
+        assert!(
+            !upstreams.fall_back(&mut lease, false),
+            "nowhere else to go"
+        );
+        assert_eq!(upstreams.route().expect("standby").generation(), 1);
+        let drain = upstreams.restore_standby().expect("a standby");
+        assert_eq!(drain.generation(), 2);
+        assert_eq!(upstreams.current().generation(), 1);
+        assert!(upstreams.restore_standby().is_none());
+        drop(lease);
+        let gone = upstreams.set_standby(None);
+        assert!(gone.is_none());
+        // A request sent once in a set cut on purpose stays there.
+        let cut = Arc::new(UpstreamSet::new(3, &addrs(1), Balance::LeastConn));
+        cut.cut.store(true, Ordering::Relaxed);
+        let mut lease = InFlight::route(cut).expect("upstream");
+        assert!(!upstreams.fall_back(&mut lease, true));
+        assert!(
+            upstreams.fall_back(&mut lease, false),
+            "never sent: it moves"
+        );
+    }
+
+    #[test]
+    fn outcomes_count_answers_5xx_and_upstream_failures() {
+        let set = Arc::new(UpstreamSet::new(1, &addrs(1), Balance::LeastConn));
+        let outcomes = set.outcomes().clone();
+        for status in [200, 302, 404, 500, 503] {
+            InFlight::route(set.clone())
+                .expect("upstream")
+                .answered(status);
+        }
+        InFlight::route(set.clone()).expect("upstream").failed();
+        let reset = InFlight::route(set.clone()).expect("upstream");
+        reset.answered(200);
+        reset.cut_mid_answer();
+        let counts = outcomes.counts();
+        assert_eq!(
+            counts,
+            OutcomeCounts {
+                requests: 7,
+                server_errors: 2,
+                upstream_errors: 2
+            }
+        );
+        assert_eq!(counts.failed(), 4);
+        assert!((counts.failure_rate() - 4.0 / 7.0).abs() < 1e-9);
+        drop(set);
+        assert_eq!(
+            outcomes.counts().requests,
+            7,
+            "readable after the set is gone"
+        );
     }
 
     #[test]

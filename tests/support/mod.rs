@@ -491,8 +491,21 @@ pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Answers (good or not) by the port of the process that wrote them.
+    by_port: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u16, usize>>>,
     workers: Vec<tokio::task::JoinHandle<()>>,
     rt: tokio::runtime::Runtime,
+}
+
+/// The port in an example backend's answer (`hello from PORT ...`, `... from PORT ...`).
+fn answered_by(body: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(body).ok()?;
+    let after = &text[text.find(" from ")? + 6..];
+    after
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl Load {
@@ -502,10 +515,12 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+        let by_port = Arc::new(Mutex::new(std::collections::HashMap::new()));
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let workers = (0..workers)
             .map(|w| {
                 let (stop, ok, errors) = (stop.clone(), ok.clone(), errors.clone());
+                let by_port = by_port.clone();
                 rt.spawn(async move {
                     // A new connection per request: behind nginx, what is measured is
                     // rolld's drain, not nginx closing idle connections of old workers.
@@ -520,8 +535,12 @@ impl Load {
                     {
                         n += 1;
                         let delay = (n * 37 + w) % 150;
-                        match request(&client, "GET", port, &format!("/?delay={delay}"), b"").await
-                        {
+                        let answer =
+                            request(&client, "GET", port, &format!("/?delay={delay}"), b"").await;
+                        if let Some(from) = answer.as_ref().ok().and_then(|a| answered_by(&a.2)) {
+                            *by_port.lock().expect("lock").entry(from).or_insert(0) += 1;
+                        }
+                        match answer {
                             Ok((200, _, body)) if body.starts_with(b"hello from ") => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
@@ -539,9 +558,15 @@ impl Load {
             stop,
             ok,
             errors,
+            by_port,
             workers,
             rt,
         }
+    }
+
+    /// Answers so far by the port of the process that wrote them.
+    pub fn by_port(&self) -> std::collections::HashMap<u16, usize> {
+        self.by_port.lock().expect("lock").clone()
     }
 
     /// Requests answered well so far.
