@@ -221,6 +221,7 @@ pub async fn run_proc(ctx: &Context, command: &str, directory: &Path) -> Result<
         directory: directory.to_path_buf(),
         environment: Vec::new(),
         capture_output: true,
+        cgroup: None,
     };
     let mut child = ctx
         .spawner
@@ -252,7 +253,14 @@ pub async fn run_proc(ctx: &Context, command: &str, directory: &Path) -> Result<
         Ok(Err(_)) => Err(format!("run_proc `{command}`: its exit was lost")),
         Err(_) => {
             warn!("run_proc `{command}` still running after {RUN_PROC_TIMEOUT:?}; killing it");
-            process::terminate(pid, &mut exit, Signal::SIGKILL, Duration::ZERO, &ctx.guard).await;
+            process::terminate(
+                process::Tree::group(pid),
+                &mut exit,
+                Signal::SIGKILL,
+                Duration::ZERO,
+                &ctx.guard,
+            )
+            .await;
             Err(format!(
                 "run_proc `{command}` timed out after {RUN_PROC_TIMEOUT:?}"
             ))

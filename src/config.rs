@@ -40,6 +40,7 @@ struct RawConfig {
     group: Option<String>,
     control_socket: Option<String>,
     admin: Option<String>,
+    cgroup: Option<String>,
     tls: Option<RawTls>,
     #[serde(rename = "app-servers")]
     app_servers: RawAppServers,
@@ -204,6 +205,10 @@ pub struct Config {
     pub control_socket: Option<PathBuf>,
     /// Where `/metrics`, `/status` and `/healthz` are served, if anywhere.
     pub admin: Option<SocketAddr>,
+    /// A delegated cgroup v2 folder: each set runs in a cgroup of its own under it.
+    /// Checked when rolld starts (`cgroup::Mode::choose`), not here: `rolld check`
+    /// runs anywhere.
+    pub cgroup: Option<PathBuf>,
     /// The TLS listener of the built-in proxy, if any.
     pub tls: Option<TlsSettings>,
     pub app: AppServers,
@@ -594,6 +599,11 @@ impl RawConfig {
         let proxy = validate_proxy(v, self.proxy)?;
         let run_as = validate_run_as(v, self.user, self.group)?;
         let control_socket = self.control_socket.as_deref().map(|p| v.own_path(p));
+        let cgroup = match self.cgroup.as_deref().map(str::trim) {
+            None => None,
+            Some("") => return Err(v.err("cgroup", "empty; write a cgroup v2 folder")),
+            Some(p) => Some(v.own_path(p)),
+        };
         let admin = match self.admin.as_deref().map(str::trim) {
             None => None,
             Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| {
@@ -856,6 +866,7 @@ impl RawConfig {
             run_as,
             control_socket,
             admin,
+            cgroup,
             tls,
             app: AppServers {
                 cmd: app.cmd,

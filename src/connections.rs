@@ -6,11 +6,14 @@
 //! balancer (nginx, after a reload) has finished its requests there and closed them.
 //!
 //! A port can be taken by someone else (port squatting): before a process is started its
-//! port must be free, and once it answers, the listening socket on its port must belong
-//! to its process group; else the health check passed against a stranger.
+//! port must be free (else its holder is found: a leftover of rolld's is stopped, a
+//! stranger is named), and once it answers, the listening socket on its port must belong
+//! to its processes; else the health check passed against a stranger.
 
 use std::collections::HashSet;
 use std::io;
+
+use nix::unistd::Pid;
 
 /// TCP states that can still carry a request: established, and a handshake under way.
 const ESTABLISHED: &str = "01";
@@ -120,24 +123,22 @@ pub fn in_use(port: u16) -> bool {
     std::net::TcpListener::bind(("0.0.0.0", port)).is_err()
 }
 
-/// Checks that every socket listening on `port` belongs to a process of group `pgid`.
-/// Where the kernel's tables or a process's descriptors cannot be read, nothing is
-/// claimed: the check passes.
-pub fn check_owner(port: u16, pgid: i32) -> Result<(), String> {
-    check_owners(&[(port, pgid)])
+/// Checks that every socket listening on `port` belongs to one of `members`, the
+/// processes of the app process `leader` (its group, its daemons). Where the kernel's
+/// tables or a process's descriptors cannot be read, nothing is claimed: the check
+/// passes.
+pub fn check_owner(port: u16, leader: Pid, members: &[Pid]) -> Result<(), String> {
+    check_owners(&[(port, leader, members.to_vec())])
 }
 
-/// [`check_owner`] for several ports at once, reading the kernel's tables and the
-/// process list once for all of them.
-pub fn check_owners(owners: &[(u16, i32)]) -> Result<(), String> {
+/// [`check_owner`] for several ports at once, asking the kernel for its listeners once
+/// for all of them: (port, leader, members) each.
+pub fn check_owners(owners: &[(u16, Pid, Vec<Pid>)]) -> Result<(), String> {
     let Ok(listening) = listeners() else {
         return Ok(());
     };
-    let groups: HashSet<i32> = owners.iter().map(|&(_, pgid)| pgid).collect();
-    let Ok(owned) = group_sockets(&groups) else {
-        return Ok(());
-    };
-    for &(port, pgid) in owners {
+    for (port, leader, members) in owners {
+        let port = *port;
         let listeners: Vec<u64> = listening
             .iter()
             .filter(|&&(p, _)| p == port)
@@ -146,54 +147,49 @@ pub fn check_owners(owners: &[(u16, i32)]) -> Result<(), String> {
         if listeners.is_empty() {
             return Err(format!("nothing listens on port {port} any more"));
         }
-        let theirs = owned.get(&pgid);
-        if !listeners
-            .iter()
-            .all(|inode| theirs.is_some_and(|set| set.contains(inode)))
-        {
+        let mut owned = HashSet::new();
+        for pid in members {
+            match socket_inodes(&format!("/proc/{pid}/fd")) {
+                Ok(found) => owned.extend(found),
+                // It exited meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => return Ok(()),
+            }
+        }
+        if !listeners.iter().all(|inode| owned.contains(inode)) {
             return Err(format!(
-                "port {port} is answered by another process, not by the process group {pgid} \
-                 rolld started (port squatting?)"
+                "port {port} is answered by another process, not by the process {leader} rolld \
+                 started or one it started (port squatting?)"
             ));
         }
     }
     Ok(())
 }
 
-/// Socket inodes held by the processes of each of `groups`.
-fn group_sockets(
-    groups: &HashSet<i32>,
-) -> io::Result<std::collections::HashMap<i32, HashSet<u64>>> {
-    let mut inodes: std::collections::HashMap<i32, HashSet<u64>> = std::collections::HashMap::new();
-    for entry in std::fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let group: Option<i32> = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                // After the command's closing parenthesis: state, ppid, pgrp.
-                stat.rsplit(')')
-                    .next()?
-                    .split_whitespace()
-                    .nth(2)?
-                    .parse()
-                    .ok()
-            });
-        if let Some(group) = group.filter(|g| groups.contains(g)) {
-            match socket_inodes(&format!("/proc/{pid}/fd")) {
-                Ok(found) => inodes.entry(group).or_default().extend(found),
-                // It exited meanwhile.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
+/// The processes holding a socket that listens on `port`.
+pub fn holders(port: u16) -> Vec<Pid> {
+    let Ok(listening) = listeners() else {
+        return Vec::new();
+    };
+    let wanted: HashSet<u64> = listening
+        .iter()
+        .filter(|&&(p, _)| p == port)
+        .map(|&(_, inode)| inode)
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
     }
-    Ok(inodes)
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            socket_inodes(&format!("/proc/{pid}/fd"))
+                .is_ok_and(|inodes| inodes.iter().any(|i| wanted.contains(i)))
+        })
+        .map(Pid::from_raw)
+        .collect()
 }
 
 /// Socket inodes among the descriptors listed in `fd_dir` (`/proc/PID/fd`).
@@ -293,16 +289,19 @@ mod tests {
     }
 
     #[test]
-    fn a_listener_belongs_to_its_own_process_group_only() {
+    fn a_listener_belongs_to_the_processes_holding_it_only() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         assert!(in_use(port));
-        let ours = nix::unistd::getpgrp().as_raw();
-        assert_eq!(check_owner(port, ours), Ok(()));
-        let err = check_owner(port, i32::MAX).expect_err("not that group's");
+        let me = nix::unistd::getpid();
+        assert_eq!(check_owner(port, me, &[me]), Ok(()));
+        assert_eq!(holders(port), vec![me]);
+        let other = Pid::from_raw(i32::MAX);
+        let err = check_owner(port, other, &[other]).expect_err("not that process's");
         assert!(err.contains("another process"), "{err}");
         drop(listener);
-        assert!(check_owner(port, ours).is_err(), "nobody listens");
+        assert!(check_owner(port, me, &[me]).is_err(), "nobody listens");
+        assert!(holders(port).is_empty());
     }
 
     #[test]

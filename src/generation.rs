@@ -20,13 +20,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
+use crate::cgroup::{Cgroup, Hierarchy};
 use crate::config::{Config, Health};
 use crate::connections;
 use crate::guard::Guard;
 use crate::health::{self, StartFailed};
 use crate::output::{self, Sink};
-use crate::process::{self, Exit, Reaper, Spawner, Spec};
+use crate::process::{self, Exit, Reaper, Spawner, Spec, Tree};
 use crate::status::Board;
+use crate::tree;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -79,6 +81,8 @@ pub struct Context {
     pub guard: Arc<Guard>,
     /// What `rolld status` and `/metrics` show.
     pub board: Arc<Board>,
+    /// rolld's cgroups, in cgroup mode.
+    pub cgroups: Option<Arc<Hierarchy>>,
     /// Set once, on shutdown: every keeper stops its process this way.
     pub shutdown: watch::Receiver<Option<StopHow>>,
     /// Never sent on: every keeper holds the context, so the receiver sees the channel
@@ -116,6 +120,8 @@ pub struct Generation {
     processes: Vec<Process>,
     /// While true, a process that dies is restarted; before the swap, it fails the roll.
     serving: Arc<AtomicBool>,
+    /// Where the set's cgroup is removed once stopped (cgroup mode).
+    cgroups: Option<Arc<Hierarchy>>,
     /// How each unexpected exit went, while serving: a release is judged on these.
     crashes: Arc<Mutex<Vec<String>>>,
     /// Woken at each crash, so that a judge acts at once rather than at its next look.
@@ -139,6 +145,19 @@ impl Generation {
             .map(|&port| {
                 let (state_tx, state) = watch::channel(ProcessState::Starting);
                 let (stop, stop_rx) = oneshot::channel();
+                let cgroup = match &ctx.cgroups {
+                    Some(cgroups) => cgroups
+                        .create_process(id, port)
+                        .map(Some)
+                        .map_err(|e| format!("cannot create its cgroup: {e}")),
+                    None => Ok(None),
+                };
+                let mut spec = spec_for(config, port);
+                spec.environment
+                    .push((tree::MARK_VAR.to_string(), tree::mark(id, port)));
+                if let Ok(Some(cgroup)) = &cgroup {
+                    spec.cgroup = Some(cgroup.procs_file().to_owned());
+                }
                 let upstream: UpstreamSlot = Arc::new(Mutex::new(
                     set.and_then(|s| s.get(health::local(port)).cloned()),
                 ));
@@ -146,7 +165,9 @@ impl Generation {
                     ctx: ctx.clone(),
                     generation: id,
                     port,
-                    spec: spec_for(config, port),
+                    mark: tree::mark(id, port),
+                    cgroup,
+                    spec,
                     stdout: sink(config.app.stdout.as_deref(), port, Sink::Stdout),
                     stderr: sink(config.app.stderr.as_deref(), port, Sink::Stderr),
                     health: config.app.health.clone(),
@@ -172,6 +193,7 @@ impl Generation {
             ports: ports.to_vec(),
             processes,
             serving,
+            cgroups: ctx.cgroups.clone(),
             crashes,
             crashed,
         }
@@ -239,14 +261,18 @@ impl Generation {
             })
     }
 
-    /// Checks that each process's port is answered by that process's group, not by a
-    /// stranger that took the port.
+    /// Checks that each process's port is answered by that process or one it started
+    /// (a forked worker, a daemon), not by a stranger that took the port.
     pub fn check_owners(&self) -> Result<(), String> {
-        let owners: Vec<(u16, i32)> = self
+        let owners: Vec<(u16, Pid, Vec<Pid>)> = self
             .processes
             .iter()
             .filter_map(|p| match &*p.state.borrow() {
-                ProcessState::Running(pid) => Some((p.port, pid.as_raw())),
+                ProcessState::Running(pid) => Some((
+                    p.port,
+                    *pid,
+                    members(self.cgroups.as_deref(), self.id, p.port, *pid),
+                )),
                 _ => None,
             })
             .collect();
@@ -278,6 +304,9 @@ impl Generation {
                 let _ = done.await;
             }
         }
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove_set(self.id);
+        }
     }
 }
 
@@ -287,6 +316,16 @@ impl Drop for Generation {
         // are tracked by `Context::alive`, so shutdown still waits for them.
         self.set_serving(false);
     }
+}
+
+/// The processes of the process `pid` of `generation` on `port`: its group, its
+/// marked daemons and their descendants, and in cgroup mode whatever is in its cgroup.
+fn members(cgroups: Option<&Hierarchy>, generation: u64, port: u16, pid: Pid) -> Vec<Pid> {
+    let mut members = tree::members(pid, Some(&tree::mark(generation, port)));
+    if let Some(cgroups) = cgroups {
+        members.extend(cgroups.procs_of(generation, port));
+    }
+    members
 }
 
 /// A lock whose holder cannot leave its data half-written (a store or a push).
@@ -308,6 +347,7 @@ fn spec_for(config: &Config, port: u16) -> Spec {
         directory: config.app.directory.clone(),
         environment,
         capture_output: true,
+        cgroup: None,
     }
 }
 
@@ -322,6 +362,10 @@ struct Keeper {
     ctx: Arc<Context>,
     generation: u64,
     port: u16,
+    /// The mark in its environment, which its daemons inherit.
+    mark: String,
+    /// Its cgroup (cgroup mode), or why it could not be made.
+    cgroup: Result<Option<Cgroup>, String>,
     spec: Spec,
     stdout: Sink,
     stderr: Sink,
@@ -363,7 +407,7 @@ impl Keeper {
                     match ended {
                         Ended::Stop(how) => {
                             let status = process::terminate(
-                                pid,
+                                self.tree(pid),
                                 &mut exit,
                                 how.signal,
                                 how.timeout,
@@ -378,8 +422,8 @@ impl Keeper {
                             return;
                         }
                         Ended::Exited(status) => {
-                            // Its workers, if any, go with it.
-                            process::signal_group(pid, Signal::SIGKILL);
+                            // Its workers and daemons, if any, go with it.
+                            self.tree(pid).kill();
                             self.ctx.guard.forget(pid);
                             Ended::Exited(status)
                         }
@@ -416,6 +460,18 @@ impl Keeper {
         }
     }
 
+    /// What stopping the process `pid` stops: its group, and its cgroup in cgroup mode,
+    /// else whatever carries its mark (a scan of the process table, which the cgroup
+    /// makes needless).
+    fn tree(&self, pid: Pid) -> Tree<'_> {
+        let cgroup = self.cgroup.as_ref().ok().and_then(Option::as_ref);
+        Tree {
+            leader: pid,
+            mark: cgroup.is_none().then_some(self.mark.as_str()),
+            cgroup,
+        }
+    }
+
     /// Marks the process (un)available on the set that serves it, if any.
     fn set_available(&self, available: bool) {
         if let Some(upstream) = &*lock(&self.upstream) {
@@ -424,6 +480,9 @@ impl Keeper {
     }
 
     async fn start(&self) -> std::io::Result<Pid> {
+        if let Err(why) = &self.cgroup {
+            return Err(std::io::Error::other(why.clone()));
+        }
         let mut child = self.ctx.spawner.spawn(self.spec.clone()).await?;
         let pid = Pid::from_raw(child.id() as i32);
         self.ctx.guard.watch(pid);
@@ -470,19 +529,19 @@ impl Keeper {
                 result = &mut ready, if checking => {
                     checking = false;
                     match result {
-                        Ok(()) => match connections::check_owner(self.port, pid.as_raw()) {
+                        Ok(()) => match connections::check_owner(self.port, pid, &members(self.ctx.cgroups.as_deref(), self.generation, self.port, pid)) {
                             Ok(()) => {
                                 info!(generation = self.generation, port = self.port, pid = pid.as_raw(), "restarted process is ready");
                                 self.set_available(true);
                             }
                             Err(why) => {
                                 error!(generation = self.generation, port = self.port, pid = pid.as_raw(), "{why}; killing the restarted process to try again");
-                                process::signal_group(pid, Signal::SIGKILL);
+                                self.tree(pid).kill();
                             }
                         },
                         Err(failed) => {
                             warn!(port = self.port, "{failed}; killing it to try again");
-                            process::signal_group(pid, Signal::SIGKILL);
+                            self.tree(pid).kill();
                         }
                     }
                 }

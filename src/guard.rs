@@ -1,64 +1,80 @@
-//! The guard: a small process that kills every app process group if rolld dies.
+//! The guard: a small process that kills every app process if rolld dies.
 //!
-//! `PR_SET_PDEATHSIG` only reaches a direct child, so an app that forks workers would
-//! leave them behind when rolld is killed with SIGKILL. The guard is forked before
-//! anything else runs and holds the read end of a pipe, and nothing else (no listening
-//! socket, no log pipe); rolld writes each process
-//! group it starts (`+pgid`) and stops (`-pgid`). When rolld dies, for any reason, the
-//! kernel closes the write end, the guard reads end-of-file and kills what is left.
+//! `PR_SET_PDEATHSIG` only reaches a direct child, so an app that forks workers or
+//! daemonizes would leave them behind when rolld is killed with SIGKILL. The guard is
+//! rolld's own binary run again (`rolld __guard`), holding the read end of a pipe and
+//! nothing else; rolld writes each process group it starts (`+pgid`) and stops
+//! (`-pgid`). When rolld dies, for any reason, the kernel closes the write end, the
+//! guard reads end-of-file and kills what is left: the groups, every process carrying
+//! one of rolld's marks (see `tree`), and in cgroup mode rolld's whole cgroup.
+//!
+//! Its name (`rld-guard`, in `ps` and as `pkill` matches it) does not contain `rolld`,
+//! so `pkill rolld` or `pkill -9 -x rolld` leaves it to do its job. rolld watches it
+//! and starts a new one if it dies.
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use nix::sys::signal::{killpg, signal, SigHandler, Signal};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::sys::signal::{kill, killpg, signal, SigHandler, Signal};
+use nix::unistd::Pid;
+
+/// The guard's process name.
+pub const NAME: &str = "rld-guard";
+/// The hidden subcommand that runs the guard.
+pub const SUBCOMMAND: &str = "__guard";
+/// Environment variable naming rolld's cgroup folder, for the guard to kill.
+const CGROUP_VAR: &str = "ROLLD_GUARD_CGROUP";
 
 /// rolld's end of the guard's pipe.
 pub struct Guard {
-    pipe: Mutex<File>,
+    state: Mutex<State>,
+    cgroup: Option<PathBuf>,
+}
+
+struct State {
+    pipe: File,
     pid: Pid,
+    /// The groups the guard watches now, to tell a new guard after a restart.
+    groups: BTreeSet<i32>,
 }
 
 impl Guard {
-    /// Forks the guard.
-    ///
-    /// # Safety
-    /// Must be called while the process has a single thread (before the runtime starts):
-    /// the child goes on running ordinary Rust code after `fork`.
-    pub unsafe fn start() -> std::io::Result<Guard> {
-        // The contract, checked where it can be: a thread started too early (a log
-        // writer, say) would make the child's state incoherent.
-        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-            let threads = tasks.count();
-            if threads > 1 {
-                return Err(std::io::Error::other(format!(
-                    "rolld has {threads} threads; the guard must be forked while it has one"
-                )));
-            }
-        }
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        // SAFETY: the caller guarantees a single thread, so the child's memory is coherent.
-        match unsafe { fork() }? {
-            ForkResult::Child => {
-                drop(write);
-                let read = hold_only(read);
-                run(read)
-            }
-            ForkResult::Parent { child } => {
-                drop(read);
-                Ok(Guard {
-                    pipe: Mutex::new(File::from(write)),
-                    pid: child,
-                })
-            }
-        }
+    /// Starts the guard; in cgroup mode it also kills `cgroup` (rolld's folder).
+    pub fn start(cgroup: Option<PathBuf>) -> std::io::Result<Guard> {
+        let (pipe, pid) = launch(cgroup.as_ref())?;
+        Ok(Guard {
+            state: Mutex::new(State {
+                pipe,
+                pid,
+                groups: BTreeSet::new(),
+            }),
+            cgroup,
+        })
     }
 
     pub fn pid(&self) -> Pid {
-        self.pid
+        self.lock().pid
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a new guard after the last one died, and tells it every group.
+    pub fn restart(&self) -> std::io::Result<Pid> {
+        let (mut pipe, pid) = launch(self.cgroup.as_ref())?;
+        let mut state = self.lock();
+        for pgid in &state.groups {
+            let _ = pipe.write_all(format!("+{pgid}\n").as_bytes());
+        }
+        state.pipe = pipe;
+        state.pid = pid;
+        Ok(pid)
     }
 
     /// The guard kills `pgid` should rolld die.
@@ -72,59 +88,60 @@ impl Guard {
     }
 
     fn send(&self, op: char, pgid: Pid) {
-        let mut pipe = self.pipe.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
+        if op == '+' {
+            state.groups.insert(pgid.as_raw());
+        } else {
+            state.groups.remove(&pgid.as_raw());
+        }
         // One short line is written atomically to a pipe. If the guard is gone the write
-        // fails; the supervisor already logged that when it reaped the guard.
-        let _ = pipe.write_all(format!("{op}{pgid}\n").as_bytes());
+        // fails; rolld logs that, and restarts it, when it reaps the guard.
+        let _ = state.pipe.write_all(format!("{op}{pgid}\n").as_bytes());
     }
 }
 
-/// Closes every descriptor the guard inherited but `keep`, and points stdin, stdout and
-/// stderr at /dev/null. Held by the guard, rolld's listening sockets would outlive
-/// rolld's closing them (new clients would connect and hang during a shutdown instead of
-/// being refused), and so would its control socket and the log pipe.
-fn hold_only(keep: OwnedFd) -> OwnedFd {
-    use std::os::fd::{AsRawFd, IntoRawFd};
-    let keep = keep.into_raw_fd();
-    if let Ok(null) = nix::fcntl::open(
-        "/dev/null",
-        nix::fcntl::OFlag::O_RDWR,
-        nix::sys::stat::Mode::empty(),
-    ) {
-        for fd in 0..3 {
-            if fd != null {
-                let _ = nix::unistd::dup2(null, fd);
-            }
-        }
-        if null > 2 {
-            let _ = nix::unistd::close(null);
-        }
-    }
+/// Runs `rolld __guard` with the read end of a new pipe as its stdin.
+fn launch(cgroup: Option<&PathBuf>) -> std::io::Result<(File, Pid)> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .arg0(NAME)
+        .arg(SUBCOMMAND)
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::from(read))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .env_remove(crate::tree::MARK_VAR)
+        // Its own group: a Ctrl-C in the terminal is for rolld, not for the guard.
+        .process_group(0);
+    match cgroup {
+        Some(dir) => command.env(CGROUP_VAR, dir),
+        None => command.env_remove(CGROUP_VAR),
+    };
+    let child = crate::process::spawn_unguarded(&mut command)?;
+    Ok((File::from(write), Pid::from_raw(child.id() as i32)))
+}
+
+/// Closes every descriptor but stdin, stdout and stderr: whatever rolld inherited
+/// without close-on-exec (from its own parent) must not be held open by the guard
+/// after rolld is gone.
+fn close_inherited() {
     // Collected before closing: the listing holds a descriptor of its own.
     let open: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
         Ok(dir) => dir
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect(),
-        // Without /proc, every possible descriptor.
-        Err(_) => {
-            let max = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-                .map_or(1024, |(soft, _)| soft.min(1 << 20));
-            (3..max as i32).collect()
-        }
+        Err(_) => return,
     };
-    for fd in open {
-        if fd > 2 && fd != keep {
-            let _ = nix::unistd::close(fd);
-        }
+    for fd in open.into_iter().filter(|&fd| fd > 2) {
+        let _ = nix::unistd::close(fd);
     }
-    // SAFETY: `keep` came from `into_raw_fd` above and was not closed.
-    let kept = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(keep) };
-    debug_assert!(kept.as_raw_fd() == keep);
-    kept
 }
 
-/// The guard's whole life.
-fn run(read: OwnedFd) -> ! {
+/// The guard's whole life (`rolld __guard ROLLD_PID`): wait for rolld to close the pipe
+/// on stdin, then kill what it left.
+pub fn run(rolld: &str) -> ! {
+    let _ = nix::sys::prctl::set_name(c"rld-guard");
     // Signals meant for rolld (a terminal's Ctrl-C, `killall -HUP rolld`) are not for us.
     for sig in [
         Signal::SIGINT,
@@ -137,11 +154,12 @@ fn run(read: OwnedFd) -> ! {
         // SAFETY: installing SIG_IGN runs no handler code.
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
-    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-    let _ = nix::sys::prctl::set_name(c"rolld-guard");
+    let rolld: u32 = rolld.parse().unwrap_or(0);
+    close_inherited();
+    let cgroup = std::env::var_os(CGROUP_VAR).map(PathBuf::from);
 
     let mut groups = BTreeSet::new();
-    let mut lines = BufReader::new(File::from(read));
+    let mut lines = BufReader::new(std::io::stdin().lock());
     let mut line = String::new();
     loop {
         line.clear();
@@ -159,8 +177,24 @@ fn run(read: OwnedFd) -> ! {
             _ => false,
         };
     }
-    for pgid in groups {
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    // A process forking as fast as it can may add members between a listing and the
+    // kill: kill until none is left, for up to 5 s.
+    let prefix = crate::tree::marks_of(rolld);
+    for _ in 0..250 {
+        for &pgid in &groups {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        if let Some(dir) = &cgroup {
+            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        }
+        let marked = crate::tree::marked(&prefix);
+        if marked.is_empty() {
+            break;
+        }
+        for pid in marked {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::process::exit(0);
 }

@@ -107,12 +107,6 @@ impl Queue {
     }
 }
 
-/// Keeps the writer threads from starting until [`release`]: rolld forks its guard
-/// after logging its first lines, and must have a single thread then.
-pub fn hold() {
-    HELD.store(true, Ordering::Release);
-}
-
 /// Starts the writer threads held back by [`hold`]; the lines queued meanwhile follow.
 pub fn release() {
     HELD.store(false, Ordering::Release);

@@ -11,7 +11,10 @@
 //! - [`health`]: readiness polling and smoke tests.
 //! - [`actions`]: `after_start`: rendered upstream files and reload commands (nginx mode).
 //! - [`connections`]: open TCP connections per port, for draining behind another balancer.
-//! - [`process`]: spawning from one thread, reaping in one place, stopping a group.
+//! - [`process`]: spawning from one thread, reaping in one place (orphans too: rolld is
+//!   a child subreaper, and may be PID 1), stopping what a process left running.
+//! - [`tree`]: which processes belong to a started process (group, mark, descendants).
+//! - [`cgroup`]: cgroup v2 mode, where a subtree is delegated to rolld.
 //! - [`output`]: child stdout/stderr into prefixed log lines.
 //! - [`guard`]: the process that kills every app if rolld itself is killed.
 //! - [`signals`]: signals into commands.
@@ -27,6 +30,7 @@
 
 mod actions;
 mod admin;
+mod cgroup;
 mod config;
 mod connections;
 mod control;
@@ -43,6 +47,7 @@ mod signals;
 mod status;
 mod supervisor;
 mod tls;
+mod tree;
 mod yaml_lines;
 
 use std::path::{Path, PathBuf};
@@ -205,6 +210,11 @@ enum Switch {
 }
 
 fn main() -> ExitCode {
+    // The guard is rolld's binary run again; it takes no part in the CLI.
+    let mut args = std::env::args();
+    if args.nth(1).as_deref() == Some(guard::SUBCOMMAND) {
+        guard::run(&args.next().unwrap_or_default());
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
     // The default hook writes to stderr itself, and would block on a stalled one.
@@ -310,7 +320,15 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mode = match cgroup::Mode::choose(config.cgroup.as_deref()) {
+        Ok(mode) => mode,
+        Err(why) => {
+            say!("config {}: {why}", config.path.display());
+            return ExitCode::from(2);
+        }
+    };
     out_raw!("{}", plan(&config));
+    out!("containment:  {}", mode.describe());
     // Show what the balancer will get, rendered for the first set.
     let (_, which) = first_ports(&config);
     for (output, text) in rendered {
@@ -554,7 +572,7 @@ fn plan(config: &Config) -> String {
     );
     let _ = writeln!(
         out,
-        "stop:         {} to each process group, SIGKILL after {}",
+        "stop:         {} to each process and what it started, SIGKILL after {}",
         app.stop_signal,
         humantime::format_duration(app.stop_timeout)
     );
@@ -797,9 +815,6 @@ fn drop_privileges(run_as: &config::RunAs) -> nix::Result<()> {
 }
 
 fn run(path: &Path) -> ExitCode {
-    // The guard is forked below, before any other thread may exist: log lines wait in
-    // their queue until then.
-    logs::hold();
     // Until the runtime's handlers are installed a SIGHUP or SIGUSR1 would kill rolld;
     // ignore them meanwhile (the handlers replace this, and exec resets it for children).
     for sig in [Signal::SIGHUP, Signal::SIGUSR1] {
@@ -868,11 +883,34 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    // SAFETY: no thread has been started yet (the log writers are held back); the
-    // runtime is built below.
-    let guard = unsafe { guard::Guard::start() };
-    logs::release();
-    let guard = match guard {
+    // A daemonized app process is re-parented to rolld, not to init: rolld still stops
+    // and reaps it.
+    if let Err(err) = process::become_subreaper() {
+        say!("cannot become a child subreaper: {err}");
+        return ExitCode::from(1);
+    }
+    let mode = match cgroup::Mode::choose(config.cgroup.as_deref()) {
+        Ok(mode) => mode,
+        Err(why) => {
+            say!("config {}: {why}", config.path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let cgroups = match &mode {
+        cgroup::Mode::Cgroup { root, .. } => match cgroup::Hierarchy::create(root) {
+            Ok(hierarchy) => Some(Arc::new(hierarchy)),
+            Err(err) => {
+                say!(
+                    "cannot create rolld's cgroup under {}: {err}",
+                    root.display()
+                );
+                return ExitCode::from(1);
+            }
+        },
+        cgroup::Mode::Groups { .. } => None,
+    };
+    let cgroups_at_exit = cgroups.clone();
+    let guard = match guard::Guard::start(cgroups.as_ref().map(|h| h.dir().to_path_buf())) {
         Ok(guard) => Arc::new(guard),
         Err(err) => {
             say!("cannot start the guard process: {err}");
@@ -896,6 +934,10 @@ fn run(path: &Path) -> ExitCode {
         if let Some(addr) = config.listen {
             info!(%addr, "listening");
         }
+        info!(mode = %mode.describe(), "containment");
+        if std::process::id() == 1 {
+            info!("running as PID 1: reaping every orphan");
+        }
         if let Some(tls) = &config.tls {
             info!(addr = %tls.listen, "listening for HTTPS");
         }
@@ -907,7 +949,8 @@ fn run(path: &Path) -> ExitCode {
             env!("CARGO_PKG_VERSION")
         );
         let board = Arc::new(status::Board::default());
-        let supervisor = supervisor::Supervisor::new(config.clone(), guard, board.clone())?;
+        let supervisor =
+            supervisor::Supervisor::new(config.clone(), guard, board.clone(), cgroups)?;
         control.serve(commands_tx, board.clone(), supervisor.proxy().cloned())?;
         if let Some(admin) = admin {
             info!(addr = ?config.admin, "admin endpoints: /metrics /status /healthz");
@@ -922,6 +965,10 @@ fn run(path: &Path) -> ExitCode {
     });
     // Do not wait for stray tasks (tunnels of cut connections) at exit.
     runtime.shutdown_background();
+    // Stray tasks may still hold it: remove rolld's cgroups now.
+    if let Some(cgroups) = &cgroups_at_exit {
+        cgroups.close();
+    }
     match result {
         Ok(()) => {
             info!("rolld stopped");

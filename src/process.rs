@@ -2,9 +2,11 @@
 //!
 //! Every child is forked by one long-lived thread, because `PR_SET_PDEATHSIG` fires
 //! when the *thread* that forked exits, and every child is reaped by one [`Reaper`], so
-//! no exit status is lost to another `wait` and no zombie is left.
+//! no exit status is lost to another `wait` and no zombie is left. rolld is a child
+//! subreaper (and may be PID 1 in a container): the reaper also reaps the orphans the
+//! kernel re-parents to it (daemonized app processes), and drops their status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -21,7 +23,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use crate::cgroup::Cgroup;
 use crate::guard::Guard;
+use crate::tree;
 
 /// How a child ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,11 +51,31 @@ pub struct Spec {
     pub environment: Vec<(String, String)>,
     /// Pipe stdout and stderr to rolld (else they go to /dev/null).
     pub capture_output: bool,
+    /// The `cgroup.procs` file the child moves itself into before exec (cgroup mode);
+    /// if it cannot, it does not run.
+    pub cgroup: Option<std::ffi::CString>,
 }
 
 /// Held while forking and while reaping. When `exec` fails, std reaps the failed child
 /// itself inside `spawn`; a concurrent `waitpid(-1)` must not take that child first.
 static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+/// The children rolld started and someone will wait for; any other child the reaper
+/// meets is an orphan re-parented to rolld. Filled under [`SPAWN_LOCK`], so the reaper
+/// never sees a child of ours before it is known.
+static KNOWN: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+
+/// Someone will wait for `pid` (a child forked outside the spawner, such as the guard).
+pub fn expect_child(pid: Pid) {
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    known.get_or_insert_with(HashSet::new).insert(pid.as_raw());
+}
+
+/// Makes rolld the reaper of its orphaned descendants: a daemonized app process is
+/// re-parented to rolld rather than to init, so rolld can still stop and reap it.
+pub fn become_subreaper() -> nix::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true)
+}
 
 type SpawnRequest = (Spec, oneshot::Sender<io::Result<Child>>);
 
@@ -103,9 +127,14 @@ fn spawn_now(spec: &Spec, parent: u32) -> io::Result<Child> {
     } else {
         command.stdout(Stdio::null()).stderr(Stdio::null());
     }
-    // SAFETY: the closure only makes async-signal-safe system calls (prctl, getppid).
+    let cgroup = spec.cgroup.clone();
+    // SAFETY: the closure only makes async-signal-safe system calls (prctl, getppid,
+    // open, write, close).
     unsafe {
         command.pre_exec(move || {
+            if let Some(procs) = &cgroup {
+                Cgroup::join_self(procs)?;
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // rolld may have died between fork and prctl; then nobody would kill us.
             if nix::unistd::getppid().as_raw() as u32 != parent {
@@ -115,7 +144,18 @@ fn spawn_now(spec: &Spec, parent: u32) -> io::Result<Child> {
         });
     }
     let _forking = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    command.spawn()
+    let child = command.spawn()?;
+    expect_child(Pid::from_raw(child.id() as i32));
+    Ok(child)
+}
+
+/// Starts `command` as a child the reaper knows (the guard), without the app processes'
+/// death signal: it must outlive rolld.
+pub fn spawn_unguarded(command: &mut Command) -> io::Result<Child> {
+    let _forking = SPAWN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let child = command.spawn()?;
+    expect_child(Pid::from_raw(child.id() as i32));
+    Ok(child)
 }
 
 enum Slot {
@@ -166,6 +206,15 @@ impl Reaper {
                     return;
                 }
             };
+            let known = KNOWN
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+                .is_some_and(|known| known.remove(&pid.as_raw()));
+            if !known {
+                debug!(pid = pid.as_raw(), %exit, "reaped an orphan");
+                continue;
+            }
             debug!(pid = pid.as_raw(), %exit, "reaped");
             let mut slots = self.lock();
             match slots.remove(&pid.as_raw()) {
@@ -218,34 +267,117 @@ fn group_alive(pgid: Pid) -> bool {
     !matches!(killpg(pgid, None), Err(Errno::ESRCH))
 }
 
-/// Stops the process group led by `pgid`: `sig`, then up to `timeout` for the leader
-/// and the rest of its group to exit, then SIGKILL. Returns the leader's exit.
+/// What rolld stops as one: the process group a started process leads, and, with a
+/// mark, every process that carries it and their descendants (see [`tree`]); in
+/// cgroup mode, every process of its cgroup.
+#[derive(Clone, Copy)]
+pub struct Tree<'a> {
+    pub leader: Pid,
+    pub mark: Option<&'a str>,
+    pub cgroup: Option<&'a Cgroup>,
+}
+
+impl Tree<'_> {
+    /// A process group alone (a `run_proc` command, whose daemons are its business).
+    pub fn group(leader: Pid) -> Tree<'static> {
+        Tree {
+            leader,
+            mark: None,
+            cgroup: None,
+        }
+    }
+
+    /// Sends `sig` to every member.
+    pub fn signal(&self, sig: Signal) {
+        signal_group(self.leader, sig);
+        if let Some(cgroup) = self.cgroup {
+            tree::signal_all(&cgroup.procs(), sig);
+        }
+        if self.mark.is_some() {
+            tree::signal_all(&tree::members(self.leader, self.mark), sig);
+        }
+    }
+
+    /// Kills every member at once.
+    pub fn kill(&self) {
+        if let Some(cgroup) = self.cgroup {
+            cgroup.kill();
+        }
+        self.signal(Signal::SIGKILL);
+    }
+
+    /// Whether any member is alive.
+    pub fn alive(&self) -> bool {
+        self.group_alive()
+            || (self.mark.is_some() && !tree::members(self.leader, self.mark).is_empty())
+    }
+
+    /// Whether a process of the group (or, in cgroup mode, of the cgroup) is alive: no
+    /// reading of the process table.
+    fn group_alive(&self) -> bool {
+        group_alive(self.leader) || self.cgroup.is_some_and(Cgroup::populated)
+    }
+
+    /// The members found through the mark, now.
+    fn marked_members(&self) -> Vec<Pid> {
+        if self.mark.is_some() {
+            tree::members(self.leader, self.mark)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Stops `tree`: `sig`, then up to `timeout` for the leader and every other member to
+/// exit, then SIGKILL (`cgroup.kill` in cgroup mode) until none is left. Returns the
+/// leader's exit.
 pub async fn terminate(
-    pgid: Pid,
+    tree: Tree<'_>,
     exit: &mut oneshot::Receiver<Exit>,
     sig: Signal,
     timeout: Duration,
     guard: &Guard,
 ) -> Option<Exit> {
     let deadline = deadline_in(timeout);
-    signal_group(pgid, sig);
+    tree.signal(sig);
     let mut status = tokio::time::timeout_at(deadline, &mut *exit)
         .await
         .ok()
         .and_then(Result::ok);
-    // The leader is gone; give the rest of its group (forked workers) the same deadline.
-    while status.is_some() && group_alive(pgid) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // The leader is gone; give the rest (forked workers, daemons) the same deadline.
+    // rolld's descendants are listed again every 0.5 s, not at every poll (a process
+    // that forks meanwhile, or leaves the tree, is seen then).
+    if status.is_some() {
+        let mut members = tree.marked_members();
+        let mut polls = 0u32;
+        while (tree.group_alive() || members.iter().any(|&pid| tree::live(pid)))
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            polls += 1;
+            if polls % 25 == 0 {
+                members = tree.marked_members();
+            }
+        }
     }
-    if status.is_none() || group_alive(pgid) {
+    if status.is_none() || tree.alive() {
         if sig != Signal::SIGKILL {
             warn!(
-                pgid = pgid.as_raw(),
+                pgid = tree.leader.as_raw(),
                 ?timeout,
                 "process group still running after {sig}; sending SIGKILL"
             );
         }
-        signal_group(pgid, Signal::SIGKILL);
+        // A process forking as fast as it can may add members between a listing and
+        // the kill: kill again until none is left (bounded: 10 s).
+        let killing = deadline_in(Duration::from_secs(10));
+        loop {
+            tree.kill();
+            if !tree.alive() || tokio::time::Instant::now() >= killing {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     if status.is_none() {
         status = tokio::time::timeout(Duration::from_secs(10), &mut *exit)
@@ -253,6 +385,6 @@ pub async fn terminate(
             .ok()
             .and_then(Result::ok);
     }
-    guard.forget(pgid);
+    guard.forget(tree.leader);
     status
 }

@@ -24,6 +24,7 @@ use crate::generation::{self, Context, Generation, StopHow};
 use crate::health;
 use crate::rollout::{Operator, Phase, Reason, Verdict, Watch};
 use crate::signals::{RollEvent, Watcher};
+use crate::tree;
 
 /// Everything a roll needs, moved into its task and back.
 pub struct Roll {
@@ -136,6 +137,68 @@ impl Roll {
         }
     }
 
+    /// Frees `port`, which something listens on: a process left over from an earlier
+    /// set (a daemon that escaped its stop, in rolld's tree) is stopped; a stranger's
+    /// port refuses the roll, naming the holder.
+    async fn free_port(&self, port: u16) -> Result<(), String> {
+        let holders = connections::holders(port);
+        let Some(&first) = holders.first() else {
+            return Err(format!("port {port} is in use by another process"));
+        };
+        let serving: Vec<i32> = self
+            .current
+            .as_ref()
+            .map(Generation::pids)
+            .unwrap_or_default();
+        let mut leftovers = Vec::new();
+        for &holder in &holders {
+            let name = tree::name_of(holder.as_raw());
+            match tree::rolld_descendant(holder) {
+                Some(top) if !serving.contains(&top.as_raw()) => {
+                    leftovers.push((holder, name, top))
+                }
+                _ => return Err(format!("port {port} is held by pid {holder} ({name})")),
+            }
+        }
+        let mut stopping = Vec::new();
+        for (holder, name, top) in &leftovers {
+            let subtree = tree::subtree(*top);
+            warn!(
+                generation = self.id,
+                port,
+                pid = holder.as_raw(),
+                stopping = ?subtree,
+                "port {port} is held by pid {holder} ({name}), left over from an earlier set; stopping it"
+            );
+            stopping.extend(subtree);
+        }
+        let how = StopHow::from_config(&self.config);
+        tree::signal_all(&stopping, how.signal);
+        let free = |deadline| async move {
+            let deadline = crate::process::deadline_in(deadline);
+            while connections::in_use(port) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            !connections::in_use(port)
+        };
+        if free(how.timeout).await {
+            return Ok(());
+        }
+        warn!(
+            generation = self.id,
+            port, "still held after {}; sending SIGKILL", how.signal
+        );
+        tree::signal_all(&stopping, nix::sys::signal::Signal::SIGKILL);
+        if free(std::time::Duration::from_secs(5)).await {
+            return Ok(());
+        }
+        let holder = connections::holders(port).first().copied().unwrap_or(first);
+        Err(format!(
+            "port {port} is still held by pid {holder} ({}) after SIGKILL",
+            tree::name_of(holder.as_raw())
+        ))
+    }
+
     async fn step_through(&mut self) -> Result<(), String> {
         let app = &self.config.app;
         let current_ports: Vec<u16> = self
@@ -150,12 +213,16 @@ impl Roll {
         );
 
         // Someone else on a port would fail the app's bind, or worse, pass its checks.
-        if let Some(port) = ports.iter().find(|&&p| connections::in_use(p)) {
-            return Err(format!(
-                "generation {}: port {port} is in use by another process; roll refused{}",
-                self.id,
-                self.keeps_serving()
-            ));
+        for &port in &ports {
+            if connections::in_use(port) {
+                self.free_port(port).await.map_err(|why| {
+                    format!(
+                        "generation {}: {why}; roll refused{}",
+                        self.id,
+                        self.keeps_serving()
+                    )
+                })?;
+            }
         }
 
         // 1. start, 2. wait until healthy, 3. smoke-test.

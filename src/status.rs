@@ -10,6 +10,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use rolld_proxy::Outcomes;
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::Hierarchy;
 use crate::rollout::{Phase, Reason};
 
 /// The shared record. Counters are atomics; the rest sits behind one lock taken only on
@@ -23,6 +24,8 @@ pub struct Board {
     pub restarts: AtomicU64,
     /// Seconds each drain took.
     pub drain_seconds: Histogram,
+    /// rolld's cgroups (cgroup mode), for each set's memory and CPU.
+    cgroups: std::sync::OnceLock<Arc<Hierarchy>>,
     /// Releases rolled back after their switch (canary or bake), by [`Reason`].
     pub rollbacks_after_switch: [AtomicU64; 3],
     /// The new set's failed share at the last look of a canary or bake (f64 bits).
@@ -78,6 +81,9 @@ pub struct Snapshot {
     /// The generation serving now (none before the first set is ready).
     pub generation: Option<u64>,
     pub processes: Vec<ProcessStatus>,
+    /// Each set's memory and CPU, from its cgroup (cgroup mode only).
+    #[serde(default)]
+    pub sets: Vec<SetUsage>,
     pub upstreams: Vec<UpstreamStatus>,
     /// The roll in progress, if any.
     pub roll: Option<RollStatus>,
@@ -138,6 +144,16 @@ pub struct ProcessStatus {
     pub restarts: u32,
 }
 
+/// What a set uses, from its cgroup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetUsage {
+    pub generation: u64,
+    /// `memory.current`; none when the memory controller is not enabled for rolld.
+    pub memory_bytes: Option<u64>,
+    /// `usage_usec` of `cpu.stat`: CPU time used, in microseconds.
+    pub cpu_usec: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UpstreamStatus {
     pub addr: String,
@@ -174,6 +190,7 @@ impl Default for Board {
             rolls_rolled_back: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             drain_seconds: Histogram::new([0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            cgroups: std::sync::OnceLock::new(),
             rollbacks_after_switch: Default::default(),
             judged_error_rate: AtomicU64::new(0),
         }
@@ -183,6 +200,13 @@ impl Default for Board {
 impl Board {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where each set's usage comes from, in cgroup mode.
+    pub fn set_cgroups(&self, cgroups: Option<Arc<Hierarchy>>) {
+        if let Some(cgroups) = cgroups {
+            let _ = self.cgroups.set(cgroups);
+        }
     }
 
     /// A process changed state; `pid` None keeps the one known.
@@ -304,9 +328,28 @@ impl Board {
                 })
                 .collect()
         });
+        let sets = match self.cgroups.get() {
+            Some(cgroups) => {
+                let generations: std::collections::BTreeSet<u64> =
+                    s.processes.keys().map(|&(g, _)| g).collect();
+                generations
+                    .into_iter()
+                    .map(|generation| {
+                        let (memory_bytes, cpu_usec) = cgroups.usage(generation);
+                        SetUsage {
+                            generation,
+                            memory_bytes,
+                            cpu_usec,
+                        }
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         Snapshot {
             generation: s.serving,
             processes,
+            sets,
             upstreams,
             roll: s.roll.as_ref().map(|(generation, phase)| RollStatus {
                 generation: *generation,
@@ -394,6 +437,21 @@ impl Snapshot {
                 out,
                 "{:<6} {:<6} {:<8} {:<11} {:>8.0}s {:>8}",
                 p.generation, p.port, pid, p.state, p.uptime_s, p.restarts
+            );
+        }
+        for set in &self.sets {
+            let memory = set.memory_bytes.map_or_else(
+                || "n/a (no memory controller)".to_string(),
+                |b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)),
+            );
+            let cpu = set.cpu_usec.map_or_else(
+                || "n/a".to_string(),
+                |us| format!("{:.2} s", us as f64 / 1e6),
+            );
+            let _ = writeln!(
+                out,
+                "set {} (cgroup): memory {memory}, cpu {cpu}",
+                set.generation
             );
         }
         for u in &self.upstreams {

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::cgroup::Hierarchy;
 use crate::config::{Config, PortPlan};
 use crate::generation::{Context, Generation, StopHow};
 use crate::guard::Guard;
@@ -58,14 +59,19 @@ impl Supervisor {
         config: Config,
         guard: Arc<Guard>,
         board: Arc<Board>,
+        cgroups: Option<Arc<Hierarchy>>,
     ) -> std::io::Result<Supervisor> {
         let (shutdown, shutdown_rx) = watch::channel(None);
         let (alive_tx, alive) = mpsc::channel(1);
+        let reaper = Reaper::start()?;
+        tokio::spawn(watch_guard(guard.clone(), reaper.clone()));
+        board.set_cgroups(cgroups.clone());
         let ctx = Arc::new(Context {
             spawner: Spawner::start()?,
-            reaper: Reaper::start()?,
+            reaper,
             guard,
             board,
+            cgroups,
             shutdown: shutdown_rx,
             alive: alive_tx,
         });
@@ -497,6 +503,30 @@ async fn second_signal(commands: &mut mpsc::UnboundedReceiver<Command>, mut sign
             }
             Some(_) => {}
             None => std::future::pending().await,
+        }
+    }
+}
+
+/// Restarts the guard whenever it dies (someone killed it): without it, a SIGKILL of
+/// rolld would leave forked workers and daemons behind. At most once a second, so a
+/// guard that cannot run does not spin.
+async fn watch_guard(guard: Arc<Guard>, reaper: Reaper) {
+    loop {
+        let pid = guard.pid();
+        let Ok(exit) = reaper.wait(pid).await else {
+            return;
+        };
+        error!(
+            guard = pid.as_raw(),
+            "the guard process died ({exit}); starting a new one"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match guard.restart() {
+            Ok(new) => warn!(guard = new.as_raw(), "guard process restarted"),
+            Err(err) => {
+                error!(error = %err, "cannot restart the guard process: if rolld is killed now, forked workers and daemons of the apps may survive it");
+                return;
+            }
         }
     }
 }

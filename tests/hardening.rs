@@ -246,7 +246,10 @@ fn a_roll_onto_a_port_someone_else_listens_on_is_refused() {
     let (code, _, stderr) = rolld.control("reload", &[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains(&format!("port {taken} is in use")),
+        stderr.contains(&format!(
+            "port {taken} is held by pid {}",
+            std::process::id()
+        )),
         "the reason: {stderr}"
     );
     assert_eq!(get_blocking(rolld.listen, "/pid").expect("served").0, 200);

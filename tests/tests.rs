@@ -3,6 +3,7 @@
 mod support;
 
 mod config;
+mod containment;
 mod control;
 mod exact;
 mod hardening;
