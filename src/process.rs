@@ -388,3 +388,18 @@ pub async fn terminate(
     guard.forget(tree.leader);
     status
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deadline_too_far_to_add_is_a_century_away_not_a_panic() {
+        let now = tokio::time::Instant::now();
+        let far = deadline_in(Duration::MAX);
+        assert!(far > now + Duration::from_secs(99 * 365 * 24 * 3600));
+        let near = deadline_in(Duration::from_secs(5));
+        assert!(near >= now + Duration::from_secs(5));
+        assert!(near < now + Duration::from_secs(60));
+    }
+}

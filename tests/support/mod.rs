@@ -475,10 +475,16 @@ pub fn root_or_skip(why: &str) -> bool {
 
 /// A free port below 1024, which only root can bind.
 pub fn free_privileged_port() -> u16 {
-    (900..1024)
-        .rev()
-        .find(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok())
-        .expect("a free port between 900 and 1023")
+    // Each call of this test process starts below the last one's port: two tests running
+    // side by side never get the same port.
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1023);
+    loop {
+        let port = NEXT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(port >= 900, "a free port between 900 and 1023");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn path_str(p: &Path) -> String {
