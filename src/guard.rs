@@ -172,6 +172,8 @@ pub fn run(rolld: &str) -> ! {
             continue;
         };
         match op {
+            // killpg(0) is the guard's own group and killpg(1) every process.
+            "+" if pgid <= 1 => false,
             "+" => groups.insert(pgid),
             "-" => groups.remove(&pgid),
             _ => false,
@@ -191,7 +193,7 @@ pub fn run(rolld: &str) -> ! {
         if marked.is_empty() {
             break;
         }
-        for pid in marked {
+        for pid in marked.into_iter().filter(|p| p.as_raw() > 1) {
             let _ = kill(pid, Signal::SIGKILL);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));

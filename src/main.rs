@@ -597,41 +597,7 @@ fn socket_of(target: &Target) -> PathBuf {
 }
 
 fn reload(target: &Target, wait: bool) -> ExitCode {
-    use control::Answer;
-    let mut outcome = None;
-    let called = control::call(
-        &socket_of(target),
-        &control::Request::Reload { wait },
-        |answer| match answer {
-            Answer::Accepted => {
-                out!("roll requested");
-                outcome = Some(true);
-            }
-            Answer::Progress { message } => out!("{message}"),
-            Answer::Done { ok, message } => {
-                if ok {
-                    out!("{message}");
-                } else {
-                    say!("{message}");
-                }
-                outcome = Some(ok);
-            }
-            Answer::Error { message } => say!("{message}"),
-            Answer::Status { .. } => {}
-        },
-    );
-    match (called, outcome) {
-        (Err(why), _) => {
-            say!("{why}");
-            ExitCode::from(1)
-        }
-        (Ok(()), Some(true)) => ExitCode::SUCCESS,
-        (Ok(()), Some(false)) => ExitCode::from(1),
-        (Ok(()), None) => {
-            say!("the connection closed before the roll ended");
-            ExitCode::from(1)
-        }
-    }
+    command(target, &control::Request::Reload { wait })
 }
 
 fn status(target: &Target, json: bool) -> ExitCode {
@@ -708,6 +674,11 @@ fn command(target: &Target, request: &control::Request) -> ExitCode {
     use control::Answer;
     let mut outcome = None;
     let called = control::call(&socket_of(target), request, |answer| match answer {
+        // `reload --no-wait`: the roll is asked for, and that is the whole answer.
+        Answer::Accepted => {
+            out!("roll requested");
+            outcome = Some(true);
+        }
         Answer::Progress { message } => out!("{message}"),
         Answer::Done { ok, message } => {
             if ok {
@@ -718,7 +689,7 @@ fn command(target: &Target, request: &control::Request) -> ExitCode {
             outcome = Some(ok);
         }
         Answer::Error { message } => say!("{message}"),
-        Answer::Accepted | Answer::Status { .. } => {}
+        Answer::Status { .. } => {}
     });
     match (called, outcome) {
         (Err(why), _) => {

@@ -254,6 +254,12 @@ pub fn deadline_in(after: Duration) -> tokio::time::Instant {
 
 /// Signals a whole process group; a group already gone is not an error.
 pub fn signal_group(pgid: Pid, sig: Signal) {
+    // killpg(0) is the caller's own group, and killpg(1) is kill(-1): every process the
+    // caller may signal. Neither is ever an app's group.
+    if pgid.as_raw() <= 1 {
+        warn!(pgid = pgid.as_raw(), signal = %sig, "refusing to signal process group {pgid}");
+        return;
+    }
     match killpg(pgid, sig) {
         Ok(()) | Err(Errno::ESRCH) => {}
         Err(err) => {
@@ -264,7 +270,7 @@ pub fn signal_group(pgid: Pid, sig: Signal) {
 
 /// Whether any process of the group is still alive.
 fn group_alive(pgid: Pid) -> bool {
-    !matches!(killpg(pgid, None), Err(Errno::ESRCH))
+    pgid.as_raw() > 1 && !matches!(killpg(pgid, None), Err(Errno::ESRCH))
 }
 
 /// What rolld stops as one: the process group a started process leads, and, with a

@@ -200,7 +200,9 @@ pub fn subtree(top: Pid) -> Vec<Pid> {
 
 /// Sends `sig` to each of `pids`; one already gone is not an error.
 pub fn signal_all(pids: &[Pid], sig: Signal) {
-    for &pid in pids {
+    let own = std::process::id() as i32;
+    // kill(0) and kill(-1) mean groups and "everyone", and init is never an app.
+    for &pid in pids.iter().filter(|p| p.as_raw() > 1 && p.as_raw() != own) {
         match kill(pid, sig) {
             Ok(()) | Err(Errno::ESRCH) => {}
             Err(err) => warn!(pid = pid.as_raw(), signal = %sig, error = %err, "cannot signal"),
