@@ -308,6 +308,15 @@ fn render_templates(config: &Config) -> Result<Vec<(PathBuf, String)>, String> {
     Ok(rendered)
 }
 
+/// How rolld will keep its app processes together; a `cgroup` setting it cannot use is
+/// a config error (exit 2).
+fn containment(config: &Config) -> Result<cgroup::Mode, ExitCode> {
+    cgroup::Mode::choose(config.cgroup.as_deref()).map_err(|why| {
+        say!("config {}: {why}", config.path.display());
+        ExitCode::from(2)
+    })
+}
+
 fn check(path: &Path) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
@@ -320,12 +329,9 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mode = match cgroup::Mode::choose(config.cgroup.as_deref()) {
+    let mode = match containment(&config) {
         Ok(mode) => mode,
-        Err(why) => {
-            say!("config {}: {why}", config.path.display());
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     out_raw!("{}", plan(&config));
     out!("containment:  {}", mode.describe());
@@ -860,12 +866,9 @@ fn run(path: &Path) -> ExitCode {
         say!("cannot become a child subreaper: {err}");
         return ExitCode::from(1);
     }
-    let mode = match cgroup::Mode::choose(config.cgroup.as_deref()) {
+    let mode = match containment(&config) {
         Ok(mode) => mode,
-        Err(why) => {
-            say!("config {}: {why}", config.path.display());
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let cgroups = match &mode {
         cgroup::Mode::Cgroup { root, .. } => match cgroup::Hierarchy::create(root) {
