@@ -89,6 +89,38 @@ impl prometheus_client::collector::Collector for Collector {
                 "Times an idle HTTP/1 client connection gave its buffers back.",
                 stats.idle_releases,
             )?;
+            let by_reason = |encoder: &mut DescriptorEncoder,
+                             name: &str,
+                             help: &str,
+                             values: &[(&str, u64)]|
+             -> Result<(), std::fmt::Error> {
+                let mut family =
+                    encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for (reason, n) in values {
+                    family
+                        .encode_family(&[("reason", *reason)])?
+                        .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+                }
+                Ok(())
+            };
+            by_reason(
+                &mut encoder,
+                "rolld_retries",
+                "Requests sent again after their app process failed before answering, by reason (connect, unsent, no_answer, timeout).",
+                &stats.retries,
+            )?;
+            counter(
+                &mut encoder,
+                "rolld_retries_refused_by_budget",
+                "Requests not sent again because the retry budget was spent (they got 502 at once).",
+                stats.retries_refused_by_budget,
+            )?;
+            by_reason(
+                &mut encoder,
+                "rolld_bad_gateway",
+                "502 answers, by why the request was not sent again.",
+                &stats.bad_gateways,
+            )?;
             let held = proxy.upstreams().held();
             encoder
                 .encode_descriptor(

@@ -67,6 +67,11 @@ struct RawProxy {
     tunnel_idle_timeout: Option<String>,
     hold_timeout: Option<String>,
     max_held: Option<usize>,
+    retries: Option<u32>,
+    retry_body_limit: Option<RawSize>,
+    retry_timeouts: Option<bool>,
+    retry_budget: Option<RawPercent>,
+    retry_budget_floor: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -388,6 +393,12 @@ const MAX_CONNECTIONS: usize = 1 << 24;
 const MAX_HOLD_TIMEOUT: Duration = Duration::from_secs(600);
 /// Most `proxy.max_held`.
 const MAX_HELD: usize = 100_000;
+/// Most `proxy.retries`: past a few, a request is failing, not unlucky.
+const MAX_RETRIES: u32 = 10;
+/// Largest `proxy.retry_body_limit`: each request waiting for its answer may keep this.
+const MAX_RETRY_BODY_LIMIT: u64 = 16 * 1024 * 1024;
+/// Most `proxy.retry_budget_floor` (retries per second).
+const MAX_RETRY_BUDGET_FLOOR: u32 = 10_000;
 
 impl Config {
     /// Reads and validates the file at `path`, with relative paths of the original's
@@ -1146,7 +1157,60 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
             format!("{max_held} is not between 1 and {MAX_HELD}"),
         ));
     }
+    let retries = raw.retries.unwrap_or(d.retries);
+    if retries > MAX_RETRIES {
+        return Err(v.err(
+            "proxy.retries",
+            format!("{retries} is not between 0 and {MAX_RETRIES}"),
+        ));
+    }
+    let retry_body_limit = match raw.retry_body_limit {
+        None => d.retry_body_limit,
+        Some(size) => {
+            let n = parse_size(v, "proxy.retry_body_limit", size)?;
+            if n > MAX_RETRY_BODY_LIMIT {
+                return Err(v.err(
+                    "proxy.retry_body_limit",
+                    "must be at most 16m (0: no request with a body is sent again)",
+                ));
+            }
+            n
+        }
+    };
+    let retry_budget = match raw.retry_budget {
+        None => d.retry_budget,
+        Some(raw) => {
+            let (text, value) = match raw {
+                RawPercent::Number(n) => (n.to_string(), Some(n)),
+                RawPercent::Text(t) => {
+                    let value = t.trim().trim_end_matches('%').trim().parse::<f64>().ok();
+                    (t, value)
+                }
+            };
+            match value {
+                Some(n) if (0.0..=100.0).contains(&n) => n / 100.0,
+                _ => {
+                    return Err(v.err(
+                        "proxy.retry_budget",
+                        format!("`{text}` is not a share from 0% to 100%; write e.g. 20%"),
+                    ))
+                }
+            }
+        }
+    };
+    let retry_budget_floor = raw.retry_budget_floor.unwrap_or(d.retry_budget_floor);
+    if retry_budget_floor > MAX_RETRY_BUDGET_FLOOR {
+        return Err(v.err(
+            "proxy.retry_budget_floor",
+            format!("{retry_budget_floor} is not between 0 and {MAX_RETRY_BUDGET_FLOOR} (retries per second)"),
+        ));
+    }
     Ok(ProxyConfig {
+        retries,
+        retry_body_limit,
+        retry_timeouts: raw.retry_timeouts.unwrap_or(d.retry_timeouts),
+        retry_budget,
+        retry_budget_floor,
         hold_timeout,
         max_held,
         http2_max_concurrent_streams,
@@ -1710,6 +1774,55 @@ app-servers:
     }
 
     #[test]
+    fn retry_settings_parse_and_are_bounded() {
+        let c = parse(ORIGINAL).expect("valid");
+        assert_eq!(c.proxy.retries, 2);
+        assert_eq!(c.proxy.retry_body_limit, 64 * 1024);
+        assert!(!c.proxy.retry_timeouts, "off by default");
+        assert!((c.proxy.retry_budget - 0.2).abs() < 1e-9);
+        assert_eq!(c.proxy.retry_budget_floor, 10);
+        let c = parse(&format!(
+            "proxy:\n  retries: 0\n  retry_body_limit: 1m\n  retry_timeouts: true\n  retry_budget: 5%\n  retry_budget_floor: 0\n{ORIGINAL}"
+        ))
+        .expect("valid");
+        assert_eq!(c.proxy.retries, 0);
+        assert_eq!(c.proxy.retry_body_limit, 1024 * 1024);
+        assert!(c.proxy.retry_timeouts);
+        assert!((c.proxy.retry_budget - 0.05).abs() < 1e-9);
+        assert_eq!(c.proxy.retry_budget_floor, 0);
+        for (yaml, expected) in [
+            (
+                "  retries: 11\n",
+                &["line 2", "proxy.retries", "between 0 and 10"][..],
+            ),
+            ("  retries: -1\n", &["proxy", "retries"][..]),
+            (
+                "  retry_body_limit: 17m\n",
+                &["line 2", "proxy.retry_body_limit", "at most 16m"][..],
+            ),
+            (
+                "  retry_body_limit: lots\n",
+                &["line 2", "proxy.retry_body_limit"][..],
+            ),
+            (
+                "  retry_budget: 120%\n",
+                &["line 2", "proxy.retry_budget", "from 0% to 100%"][..],
+            ),
+            (
+                "  retry_budget: some\n",
+                &["line 2", "proxy.retry_budget", "e.g. 20%"][..],
+            ),
+            (
+                "  retry_budget_floor: 20000\n",
+                &["line 2", "proxy.retry_budget_floor", "between 0 and 10000"][..],
+            ),
+            ("  retry_timeouts: sometimes\n", &["retry_timeouts"][..]),
+        ] {
+            assert_error(&format!("proxy:\n{yaml}{ORIGINAL}"), expected);
+        }
+    }
+
+    #[test]
     fn hold_settings_parse_and_are_bounded() {
         let c = parse(&format!(
             "proxy:\n  hold_timeout: 2s\n  max_held: 50\n{ORIGINAL}"
@@ -1900,7 +2013,8 @@ app-servers:
             proxy_key in prop::sample::select(vec![
                 "client_header_timeout", "keepalive_timeout", "max_body_size",
                 "max_header_size", "max_connections", "trusted_proxies", "workers",
-                "hold_timeout", "max_held",
+                "hold_timeout", "max_held", "retries", "retry_body_limit", "retry_timeouts",
+                "retry_budget", "retry_budget_floor",
             ]),
             value in "[ -~]{0,30}",
         ) {

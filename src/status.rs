@@ -99,6 +99,10 @@ pub struct Snapshot {
     /// those that waited.
     #[serde(default)]
     pub held: HeldStatus,
+    /// Requests sent again after their app process failed before answering, and the
+    /// 502s by why they were not (see `proxy.retries`).
+    #[serde(default)]
+    pub retries: RetryStatus,
     /// Seconds left of the pause on now (`rolld pause`), if one is on.
     #[serde(default)]
     pub paused_for_s: Option<f64>,
@@ -116,6 +120,16 @@ pub struct HeldStatus {
     pub released: u64,
     pub timed_out: u64,
     pub refused: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RetryStatus {
+    /// Requests sent again, by reason (`connect`, `unsent`, `no_answer`, `timeout`).
+    pub by_reason: std::collections::BTreeMap<String, u64>,
+    /// Retries the retry budget refused.
+    pub refused_by_budget: u64,
+    /// 502 answers, by why the request was not sent again.
+    pub bad_gateway: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -383,6 +397,20 @@ impl Board {
                     refused: h.refused,
                 }
             }),
+            retries: proxy.map_or_else(RetryStatus::default, |p| {
+                let stats = p.stats().snapshot();
+                let named = |counts: &[(&str, u64)]| {
+                    counts
+                        .iter()
+                        .map(|(reason, n)| (reason.to_string(), *n))
+                        .collect()
+                };
+                RetryStatus {
+                    by_reason: named(&stats.retries),
+                    refused_by_budget: stats.retries_refused_by_budget,
+                    bad_gateway: named(&stats.bad_gateways),
+                }
+            }),
             paused_for_s: front.and_then(|u| u.paused_until()).map(|until| {
                 until
                     .saturating_duration_since(tokio::time::Instant::now())
@@ -510,6 +538,25 @@ impl Snapshot {
                 out,
                 "held requests: {} now, {} released, {} timed out, {} refused (queue full)",
                 h.now, h.released, h.timed_out, h.refused
+            );
+        }
+        let r = &self.retries;
+        let listed = |counts: &std::collections::BTreeMap<String, u64>| {
+            let nonzero: Vec<String> = counts
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(reason, n)| format!("{n} {reason}"))
+                .collect();
+            (!nonzero.is_empty()).then(|| nonzero.join(", "))
+        };
+        let (resent, failed) = (listed(&r.by_reason), listed(&r.bad_gateway));
+        if resent.is_some() || failed.is_some() || r.refused_by_budget > 0 {
+            let _ = writeln!(
+                out,
+                "retries: {}; {} refused by the budget; 502s: {}",
+                resent.as_deref().unwrap_or("none"),
+                r.refused_by_budget,
+                failed.as_deref().unwrap_or("none")
             );
         }
         for c in &self.certificates {

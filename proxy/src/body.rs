@@ -4,6 +4,7 @@
 //! the service future has returned, so the lease must live in the body to count the
 //! request until its last byte is sent or the client goes away.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use tokio::time::{Instant, Sleep};
 use crate::access::AccessLog;
 use crate::activity::Busy;
 use crate::pool::Conn;
+use crate::retry::Kept;
 use crate::upstream::InFlight;
 use crate::watchdog::Progress;
 
@@ -200,8 +202,12 @@ impl Upload {
 
 /// A client's request body on its way to an upstream, bounded in size and idleness.
 pub struct RequestBody {
-    /// `None` for a request rebuilt to be sent again, which never had a body.
+    /// `None` for a request rebuilt to be sent again.
     inner: Option<Incoming>,
+    /// A request sent again: its body as it was kept the first time (see `retry`).
+    again: VecDeque<Bytes>,
+    /// Where the chunks are kept while they go by, to send the request again.
+    kept: Option<Arc<Kept>>,
     /// Bytes still allowed.
     remaining: u64,
     idle: IdleTimer,
@@ -218,6 +224,8 @@ impl RequestBody {
     ) -> Self {
         RequestBody {
             inner: Some(inner),
+            again: VecDeque::new(),
+            kept: None,
             remaining: limit.unwrap_or(u64::MAX),
             idle: IdleTimer::new(idle),
             upload: Some(upload),
@@ -227,10 +235,27 @@ impl RequestBody {
     pub(crate) fn empty() -> Self {
         RequestBody {
             inner: None,
+            again: VecDeque::new(),
+            kept: None,
             remaining: 0,
             idle: IdleTimer::new(Duration::MAX),
             upload: None,
         }
+    }
+
+    /// A body sent again: `chunks`, as kept the first time.
+    pub(crate) fn again(chunks: VecDeque<Bytes>, upload: Arc<Upload>) -> Self {
+        RequestBody {
+            again: chunks,
+            upload: Some(upload),
+            ..RequestBody::empty()
+        }
+    }
+
+    /// Keeps the chunks in `kept` as they go by (see `retry`).
+    pub(crate) fn keeping(mut self, kept: Option<Arc<Kept>>) -> Self {
+        self.kept = kept;
+        self
     }
 
     /// The body moved; `done` when that was its end.
@@ -254,6 +279,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(chunk) = this.again.pop_front() {
+            this.moved(this.again.is_empty());
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -263,6 +292,12 @@ impl Body for RequestBody {
             Poll::Ready(Some(Ok(frame))) => {
                 this.moved(ended);
                 this.idle.progress();
+                if let Some(kept) = &this.kept {
+                    match frame.data_ref() {
+                        Some(data) => kept.keep(data, ended),
+                        None => kept.give_up(),
+                    }
+                }
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
@@ -275,6 +310,9 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(ClientBodyFailed(err).into()))),
             Poll::Ready(None) => {
+                if let Some(kept) = &this.kept {
+                    kept.end();
+                }
                 this.moved(true);
                 Poll::Ready(None)
             }
@@ -289,13 +327,14 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.again.is_empty() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        self.inner.as_ref().map_or_else(
+            || SizeHint::with_exact(self.again.iter().map(|c| c.len() as u64).sum()),
+            Body::size_hint,
+        )
     }
 }
 

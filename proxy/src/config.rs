@@ -58,6 +58,18 @@ pub struct ProxyConfig {
     /// `max_header_size`) and its connection's buffers, so this bounds the memory held
     /// requests take.
     pub max_held: usize,
+    /// Times a request is sent again after it was written to an app process that failed
+    /// before answering, when that is safe (see `retry`); 0: never.
+    pub retries: u32,
+    /// Largest request body kept to be sent again; a larger body is not resent.
+    pub retry_body_limit: u64,
+    /// Whether a request whose answer did not come within `response_timeout` is sent
+    /// again: off, since the app may still be working on it.
+    pub retry_timeouts: bool,
+    /// The share (0.0 to 1.0) of the requests of the last 10 s that retries may add.
+    pub retry_budget: f64,
+    /// Retries per second allowed beyond that share (a quiet service still retries).
+    pub retry_budget_floor: u32,
 }
 
 impl Default for ProxyConfig {
@@ -81,6 +93,11 @@ impl Default for ProxyConfig {
             tunnel_idle_timeout: Duration::from_secs(3600),
             hold_timeout: Duration::from_secs(5),
             max_held: 1024,
+            retries: 2,
+            retry_body_limit: 64 * 1024,
+            retry_timeouts: false,
+            retry_budget: 0.2,
+            retry_budget_floor: 10,
         }
     }
 }

@@ -4,6 +4,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ResponseBody;
+use crate::retry::NotResent;
 
 /// A request the proxy could not pass to an upstream, or whose upstream failed.
 /// Details go to the log; the client gets only the status and a generic line.
@@ -20,10 +21,12 @@ pub enum ProxyError {
         upstream: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("upstream {upstream} failed: {source}")]
+    #[error("upstream {upstream} failed: {source}; not resent: {not_resent}")]
     Upstream {
         upstream: std::net::SocketAddr,
         source: hyper::Error,
+        /// Why the request was not sent again (see `retry`).
+        not_resent: NotResent,
     },
     #[error("every attempt to send the request failed")]
     Exhausted,
@@ -60,6 +63,16 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBodyIdle => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Why a 502 was not avoided by sending the request again; None for other answers.
+    pub fn not_resent(&self) -> Option<NotResent> {
+        match self {
+            ProxyError::Connect { .. } => Some(NotResent::Connect),
+            ProxyError::Upstream { not_resent, .. } => Some(*not_resent),
+            ProxyError::Exhausted => Some(NotResent::Attempts),
+            _ => None,
         }
     }
 

@@ -22,6 +22,7 @@ use crate::headers;
 use crate::maintenance::MaintenancePage;
 use crate::moved::{Moved, Tracked};
 use crate::pool::Conn;
+use crate::retry::{NotResent, Replay, RetryBudget, RetryReason, Tries};
 use crate::stats::Stats;
 use crate::upstream::{InFlight, Upstreams};
 use crate::watchdog::Progress;
@@ -32,6 +33,8 @@ pub struct Proxy {
     upstreams: Arc<Upstreams>,
     config: ProxyConfig,
     stats: Stats,
+    /// What sending requests again may add to the traffic (see `retry`).
+    retry_budget: RetryBudget,
     /// While set, every request gets this page (503) and nothing reaches an app.
     maintenance: arc_swap::ArcSwapOption<MaintenancePage>,
 }
@@ -81,6 +84,7 @@ impl Proxy {
     pub fn new(upstreams: Arc<Upstreams>, config: ProxyConfig) -> Self {
         Proxy {
             upstreams,
+            retry_budget: RetryBudget::new(config.retry_budget, config.retry_budget_floor),
             config,
             stats: Stats::default(),
             maintenance: arc_swap::ArcSwapOption::empty(),
@@ -153,6 +157,9 @@ impl Proxy {
             Err((err, access)) => {
                 let response = match err {
                     Ok(err) => {
+                        if let Some(why) = err.not_resent() {
+                            self.stats.count_bad_gateway(why);
+                        }
                         match &err {
                             ProxyError::NoUpstream
                             | ProxyError::HoldTimedOut { .. }
@@ -231,45 +238,54 @@ impl Proxy {
             &|ip| self.config.trusts(ip),
         );
 
-        // A request without a body and with an idempotent method can be sent again if
-        // a reused connection turns out dead after it was written (the app crashed, or
-        // closed the idle connection at that moment). Keep what it takes to rebuild it
-        // only when that can happen.
-        let replay = (body.is_end_stream() && parts.method.is_idempotent() && !upgrade)
-            .then(|| Replay::of(&parts));
+        // What it takes to send the request again if its upstream fails under it after
+        // it was written (the app crashed, or closed the idle connection at that
+        // moment): kept only when that is safe (see `retry`).
+        let replay = Replay::of(
+            &parts,
+            body.is_end_stream(),
+            body.size_hint().lower(),
+            upgrade,
+            self.config.retry_body_limit,
+        );
         let upload = Upload::new();
         let body = RequestBody::new(
             body,
             self.config.max_body_size,
             self.config.body_idle_timeout,
             upload.clone(),
-        );
-        let req = Request::from_parts(parts, body);
+        )
+        .keeping(replay.as_ref().ok().and_then(Replay::kept));
+        self.retry_budget.request();
+        let mut req = Request::from_parts(parts, body);
         let sending = Instant::now();
-        let sent = {
-            let send = self.send(req, replay, &mut lease, &upload);
-            tokio::pin!(send);
-            // One timer for the request, moved as the deadline moves.
-            let sleep = tokio::time::sleep_until(far_future());
-            tokio::pin!(sleep);
-            let mut armed = None;
-            let (response, idle) = (self.config.response_timeout, self.config.body_idle_timeout);
-            loop {
-                let deadline = upload.deadline(response, idle);
-                if deadline != armed {
-                    sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
-                    armed = deadline;
-                }
-                tokio::select! {
-                    sent = &mut send => break Some(sent),
-                    () = upload.changed() => {}
-                    () = &mut sleep, if deadline.is_some() => {
-                        // Progress may have moved the deadline meanwhile.
-                        if upload.deadline(response, idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
+        let mut tries = Tries::default();
+        let sent = loop {
+            let sent = self
+                .deliver(req, &replay, &mut lease, &upload, &mut tries)
+                .await;
+            match sent {
+                None if self.config.retry_timeouts && upload.stalled() == Stalled::Answer => {
+                    let again = match lease.as_ref() {
+                        Some(held) => self.again(&replay, held, &upload, &mut tries),
+                        None => Err(NotResent::Attempts),
+                    };
+                    match again {
+                        Ok(again) => {
+                            self.stats.count_retry(RetryReason::Timeout);
+                            debug!(upstream = ?lease.as_ref().map(|l| l.upstream().addr()), after = ?self.config.response_timeout, "no answer in time; sending the request again to another upstream");
+                            if let Err(err) = self.move_on(&mut lease, &upload, &mut tries).await {
+                                return Err((err, access));
+                            }
+                            req = again;
+                        }
+                        Err(why) => {
+                            debug!(upstream = ?lease.as_ref().map(|l| l.upstream().addr()), "no answer in time; not resent: {why}");
                             break None;
                         }
                     }
                 }
+                sent => break sent,
             }
         };
         // Only a request held again after its connects failed, and whose hold ended
@@ -351,6 +367,42 @@ impl Proxy {
         ))
     }
 
+    /// Sends `req` (see `send`) under the clock of its answer: `None` when
+    /// `response_timeout` or `body_idle_timeout` ran out first (see `Upload`).
+    async fn deliver(
+        &self,
+        req: Request<RequestBody>,
+        replay: &Result<Replay, NotResent>,
+        slot: &mut Option<InFlight>,
+        upload: &Arc<Upload>,
+        tries: &mut Tries,
+    ) -> Option<Result<(Response<Incoming>, Conn), ProxyError>> {
+        let send = self.send(req, replay, slot, upload, tries);
+        tokio::pin!(send);
+        // One timer for the request, moved as the deadline moves.
+        let sleep = tokio::time::sleep_until(far_future());
+        tokio::pin!(sleep);
+        let mut armed = None;
+        let (response, idle) = (self.config.response_timeout, self.config.body_idle_timeout);
+        loop {
+            let deadline = upload.deadline(response, idle);
+            if deadline != armed {
+                sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
+                armed = deadline;
+            }
+            tokio::select! {
+                sent = &mut send => break Some(sent),
+                () = upload.changed() => {}
+                () = &mut sleep, if deadline.is_some() => {
+                    // Progress may have moved the deadline meanwhile.
+                    if upload.deadline(response, idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
+                        break None;
+                    }
+                }
+            }
+        }
+    }
+
     /// A lease for a new request, held while no upstream can take it (see `hold`).
     async fn admit(&self) -> Result<InFlight, ProxyError> {
         self.upstreams
@@ -364,24 +416,24 @@ impl Proxy {
     }
 
     /// Sends `req` to the lease's upstream. Connect failures move the request to another
-    /// upstream of the set (nothing was sent, so any method is safe). A connection that
-    /// fails before any answer gets the request again on a new connection when it was
-    /// never written, or when `replay` says it can be rebuilt; if even a new connection
-    /// failed, on another upstream.
+    /// upstream of the set (nothing was sent, so any method is safe); so does a
+    /// connection that closed before the request was written. A request written to an
+    /// upstream that failed before any byte of its answer came back goes to another
+    /// upstream when `replay` says it is safe and the budget allows (see `retry`);
+    /// otherwise its 502 says why not.
     async fn send(
         &self,
         mut req: Request<RequestBody>,
-        replay: Option<Replay>,
+        replay: &Result<Replay, NotResent>,
         slot: &mut Option<InFlight>,
-        upload: &Upload,
+        upload: &Arc<Upload>,
+        tries: &mut Tries,
     ) -> Result<(Response<Incoming>, Conn), ProxyError> {
-        let mut fresh = false;
-        // Whether the request went out to a process once (see `Upstreams::fall_back`).
-        let mut written = false;
-        let mut holds = 0;
-        let mut replays = 0;
+        // A request sent again goes out on a new connection: an idle one may be as
+        // stale as the one that failed.
+        let mut fresh = tries.written;
         let mut attempt = 0;
-        while attempt < MAX_ATTEMPTS {
+        while attempt < MAX_ATTEMPTS + self.config.retries as usize {
             attempt += 1;
             let Some(lease) = slot.as_mut() else {
                 return Err(ProxyError::NoUpstream);
@@ -405,12 +457,12 @@ impl Proxy {
                         });
                     }
                     upstream.mark_down_for(self.config.down_period);
-                    if !lease.reroute() && !self.upstreams.fall_back(lease, written) {
+                    if !lease.reroute() && !self.upstreams.fall_back(lease, tries.written) {
                         // A request already written to a process of a set whose drain
                         // timed out was cut on purpose: it fails visibly, and is not run
                         // again elsewhere.
-                        let cut = written && lease.is_cut();
-                        if !self.holds() || holds == MAX_HOLDS || cut {
+                        let cut = tries.written && lease.is_cut();
+                        if !self.holds() || tries.holds >= MAX_HOLDS || cut {
                             return Err(ProxyError::Connect {
                                 upstream: upstream.addr(),
                                 source,
@@ -422,12 +474,14 @@ impl Proxy {
                         *slot = None;
                         upload.held();
                         *slot = Some(self.admit().await?);
-                        holds += 1;
+                        tries.holds += 1;
                         // A new set or a restarted process: the attempts start over.
                         attempt = 0;
                         fresh = true;
+                        self.stats.count_retry(RetryReason::Connect);
                         continue;
                     }
+                    self.stats.count_retry(RetryReason::Connect);
                     warn!(upstream = %upstream.addr(), error = %source, "connect failed, trying another upstream");
                     continue;
                 }
@@ -440,42 +494,91 @@ impl Proxy {
             if let Some(cut) = client_fault(err.error()) {
                 return Err(cut);
             }
-            // Never written: safe to send again, whatever the method. Written, but
-            // idempotent and without a body, and no answer came: safe too (as nginx's
-            // proxy_next_upstream does), at most MAX_REPLAYS times.
-            let retry = match err.take_message() {
-                Some(unsent) => Some(unsent),
-                // A process that crashed can take the resent request down with it
-                // too: bounded by MAX_REPLAYS.
-                None if replays < MAX_REPLAYS => {
-                    replays += 1;
-                    written = true;
-                    replay.as_ref().map(Replay::build)
-                }
-                None => None,
-            };
-            match retry {
-                Some(again) => {
-                    if !conn.reused {
-                        // Even a new connection failed: the process is likely gone.
-                        upstream.mark_down_for(self.config.down_period);
-                        if !lease.reroute() {
-                            self.upstreams.fall_back(lease, written);
-                        }
+            if let Some(unsent) = err.take_message() {
+                // Never written: safe to send again, whatever the method.
+                if !conn.reused {
+                    // Even a new connection failed: the process is likely gone.
+                    upstream.mark_down_for(self.config.down_period);
+                    if !lease.reroute() {
+                        self.upstreams.fall_back(lease, tries.written);
                     }
-                    debug!(upstream = %upstream.addr(), error = %err.error(), "sending failed before any answer; sending again on a new connection");
-                    req = again;
-                    fresh = true;
                 }
-                _ => {
+                self.stats.count_retry(RetryReason::Unsent);
+                debug!(upstream = %upstream.addr(), error = %err.error(), "connection closed before the request was written; sending it on a new connection");
+                req = unsent;
+                fresh = true;
+                continue;
+            }
+            // Written: the app may have received it, and may have acted on it.
+            req = match self.again(replay, lease, upload, tries) {
+                Ok(again) => again,
+                Err(not_resent) => {
                     return Err(ProxyError::Upstream {
                         upstream: upstream.addr(),
                         source: err.into_error(),
+                        not_resent,
                     })
                 }
-            }
+            };
+            self.stats.count_retry(RetryReason::NoAnswer);
+            debug!(upstream = %upstream.addr(), error = %err.error(), "upstream failed before answering; sending the request again to another upstream");
+            // Not marked down: a process that died is the supervisor's to report (it
+            // restarts it); one that resets a request is skipped by this request only.
+            self.move_on(slot, upload, tries).await?;
+            fresh = true;
         }
         Err(ProxyError::Exhausted)
+    }
+
+    /// The request rebuilt to be sent again, after the upstream it was written to
+    /// failed before answering (or did not answer in time), or why it is not.
+    fn again(
+        &self,
+        replay: &Result<Replay, NotResent>,
+        lease: &InFlight,
+        upload: &Arc<Upload>,
+        tries: &mut Tries,
+    ) -> Result<Request<RequestBody>, NotResent> {
+        tries.written = true;
+        if lease.is_cut() {
+            return Err(NotResent::DrainCut);
+        }
+        let replay = replay.as_ref().map_err(|why| *why)?;
+        if tries.resent >= self.config.retries {
+            return Err(NotResent::RetriesSpent);
+        }
+        let again = replay.build(upload)?;
+        // Last: a retry that would not happen anyway takes nothing from the budget.
+        if !self.retry_budget.withdraw() {
+            self.stats.count_retry_refused();
+            return Err(NotResent::Budget);
+        }
+        tries.resent += 1;
+        Ok(again)
+    }
+
+    /// Moves a request to be sent again to another upstream: of its set, never the one
+    /// that just failed; else of the set new requests go to, or the standby. Without
+    /// one it is routed again as a new request, waiting for a set that can take it
+    /// (see `hold`): a set of one process whose process died serves it once restarted.
+    async fn move_on(
+        &self,
+        slot: &mut Option<InFlight>,
+        upload: &Upload,
+        tries: &mut Tries,
+    ) -> Result<(), ProxyError> {
+        let Some(lease) = slot.as_mut() else {
+            return Err(ProxyError::NoUpstream);
+        };
+        // The failed attempt's clock stops; the next one starts its own.
+        upload.held();
+        if lease.move_on() || self.upstreams.fall_back(lease, true) || tries.holds >= MAX_HOLDS {
+            return Ok(());
+        }
+        *slot = None;
+        *slot = Some(self.admit().await?);
+        tries.holds += 1;
+        Ok(())
     }
 }
 
@@ -518,42 +621,14 @@ fn client_fault(err: &hyper::Error) -> Option<ProxyError> {
     None
 }
 
-/// Attempts at sending one request: connects to other upstreams and resends together.
+/// Attempts at sending one request beyond its `retries`: connects to other upstreams
+/// and resends of what was never written.
 const MAX_ATTEMPTS: usize = 4;
 
-/// Times a written, body-less idempotent request is sent again after its connection
-/// failed without an answer: twice covers a whole set dying under it (one process after
-/// the other), and a request that kills the app it reaches cannot go on killing.
-const MAX_REPLAYS: usize = 2;
-
-/// Times one request is held again after every connect of its set failed: a process
-/// that is marked ready but refuses connections must not hold a request for ever.
+/// Times one request is held again after every connect of its set failed, or after no
+/// other upstream could take it again: a process that is marked ready but refuses
+/// connections must not hold a request for ever.
 const MAX_HOLDS: usize = 2;
-
-/// What it takes to send a body-less request again.
-struct Replay {
-    method: http::Method,
-    uri: Uri,
-    headers: http::HeaderMap,
-}
-
-impl Replay {
-    fn of(parts: &http::request::Parts) -> Self {
-        Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-        }
-    }
-
-    fn build(&self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::empty());
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-}
 
 /// The request target as an upstream expects it: path and query only.
 fn origin_form(uri: Uri) -> Uri {

@@ -12,6 +12,8 @@
 //! - [`config`]: every setting, with production defaults.
 //! - `forward`: the per-request path (route, rewrite, send, stream back).
 //! - `pool`: keep-alive connections to each upstream.
+//! - `retry`: what is safe to send again after an upstream failed under a request,
+//!   the kept body, and the retry budget.
 //! - `body`: request and response bodies, the response carrying the lease.
 //! - `headers`: hop-by-hop and forwarding headers.
 //! - `moved`: when a socket last read bytes, for idle timeouts.
@@ -38,6 +40,7 @@ mod hold;
 mod maintenance;
 mod moved;
 mod pool;
+mod retry;
 pub mod server;
 pub mod stats;
 pub mod tls;

@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::retry::{NotResent, RetryReason};
+
 /// Upper bounds (seconds) of the upstream response time histogram's buckets.
 pub const RESPONSE_TIME_BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -21,6 +23,12 @@ pub struct Stats {
     /// HTTP/1 client connections that gave hyper's buffers back while idle (see
     /// `activity`): the saving is invisible otherwise.
     idle_releases: AtomicU64,
+    /// Requests sent again, by [`RetryReason`] (in the order of `RetryReason::ALL`).
+    retries: [AtomicU64; RetryReason::ALL.len()],
+    /// Retries the retry budget refused (the request got its error at once).
+    retries_refused: AtomicU64,
+    /// 502 answers, by [`NotResent`] (in the order of `NotResent::ALL`).
+    bad_gateways: [AtomicU64; NotResent::ALL.len()],
 }
 
 /// A copy of the counters at one moment.
@@ -35,6 +43,12 @@ pub struct StatsSnapshot {
     pub response_seconds_sum: f64,
     /// Times an idle HTTP/1 client connection gave its buffers back.
     pub idle_releases: u64,
+    /// Requests sent again, by reason (`connect`, `unsent`, `no_answer`, `timeout`).
+    pub retries: Vec<(&'static str, u64)>,
+    /// Retries the retry budget refused.
+    pub retries_refused_by_budget: u64,
+    /// 502 answers, by why the request was not sent again.
+    pub bad_gateways: Vec<(&'static str, u64)>,
 }
 
 impl Stats {
@@ -45,6 +59,24 @@ impl Stats {
 
     pub(crate) fn count_idle_release(&self) {
         self.idle_releases.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_retry(&self, reason: RetryReason) {
+        let i = RetryReason::ALL.iter().position(|&r| r == reason);
+        if let Some(i) = i {
+            self.retries[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn count_retry_refused(&self) {
+        self.retries_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_bad_gateway(&self, why: NotResent) {
+        let i = NotResent::ALL.iter().position(|&r| r == why);
+        if let Some(i) = i {
+            self.bad_gateways[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn observe_upstream(&self, took: Duration) {
@@ -73,6 +105,17 @@ impl Stats {
             response_count,
             response_seconds_sum: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
             idle_releases: self.idle_releases.load(Ordering::Relaxed),
+            retries: RetryReason::ALL
+                .iter()
+                .zip(&self.retries)
+                .map(|(r, n)| (r.as_str(), n.load(Ordering::Relaxed)))
+                .collect(),
+            retries_refused_by_budget: self.retries_refused.load(Ordering::Relaxed),
+            bad_gateways: NotResent::ALL
+                .iter()
+                .zip(&self.bad_gateways)
+                .map(|(r, n)| (r.as_str(), n.load(Ordering::Relaxed)))
+                .collect(),
         }
     }
 }
@@ -94,5 +137,28 @@ mod tests {
         assert_eq!(s.buckets[0], (0.001, 0));
         assert_eq!(s.buckets[1], (0.005, 1));
         assert_eq!(s.buckets.last(), Some(&(f64::MAX, 1)));
+    }
+
+    #[test]
+    fn counts_retries_and_502s_by_reason() {
+        let stats = Stats::default();
+        stats.count_retry(RetryReason::NoAnswer);
+        stats.count_retry(RetryReason::NoAnswer);
+        stats.count_retry(RetryReason::Timeout);
+        stats.count_retry_refused();
+        stats.count_bad_gateway(NotResent::Budget);
+        let s = stats.snapshot();
+        assert_eq!(
+            s.retries,
+            vec![
+                ("connect", 0),
+                ("unsent", 0),
+                ("no_answer", 2),
+                ("timeout", 1)
+            ]
+        );
+        assert_eq!(s.retries_refused_by_budget, 1);
+        assert!(s.bad_gateways.contains(&("budget", 1)));
+        assert_eq!(s.bad_gateways.iter().map(|(_, n)| n).sum::<u64>(), 1);
     }
 }

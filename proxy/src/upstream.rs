@@ -273,8 +273,8 @@ impl UpstreamSet {
     }
 
     /// Picks an available upstream not in `tried` (a bit mask of indexes; sets larger
-    /// than 64 simply do not exclude beyond that).
-    fn pick(&self, tried: u64) -> Option<usize> {
+    /// than 64 simply do not exclude beyond that) and other than `not`.
+    fn pick(&self, tried: u64, not: Option<usize>) -> Option<usize> {
         let n = self.upstreams.len();
         if n == 0 {
             return None;
@@ -283,6 +283,7 @@ impl UpstreamSet {
         let candidates = (0..n)
             .map(|i| (start + i) % n)
             .filter(|&i| i >= 64 || tried & (1 << i) == 0)
+            .filter(|&i| Some(i) != not)
             .filter(|&i| self.upstreams[i].is_available());
         match self.balance {
             Balance::RoundRobin => candidates.into_iter().next(),
@@ -306,7 +307,7 @@ pub struct InFlight {
 impl InFlight {
     /// Routes a request: picks an upstream of `set` and counts the request on it.
     pub fn route(set: Arc<UpstreamSet>) -> Option<InFlight> {
-        let index = set.pick(0)?;
+        let index = set.pick(0, None)?;
         set.upstreams[index]
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
@@ -326,9 +327,31 @@ impl InFlight {
         if self.index < 64 {
             self.tried |= 1 << self.index;
         }
-        let Some(next) = self.set.pick(self.tried) else {
+        let Some(next) = self.set.pick(self.tried, Some(self.index)) else {
             return false;
         };
+        self.move_to(next);
+        true
+    }
+
+    /// Moves this request to another upstream of the same set after the one it was
+    /// sent to failed under it: one it has not tried if there is one, else any other
+    /// (never the same twice in a row). Returns false when the set has no other
+    /// upstream available (the lease stays where it was).
+    pub fn move_on(&mut self) -> bool {
+        if self.reroute() {
+            return true;
+        }
+        let Some(next) = self.set.pick(0, Some(self.index)) else {
+            return false;
+        };
+        // A new round over the set, the failed one tried.
+        self.tried = if self.index < 64 { 1 << self.index } else { 0 };
+        self.move_to(next);
+        true
+    }
+
+    fn move_to(&mut self, next: usize) {
         self.set.upstreams[next]
             .in_flight
             .fetch_add(1, Ordering::Relaxed);
@@ -336,7 +359,6 @@ impl InFlight {
             .in_flight
             .fetch_sub(1, Ordering::Relaxed);
         self.index = next;
-        true
     }
 
     pub fn upstream(&self) -> &Arc<Upstream> {
@@ -750,6 +772,39 @@ mod tests {
             .expect("round robin reaches index 64");
         assert!(lease.reroute());
         assert_ne!(lease.index, 64);
+    }
+
+    #[test]
+    fn move_on_never_picks_the_failed_upstream_and_goes_round_the_set() {
+        let set = Arc::new(UpstreamSet::new(1, &addrs(3), Balance::LeastConn));
+        let mut lease = InFlight::route(set.clone()).expect("upstream");
+        let mut seen = vec![lease.index];
+        for _ in 0..12 {
+            let before = lease.index;
+            assert!(lease.move_on());
+            assert_ne!(lease.index, before, "never the same twice in a row");
+            seen.push(lease.index);
+        }
+        for i in 0..3 {
+            assert!(seen.contains(&i), "{seen:?}");
+        }
+        assert_eq!(set.in_flight(), 1);
+        let alone = Arc::new(UpstreamSet::new(1, &addrs(2), Balance::LeastConn));
+        alone.upstreams[1].set_available(false);
+        let mut lease = InFlight::route(alone.clone()).expect("upstream");
+        assert!(!lease.move_on(), "no other upstream available");
+        assert_eq!(lease.index, 0);
+        // Past the 64th upstream too.
+        let big = Arc::new(UpstreamSet::new(1, &addrs(66), Balance::RoundRobin));
+        let mut lease = (0..200)
+            .filter_map(|_| InFlight::route(big.clone()))
+            .find(|l| l.index == 65)
+            .expect("round robin reaches index 65");
+        for _ in 0..70 {
+            let before = lease.index;
+            assert!(lease.move_on());
+            assert_ne!(lease.index, before);
+        }
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub enum Script {
     Trickle(Vec<u8>, Duration),
     /// Read the request's head, then neither read its body nor answer.
     HeadOnly,
+    /// Read the whole request, then close without answering: a process killed after
+    /// it received a request.
+    Vanish,
 }
 
 /// An upstream that records every byte it receives.
@@ -222,7 +225,7 @@ async fn serve_scripted(
                     }
                 }
             }
-            Script::HeadOnly => return,
+            Script::HeadOnly | Script::Vanish => return,
             Script::UpgradeEcho => {
                 let _ = stream
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")

@@ -1,0 +1,354 @@
+//! Sending a request again when its upstream fails under it: what is resent (idempotent
+//! methods, `Idempotency-Key`, bodies kept whole), where (never the same upstream twice
+//! in a row), what is not (POST, large bodies, timeouts by default, answers begun), the
+//! retry budget, and the counters. The upstreams are scripted: `Script::Vanish` reads
+//! a whole request and closes without answering, as a process killed after it received
+//! the request.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use rolld_proxy::{Balance, ProxyConfig, StatsSnapshot};
+use support::*;
+
+fn config() -> ProxyConfig {
+    ProxyConfig::default()
+}
+
+fn count(stats: &[(&'static str, u64)], reason: &str) -> u64 {
+    stats
+        .iter()
+        .find(|(r, _)| *r == reason)
+        .map_or_else(|| panic!("no reason {reason} in {stats:?}"), |(_, n)| *n)
+}
+
+fn retries(stats: &StatsSnapshot, reason: &str) -> u64 {
+    count(&stats.retries, reason)
+}
+
+fn bad_gateways(stats: &StatsSnapshot, reason: &str) -> u64 {
+    count(&stats.bad_gateways, reason)
+}
+
+fn request(method: &str, path: &str, headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn a_put_whose_process_dies_after_receiving_it_is_resent_whole_to_another_upstream() {
+    let dying = Upstream::start(Script::Vanish).await;
+    let alive = Upstream::start(Script::Reply(ok("done"))).await;
+    let front = Front::start(config(), &[dying.addr, alive.addr], Balance::RoundRobin).await;
+    for i in 0..8 {
+        let body = format!("body of item {i}: {}", "x".repeat(3000));
+        let answer = exchange(
+            front.addr,
+            &request("PUT", &format!("/item/{i}"), "", &body),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"),
+            "{answer}"
+        );
+        assert_eq!(
+            alive.received().matches(&body).count(),
+            1,
+            "the app that answered got the whole body once"
+        );
+    }
+    // A chunked body too.
+    let answer = exchange(
+        front.addr,
+        b"PUT /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let died_under = dying.received().matches("PUT /").count() as u64;
+    assert!(
+        died_under >= 1,
+        "round robin sent some to the dying process first"
+    );
+    let stats = front.proxy.stats().snapshot();
+    assert_eq!(retries(&stats, "no_answer"), died_under);
+    assert_eq!(stats.responses[4], 0, "no 5xx: {stats:?}");
+    assert!(
+        alive.received().contains("hello world")
+            || alive.received().contains("hello\r\n6\r\n world"),
+        "the chunked body arrived whole: {}",
+        alive.received()
+    );
+}
+
+#[tokio::test]
+async fn a_post_without_idempotency_key_is_not_resent_once_written() {
+    let dying = Upstream::start(Script::Vanish).await;
+    let alive = Upstream::start(Script::Reply(ok("done"))).await;
+    let front = Front::start(config(), &[dying.addr, alive.addr], Balance::RoundRobin).await;
+    let mut refused = 0;
+    for i in 0..8 {
+        let path = format!("/order/{i} ");
+        let answer = exchange(front.addr, &request("POST", path.trim(), "", "pay 10")).await;
+        let (at_dying, at_alive) = (
+            dying.received().matches(&path).count(),
+            alive.received().matches(&path).count(),
+        );
+        if answer.starts_with("HTTP/1.1 502") {
+            refused += 1;
+            assert_eq!(
+                (at_dying, at_alive),
+                (1, 0),
+                "a 502 was sent once, to the process that died"
+            );
+        } else {
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert_eq!((at_dying, at_alive), (0, 1), "sent once, answered");
+        }
+    }
+    assert!(refused >= 1, "some POSTs went to the dying process");
+    let stats = front.proxy.stats().snapshot();
+    assert_eq!(bad_gateways(&stats, "not_idempotent"), refused);
+    assert_eq!(retries(&stats, "no_answer"), 0);
+}
+
+#[tokio::test]
+async fn a_post_with_idempotency_key_is_resent_and_succeeds() {
+    let dying = Upstream::start(Script::Vanish).await;
+    let alive = Upstream::start(Script::Reply(ok("done"))).await;
+    let front = Front::start(config(), &[dying.addr, alive.addr], Balance::RoundRobin).await;
+    for i in 0..8 {
+        let path = format!("/order/{i} ");
+        let answer = exchange(
+            front.addr,
+            &request(
+                "POST",
+                path.trim(),
+                &format!("Idempotency-Key: key-{i}\r\n"),
+                "pay 10",
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(alive.received().matches(&path).count(), 1);
+        assert!(alive
+            .received()
+            .contains(&format!("idempotency-key: key-{i}")));
+    }
+    assert!(dying.received().matches("POST /order/").count() >= 1);
+}
+
+#[tokio::test]
+async fn a_body_larger_than_retry_body_limit_is_not_resent() {
+    let dying = Upstream::start(Script::Vanish).await;
+    let alive = Upstream::start(Script::Reply(ok("done"))).await;
+    let config = ProxyConfig {
+        retry_body_limit: 1024,
+        ..config()
+    };
+    let front = Front::start(config, &[dying.addr, alive.addr], Balance::RoundRobin).await;
+    let (mut refused, mut resent) = (0, 0);
+    for i in 0..10 {
+        // Even: within the limit (exactly at it), odd: one byte over.
+        let body = "y".repeat(1024 + i % 2);
+        let path = format!("/big/{i} ");
+        let answer = exchange(front.addr, &request("PUT", path.trim(), "", &body)).await;
+        let died_under = dying.received().matches(&path).count() == 1;
+        match (answer.starts_with("HTTP/1.1 502"), i % 2, died_under) {
+            (true, 1, true) => refused += 1,
+            (false, 0, true) => resent += 1,
+            (false, _, false) => {}
+            other => panic!("{other:?}: {answer}"),
+        }
+    }
+    assert!(refused >= 1 && resent >= 1, "{refused} {resent}");
+    let stats = front.proxy.stats().snapshot();
+    assert_eq!(bad_gateways(&stats, "body_not_kept"), refused);
+}
+
+#[tokio::test]
+async fn every_upstream_failing_gets_at_most_the_budgets_share_of_retries_and_errors_at_once() {
+    let a = Upstream::start(Script::Vanish).await;
+    let b = Upstream::start(Script::Vanish).await;
+    let config = ProxyConfig {
+        retry_budget: 0.2,
+        retry_budget_floor: 0,
+        ..config()
+    };
+    let front = Front::start(config, &[a.addr, b.addr], Balance::RoundRobin).await;
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..100 {
+        let sent = Instant::now();
+        let answer = exchange(front.addr, &request("GET", &format!("/{i}"), "", "")).await;
+        slowest = slowest.max(sent.elapsed());
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    }
+    // The budget looks back 10 s: all of it counts only if it ran within that.
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    let at_apps =
+        (a.received().matches("GET /").count() + b.received().matches("GET /").count()) as u64;
+    let stats = front.proxy.stats().snapshot();
+    let resent = at_apps - 100;
+    assert_eq!(resent, retries(&stats, "no_answer"));
+    assert!(
+        (15..=20).contains(&resent),
+        "retries counted at the apps: {resent} (20% of 100 at most)"
+    );
+    assert_eq!(
+        bad_gateways(&stats, "budget"),
+        stats.retries_refused_by_budget
+    );
+    assert!(stats.retries_refused_by_budget >= 70, "{stats:?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "errors come back at once: slowest {slowest:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_resent_never_goes_to_the_same_upstream_twice_in_a_row() {
+    let ups = [
+        Upstream::start(Script::Vanish).await,
+        Upstream::start(Script::Vanish).await,
+        Upstream::start(Script::Vanish).await,
+    ];
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let front = Front::start(config(), &addrs, Balance::LeastConn).await;
+    let answer = exchange(front.addr, &request("DELETE", "/thing", "", "")).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let got: Vec<usize> = ups
+        .iter()
+        .map(|u| u.received().matches("DELETE /thing").count())
+        .collect();
+    assert_eq!(got, vec![1, 1, 1], "retries: 2, each to another upstream");
+    let stats = front.proxy.stats().snapshot();
+    assert_eq!(bad_gateways(&stats, "retries_spent"), 1);
+
+    // Two upstreams and four retries: they alternate.
+    let two = [
+        Upstream::start(Script::Vanish).await,
+        Upstream::start(Script::Vanish).await,
+    ];
+    let config = ProxyConfig {
+        retries: 4,
+        ..config()
+    };
+    let front = Front::start(config, &[two[0].addr, two[1].addr], Balance::LeastConn).await;
+    let answer = exchange(front.addr, &request("GET", "/again", "", "")).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let mut got: Vec<usize> = two
+        .iter()
+        .map(|u| u.received().matches("GET /again").count())
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, vec![2, 3]);
+}
+
+#[tokio::test]
+async fn a_response_timeout_is_not_resent_unless_retry_timeouts_says_so() {
+    for retry_timeouts in [false, true] {
+        let silent = Upstream::start(Script::Silent).await;
+        let alive = Upstream::start(Script::Reply(ok("done"))).await;
+        let config = ProxyConfig {
+            response_timeout: Duration::from_millis(500),
+            retry_timeouts,
+            ..config()
+        };
+        // Round robin's first pick is the first upstream: the silent one.
+        let front = Front::start(config, &[silent.addr, alive.addr], Balance::RoundRobin).await;
+        let answer = exchange(front.addr, &request("GET", "/slow", "", "")).await;
+        assert_eq!(silent.received().matches("GET /slow").count(), 1);
+        let stats = front.proxy.stats().snapshot();
+        if retry_timeouts {
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert_eq!(alive.received().matches("GET /slow").count(), 1);
+            assert_eq!(retries(&stats, "timeout"), 1);
+        } else {
+            assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+            assert_eq!(alive.received(), "", "the app may still be working on it");
+            assert_eq!(retries(&stats, "timeout"), 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn nothing_is_resent_once_the_answer_has_begun() {
+    let breaking = Upstream::start(Script::ReplyAndClose(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial".to_vec(),
+    ))
+    .await;
+    let alive = Upstream::start(Script::Reply(ok("done"))).await;
+    let front = Front::start(config(), &[breaking.addr, alive.addr], Balance::RoundRobin).await;
+    let answer = exchange(front.addr, &request("GET", "/begun", "", "")).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("partial"),
+        "a broken answer, as the app sent it: {answer}"
+    );
+    assert_eq!(alive.received(), "", "not resent");
+}
+
+#[tokio::test]
+async fn each_http2_stream_is_resent_or_refused_like_an_http1_request() {
+    let dying = Upstream::start(Script::Vanish).await;
+    let alive = Upstream::start(Script::Reply(ok("done"))).await;
+    let front = Front::start(config(), &[dying.addr, alive.addr], Balance::RoundRobin).await;
+    let tcp = tokio::net::TcpStream::connect(front.addr)
+        .await
+        .expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.expect("ready");
+    let mut streams = Vec::new();
+    for i in 0..10 {
+        // Even: PUT (resent), odd: POST without a key (502 when its process died).
+        let method = if i % 2 == 0 { "PUT" } else { "POST" };
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://x/stream/{i}"))
+            .body(())
+            .expect("request");
+        let (response, mut body) = send.send_request(req, false).expect("send");
+        body.send_data(bytes::Bytes::from(format!("body {i}")), true)
+            .expect("body");
+        streams.push((i, response));
+        send = send.ready().await.expect("ready");
+    }
+    let mut refused = 0;
+    for (i, response) in streams {
+        let response = tokio::time::timeout(SOON, response)
+            .await
+            .expect("answered in time")
+            .expect("response");
+        let status = response.status().as_u16();
+        let path = format!("/stream/{i} ");
+        let died_under = dying.received().matches(&path).count();
+        match (i % 2, status) {
+            (0, 200) => assert_eq!(alive.received().matches(&path).count(), 1),
+            (1, 200) => assert_eq!(
+                (died_under, alive.received().matches(&path).count()),
+                (0, 1)
+            ),
+            (1, 502) => {
+                assert_eq!(
+                    (died_under, alive.received().matches(&path).count()),
+                    (1, 0)
+                );
+                refused += 1;
+            }
+            other => panic!("stream {i}: {other:?}"),
+        }
+    }
+    let stats = front.proxy.stats().snapshot();
+    assert_eq!(bad_gateways(&stats, "not_idempotent"), refused);
+    assert!(retries(&stats, "no_answer") >= 1, "{stats:?}");
+}
