@@ -15,11 +15,16 @@
 //! - `GET /log?msg=TEXT` prints TEXT on stdout;
 //! - `GET /stream?chunks=N&delay=MS` streams N numbered chunks, MS apart;
 //! - `GET /bytes?n=N` answers N bytes;
-//! - `POST` (any path) echoes the request body;
+//! - `POST` and `PUT` (any path) echo the request body;
+//! - with `--effects DIR`, `/effect?id=ID` (any method) appends a line `ID` to
+//!   `DIR/effects` (which survives the process: a test counts what was executed, once
+//!   per request or not) and answers `done ID from PORT`; with `&die=1`, the first
+//!   process to receive that ID (it creates `DIR/died-ID`) exits at once instead,
+//!   without answering, after reading the whole request; `/vanish` appends `vanish` to
+//!   `DIR/effects` and closes the connection without answering;
 //! - `Upgrade: websocket` is a WebSocket echo (every text and binary message comes back);
 //!   any other `Upgrade:` switches protocols (101) and echoes raw bytes.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,6 +53,7 @@ struct Options {
     root_status: Option<StatusCode>,
     fail_share: u64,
     crash_after: Option<Duration>,
+    effects: Option<std::path::PathBuf>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -58,6 +64,7 @@ fn parse_args() -> Result<Options, String> {
     let mut root_status = None;
     let mut fail_share = 0;
     let mut crash_after = None;
+    let mut effects = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--unhealthy" => unhealthy = true,
@@ -95,6 +102,13 @@ fn parse_args() -> Result<Options, String> {
                     .ok_or("--crash-after takes milliseconds")?;
                 crash_after = Some(Duration::from_millis(ms));
             }
+            "--effects" => {
+                effects = Some(
+                    args.next()
+                        .map(std::path::PathBuf::from)
+                        .ok_or("--effects takes a folder")?,
+                )
+            }
             "--port" => port = args.next().and_then(|v| v.parse().ok()),
             other => {
                 port = Some(
@@ -113,6 +127,7 @@ fn parse_args() -> Result<Options, String> {
         root_status,
         fail_share,
         crash_after,
+        effects,
     })
 }
 
@@ -136,11 +151,66 @@ static ANSWERED: AtomicU64 = AtomicU64::new(0);
 /// Set by the first passed health check, for `--crash-after`.
 static HEALTHY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
 
+/// What `/vanish` returns: hyper closes the connection without an answer.
+#[derive(Debug)]
+struct Vanish;
+
+impl std::fmt::Display for Vanish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("closing without an answer (/vanish)")
+    }
+}
+
+impl std::error::Error for Vanish {}
+
+/// Appends `line` to `DIR/effects`: one write, so lines of processes side by side
+/// never mix.
+fn record(dir: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("effects"))?;
+    file.write_all(format!("{line}\n").as_bytes())
+}
+
+/// `/effect` and `/vanish` (see the module doc).
+async fn effect(
+    req: Request<Incoming>,
+    port: u16,
+    dir: &std::path::Path,
+) -> Result<Response<Body>, Vanish> {
+    if req.uri().path() == "/vanish" {
+        let _ = record(dir, "vanish");
+        return Err(Vanish);
+    }
+    let id = query(&req, "id").unwrap_or(0);
+    let die = query(&req, "die") == Some(1);
+    // Received whole before anything happens.
+    let _ = req.into_body().collect().await;
+    if die
+        && std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dir.join(format!("died-{id}")))
+            .is_ok()
+    {
+        eprintln!("exiting on purpose under request {id} (/effect?die=1)");
+        std::process::exit(1);
+    }
+    if let Err(err) = record(dir, &id.to_string()) {
+        let mut r = Response::new(full(format!("cannot record {id}: {err}\n")));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return Ok(r);
+    }
+    Ok(Response::new(full(format!("done {id} from {port}\n"))))
+}
+
 async fn handle(
     mut req: Request<Incoming>,
     port: u16,
     options: Arc<Options>,
-) -> Result<Response<Body>, Infallible> {
+) -> Result<Response<Body>, Vanish> {
     let (unhealthy, root_status) = (options.unhealthy, options.root_status);
     if req.uri().path() == "/health" {
         if !unhealthy && HEALTHY.set(()).is_ok() {
@@ -225,7 +295,12 @@ async fn handle(
         );
         return Ok(response);
     }
-    if req.method() == Method::POST {
+    if let Some(dir) = options.effects.as_deref() {
+        if matches!(req.uri().path(), "/effect" | "/vanish") {
+            return effect(req, port, dir).await;
+        }
+    }
+    if req.method() == Method::POST || req.method() == Method::PUT {
         return Ok(Response::new(req.into_body().boxed()));
     }
     let response = match req.uri().path() {

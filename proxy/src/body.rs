@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 use crate::access::AccessLog;
 use crate::activity::Busy;
 use crate::pool::Conn;
-use crate::retry::Kept;
+use crate::retry::{Kept, Rest};
 use crate::upstream::InFlight;
 use crate::watchdog::Progress;
 
@@ -243,12 +243,26 @@ impl RequestBody {
         }
     }
 
-    /// A body sent again: `chunks`, as kept the first time.
-    pub(crate) fn again(chunks: VecDeque<Bytes>, upload: Arc<Upload>) -> Self {
+    /// A body sent again: `chunks`, as kept so far, then `rest` (what the client had
+    /// not sent yet when the last attempt failed), kept in turn in `kept`.
+    pub(crate) fn again(
+        chunks: VecDeque<Bytes>,
+        rest: Option<Rest>,
+        kept: Arc<Kept>,
+        idle: Duration,
+        upload: Arc<Upload>,
+    ) -> Self {
+        let (inner, remaining) = match rest {
+            Some(Rest { body, remaining }) => (Some(body), remaining),
+            None => (None, 0),
+        };
         RequestBody {
+            inner,
             again: chunks,
+            kept: Some(kept),
+            remaining,
+            idle: IdleTimer::new(idle),
             upload: Some(upload),
-            ..RequestBody::empty()
         }
     }
 
@@ -280,7 +294,8 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Some(chunk) = this.again.pop_front() {
-            this.moved(this.again.is_empty());
+            let done = this.again.is_empty() && this.inner.as_ref().is_none_or(Body::is_end_stream);
+            this.moved(done);
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         let Some(inner) = this.inner.as_mut() else {
@@ -335,6 +350,21 @@ impl Body for RequestBody {
             || SizeHint::with_exact(self.again.iter().map(|c| c.len() as u64).sum()),
             Body::size_hint,
         )
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        // Dropped before its end (its upstream failed mid-body): what the client has
+        // not sent yet goes back to be sent again with what was kept.
+        if let (Some(kept), Some(body)) = (self.kept.as_ref(), self.inner.take()) {
+            if !body.is_end_stream() {
+                kept.hand_back(Rest {
+                    body,
+                    remaining: self.remaining,
+                });
+            }
+        }
     }
 }
 

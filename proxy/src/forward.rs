@@ -267,7 +267,7 @@ impl Proxy {
             match sent {
                 None if self.config.retry_timeouts && upload.stalled() == Stalled::Answer => {
                     let again = match lease.as_ref() {
-                        Some(held) => self.again(&replay, held, &upload, &mut tries),
+                        Some(held) => self.again(&replay, held, &upload, &mut tries).await,
                         None => Err(NotResent::Attempts),
                     };
                     match again {
@@ -510,7 +510,7 @@ impl Proxy {
                 continue;
             }
             // Written: the app may have received it, and may have acted on it.
-            req = match self.again(replay, lease, upload, tries) {
+            req = match self.again(replay, lease, upload, tries).await {
                 Ok(again) => again,
                 Err(not_resent) => {
                     return Err(ProxyError::Upstream {
@@ -532,7 +532,7 @@ impl Proxy {
 
     /// The request rebuilt to be sent again, after the upstream it was written to
     /// failed before answering (or did not answer in time), or why it is not.
-    fn again(
+    async fn again(
         &self,
         replay: &Result<Replay, NotResent>,
         lease: &InFlight,
@@ -547,7 +547,7 @@ impl Proxy {
         if tries.resent >= self.config.retries {
             return Err(NotResent::RetriesSpent);
         }
-        let again = replay.build(upload)?;
+        let again = replay.build(upload, self.config.body_idle_timeout).await?;
         // Last: a retry that would not happen anyway takes nothing from the budget.
         if !self.retry_budget.withdraw() {
             self.stats.count_retry_refused();

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HeaderName;
@@ -192,11 +192,19 @@ impl Replay {
         self.body.clone()
     }
 
-    /// The request again, or why it cannot be rebuilt.
-    pub(crate) fn build(&self, upload: &Arc<Upload>) -> Result<Request<RequestBody>, NotResent> {
+    /// The request again, or why it cannot be rebuilt. A body that was still arriving
+    /// goes on from where the failed attempt left it (`idle`: `body_idle_timeout`).
+    pub(crate) async fn build(
+        &self,
+        upload: &Arc<Upload>,
+        idle: Duration,
+    ) -> Result<Request<RequestBody>, NotResent> {
         let body = match &self.body {
             None => RequestBody::empty(),
-            Some(kept) => RequestBody::again(kept.chunks()?, upload.clone()),
+            Some(kept) => {
+                let (chunks, rest) = kept.take().await?;
+                RequestBody::again(chunks, rest, kept.clone(), idle, upload.clone())
+            }
         };
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
@@ -206,12 +214,16 @@ impl Replay {
     }
 }
 
-/// A request body as it streams to its first upstream, kept to be sent again: the
-/// chunks are the same `Bytes` (reference-counted, not copied), up to a limit.
+/// A request body as it streams to its upstream, kept to be sent again: the chunks
+/// are the same `Bytes` (reference-counted, not copied), up to a limit. When an attempt
+/// fails while the body is still arriving, the part not read yet comes back here
+/// ([`Rest`]), so the next attempt sends what was kept and then the rest.
 #[derive(Debug)]
 pub(crate) struct Kept {
     limit: u64,
     state: Mutex<KeptState>,
+    /// Told when a failed attempt's body hands its rest back.
+    handed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -222,13 +234,35 @@ struct KeptState {
     ended: bool,
     /// Past the limit, or trailers: nothing is kept any more.
     given_up: bool,
+    /// What the client had not sent yet when an attempt failed.
+    rest: Option<Rest>,
 }
+
+/// The part of a request body not read yet, handed back by a failed attempt.
+pub(crate) struct Rest {
+    pub(crate) body: hyper::body::Incoming,
+    /// Bytes still allowed by `max_body_size`.
+    pub(crate) remaining: u64,
+}
+
+impl fmt::Debug for Rest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rest")
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+/// How long a resend waits for the failed attempt to hand its body's rest back (hyper
+/// drops a failed connection's request a moment after reporting the failure).
+const HAND_BACK_WAIT: Duration = Duration::from_secs(1);
 
 impl Kept {
     fn new(limit: u64) -> Self {
         Kept {
             limit,
             state: Mutex::default(),
+            handed: tokio::sync::Notify::new(),
         }
     }
 
@@ -268,15 +302,37 @@ impl Kept {
         };
     }
 
-    /// The whole body, to send again.
-    fn chunks(&self) -> Result<VecDeque<Bytes>, NotResent> {
-        let state = self.state();
-        if state.given_up {
-            Err(NotResent::BodyNotKept)
-        } else if !state.ended {
-            Err(NotResent::BodyUnread)
-        } else {
-            Ok(state.chunks.iter().cloned().collect())
+    /// A failed attempt's body was dropped before its end: `rest` is what follows.
+    pub(crate) fn hand_back(&self, rest: Rest) {
+        {
+            let mut state = self.state();
+            if !state.given_up && !state.ended {
+                state.rest = Some(rest);
+            }
+        }
+        self.handed.notify_waiters();
+    }
+
+    /// The body as kept, and the rest of it if it had not all arrived, to send again.
+    async fn take(&self) -> Result<(VecDeque<Bytes>, Option<Rest>), NotResent> {
+        let deadline = tokio::time::Instant::now() + HAND_BACK_WAIT;
+        loop {
+            let handed = self.handed.notified();
+            tokio::pin!(handed);
+            handed.as_mut().enable();
+            {
+                let mut state = self.state();
+                if state.given_up {
+                    return Err(NotResent::BodyNotKept);
+                }
+                let rest = state.rest.take();
+                if state.ended || rest.is_some() {
+                    return Ok((state.chunks.iter().cloned().collect(), rest));
+                }
+            }
+            if tokio::time::timeout_at(deadline, handed).await.is_err() {
+                return Err(NotResent::BodyUnread);
+            }
         }
     }
 }
@@ -464,32 +520,41 @@ mod tests {
 
     #[test]
     fn a_kept_body_replays_whole_or_says_why_not() {
-        let upload = Upload::new();
-        let replay = Replay::of(&parts("PUT", false), false, 0, false, 10).expect("kept");
-        let kept = replay.kept().expect("a body");
-        kept.keep(&Bytes::from_static(b"hello"), false);
-        assert_eq!(replay.build(&upload).err(), Some(NotResent::BodyUnread));
-        kept.keep(&Bytes::from_static(b"!"), false);
-        kept.end();
-        let req = replay.build(&upload).expect("whole");
-        assert_eq!(req.method(), "PUT");
+        use http_body_util::BodyExt;
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .expect("runtime");
-        let body = rt.block_on(async {
-            use http_body_util::BodyExt;
-            req.into_body().collect().await.expect("body").to_bytes()
+        let idle = Duration::from_secs(5);
+        rt.block_on(async {
+            let upload = Upload::new();
+            let replay = Replay::of(&parts("PUT", false), false, 0, false, 10).expect("kept");
+            let kept = replay.kept().expect("a body");
+            kept.keep(&Bytes::from_static(b"hello"), false);
+            assert_eq!(
+                replay.build(&upload, idle).await.err(),
+                Some(NotResent::BodyUnread),
+                "not all of it, and no rest handed back"
+            );
+            kept.keep(&Bytes::from_static(b"!"), false);
+            kept.end();
+            let req = replay.build(&upload, idle).await.expect("whole");
+            assert_eq!(req.method(), "PUT");
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"hello!");
+            assert!(replay.build(&upload, idle).await.is_ok(), "and again");
+            kept.keep(&Bytes::from_static(b"12345"), true);
+            assert_eq!(
+                replay.build(&upload, idle).await.err(),
+                Some(NotResent::BodyNotKept),
+                "past the limit"
+            );
+            let replay = Replay::of(&parts("PUT", false), false, 0, false, 10).expect("kept");
+            replay.kept().expect("a body").give_up();
+            assert_eq!(
+                replay.build(&upload, idle).await.err(),
+                Some(NotResent::BodyNotKept)
+            );
         });
-        assert_eq!(&body[..], b"hello!");
-        assert!(replay.build(&upload).is_ok(), "and again");
-        kept.keep(&Bytes::from_static(b"12345"), true);
-        assert_eq!(
-            replay.build(&upload).err(),
-            Some(NotResent::BodyNotKept),
-            "past the limit"
-        );
-        let replay = Replay::of(&parts("PUT", false), false, 0, false, 10).expect("kept");
-        replay.kept().expect("a body").give_up();
-        assert_eq!(replay.build(&upload).err(), Some(NotResent::BodyNotKept));
     }
 }

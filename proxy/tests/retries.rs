@@ -85,6 +85,55 @@ async fn a_put_whose_process_dies_after_receiving_it_is_resent_whole_to_another_
 }
 
 #[tokio::test]
+async fn a_body_still_arriving_when_its_process_dies_is_resent_whole_as_the_rest_arrives() {
+    use tokio::io::AsyncWriteExt;
+    let dying = Upstream::start(Script::VanishMidBody).await;
+    let alive = Upstream::start(Script::Reply(ok("done"))).await;
+    // Round robin's first pick is the first upstream: the dying one.
+    let front = Front::start(config(), &[dying.addr, alive.addr], Balance::RoundRobin).await;
+    let first = "a".repeat(1000);
+    let second = "b".repeat(1000);
+    let mut client = tokio::net::TcpStream::connect(front.addr)
+        .await
+        .expect("connect");
+    client
+        .write_all(
+            format!("PUT /slow-upload HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\nConnection: close\r\n\r\n{first}")
+                .as_bytes(),
+        )
+        .await
+        .expect("send the first half");
+    let deadline = Instant::now() + SOON;
+    while dying.ended.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dying upstream got the request"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Give the proxy a moment to see its upstream gone before the rest arrives; either
+    // order must end the same.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client
+        .write_all(second.as_bytes())
+        .await
+        .expect("send the second half");
+    let answer = text(&read_until_closed(&mut client, SOON).await);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("done"),
+        "{answer}"
+    );
+    assert!(
+        alive.received().contains(&format!("{first}{second}")),
+        "the whole body reached the upstream that answered: {}",
+        alive.received().len()
+    );
+    assert!(dying.received().contains("PUT /slow-upload"));
+    let stats = front.proxy.stats().snapshot();
+    assert_eq!(retries(&stats, "no_answer"), 1);
+}
+
+#[tokio::test]
 async fn a_post_without_idempotency_key_is_not_resent_once_written() {
     let dying = Upstream::start(Script::Vanish).await;
     let alive = Upstream::start(Script::Reply(ok("done"))).await;

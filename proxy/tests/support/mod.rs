@@ -81,6 +81,9 @@ pub enum Script {
     /// Read the whole request, then close without answering: a process killed after
     /// it received a request.
     Vanish,
+    /// Read the request's head (and what came with it), then close: a process killed
+    /// while the request body was still arriving.
+    VanishMidBody,
 }
 
 /// An upstream that records every byte it receives.
@@ -181,6 +184,17 @@ async fn serve_scripted(
     closed: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut buf = Vec::new();
+    if let Script::VanishMidBody = script {
+        let mut chunk = [0u8; 1024];
+        while find(&buf, b"\r\n\r\n").is_none() {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        record.lock().expect("lock").extend_from_slice(&buf);
+        return;
+    }
     if let Script::HeadOnly = script {
         let mut chunk = [0u8; 1024];
         while find(&buf, b"\r\n\r\n").is_none() {
@@ -225,7 +239,7 @@ async fn serve_scripted(
                     }
                 }
             }
-            Script::HeadOnly | Script::Vanish => return,
+            Script::HeadOnly | Script::Vanish | Script::VanishMidBody => return,
             Script::UpgradeEcho => {
                 let _ = stream
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
