@@ -15,7 +15,8 @@
 //! - `GET /log?msg=TEXT` prints TEXT on stdout;
 //! - `GET /stream?chunks=N&delay=MS` streams N numbered chunks, MS apart;
 //! - `GET /bytes?n=N` answers N bytes;
-//! - `POST` and `PUT` (any path) echo the request body;
+//! - `POST` (any path) echoes the request body as it arrives; `PUT` reads all of it
+//!   first, then answers it back (as an app that stores it would);
 //! - with `--effects DIR`, `/effect?id=ID` (any method) appends a line `ID` to
 //!   `DIR/effects` (which survives the process: a test counts what was executed, once
 //!   per request or not) and answers `done ID from PORT`; with `&die=1`, the first
@@ -300,8 +301,15 @@ async fn handle(
             return effect(req, port, dir).await;
         }
     }
-    if req.method() == Method::POST || req.method() == Method::PUT {
+    if req.method() == Method::POST {
         return Ok(Response::new(req.into_body().boxed()));
+    }
+    if req.method() == Method::PUT {
+        let body = match req.into_body().collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(_) => return Err(Vanish),
+        };
+        return Ok(Response::new(full(body)));
     }
     let response = match req.uri().path() {
         "/" if root_status.is_some() => {

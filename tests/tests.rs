@@ -12,6 +12,7 @@ mod lifecycle;
 mod nginx;
 mod original;
 mod proxying;
+mod retries;
 mod rolling;
 mod rollout;
 mod tls;
