@@ -43,7 +43,7 @@ fn status_json(rolld: &Rolld) -> serde_json::Value {
 /// whose streams run side by side.
 #[derive(Clone)]
 enum Conn {
-    H1(HttpClient),
+    H1(Box<HttpClient>),
     H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
@@ -103,7 +103,7 @@ fn a_post_whose_process_dies_after_receiving_it_is_resent_only_with_an_idempoten
     let fixture = fixture(2, effects.path());
     let rolld = Rolld::start(&fixture);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut conn = Conn::H1(client());
+    let mut conn = Conn::H1(Box::new(client()));
     let port = fixture.listen;
 
     // With a key: the process that receives it first dies; the next one answers.
@@ -164,7 +164,7 @@ fn with_every_process_failing_retries_stay_within_the_budget_and_errors_come_bac
     let rolld = Rolld::spawn(&yaml, fixture.listen);
     rolld.wait_log("roll finished", 1);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut conn = Conn::H1(client());
+    let mut conn = Conn::H1(Box::new(client()));
     let started = Instant::now();
     let mut slowest = Duration::ZERO;
     for _ in 0..100 {
@@ -351,7 +351,7 @@ fn app_processes_killed_at_random_during_rolls_lose_no_request_that_can_be_resen
     let tally = Arc::new(Mutex::new(Tally::default()));
     let mut clients = Vec::new();
     for id in 0..8 {
-        let conn = Conn::H1(client());
+        let conn = Conn::H1(Box::new(client()));
         clients.push(rt.spawn(chaos_client(conn, id, port, stop.clone(), tally.clone())));
     }
     // Two HTTP/2 connections of four concurrent streams each.
