@@ -82,6 +82,7 @@ fn the_access_log_has_one_line_per_request() {
         "bytes=10",
         "duration_ms=",
         "upstream=127.0.0.1:",
+        "retries=0",
     ] {
         assert!(line.contains(field), "`{field}` missing from: {line}");
     }

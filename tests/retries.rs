@@ -101,7 +101,9 @@ impl Conn {
 fn a_post_whose_process_dies_after_receiving_it_is_resent_only_with_an_idempotency_key() {
     let effects = tempfile::tempdir().expect("temp dir");
     let fixture = fixture(2, effects.path());
-    let rolld = Rolld::start(&fixture);
+    let yaml = format!("proxy:\n  access_log: true\n{}", fixture.yaml());
+    let rolld = Rolld::spawn(&yaml, fixture.listen);
+    rolld.wait_log("roll finished", 1);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut conn = Conn::H1(Box::new(client()));
     let port = fixture.listen;
@@ -144,6 +146,23 @@ fn a_post_whose_process_dies_after_receiving_it_is_resent_only_with_an_idempoten
     rolld.wait_log(
         "not resent: its method is not idempotent and it has no Idempotency-Key",
         1,
+    );
+    let line = |id: u32| {
+        rolld
+            .log()
+            .lines()
+            .find(|l| l.contains("rolld::access") && l.contains(&format!("id={id}&die=1")))
+            .map(String::from)
+    };
+    wait_until("the access log lines", SOON, || line(2).is_some());
+    let (first, second) = (line(1).unwrap_or_default(), line(2).unwrap_or_default());
+    assert!(
+        first.contains("status=200") && first.contains("retries=1"),
+        "{first}"
+    );
+    assert!(
+        second.contains("status=502") && second.contains("retries=0"),
+        "{second}"
     );
     let status = status_json(&rolld);
     assert_eq!(status["retries"]["by_reason"]["no_answer"], 1, "{status}");

@@ -13,6 +13,8 @@ pub(crate) struct AccessLog {
     pub path: String,
     pub status: StatusCode,
     pub upstream: Option<SocketAddr>,
+    /// Times the request was sent again (see `retry`).
+    pub retries: u32,
     pub bytes: u64,
     pub started: Instant,
     /// False when the body was cut (client gone, upstream failed, idle).
@@ -29,6 +31,7 @@ impl Drop for AccessLog {
             status = self.status.as_u16(),
             upstream = %self.upstream.map_or_else(|| "-".to_string(), |u| u.to_string()),
             bytes = self.bytes,
+            retries = self.retries,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             complete = self.complete,
         );

@@ -136,6 +136,7 @@ impl Proxy {
                     .map_or_else(|| "/".to_string(), |p| p.to_string()),
                 status: StatusCode::OK,
                 upstream: None,
+                retries: 0,
                 bytes: 0,
                 started,
                 complete: true,
@@ -272,7 +273,7 @@ impl Proxy {
                     };
                     match again {
                         Ok(again) => {
-                            self.stats.count_retry(RetryReason::Timeout);
+                            self.retried(&mut tries, RetryReason::Timeout);
                             debug!(upstream = ?lease.as_ref().map(|l| l.upstream().addr()), after = ?self.config.response_timeout, "no answer in time; sending the request again to another upstream");
                             if let Err(err) = self.move_on(&mut lease, &upload, &mut tries).await {
                                 return Err((err, access));
@@ -293,6 +294,7 @@ impl Proxy {
         let upstream = lease.as_ref().map(|l| l.upstream().addr());
         if let Some(access) = access.as_mut() {
             access.upstream = upstream;
+            access.retries = tries.again;
         }
         let (Some(lease), Some(upstream)) = (lease, upstream) else {
             let err = match sent {
@@ -478,10 +480,10 @@ impl Proxy {
                         // A new set or a restarted process: the attempts start over.
                         attempt = 0;
                         fresh = true;
-                        self.stats.count_retry(RetryReason::Connect);
+                        self.retried(tries, RetryReason::Connect);
                         continue;
                     }
-                    self.stats.count_retry(RetryReason::Connect);
+                    self.retried(tries, RetryReason::Connect);
                     warn!(upstream = %upstream.addr(), error = %source, "connect failed, trying another upstream");
                     continue;
                 }
@@ -503,7 +505,7 @@ impl Proxy {
                         self.upstreams.fall_back(lease, tries.written);
                     }
                 }
-                self.stats.count_retry(RetryReason::Unsent);
+                self.retried(tries, RetryReason::Unsent);
                 debug!(upstream = %upstream.addr(), error = %err.error(), "connection closed before the request was written; sending it on a new connection");
                 req = unsent;
                 fresh = true;
@@ -520,7 +522,7 @@ impl Proxy {
                     })
                 }
             };
-            self.stats.count_retry(RetryReason::NoAnswer);
+            self.retried(tries, RetryReason::NoAnswer);
             debug!(upstream = %upstream.addr(), error = %err.error(), "upstream failed before answering; sending the request again to another upstream");
             // Not marked down: a process that died is the supervisor's to report (it
             // restarts it); one that resets a request is skipped by this request only.
@@ -528,6 +530,12 @@ impl Proxy {
             fresh = true;
         }
         Err(ProxyError::Exhausted)
+    }
+
+    /// Counts a request sent again.
+    fn retried(&self, tries: &mut Tries, reason: RetryReason) {
+        tries.again += 1;
+        self.stats.count_retry(reason);
     }
 
     /// The request rebuilt to be sent again, after the upstream it was written to

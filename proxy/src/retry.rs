@@ -142,6 +142,8 @@ pub(crate) struct Tries {
     pub(crate) written: bool,
     /// Times it was sent again after it had been written once (bounded by `retries`).
     pub(crate) resent: u32,
+    /// Times it was sent again, for whatever reason (its access log line says so).
+    pub(crate) again: u32,
     /// Times it waited for a set (see `hold`) after its attempts found no upstream.
     pub(crate) holds: usize,
 }
