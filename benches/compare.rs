@@ -7,6 +7,8 @@
 //!
 //! `ROLLD_BENCH_SECS` sets the seconds per load (default 3), `ROLLD_BENCH_ROUNDS` how many
 //! rounds each cell runs, in rotated order, the median counting (default 3).
+//! `ROLLD_BENCH_CHAOS_SECS` sets the length of the chaos cell (default 20), and
+//! `ROLLD_BENCH_ONLY=chaos` runs that cell alone.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -384,6 +386,265 @@ fn swap_cost(port: u16, config: &Path, clients: usize, secs: u64) -> (f64, f64, 
     )
 }
 
+/// What the chaos cell measured.
+#[derive(Debug, Default)]
+struct Chaos {
+    secs: u64,
+    requests: u64,
+    kills: u64,
+    rolls: u64,
+    /// Requests that got anything but their 200 and right body.
+    lost: u64,
+    /// Requests the access log says were sent again.
+    retried: u64,
+    p99_retried_ms: f64,
+    p99_not_retried_ms: f64,
+    /// Requests without an access log line (rolld's log queue drops rather than block).
+    unlogged: u64,
+}
+
+/// The p99 of `v` (0 when empty).
+fn p99_of(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64) * 0.99) as usize)
+        .or(v.last())
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// A random serving process whose upstream is available, when at least two are.
+fn chaos_victim(config: &Path, pick: usize) -> Option<i32> {
+    let out = Command::new(ROLLD)
+        .args(["status", "--json", "-c"])
+        .arg(config)
+        .output()
+        .ok()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let serving = status["generation"].as_u64()?;
+    let available: Vec<String> = status["upstreams"]
+        .as_array()?
+        .iter()
+        .filter(|u| u["available"] == true)
+        .filter_map(|u| Some(u["addr"].as_str()?.rsplit(':').next()?.to_string()))
+        .collect();
+    let pids: Vec<i32> = status["processes"]
+        .as_array()?
+        .iter()
+        .filter(|p| p["generation"] == serving && p["state"] == "running")
+        .filter(|p| available.contains(&p["port"].to_string()))
+        .filter_map(|p| p["pid"].as_i64().map(|pid| pid as i32))
+        .collect();
+    (pids.len() >= 2).then(|| pids[pick % pids.len()])
+}
+
+/// The chaos cell (issue 16's measurement): 64 keep-alive clients send GETs flat out
+/// (each takes ~2 ms in the app) through a rolld of four processes, while a random
+/// serving process is SIGKILLed every 0.7 s and rolld rolls every 2 s. Which requests
+/// were sent again comes from rolld's access log (`retries=`), by a request id in the
+/// path; their p99 is set against the others'.
+fn chaos(dir: &Path, secs: u64) -> Chaos {
+    use rand::Rng;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let listen = free_ports(1)[0];
+    let config = dir.join("chaos.yml");
+    std::fs::write(
+        &config,
+        format!("listen: 127.0.0.1:{listen}\nproxy:\n  access_log: true\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 30000-31999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'chaos-{{port}}.log'\n"),
+    )
+    .expect("config");
+    let log_path = dir.join("chaos-rolld.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let rolld = Proc::spawn(
+        Command::new(ROLLD)
+            .arg(&config)
+            .env("RUST_LOG", "warn,rolld::access=info")
+            .stderr(log),
+    )
+    .expect("start rolld");
+    assert!(
+        wait_for_port(listen, Duration::from_secs(30)),
+        "rolld did not start"
+    );
+    let start = Instant::now();
+    while backend_ports(&config).len() < 4 && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    let stop = Arc::new(AtomicBool::new(false));
+    let lost = Arc::new(AtomicU64::new(0));
+    // (request id, latency ms) of each request answered right.
+    let samples = Arc::new(Mutex::new(Vec::<(String, f64)>::new()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..64 {
+        let (stop, lost, samples) = (stop.clone(), lost.clone(), samples.clone());
+        tasks.push(rt.spawn(async move {
+            let mut n = 0u64;
+            let mut mine = Vec::new();
+            'connect: while !stop.load(Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(secs + 30)
+            {
+                let Ok(stream) = tokio::net::TcpStream::connect(("127.0.0.1", listen)).await else {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let Ok((mut send, conn)) = hyper::client::conn::http1::handshake::<
+                    _,
+                    http_body_util::Empty<bytes::Bytes>,
+                >(hyper_util::rt::TokioIo::new(stream))
+                .await
+                else {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                tokio::spawn(conn);
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let id = format!("{client}-{n}");
+                    let req = http::Request::get(format!("/?delay=2&id={id}"))
+                        .header("host", "bench")
+                        .body(http_body_util::Empty::new())
+                        .expect("req");
+                    let t = Instant::now();
+                    let Ok(res) = send.send_request(req).await else {
+                        lost.fetch_add(1, Ordering::Relaxed);
+                        continue 'connect;
+                    };
+                    let ok = res.status().is_success();
+                    use http_body_util::BodyExt;
+                    match res.into_body().collect().await.map(|b| b.to_bytes()) {
+                        Ok(body) if ok && body.starts_with(b"hello from ") => {
+                            mine.push((id, t.elapsed().as_secs_f64() * 1000.0));
+                        }
+                        _ => {
+                            lost.fetch_add(1, Ordering::Relaxed);
+                            continue 'connect;
+                        }
+                    }
+                }
+            }
+            samples.lock().expect("lock").extend(mine);
+        }));
+    }
+    // Rolls every 2 s, on their own thread: a roll's round trip takes a while.
+    let rolls = Arc::new(AtomicU64::new(0));
+    let roller = {
+        let (stop, rolls, config) = (stop.clone(), rolls.clone(), config.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(2));
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let done = Command::new(ROLLD)
+                    .args(["reload", "-c"])
+                    .arg(&config)
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if done {
+                    rolls.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let mut rng = rand::thread_rng();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(700));
+        if let Some(pid) = chaos_victim(&config, rng.gen()) {
+            let killed = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if killed.is_ok() {
+                kills += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+    let _ = roller.join();
+    drop(rolld);
+    // retries= of each request id, from the access log.
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let mut retries = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| l.contains("rolld::access")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name))
+                .map(str::to_string)
+        };
+        let (Some(path), Some(n)) = (field("path="), field("retries=")) else {
+            continue;
+        };
+        if let Some(id) = path.split("id=").nth(1) {
+            retries.insert(id.to_string(), n.parse::<u32>().unwrap_or(0));
+        }
+    }
+    let samples = std::mem::take(&mut *samples.lock().expect("lock"));
+    let (mut retried, mut plain, mut unlogged) = (Vec::new(), Vec::new(), 0);
+    for (id, ms) in &samples {
+        match retries.get(id) {
+            Some(0) => plain.push(*ms),
+            Some(_) => retried.push(*ms),
+            None => unlogged += 1,
+        }
+    }
+    let lost = lost.load(Ordering::Relaxed);
+    Chaos {
+        secs,
+        requests: samples.len() as u64 + lost,
+        kills,
+        rolls: rolls.load(Ordering::Relaxed),
+        lost,
+        retried: retried.len() as u64,
+        p99_retried_ms: p99_of(&mut retried),
+        p99_not_retried_ms: p99_of(&mut plain),
+        unlogged,
+    }
+}
+
+impl Chaos {
+    fn line(&self) -> String {
+        format!(
+            "chaos ({} s, 64 keep-alive clients, GETs of ~2 ms; a serving process SIGKILLed every 0.7 s, a roll every 2 s): {} requests, {} kills, {} rolls, {} lost; {} sent again: p99 {:.2} ms retried vs {:.2} ms not ({} without an access log line)",
+            self.secs,
+            self.requests,
+            self.kills,
+            self.rolls,
+            self.lost,
+            self.retried,
+            self.p99_retried_ms,
+            self.p99_not_retried_ms,
+            self.unlogged
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seconds": self.secs,
+            "requests": self.requests,
+            "kills": self.kills,
+            "rolls": self.rolls,
+            "lost": self.lost,
+            "retried": self.retried,
+            "p99_retried_ms": self.p99_retried_ms,
+            "p99_not_retried_ms": self.p99_not_retried_ms,
+            "unlogged": self.unlogged,
+        })
+    }
+}
+
 /// Opens `n` keep-alive connections, one request on each, and leaves them idle.
 fn idle_connections(port: u16, n: usize) -> Vec<TcpStream> {
     let mut conns = Vec::with_capacity(n);
@@ -439,7 +700,16 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    let chaos_secs: u64 = std::env::var("ROLLD_BENCH_CHAOS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     raise_nofile();
+    if std::env::var("ROLLD_BENCH_ONLY").as_deref() == Ok("chaos") {
+        let dir = tempfile::tempdir().expect("temp dir");
+        println!("{}", chaos(dir.path(), chaos_secs).line());
+        return;
+    }
     let Some(wrk_bin) = which("wrk") else {
         eprintln!("rolld bench: wrk is not installed (apt-get install -y wrk); nothing measured");
         return;
@@ -759,6 +1029,10 @@ fn main() {
     );
     drop(conns);
 
+    // Processes dying under requests.
+    let chaos = chaos(dir.path(), chaos_secs);
+    println!("{}", chaos.line());
+
     let json = serde_json::json!({
         "machine": machine(),
         "load_generator": "wrk",
@@ -777,6 +1051,7 @@ fn main() {
         "rss_idle_mb": idle_rss as f64 / 1024.0,
         "rss_10k_idle_conns_mb": busy_rss as f64 / 1024.0,
         "idle_connections": idle_count,
+        "chaos": chaos.json(),
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rolld-bench.json");
     match std::fs::write(

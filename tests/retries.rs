@@ -176,8 +176,9 @@ fn a_post_whose_process_dies_after_receiving_it_is_resent_only_with_an_idempoten
 fn with_every_process_failing_retries_stay_within_the_budget_and_errors_come_back_at_once() {
     let effects = tempfile::tempdir().expect("temp dir");
     let fixture = fixture(2, effects.path());
+    let admin = free_ports(1)[0];
     let yaml = format!(
-        "proxy:\n  retry_budget: 20%\n  retry_budget_floor: 0\n{}",
+        "admin: 127.0.0.1:{admin}\nproxy:\n  retry_budget: 20%\n  retry_budget_floor: 0\n{}",
         fixture.yaml()
     );
     let rolld = Rolld::spawn(&yaml, fixture.listen);
@@ -225,6 +226,24 @@ fn with_every_process_failing_retries_stay_within_the_budget_and_errors_come_bac
     assert_eq!(
         status["retries"]["by_reason"]["no_answer"], resent as u64,
         "{status}"
+    );
+    let metrics = get_blocking(admin, "/metrics").expect("metrics").1;
+    for line in [
+        format!("rolld_retries_total{{reason=\"no_answer\"}} {resent}"),
+        "rolld_retries_total{reason=\"timeout\"} 0".to_string(),
+        format!("rolld_retries_refused_by_budget_total {refused}"),
+        format!("rolld_bad_gateway_total{{reason=\"budget\"}} {refused}"),
+        format!(
+            "rolld_bad_gateway_total{{reason=\"retries_spent\"}} {}",
+            100 - refused
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line}: {metrics}");
+    }
+    let (_, text, _) = rolld.control("status", &[]);
+    assert!(
+        text.contains(&format!("{refused} refused by the budget")),
+        "{text}"
     );
 }
 
