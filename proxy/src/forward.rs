@@ -569,6 +569,7 @@ impl Proxy {
     /// that just failed; else of the set new requests go to, or the standby. Without
     /// one it is routed again as a new request, waiting for a set that can take it
     /// (see `hold`): a set of one process whose process died serves it once restarted.
+    /// Past `MAX_HOLDS` it stays where it is.
     async fn move_on(
         &self,
         slot: &mut Option<InFlight>,
