@@ -173,6 +173,30 @@ fn a_post_whose_process_dies_after_receiving_it_is_resent_only_with_an_idempoten
 }
 
 #[test]
+fn a_get_whose_only_process_dies_under_it_waits_for_the_restarted_process() {
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1)[0];
+    let port = rolld.listen;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let slow = rt.spawn(async move { get(&client(), port, "/?delay=1000").await });
+    rolld.wait_in_flight(1);
+    kill(Pid::from_raw(old), Signal::SIGKILL).expect("kill the only process");
+    let answer = rt.block_on(slow).expect("request task");
+    let Ok((200, body)) = &answer else {
+        panic!("the restarted process answers: {answer:?}");
+    };
+    assert!(body.starts_with("hello from "), "{body}");
+    assert!(
+        !body.contains(&format!("(pid {old})")),
+        "a new process answered: {body}"
+    );
+    rolld.wait_log("restarted process is ready", 1);
+    let status = status_json(&rolld);
+    assert_eq!(status["retries"]["by_reason"]["no_answer"], 1, "{status}");
+}
+
+#[test]
 fn with_every_process_failing_retries_stay_within_the_budget_and_errors_come_back_at_once() {
     let effects = tempfile::tempdir().expect("temp dir");
     let fixture = fixture(2, effects.path());
