@@ -38,6 +38,7 @@ mod generation;
 mod guard;
 mod health;
 mod logs;
+mod nginx_reload;
 mod notify;
 mod output;
 mod process;
