@@ -294,6 +294,7 @@ impl Kept {
     /// The body ended.
     pub(crate) fn end(&self) {
         self.state().ended = true;
+        self.handed.notify_waiters();
     }
 
     /// The body cannot be kept (trailers): it will not be sent again.
@@ -308,14 +309,16 @@ impl Kept {
     pub(crate) fn hand_back(&self, rest: Rest) {
         {
             let mut state = self.state();
-            if !state.given_up && !state.ended {
+            // A body not kept is not sent again: its rest can go at once.
+            if !state.given_up {
                 state.rest = Some(rest);
             }
         }
         self.handed.notify_waiters();
     }
 
-    /// The body as kept, and the rest of it if it had not all arrived, to send again.
+    /// The body as kept, and the rest of it if it had not all arrived, to send again;
+    /// waits a moment for the failed attempt to end or hand its rest back.
     async fn take(&self) -> Result<(VecDeque<Bytes>, Option<Rest>), NotResent> {
         let deadline = tokio::time::Instant::now() + HAND_BACK_WAIT;
         loop {
@@ -557,6 +560,32 @@ mod tests {
                 replay.build(&upload, idle).await.err(),
                 Some(NotResent::BodyNotKept)
             );
+        });
+    }
+
+    #[test]
+    fn a_resend_waits_a_moment_for_the_failed_attempt_to_let_go_of_the_body() {
+        use http_body_util::BodyExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let replay = Replay::of(&parts("PUT", false), false, 0, false, 10).expect("kept");
+            let kept = replay.kept().expect("a body");
+            kept.keep(&Bytes::from_static(b"late"), false);
+            let ends = kept.clone();
+            let ending = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                ends.end();
+            });
+            let req = replay
+                .build(&Upload::new(), Duration::from_secs(5))
+                .await
+                .expect("the body ended while the resend waited");
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(&body[..], b"late");
+            ending.await.expect("task");
         });
     }
 }
