@@ -477,6 +477,37 @@ mod tests {
     }
 
     #[test]
+    fn every_second_of_the_window_counts() {
+        let budget = RetryBudget::new(0.2, 0);
+        for second in 1..=10 {
+            for _ in 0..10 {
+                budget.request_at(second);
+            }
+        }
+        assert_eq!(
+            (0..100).filter(|_| budget.withdraw_at(10)).count(),
+            20,
+            "20% of the 100 requests of seconds 1 to 10"
+        );
+    }
+
+    #[test]
+    fn the_floor_of_each_second_comes_with_the_clock() {
+        let budget = RetryBudget::new(0.0, 1);
+        let second = budget.now();
+        assert!(budget.withdraw());
+        if budget.now() == second {
+            assert!(!budget.withdraw(), "one a second");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while budget.now() == second {
+            assert!(Instant::now() < deadline, "the clock moves");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(budget.withdraw(), "the next second has its own");
+    }
+
+    #[test]
     fn the_floor_allows_retries_per_second_without_requests() {
         let budget = RetryBudget::new(0.2, 3);
         assert_eq!((0..10).filter(|_| budget.withdraw_at(1)).count(), 3);
