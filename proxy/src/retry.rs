@@ -492,6 +492,24 @@ mod tests {
     }
 
     #[test]
+    fn requests_leave_the_window_after_ten_seconds() {
+        let budget = RetryBudget::new(0.2, 0);
+        for _ in 0..100 {
+            budget.request_at(1);
+        }
+        assert!(
+            !budget.withdraw_at(11),
+            "second 1 is out of the window at 11"
+        );
+        let budget = RetryBudget::new(0.2, 0);
+        for _ in 0..100 {
+            budget.request_at(1);
+        }
+        assert!(!budget.withdraw_at(25), "and long after");
+        assert!(budget.withdraw_at(10), "but in it at 10");
+    }
+
+    #[test]
     fn the_floor_of_each_second_comes_with_the_clock() {
         let budget = RetryBudget::new(0.0, 1);
         let second = budget.now();
