@@ -345,8 +345,8 @@ impl InFlight {
         let Some(next) = self.set.pick(0, Some(self.index)) else {
             return false;
         };
-        // A new round over the set, the failed one tried.
-        self.tried = if self.index < 64 { 1 << self.index } else { 0 };
+        // A new round over the set (the next failure marks where it happened).
+        self.tried = 0;
         self.move_to(next);
         true
     }
