@@ -67,6 +67,14 @@ struct RawProxy {
     tunnel_idle_timeout: Option<String>,
     hold_timeout: Option<String>,
     max_held: Option<usize>,
+    buffering: Option<bool>,
+    request_buffer: Option<RawSize>,
+    response_buffer: Option<RawSize>,
+    buffer_memory: Option<RawSize>,
+    buffer_disk: Option<RawSize>,
+    max_response_file: Option<RawSize>,
+    buffer_dir: Option<String>,
+    unbuffered_paths: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -87,7 +95,7 @@ struct RawCertificate {
 }
 
 /// A byte size: a number, or a string with a k/m/g suffix as nginx writes them.
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(untagged)]
 enum RawSize {
     Bytes(u64),
@@ -1059,6 +1067,7 @@ const DEFAULT_MIN_REQUESTS: u64 = 50;
 fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, String> {
     let d = ProxyConfig::default();
     let Some(raw) = raw else { return Ok(d) };
+    let buffering = validate_buffering(v, &raw)?;
     let duration =
         |key: &str, value: Option<&str>, default: Duration| -> Result<Duration, String> {
             let d = v.duration(&format!("proxy.{key}"), value, default)?;
@@ -1147,6 +1156,7 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
         ));
     }
     Ok(ProxyConfig {
+        buffering,
         hold_timeout,
         max_held,
         http2_max_concurrent_streams,
@@ -1207,6 +1217,117 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
     })
 }
 
+/// Largest memory share of one request or answer (`proxy.request_buffer`,
+/// `proxy.response_buffer`).
+const MAX_MESSAGE_BUFFER: u64 = 64 * 1024 * 1024;
+/// Largest `proxy.buffer_memory`.
+const MAX_BUFFER_MEMORY: u64 = 64 * 1024 * 1024 * 1024;
+/// Largest `proxy.buffer_disk` and `proxy.max_response_file`.
+const MAX_BUFFER_DISK: u64 = 16 * 1024 * 1024 * 1024 * 1024;
+
+fn validate_buffering(v: &Validator, raw: &RawProxy) -> Result<rolld_proxy::BufferConfig, String> {
+    let d = rolld_proxy::BufferConfig::default();
+    let size = |key: &str, value: &Option<RawSize>, default: u64, min: u64, max: u64| {
+        let path = format!("proxy.{key}");
+        let n = match value {
+            None => return Ok(default),
+            Some(size) => parse_size(v, &path, size.clone())?,
+        };
+        if !(min..=max).contains(&n) {
+            return Err(v.err(
+                &path,
+                format!("{n} bytes is not between {} and {}", human(min), human(max)),
+            ));
+        }
+        Ok(n)
+    };
+    let request_buffer = size(
+        "request_buffer",
+        &raw.request_buffer,
+        d.request_buffer as u64,
+        1024,
+        MAX_MESSAGE_BUFFER,
+    )? as usize;
+    let response_buffer = size(
+        "response_buffer",
+        &raw.response_buffer,
+        d.response_buffer as u64,
+        1024,
+        MAX_MESSAGE_BUFFER,
+    )? as usize;
+    let memory = size(
+        "buffer_memory",
+        &raw.buffer_memory,
+        d.memory,
+        1024 * 1024,
+        MAX_BUFFER_MEMORY,
+    )?;
+    let disk = size(
+        "buffer_disk",
+        &raw.buffer_disk,
+        d.disk,
+        1024 * 1024,
+        MAX_BUFFER_DISK,
+    )?;
+    // 0: answers never go to disk; beyond memory the app is read at the client's pace.
+    let max_response_file = size(
+        "max_response_file",
+        &raw.max_response_file,
+        d.max_response_file.min(disk),
+        0,
+        disk,
+    )?;
+    let dir = match &raw.buffer_dir {
+        None => d.dir,
+        Some(text) => {
+            let dir = v.own_path(text);
+            if !dir.is_dir() {
+                return Err(v.err(
+                    "proxy.buffer_dir",
+                    format!("{} is not a folder", dir.display()),
+                ));
+            }
+            dir
+        }
+    };
+    let mut unbuffered_paths = Vec::new();
+    for path in raw.unbuffered_paths.iter().flatten() {
+        if !path.starts_with('/') {
+            return Err(v.err(
+                "proxy.unbuffered_paths",
+                format!("`{path}` is not a path (it must start with /)"),
+            ));
+        }
+        unbuffered_paths.push(path.clone());
+    }
+    Ok(rolld_proxy::BufferConfig {
+        enabled: raw.buffering.unwrap_or(d.enabled),
+        request_buffer,
+        response_buffer,
+        memory,
+        disk,
+        max_response_file,
+        dir,
+        unbuffered_paths,
+    })
+}
+
+/// A size as a person writes it: 64k, 1m, 16t.
+fn human(n: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "t"),
+        (1 << 30, "g"),
+        (1 << 20, "m"),
+        (1 << 10, "k"),
+    ];
+    for (unit, name) in UNITS {
+        if n >= unit && n % unit == 0 {
+            return format!("{}{name}", n / unit);
+        }
+    }
+    n.to_string()
+}
+
 fn parse_size(v: &Validator, key: &str, raw: RawSize) -> Result<u64, String> {
     let text = match raw {
         RawSize::Bytes(n) => return Ok(n),
@@ -1222,6 +1343,7 @@ fn parse_size(v: &Validator, key: &str, raw: RawSize) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1024,
         "m" | "mb" | "mib" => 1024 * 1024,
         "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        "t" | "tb" | "tib" => 1024 * 1024 * 1024 * 1024,
         _ => 0,
     };
     digits

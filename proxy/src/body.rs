@@ -200,8 +200,11 @@ impl Upload {
 
 /// A client's request body on its way to an upstream, bounded in size and idleness.
 pub struct RequestBody {
-    /// `None` for a request rebuilt to be sent again, which never had a body.
+    /// `None` for a request rebuilt to be sent again, which never had a body, and for
+    /// a body buffered before it was sent.
     inner: Option<Incoming>,
+    /// A body read completely before the request went out (see `buffer`).
+    spooled: Option<crate::buffer::SpooledReader>,
     /// Bytes still allowed.
     remaining: u64,
     idle: IdleTimer,
@@ -218,6 +221,7 @@ impl RequestBody {
     ) -> Self {
         RequestBody {
             inner: Some(inner),
+            spooled: None,
             remaining: limit.unwrap_or(u64::MAX),
             idle: IdleTimer::new(idle),
             upload: Some(upload),
@@ -227,9 +231,21 @@ impl RequestBody {
     pub(crate) fn empty() -> Self {
         RequestBody {
             inner: None,
+            spooled: None,
             remaining: 0,
             idle: IdleTimer::new(Duration::MAX),
             upload: None,
+        }
+    }
+
+    /// A body that rolld has read completely already (its limits were checked then).
+    pub(crate) fn spooled(reader: crate::buffer::SpooledReader, upload: Arc<Upload>) -> Self {
+        RequestBody {
+            inner: None,
+            spooled: Some(reader),
+            remaining: 0,
+            idle: IdleTimer::new(Duration::MAX),
+            upload: Some(upload),
         }
     }
 
@@ -254,6 +270,20 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(spooled) = this.spooled.as_mut() {
+            return Poll::Ready(match spooled.next_chunk() {
+                Ok(Some(data)) => {
+                    let done = spooled.remaining() == 0;
+                    this.moved(done);
+                    Some(Ok(Frame::data(data)))
+                }
+                Ok(None) => {
+                    this.moved(true);
+                    None
+                }
+                Err(err) => Some(Err(err.into())),
+            });
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -289,10 +319,16 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(spooled) = &self.spooled {
+            return spooled.remaining() == 0;
+        }
         self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(spooled) = &self.spooled {
+            return SizeHint::with_exact(spooled.remaining());
+        }
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
@@ -311,6 +347,8 @@ pub struct ResponseBody {
 enum Kind {
     /// Streamed from an upstream, holding the request's lease.
     Upstream(UpstreamBody),
+    /// Read from rolld's buffer, which the app fills (see `buffer`).
+    Buffered(crate::buffer::BufferedResponse),
     /// An answer of the proxy's own (errors).
     Full(Option<Bytes>),
 }
@@ -336,6 +374,15 @@ impl ResponseBody {
     pub(crate) fn upstream(body: UpstreamBody) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
+            _busy: None,
+            progress: None,
+        }
+    }
+
+    /// An upstream's body, buffered.
+    pub(crate) fn buffered(body: crate::buffer::BufferedResponse) -> Self {
+        ResponseBody {
+            kind: Kind::Buffered(body),
             _busy: None,
             progress: None,
         }
@@ -433,6 +480,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(up) => up.body.is_end_stream(),
+            Kind::Buffered(buffered) => buffered.is_end_stream(),
         }
     }
 
@@ -441,6 +489,7 @@ impl Body for ResponseBody {
             Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(up) => up.body.size_hint(),
+            Kind::Buffered(buffered) => buffered.size_hint(),
         }
     }
 }
@@ -449,6 +498,7 @@ impl ResponseBody {
     fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Buffered(buffered) => buffered.poll_frame(cx),
             Kind::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     up.idle.progress();

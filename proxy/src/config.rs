@@ -58,6 +58,8 @@ pub struct ProxyConfig {
     /// `max_header_size`) and its connection's buffers, so this bounds the memory held
     /// requests take.
     pub max_held: usize,
+    /// Request and response buffering (see `buffer`).
+    pub buffering: crate::buffer::BufferConfig,
 }
 
 impl Default for ProxyConfig {
@@ -81,6 +83,7 @@ impl Default for ProxyConfig {
             tunnel_idle_timeout: Duration::from_secs(3600),
             hold_timeout: Duration::from_secs(5),
             max_held: 1024,
+            buffering: crate::buffer::BufferConfig::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::activity::{Activity, Busy};
 use crate::body::{
     BodyError, ClientBodyFailed, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody,
 };
+use crate::buffer::{self, BufferStats, Buffers, SpooledBody};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::headers;
@@ -34,6 +35,8 @@ pub struct Proxy {
     stats: Stats,
     /// While set, every request gets this page (503) and nothing reaches an app.
     maintenance: arc_swap::ArcSwapOption<MaintenancePage>,
+    /// Request and response buffers, and their budget.
+    buffers: Arc<Buffers>,
 }
 
 /// Who is on the other end of a front connection, computed once per connection.
@@ -81,6 +84,7 @@ impl Proxy {
     pub fn new(upstreams: Arc<Upstreams>, config: ProxyConfig) -> Self {
         Proxy {
             upstreams,
+            buffers: Buffers::new(config.buffering.clone()),
             config,
             stats: Stats::default(),
             maintenance: arc_swap::ArcSwapOption::empty(),
@@ -100,6 +104,11 @@ impl Proxy {
     /// Counters of the traffic so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// What the request and response buffers hold now.
+    pub fn buffer_stats(&self) -> BufferStats {
+        self.buffers.stats()
     }
 
     pub fn upstreams(&self) -> &Arc<Upstreams> {
@@ -198,6 +207,12 @@ impl Proxy {
                 return Err((ProxyError::BodyTooLarge, access));
             }
         }
+        // A buffered request body is read completely before an upstream is picked.
+        let buffered = self.buffers.buffers_path(req.uri().path());
+        let spooled = match self.spool(&mut req, buffered).await {
+            Ok(spooled) => spooled,
+            Err(err) => return Err((err, access)),
+        };
         let lease = match self.admit().await {
             Ok(lease) => lease,
             Err(err) => return Err((err, access)),
@@ -235,15 +250,26 @@ impl Proxy {
         // a reused connection turns out dead after it was written (the app crashed, or
         // closed the idle connection at that moment). Keep what it takes to rebuild it
         // only when that can happen.
-        let replay = (body.is_end_stream() && parts.method.is_idempotent() && !upgrade)
-            .then(|| Replay::of(&parts));
+        let replay =
+            (body.is_end_stream() && spooled.is_none() && parts.method.is_idempotent() && !upgrade)
+                .then(|| Replay::of(&parts));
         let upload = Upload::new();
-        let body = RequestBody::new(
-            body,
-            self.config.max_body_size,
-            self.config.body_idle_timeout,
-            upload.clone(),
-        );
+        let body = match &spooled {
+            Some(spooled) => {
+                // Its length is known now: sent with `Content-Length`, which every app
+                // server reads (some refuse chunked requests).
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(spooled.len()));
+                RequestBody::spooled(spooled.reader(), upload.clone())
+            }
+            None => RequestBody::new(
+                body,
+                self.config.max_body_size,
+                self.config.body_idle_timeout,
+                upload.clone(),
+            ),
+        };
         let req = Request::from_parts(parts, body);
         let sending = Instant::now();
         let sent = {
@@ -344,11 +370,45 @@ impl Proxy {
         }
         headers::strip_hop_by_hop(&mut parts.headers, false);
         let conn = reusable.then_some(conn);
+        let buffer_answer =
+            buffered && !body.is_end_stream() && Buffers::buffers_answer(&parts.headers);
+        // For rolld, as for nginx; not for the client.
+        parts.headers.remove("x-accel-buffering");
+        if buffer_answer {
+            let idle = self.config.body_idle_timeout;
+            let body = buffer::buffer_answer(&self.buffers, body, lease, conn, idle, access);
+            return Ok(Response::from_parts(
+                parts,
+                ResponseBody::buffered(body).holding(busy.take()),
+            ));
+        }
         let body = UpstreamBody::new(body, lease, conn, self.config.body_idle_timeout, access);
         Ok(Response::from_parts(
             parts,
             ResponseBody::upstream(body).holding(busy.take()),
         ))
+    }
+
+    /// Reads the request body into a buffer when it is buffered: it has a body, its
+    /// path is buffered, and it is no upgrade (whose bytes after the head are the
+    /// tunnel's).
+    async fn spool(
+        &self,
+        req: &mut Request<Incoming>,
+        buffered: bool,
+    ) -> Result<Option<Arc<SpooledBody>>, ProxyError> {
+        if !buffered || req.body().is_end_stream() || headers::is_upgrade(req.headers()) {
+            return Ok(None);
+        }
+        let body = self
+            .buffers
+            .spool_request(
+                req.body_mut(),
+                self.config.max_body_size,
+                self.config.body_idle_timeout,
+            )
+            .await?;
+        Ok(Some(Arc::new(body)))
     }
 
     /// A lease for a new request, held while no upstream can take it (see `hold`).

@@ -13,6 +13,8 @@
 //! - `forward`: the per-request path (route, rewrite, send, stream back).
 //! - `pool`: keep-alive connections to each upstream.
 //! - `body`: request and response bodies, the response carrying the lease.
+//! - [`buffer`]: request and response buffering (memory, then unlinked temporary
+//!   files, within a global budget), so slow clients never hold an app worker.
 //! - `headers`: hop-by-hop and forwarding headers.
 //! - `moved`: when a socket last read bytes, for idle timeouts.
 //! - `activity`: the client connection's IO: header and keep-alive timeouts, and
@@ -29,6 +31,7 @@
 mod access;
 mod activity;
 mod body;
+pub mod buffer;
 pub mod config;
 pub mod drain;
 pub mod error;
@@ -45,6 +48,7 @@ pub mod upstream;
 mod watchdog;
 
 pub use body::{BodyError, RequestBody, ResponseBody};
+pub use buffer::{BufferConfig, BufferStats, SpooledBody};
 pub use config::ProxyConfig;
 pub use drain::{Drain, DrainTimedOut};
 pub use error::ProxyError;
