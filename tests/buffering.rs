@@ -371,7 +371,11 @@ fn slow_clients_hold_no_worker_of_a_synchronous_app() {
 /// it occupies both workers, and a fast request waits for seconds or gets no answer.
 #[test]
 fn without_buffering_slow_clients_starve_a_synchronous_app() {
-    let (rolld, fixture) = start(&sync_backend(), "  buffering: false\n");
+    slow_clients_starve_workers_without_buffering(&sync_backend());
+}
+
+fn slow_clients_starve_workers_without_buffering(cmd: &str) {
+    let (rolld, fixture) = start(cmd, "  buffering: false\n");
     let slow = SlowClients::start(fixture.listen);
     // Let the slow clients take the workers first.
     wait_until("slow transfers under way", SOON, || {
@@ -491,11 +495,23 @@ def app(environ, start_response):
 fn gunicorn_sync_workers_behind_rolld_stay_free_for_a_fast_client() {
     let Some(gunicorn) = gunicorn() else { return };
     let app_dir = tempfile::tempdir().expect("app dir");
-    std::fs::write(app_dir.path().join("app.py"), WSGI_APP).expect("write app.py");
-    let cmd = format!(
+    slow_clients_do_not_hold_workers(&gunicorn_cmd(&gunicorn, app_dir.path()));
+}
+
+/// And without buffering, the same gunicorn starves its fast client.
+#[test]
+fn without_buffering_slow_clients_starve_gunicorn() {
+    let Some(gunicorn) = gunicorn() else { return };
+    let app_dir = tempfile::tempdir().expect("app dir");
+    slow_clients_starve_workers_without_buffering(&gunicorn_cmd(&gunicorn, app_dir.path()));
+}
+
+/// gunicorn with two sync workers serving `WSGI_APP`, written into `dir`.
+fn gunicorn_cmd(gunicorn: &std::path::Path, dir: &std::path::Path) -> String {
+    std::fs::write(dir.join("app.py"), WSGI_APP).expect("write app.py");
+    format!(
         "{} --workers 2 --worker-class sync --bind 127.0.0.1:{{port}} --chdir {} --timeout 120 app:app",
         gunicorn.display(),
-        app_dir.path().display()
-    );
-    slow_clients_do_not_hold_workers(&cmd);
+        dir.display()
+    )
 }
