@@ -252,9 +252,11 @@ async fn a_request_body_is_read_whole_before_an_upstream_is_picked() {
 #[tokio::test]
 async fn the_body_limits_apply_while_rolld_reads_a_body() {
     let up = Upstream::start(Script::Reply(ok("stored"))).await;
-    let mut cfg = ProxyConfig::default();
-    cfg.body_idle_timeout = Duration::from_secs(1);
-    cfg.max_body_size = Some(1000);
+    let cfg = ProxyConfig {
+        body_idle_timeout: Duration::from_secs(1),
+        max_body_size: Some(1000),
+        ..ProxyConfig::default()
+    };
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     // A body that stops: 408 after body_idle_timeout.
     let mut client = TcpStream::connect(front.addr).await.expect("connect");
@@ -281,8 +283,10 @@ async fn when_the_disk_cap_is_used_up_a_body_waits_for_room_then_gets_503() {
     // The first request's body fills the disk cap and stays buffered: its upstream
     // never answers, and a request body is kept until the answer (it may be sent again).
     let up = Upstream::start(Script::HeadOnly).await;
-    let mut cfg = ProxyConfig::default();
-    cfg.body_idle_timeout = Duration::from_secs(1);
+    let mut cfg = ProxyConfig {
+        body_idle_timeout: Duration::from_secs(1),
+        ..ProxyConfig::default()
+    };
     cfg.buffering.request_buffer = 1024;
     cfg.buffering.memory = 1024;
     cfg.buffering.disk = 100 * 1024;
