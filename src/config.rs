@@ -1744,6 +1744,65 @@ app-servers:
     }
 
     #[test]
+    fn buffering_is_on_by_default_and_its_sizes_are_bounded() {
+        let c = parse(ORIGINAL).expect("valid");
+        assert_eq!(c.proxy.buffering, rolld_proxy::BufferConfig::default());
+        assert!(c.proxy.buffering.enabled, "on by default, as nginx");
+        let dir = tempfile::tempdir().expect("dir");
+        let c = parse(&format!(
+            "proxy:\n  buffering: false\n  request_buffer: 16k\n  response_buffer: 1m\n  buffer_memory: 256m\n  buffer_disk: 2g\n  max_response_file: 0\n  buffer_dir: {}\n  unbuffered_paths: [/events, /upload/live]\n{ORIGINAL}",
+            dir.path().display()
+        ))
+        .expect("valid");
+        let b = &c.proxy.buffering;
+        assert!(!b.enabled);
+        assert_eq!(b.request_buffer, 16 * 1024);
+        assert_eq!(b.response_buffer, 1 << 20);
+        assert_eq!(b.memory, 256 << 20);
+        assert_eq!(b.disk, 2 << 30);
+        assert_eq!(b.max_response_file, 0);
+        assert_eq!(b.dir, realpath(dir.path()));
+        assert_eq!(b.unbuffered_paths, vec!["/events", "/upload/live"]);
+        for (bad, needles) in [
+            (
+                "request_buffer: 100",
+                &["line 2", "proxy.request_buffer", "between 1k and 64m"][..],
+            ),
+            (
+                "response_buffer: 1g",
+                &["line 2", "proxy.response_buffer", "between 1k and 64m"],
+            ),
+            (
+                "buffer_memory: 10k",
+                &["line 2", "proxy.buffer_memory", "between 1m and 64g"],
+            ),
+            (
+                "buffer_disk: 100t",
+                &["line 2", "proxy.buffer_disk", "between 1m and 16t"],
+            ),
+            (
+                "buffer_disk: lots",
+                &["line 2", "proxy.buffer_disk", "not a size"],
+            ),
+            (
+                "max_response_file: 2g",
+                &["line 2", "proxy.max_response_file", "between 0 and 1g"],
+            ),
+            (
+                "buffer_dir: /nonexistent/rolld",
+                &["line 2", "proxy.buffer_dir", "not a folder"],
+            ),
+            (
+                "unbuffered_paths: [events]",
+                &["line 2", "proxy.unbuffered_paths", "must start with /"],
+            ),
+            ("buffering: sometimes", &["buffering"]),
+        ] {
+            assert_error(&format!("proxy:\n  {bad}\n{ORIGINAL}"), needles);
+        }
+    }
+
+    #[test]
     fn durations_and_counts_are_bounded() {
         assert_error(
             &format!("{ORIGINAL}  drain_timeout: 10000000000000000000s\n"),
@@ -2022,7 +2081,9 @@ app-servers:
             proxy_key in prop::sample::select(vec![
                 "client_header_timeout", "keepalive_timeout", "max_body_size",
                 "max_header_size", "max_connections", "trusted_proxies", "workers",
-                "hold_timeout", "max_held",
+                "hold_timeout", "max_held", "buffering", "request_buffer",
+                "response_buffer", "buffer_memory", "buffer_disk", "max_response_file",
+                "buffer_dir", "unbuffered_paths",
             ]),
             value in "[ -~]{0,30}",
         ) {

@@ -304,13 +304,22 @@ fn fast_request(port: u16, patience: Duration) -> Result<(), String> {
     }
 }
 
-/// rolld with `backend` (a `cmd` with `{port}`) as its only process per set.
-fn start(cmd: &str, proxy: &str) -> (Rolld, Fixture) {
-    let fixture = Fixture::new(1)
-        .cmd(cmd)
-        .extra(&format!("  drain_timeout: 60s\nproxy:\n{proxy}"));
+/// rolld with `cmd` (with `{port}`) as its only process per set, and an admin
+/// listener on the returned port.
+fn start(cmd: &str, proxy: &str) -> (Rolld, Fixture, u16) {
+    let admin = free_ports(1)[0];
+    let fixture = Fixture::new(1).cmd(cmd).extra(&format!(
+        "  drain_timeout: 60s\nadmin: 127.0.0.1:{admin}\nproxy:\n{proxy}"
+    ));
     let rolld = Rolld::start(&fixture);
-    (rolld, fixture)
+    (rolld, fixture, admin)
+}
+
+/// The value of an unlabelled metric in `/metrics`.
+fn metric(admin: u16, name: &str) -> Option<u64> {
+    let text = get_blocking(admin, "/metrics").ok()?.1;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn sync_backend() -> String {
@@ -320,9 +329,12 @@ fn sync_backend() -> String {
 /// The load of the issue, buffered: every fast request is answered in under 1 s while
 /// the slow transfers last many seconds, and every slow transfer gets its bytes.
 fn slow_clients_do_not_hold_workers(cmd: &str) {
-    let (rolld, fixture) = start(cmd, "  access_log: false\n");
+    let (rolld, fixture, admin) = start(cmd, "  access_log: false\n");
     let slow = SlowClients::start(fixture.listen);
     let fast = FastClient::start(fixture.listen, Duration::from_secs(10));
+    wait_until("answers buffered on disk", SOON, || {
+        metric(admin, "rolld_buffer_disk_bytes").is_some_and(|n| n > 0)
+    });
     let outcome = slow.finish();
     let fast = fast.finish();
     assert!(
@@ -359,6 +371,23 @@ fn slow_clients_do_not_hold_workers(cmd: &str) {
         slowest_fast < Duration::from_secs(1),
         "a fast request took {slowest_fast:?}"
     );
+    // Every upload (256 KiB, over the 64 KiB in memory) went to disk, and so did the
+    // answers the slow downloaders read; once all is sent, nothing is left buffered.
+    assert_eq!(
+        metric(admin, "rolld_buffer_requests_spilled_total"),
+        Some(20)
+    );
+    let answers = metric(admin, "rolld_buffer_responses_spilled_total").unwrap_or(0);
+    assert!(answers >= 20, "{answers} answers spilled");
+    wait_until("the buffers emptied", SOON, || {
+        metric(admin, "rolld_buffer_memory_bytes") == Some(0)
+            && metric(admin, "rolld_buffer_disk_bytes") == Some(0)
+    });
+    let (_, status, _) = rolld.control("status", &[]);
+    assert!(
+        status.contains("spilled to disk so far: 20 request(s)"),
+        "{status}"
+    );
     drop(rolld);
 }
 
@@ -375,7 +404,7 @@ fn without_buffering_slow_clients_starve_a_synchronous_app() {
 }
 
 fn slow_clients_starve_workers_without_buffering(cmd: &str) {
-    let (rolld, fixture) = start(cmd, "  buffering: false\n");
+    let (rolld, fixture, _) = start(cmd, "  buffering: false\n");
     let slow = SlowClients::start(fixture.listen);
     // Let the slow clients take the workers first.
     wait_until("slow transfers under way", SOON, || {
@@ -407,7 +436,7 @@ fn slow_clients_starve_workers_without_buffering(cmd: &str) {
 /// while slow clients are still downloading the answers its process wrote.
 #[test]
 fn a_roll_stops_the_old_set_while_slow_clients_still_download_its_answers() {
-    let (rolld, fixture) = start(&sync_backend(), "  access_log: false\n");
+    let (rolld, fixture, _) = start(&sync_backend(), "  access_log: false\n");
     let old = rolld.pids_of(1);
     assert_eq!(old.len(), 1, "one process in the first set");
     let slow = SlowClients::start(fixture.listen);
