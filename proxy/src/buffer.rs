@@ -280,8 +280,34 @@ impl Spool {
         }
     }
 
-    /// Stores `data`, or gives it back when neither memory nor disk has room now.
+    /// Stores `data`, or gives back what neither memory nor disk has room for now. An
+    /// answer's empty spool always takes up to 16 KiB, over its share and the budget if
+    /// need be: the answer then moves at its client's pace, as a streamed one does, and
+    /// never waits for room that only its own client could free. (A request body waits
+    /// for room, within `body_idle_timeout`.)
     fn push(&mut self, data: Bytes) -> io::Result<Option<Bytes>> {
+        match self.store(data)? {
+            Some(mut back) if matches!(self.direction, Direction::Response) && self.is_empty() => {
+                let head = back.split_to(back.len().min(FILE_CHUNK));
+                self.buffers
+                    .memory
+                    .fetch_add(head.len() as u64, Ordering::AcqRel);
+                self.in_memory += head.len();
+                self.len += head.len() as u64;
+                self.memory.push_back(head);
+                Ok((!back.is_empty()).then_some(back))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Whether it holds no unread byte.
+    fn is_empty(&self) -> bool {
+        self.in_memory == 0 && self.written == self.read
+    }
+
+    /// Stores `data` within the limits, or gives it back.
+    fn store(&mut self, data: Bytes) -> io::Result<Option<Bytes>> {
         let n = data.len();
         if n == 0 {
             return Ok(None);
@@ -511,27 +537,29 @@ impl Pipe {
             tokio::pin!(room, freed);
             room.as_mut().enable();
             freed.as_mut().enable();
-            let stored = {
+            let waker = {
                 let mut state = self.lock();
                 if state.reader_gone {
                     return Err(());
                 }
                 match state.spool.push(chunk) {
-                    Ok(None) => Some(state.reader.take()),
-                    Ok(Some(back)) => {
-                        data = Some(back);
-                        None
-                    }
+                    Ok(back) => data = back,
                     Err(err) => {
                         tracing::warn!(error = %err, "buffering an answer failed");
                         return Err(());
                     }
                 }
-            };
-            if let Some(waker) = stored {
-                if let Some(waker) = waker {
-                    waker.wake();
+                // Part of the chunk may have been stored even when the rest waits.
+                if state.spool.is_empty() {
+                    None
+                } else {
+                    state.reader.take()
                 }
+            };
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+            if data.is_none() {
                 return Ok(());
             }
             tokio::select! {
@@ -766,6 +794,31 @@ mod tests {
         // Memory takes new bytes again once the file is read to its end.
         assert!(spool.push(Bytes::from("qr")).expect("push").is_none());
         assert_eq!(b.stats().memory_bytes, 2);
+        drop(spool);
+        assert_eq!(b.stats().memory_bytes, 0);
+    }
+
+    #[test]
+    fn an_empty_answer_spool_takes_a_chunk_even_without_room_so_it_never_stalls() {
+        let b = buffers(4, 1000);
+        let mut spool = Spool::new(b.clone(), 4, 0, Direction::Response);
+        let big = Bytes::from(vec![7u8; FILE_CHUNK + 10]);
+        let back = spool.push(big).expect("push");
+        assert_eq!(back.map(|b| b.len()), Some(10), "at most 16 KiB over");
+        assert_eq!(b.stats().memory_bytes, FILE_CHUNK as u64);
+        assert_eq!(spool.pop().expect("pop").map(|b| b.len()), Some(FILE_CHUNK));
+        assert!(spool
+            .push(Bytes::from("0123456789"))
+            .expect("push")
+            .is_none());
+        let back = spool.push(Bytes::from("x")).expect("push");
+        assert_eq!(
+            back,
+            Some(Bytes::from("x")),
+            "no file for answers: it waits"
+        );
+        assert_eq!(spool.pop().expect("pop"), Some(Bytes::from("0123456789")));
+        assert!(spool.push(Bytes::from("x")).expect("push").is_none());
         drop(spool);
         assert_eq!(b.stats().memory_bytes, 0);
     }

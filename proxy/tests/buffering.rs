@@ -362,3 +362,27 @@ async fn the_memory_budget_holds_under_many_bodies_at_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_answer_beyond_the_caps_is_read_at_its_clients_pace() {
+    for (disk, max_file) in [(1 << 20, 1 << 30), (1 << 30, 0)] {
+        let mut cfg = ProxyConfig::default();
+        cfg.buffering.disk = disk;
+        cfg.buffering.max_response_file = max_file;
+        let (front, mut client, _, body, written) = big_answer(cfg, "", "/big").await;
+        let stats = front.proxy.buffer_stats();
+        // Its memory share plus at most one chunk read from the app.
+        assert!(stats.memory_bytes <= 64 * 1024 + 64 * 1024, "{stats:?}");
+        assert!(stats.disk_bytes <= disk.min(max_file), "{stats:?}");
+        assert!(written.load(Ordering::SeqCst) < BIG, "the app is held");
+        assert_eq!(front.upstreams.current().in_flight(), 1);
+        let t = std::time::Instant::now();
+        read_body(&mut client, body, BIG).await;
+        eprintln!(
+            "case disk {disk} file {max_file}: read in {:?}",
+            t.elapsed()
+        );
+        let stats = front.proxy.buffer_stats();
+        assert!(stats.disk_bytes <= disk.min(max_file), "{stats:?}");
+    }
+}
