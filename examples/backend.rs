@@ -519,10 +519,8 @@ mod sync {
         // else meanwhile.
         stream.write_all(&answer)?;
         stream.flush()?;
-        let _ = stream.shutdown(std::net::Shutdown::Write);
-        // Read until the peer closes, so the close sends no reset over unread bytes.
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+        // The request was read to its end: closing sends no reset over unread bytes.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
         Ok(())
     }
 }
