@@ -432,18 +432,73 @@ fn slow_clients_starve_workers_without_buffering(cmd: &str) {
     );
 }
 
+/// Bytes of an answer larger than the kernel's socket buffers between the app, rolld and
+/// the client can hold (a few MiB each way on loopback): unbuffered, its app could not
+/// finish writing it before the client reads.
+const LARGE: usize = 32 << 20;
+
+/// Downloads `LARGE` bytes through a small receive buffer: reads the head, counts it in
+/// `heads`, reads nothing more until `go`, then reads the rest and checks every byte.
+fn large_download(port: u16, heads: &AtomicUsize, go: &AtomicBool) -> Result<(), String> {
+    let deadline = Instant::now() + TRANSFER_LIMIT;
+    let mut stream = connect(port, Some(4096)).map_err(|e| format!("connect: {e}"))?;
+    let head = format!("GET /bytes?n={LARGE} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .map_err(|e| format!("head: {e}"))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        if Instant::now() > deadline {
+            return Err("no head".into());
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return Err("closed before its head".into()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    heads.fetch_add(1, Ordering::SeqCst);
+    while !go.load(Ordering::SeqCst) {
+        if Instant::now() > deadline {
+            return Err("never told to read".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let never = AtomicBool::new(false);
+    let rest = read_all(&mut stream, None, deadline, &never, |_| {})?;
+    got.extend_from_slice(&rest);
+    let (status, body) = parse(&got)?;
+    if status != 200 || body.len() != LARGE {
+        return Err(format!("answer {status} with {} bytes", body.len()));
+    }
+    if let Some(i) = (0..LARGE).find(|&i| body[i] != download_byte(i)) {
+        return Err(format!("byte {i} is wrong"));
+    }
+    Ok(())
+}
+
 /// A roll in the middle of the slow load: nothing is lost, and the old set is stopped
-/// while slow clients are still downloading the answers its process wrote.
+/// while slow clients are still downloading the answers its process wrote, two of them
+/// 32 MiB answers that their clients have not started to read.
 #[test]
 fn a_roll_stops_the_old_set_while_slow_clients_still_download_its_answers() {
     let (rolld, fixture, _) = start(&sync_backend(), "  access_log: false\n");
     let old = rolld.pids_of(1);
     assert_eq!(old.len(), 1, "one process in the first set");
+    let large_heads = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(AtomicBool::new(false));
+    let large: Vec<_> = (0..2)
+        .map(|_| {
+            let (heads, go, port) = (large_heads.clone(), go.clone(), fixture.listen);
+            std::thread::spawn(move || large_download(port, &heads, &go))
+        })
+        .collect();
     let slow = SlowClients::start(fixture.listen);
     let fast = FastClient::start(fixture.listen, Duration::from_secs(10));
     // Every download has its head, so every answer came from the old set.
     wait_until("every download under way", SOON, || {
-        slow.heads.load(Ordering::SeqCst) == SLOW
+        slow.heads.load(Ordering::SeqCst) == SLOW && large_heads.load(Ordering::SeqCst) == 2
     });
     let rolled = Instant::now();
     let (code, out, err) = rolld.control("reload", &[]);
@@ -456,6 +511,11 @@ fn a_roll_stops_the_old_set_while_slow_clients_still_download_its_answers() {
         done_at_roll, 0,
         "{done_at_roll} transfer(s) ended before the old set was stopped ({took:?})"
     );
+    go.store(true, Ordering::SeqCst);
+    for download in large {
+        let result = download.join().expect("large download thread");
+        assert_eq!(result, Ok(()), "a 32 MiB answer of the old set");
+    }
     let outcome = slow.finish();
     let fast = fast.finish();
     assert!(
