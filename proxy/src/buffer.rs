@@ -37,10 +37,25 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::access::AccessLog;
-use crate::body::BoxError;
-use crate::error::ProxyError;
 use crate::pool::Conn;
 use crate::upstream::InFlight;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a request body could not be buffered (`forward` maps each to its status).
+#[derive(Debug)]
+pub(crate) enum SpoolError {
+    /// No byte within `body_idle_timeout` (408).
+    Idle,
+    /// Over `max_body_size` (413).
+    TooLarge,
+    /// The client's body could not be read (400).
+    Unreadable,
+    /// No disk room came free within `body_idle_timeout` (503).
+    Full,
+    /// The temporary file failed (500).
+    Io(io::Error),
+}
 
 /// How requests and answers are buffered. [`Default`] buffers both, as nginx does.
 #[derive(Clone, Debug, PartialEq)]
@@ -195,7 +210,7 @@ impl Buffers {
         body: &mut Incoming,
         limit: Option<u64>,
         idle: Duration,
-    ) -> Result<SpooledBody, ProxyError> {
+    ) -> Result<SpooledBody, SpoolError> {
         let limit = limit.unwrap_or(u64::MAX);
         let mut spool = Spool::new(
             self.clone(),
@@ -205,11 +220,9 @@ impl Buffers {
         );
         loop {
             let frame = match tokio::time::timeout(idle, body.frame()).await {
-                Err(_) => return Err(ProxyError::ClientBodyIdle),
+                Err(_) => return Err(SpoolError::Idle),
                 Ok(None) => break,
-                Ok(Some(Err(_))) => {
-                    return Err(ProxyError::BadRequest("the request body could not be read"))
-                }
+                Ok(Some(Err(_))) => return Err(SpoolError::Unreadable),
                 Ok(Some(Ok(frame))) => frame,
             };
             // Request trailers are not forwarded (no app server reads them).
@@ -217,19 +230,19 @@ impl Buffers {
                 continue;
             };
             if spool.len + data.len() as u64 > limit {
-                return Err(ProxyError::BodyTooLarge);
+                return Err(SpoolError::TooLarge);
             }
             let deadline = tokio::time::Instant::now() + idle;
             loop {
                 let freed = self.disk_freed.notified();
                 tokio::pin!(freed);
                 freed.as_mut().enable();
-                match spool.push(data).map_err(ProxyError::Spool)? {
+                match spool.push(data).map_err(SpoolError::Io)? {
                     None => break,
                     Some(back) => data = back,
                 }
                 if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                    return Err(ProxyError::BuffersFull);
+                    return Err(SpoolError::Full);
                 }
             }
         }

@@ -16,7 +16,7 @@ use crate::activity::{Activity, Busy};
 use crate::body::{
     BodyError, ClientBodyFailed, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody,
 };
-use crate::buffer::{self, BufferStats, Buffers, SpooledBody};
+use crate::buffer::{self, BufferStats, Buffers, SpoolError, SpooledBody};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::headers;
@@ -407,7 +407,16 @@ impl Proxy {
                 self.config.max_body_size,
                 self.config.body_idle_timeout,
             )
-            .await?;
+            .await
+            .map_err(|err| match err {
+                SpoolError::Idle => ProxyError::ClientBodyIdle,
+                SpoolError::TooLarge => ProxyError::BodyTooLarge,
+                SpoolError::Unreadable => {
+                    ProxyError::BadRequest("the request body could not be read")
+                }
+                SpoolError::Full => ProxyError::BuffersFull,
+                SpoolError::Io(err) => ProxyError::Spool(err),
+            })?;
         Ok(Some(Arc::new(body)))
     }
 
