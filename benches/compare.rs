@@ -1,8 +1,10 @@
 //! rolld against nginx and against the backends themselves, side by side in one run.
 //!
 //! `cargo bench` starts rolld with four example backends, nginx (1 and 2 workers) in front
-//! of the same four backends when nginx is installed, and drives each with wrk. It prints
-//! a table and writes `target/rolld-bench.json`. Absolute numbers move with the machine
+//! of the same four backends when nginx is installed, and drives each with wrk (HTTP/1.1,
+//! HTTPS) and h2load (HTTP/2 without TLS, from `nghttp2-client`). It prints tables, the
+//! cost of a roll, memory (idle, 10,000 idle clients, after a burst of 10,000 requests in
+//! flight, the hold queue) and writes `target/rolld-bench.json`. Absolute numbers move with the machine
 //! and its load; compare the ratios of one run. Every load is bounded in time.
 //!
 //! `ROLLD_BENCH_SECS` sets the seconds per load (default 3), `ROLLD_BENCH_ROUNDS` how many
@@ -151,6 +153,207 @@ fn wrk_with(
     }
 }
 
+/// One cell: each target's load in turn, over `rounds` rounds with the order rotated so
+/// each sees the same machine; per target the median round by req/s, the errors of all
+/// rounds, and the median CPU its processes spent per request.
+fn measure(
+    targets: &[(String, u16, Vec<u32>)],
+    rounds: usize,
+    secs: u64,
+    mut run: impl FnMut(u16) -> Load,
+) -> BTreeMap<String, Load> {
+    let mut runs: BTreeMap<String, Vec<Load>> = BTreeMap::new();
+    for round in 0..rounds {
+        for i in 0..targets.len() {
+            let (name, port, pids) = &targets[(i + round) % targets.len()];
+            let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+            let mut load = run(*port);
+            let ticks = pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - before;
+            let requests = load.rps * secs as f64;
+            if !pids.is_empty() && requests > 0.0 {
+                load.cpu_us_per_request = ticks as f64 / ticks_per_sec() * 1e6 / requests;
+            }
+            runs.entry(name.clone()).or_default().push(load);
+        }
+    }
+    runs.into_iter()
+        .map(|(name, mut loads)| {
+            loads.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            let errors = loads.iter().map(|l| l.errors).sum();
+            let mut cpu: Vec<f64> = loads.iter().map(|l| l.cpu_us_per_request).collect();
+            cpu.sort_by(f64::total_cmp);
+            let median = loads[loads.len() / 2].clone();
+            let load = Load {
+                errors,
+                cpu_us_per_request: cpu[cpu.len() / 2],
+                ..median
+            };
+            (name, load)
+        })
+        .collect()
+}
+
+/// The best req/s of the nginx targets in `cell` (0 without nginx).
+fn best_nginx(cell: &BTreeMap<String, Load>) -> f64 {
+    cell.iter()
+        .filter(|(name, _)| name.starts_with("nginx"))
+        .map(|(_, l)| l.rps)
+        .fold(0.0, f64::max)
+}
+
+/// A table's header and one row per target of `cell`, rolld's with its ratio to the
+/// best nginx.
+fn cell_table(
+    title: &str,
+    connections: u32,
+    targets: &[(String, u16, Vec<u32>)],
+    cell: &BTreeMap<String, Load>,
+    table: &mut String,
+) {
+    if table.is_empty() {
+        let _ = writeln!(
+            table,
+            "{:<13} {:>4}  {:<10} {:>10} {:>8} {:>8} {:>8} {:>6} {:>8}   {:>10}",
+            "cell",
+            "conn",
+            "target",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "errors",
+            "cpu us/r",
+            "rolld/best"
+        );
+    }
+    let best = best_nginx(cell);
+    for (name, _, _) in targets {
+        let Some(l) = cell.get(name) else { continue };
+        let ratio = if name == "rolld" && best > 0.0 {
+            format!("{:>10.2}", l.rps / best)
+        } else {
+            String::new()
+        };
+        let cpu = if l.cpu_us_per_request > 0.0 {
+            format!("{:.1}", l.cpu_us_per_request)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(table, "{title:<13} {connections:>4}  {name:<10} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>6} {cpu:>8}   {ratio}", l.rps, l.p50_ms, l.p99_ms, l.p999_ms, l.errors);
+    }
+}
+
+/// One h2load run: `connections` HTTP/2 connections (h2c, prior knowledge) with
+/// `streams` concurrent streams each. h2load reports no percentiles: p50 holds the mean
+/// and p99.9 the maximum, and p99 stays 0.
+fn h2load(h2load: &Path, url: &str, connections: u32, streams: u32, secs: u64) -> Load {
+    let out = Command::new(h2load)
+        .args([
+            "-t",
+            "1",
+            "-c",
+            &connections.to_string(),
+            "-m",
+            &streams.to_string(),
+            "-D",
+            &secs.to_string(),
+        ])
+        .arg(url)
+        .output()
+        .expect("run h2load");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let after = |prefix: &str| -> Vec<String> {
+        text.lines()
+            .find_map(|l| l.trim_start().strip_prefix(prefix))
+            .map(|rest| {
+                rest.split([',', ' '])
+                    .filter(|w| !w.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // "finished in 3.00s, 35310.33 req/s, 3.84MB/s"
+    let finished = after("finished in");
+    let rps = finished.get(1).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // "requests: 105931 total, 105995 started, 105931 done, 105931 succeeded, 0 failed, 0 errored, 0 timeout"
+    let requests = after("requests:");
+    let count = |what: &str| -> u64 {
+        requests
+            .windows(2)
+            .find(|w| w[1] == what)
+            .and_then(|w| w[0].parse().ok())
+            .unwrap_or(0)
+    };
+    // "status codes: 105931 2xx, 0 3xx, 0 4xx, 0 5xx"
+    let statuses = after("status codes:");
+    let not_2xx: u64 = statuses
+        .windows(2)
+        .filter(|w| w[1] != "2xx")
+        .filter_map(|w| w[0].parse::<u64>().ok())
+        .sum();
+    // "time for request:   145us  24.02ms   1.77ms   1.06ms    79.43%"
+    let ms = |v: &str| -> f64 {
+        if let Some(us) = v.strip_suffix("us") {
+            us.parse::<f64>().map_or(0.0, |u| u / 1000.0)
+        } else if let Some(ms) = v.strip_suffix("ms") {
+            ms.parse().unwrap_or(0.0)
+        } else if let Some(s) = v.strip_suffix('s') {
+            s.parse::<f64>().map_or(0.0, |s| s * 1000.0)
+        } else {
+            0.0
+        }
+    };
+    let times = after("time for request:");
+    if rps == 0.0 {
+        eprintln!(
+            "h2load said: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Load {
+        rps,
+        p50_ms: times.get(2).map_or(0.0, |v| ms(v)),
+        p99_ms: 0.0,
+        p999_ms: times.get(1).map_or(0.0, |v| ms(v)),
+        errors: count("failed") + count("errored") + count("timeout") + not_2xx,
+        cpu_us_per_request: 0.0,
+    }
+}
+
+/// RSS of `pids` together, in KiB.
+fn rss_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|&p| rss_kib(p)).sum()
+}
+
+/// `n` clients that each connect and send a request that takes `delay_ms` at the app,
+/// all before any answer is read, so that all are in flight at once; then every answer
+/// is read and the connections stay open, idle. Returns them and how many got 200.
+fn burst(port: u16, n: usize, delay_ms: u64) -> (Vec<TcpStream>, usize) {
+    let request = format!("GET /?delay={delay_ms} HTTP/1.1\r\nHost: bench\r\n\r\n");
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            break;
+        };
+        if s.write_all(request.as_bytes()).is_err() {
+            break;
+        }
+        conns.push(s);
+    }
+    let mut ok = 0;
+    for s in &mut conns {
+        let mut buf = [0u8; 512];
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        if s.read(&mut buf)
+            .is_ok_and(|n| buf[..n].starts_with(b"HTTP/1.1 200"))
+        {
+            ok += 1;
+        }
+    }
+    (conns, ok)
+}
+
 /// The `n` direct children of `pid` (nginx's workers), waiting up to 5 s for all of them:
 /// the CPU of every worker counts.
 fn children_of(pid: u32, n: usize) -> Vec<u32> {
@@ -258,6 +461,7 @@ fn start_nginx(
     backends: &[u16],
     workers: u32,
     tls: TlsListen<'_>,
+    h2_port: u16,
 ) -> Proc {
     let servers: String = backends
         .iter()
@@ -279,8 +483,12 @@ fn start_nginx(
         cert.display(),
         key.display()
     );
+    // HTTP/2 without TLS needs a port of its own in this nginx (1.22: `listen ... http2`).
+    let h2c = format!(
+        "    server {{\n        listen 127.0.0.1:{h2_port} http2 backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n"
+    );
     let conf = format!(
-        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 16384; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n{https}}}\n"
+        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 65536; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n{https}{h2c}}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
     let nginx = Proc::spawn(
@@ -409,6 +617,84 @@ fn idle_connections(port: u16, n: usize) -> Vec<TcpStream> {
         conns.push(s);
     }
     conns
+}
+
+/// What the hold queue costs: see [`held_cell`].
+struct Held {
+    before_kib: u64,
+    held_kib: u64,
+    held: usize,
+    after_kib: u64,
+    refused: usize,
+    refuse_ms: f64,
+    released_ok: usize,
+}
+
+/// Pauses rolld, fills its hold queue (`max_held`, 1024) with one request per
+/// connection, sends 3,000 more that must be refused at once, then resumes.
+fn held_cell(port: u16, config: &Path, pid: u32) -> Held {
+    let control = |args: &[&str]| {
+        let out = Command::new(ROLLD)
+            .args(args)
+            .arg("-c")
+            .arg(config)
+            .output()
+            .expect("rolld control command");
+        assert!(
+            out.status.success(),
+            "rolld {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let request = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+    let before_kib = rss_kib(pid);
+    control(&["pause", "--timeout", "2m"]);
+    let mut held = Vec::new();
+    for _ in 0..1024 {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            break;
+        };
+        if s.write_all(request).is_ok() {
+            held.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let held_kib = rss_kib(pid);
+    let (mut refused, flood) = (0, 3000);
+    let started = Instant::now();
+    for _ in 0..flood {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            continue;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut answer = Vec::new();
+        if s.write_all(request).is_ok()
+            && s.read_to_end(&mut answer).is_ok()
+            && answer.starts_with(b"HTTP/1.1 503")
+        {
+            refused += 1;
+        }
+    }
+    let refuse_ms = started.elapsed().as_secs_f64() * 1000.0 / flood as f64;
+    let after_kib = rss_kib(pid);
+    control(&["resume"]);
+    let mut released_ok = 0;
+    for s in &mut held {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut answer = Vec::new();
+        if s.read_to_end(&mut answer).is_ok() && answer.starts_with(b"HTTP/1.1 200") {
+            released_ok += 1;
+        }
+    }
+    Held {
+        before_kib,
+        held_kib,
+        held: held.len(),
+        after_kib,
+        refused,
+        refuse_ms,
+        released_ok,
+    }
 }
 
 fn raise_nofile() {
@@ -718,63 +1004,37 @@ fn main() {
     ];
     let mut tls_targets: Vec<(String, u16, Vec<u32>)> =
         vec![("rolld".to_string(), tls_listen, vec![rolld_pid])];
+    // rolld serves HTTP/2 without TLS on its one listener.
+    let mut h2_targets: Vec<(String, u16, Vec<u32>)> =
+        vec![("rolld".to_string(), listen, vec![rolld_pid])];
     let mut nginx_procs = Vec::new();
     match &nginx_bin {
         Some(nginx) => {
             for workers in [1u32, 2] {
-                let [port, tls_port] = free_ports(2)[..] else {
-                    unreachable!("two ports")
+                let [port, tls_port, h2_port] = free_ports(3)[..] else {
+                    unreachable!("three ports")
                 };
                 let ndir = dir.path().join(format!("nginx{workers}"));
                 std::fs::create_dir_all(&ndir).expect("dir");
                 let tls = (tls_port, cert_file.as_path(), key_file.as_path());
-                let master = start_nginx(nginx, &ndir, port, &backends, workers, tls);
+                let master = start_nginx(nginx, &ndir, port, &backends, workers, tls, h2_port);
                 let pids = children_of(master.0.id(), workers as usize);
                 nginx_procs.push(master);
                 targets.push((format!("nginx-{workers}w"), port, pids.clone()));
-                tls_targets.push((format!("nginx-{workers}w"), tls_port, pids));
+                tls_targets.push((format!("nginx-{workers}w"), tls_port, pids.clone()));
+                h2_targets.push((format!("nginx-{workers}w"), h2_port, pids));
             }
         }
         None => println!("nginx is not installed (apt-get install -y nginx): skipped nginx"),
     }
     for (path, body) in [("/", "small"), ("/bytes?n=65536", "64KiB")] {
         for connections in [1u32, 64, 256] {
-            // The targets of one cell run back to back, in turn over several rounds with
-            // the order rotated, so each sees the same machine; the median round counts.
-            let mut runs: BTreeMap<String, Vec<Load>> = BTreeMap::new();
-            for round in 0..rounds {
-                for i in 0..targets.len() {
-                    let (name, port, pids) = &targets[(i + round) % targets.len()];
-                    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
-                    let mut load = wrk(
-                        &wrk_bin,
-                        &script,
-                        &format!("http://127.0.0.1:{port}{path}"),
-                        connections,
-                        secs,
-                    );
-                    let ticks = pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - before;
-                    let requests = load.rps * secs as f64;
-                    if !pids.is_empty() && requests > 0.0 {
-                        load.cpu_us_per_request = ticks as f64 / ticks_per_sec() * 1e6 / requests;
-                    }
-                    runs.entry(name.clone()).or_default().push(load);
-                }
-            }
-            for (name, mut loads) in runs {
-                loads.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-                let errors = loads.iter().map(|l| l.errors).sum();
-                let mut cpu: Vec<f64> = loads.iter().map(|l| l.cpu_us_per_request).collect();
-                cpu.sort_by(f64::total_cmp);
-                let median = loads[loads.len() / 2].clone();
-                results.insert(
-                    format!("{body}/c{connections}/{name}"),
-                    Load {
-                        errors,
-                        cpu_us_per_request: cpu[cpu.len() / 2],
-                        ..median
-                    },
-                );
+            let cell = measure(&targets, rounds, secs, |port| {
+                let url = format!("http://127.0.0.1:{port}{path}");
+                wrk(&wrk_bin, &script, &url, connections, secs)
+            });
+            for (name, load) in cell {
+                results.insert(format!("{body}/c{connections}/{name}"), load);
             }
         }
     }
@@ -829,81 +1089,48 @@ fn main() {
     }
     print!("{table}");
 
-    // HTTPS: keep-alive, and a new connection (a full handshake: wrk resumes no
-    // session) for every request, at 64 connections, small answers.
+    // A new connection per request (the accept and setup cost browsers and many clients
+    // pay), and HTTPS: keep-alive, and a new connection (a full handshake: wrk resumes no
+    // session) for every request; 64 connections, small answers.
     let mut tls_table = String::new();
-    let _ = writeln!(
-        tls_table,
-        "{:<13} {:>4}  {:<10} {:>10} {:>8} {:>8} {:>8} {:>6} {:>8}   {:>10}",
-        "https",
-        "conn",
-        "target",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "p99.9 ms",
-        "errors",
-        "cpu us/r",
-        "rolld/best"
-    );
-    for (mode, headers) in [
-        ("keep-alive", &[][..]),
-        ("new-conn", &["Connection: close"][..]),
+    let connections = 64u32;
+    let close = &["Connection: close"][..];
+    for (title, scheme, targets, headers) in [
+        ("http-new-conn", "http", &targets, close),
+        ("https-keep-alive", "https", &tls_targets, &[][..]),
+        ("https-new-conn", "https", &tls_targets, close),
     ] {
-        let connections = 64u32;
-        let mut runs: BTreeMap<String, Vec<Load>> = BTreeMap::new();
-        for round in 0..rounds {
-            for i in 0..tls_targets.len() {
-                let (name, port, pids) = &tls_targets[(i + round) % tls_targets.len()];
-                let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
-                let mut load = wrk_with(
-                    &wrk_bin,
-                    &script,
-                    &format!("https://127.0.0.1:{port}/"),
-                    connections,
+        let cell = measure(targets, rounds, secs, |port| {
+            let url = format!("{scheme}://127.0.0.1:{port}/");
+            wrk_with(&wrk_bin, &script, &url, connections, secs, headers)
+        });
+        cell_table(title, connections, targets, &cell, &mut tls_table);
+        for (name, load) in cell {
+            results.insert(format!("{title}/c{connections}/{name}"), load);
+        }
+    }
+    // HTTP/2 without TLS (prior knowledge), 8 connections of 8 streams: h2load.
+    match which("h2load") {
+        Some(h2load_bin) => {
+            let cell = measure(&h2_targets, rounds, secs, |port| {
+                h2load(
+                    &h2load_bin,
+                    &format!("http://127.0.0.1:{port}/"),
+                    8,
+                    8,
                     secs,
-                    headers,
-                );
-                let ticks = pids.iter().map(|&p| cpu_ticks(p)).sum::<u64>() - before;
-                let requests = load.rps * secs as f64;
-                if requests > 0.0 {
-                    load.cpu_us_per_request = ticks as f64 / ticks_per_sec() * 1e6 / requests;
-                }
-                runs.entry(name.clone()).or_default().push(load);
+                )
+            });
+            cell_table("h2c", 64, &h2_targets, &cell, &mut tls_table);
+            for (name, load) in cell {
+                results.insert(format!("h2c/c64/{name}"), load);
             }
         }
-        let mut cell = BTreeMap::new();
-        for (name, mut loads) in runs {
-            loads.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-            let errors = loads.iter().map(|l| l.errors).sum();
-            let mut cpu: Vec<f64> = loads.iter().map(|l| l.cpu_us_per_request).collect();
-            cpu.sort_by(f64::total_cmp);
-            let median = loads[loads.len() / 2].clone();
-            let load = Load {
-                errors,
-                cpu_us_per_request: cpu[cpu.len() / 2],
-                ..median
-            };
-            results.insert(format!("https-{mode}/c{connections}/{name}"), load.clone());
-            cell.insert(name, load);
-        }
-        let best_nginx = ["nginx-1w", "nginx-2w"]
-            .iter()
-            .filter_map(|n| cell.get(*n))
-            .map(|l| l.rps)
-            .fold(0.0, f64::max);
-        for (name, _, _) in &tls_targets {
-            let Some(l) = cell.get(name) else { continue };
-            let ratio = if name == "rolld" && best_nginx > 0.0 {
-                format!("{:>10.2}", l.rps / best_nginx)
-            } else {
-                String::new()
-            };
-            let _ = writeln!(tls_table, "{mode:<13} {connections:>4}  {name:<10} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>8.1}   {ratio}", l.rps, l.p50_ms, l.p99_ms, l.p999_ms, l.errors, l.cpu_us_per_request);
+        None => {
+            println!("h2load is not installed (apt-get install -y nghttp2-client): skipped HTTP/2")
         }
     }
     print!("{tls_table}");
-    drop(nginx_procs);
     // A response nginx had to spill to disk would handicap it: say so if it happened.
     let nginx_spills: usize = [1, 2]
         .iter()
@@ -949,17 +1176,87 @@ fn main() {
     let (around, quiet_p99, swap_errors) = swap_cost(listen, &config, 32, 6);
     println!("swap under load (32 keep-alive clients): p99 {around:.2} ms in the second around the swap, {quiet_p99:.2} ms in a quiet second, {swap_errors} errors");
 
-    // Memory.
-    let conns = idle_connections(listen, 10_000);
-    std::thread::sleep(Duration::from_millis(500));
-    let busy_rss = rss_kib(rolld_pid);
-    let idle_count = conns.len();
+    // Memory: idle; with 10,000 idle keep-alive clients that came one after another; and
+    // what stays once 10,000 clients sent a request each before any answer was read (all
+    // in flight at once, 1 s each at the app) and then stayed idle. nginx with 2 workers
+    // beside it (master and workers).
+    let nginx_2w: Option<Vec<u32>> = nginx_procs.get(1).and_then(|master: &Proc| {
+        let (_, _, workers) = targets.iter().find(|t| t.0 == "nginx-2w")?;
+        Some([vec![master.0.id()], workers.clone()].concat())
+    });
+    let mut memory = vec![("rolld".to_string(), listen, vec![rolld_pid])];
+    if let (Some(pids), Some((_, port, _))) =
+        (&nginx_2w, targets.iter().find(|t| t.0 == "nginx-2w"))
+    {
+        memory.push(("nginx-2w".to_string(), *port, pids.clone()));
+    }
     println!(
-        "rolld RSS: {:.1} MB idle, {:.1} MB with {idle_count} idle keep-alive client connections",
-        idle_rss as f64 / 1024.0,
-        busy_rss as f64 / 1024.0,
+        "rolld RSS at start, before any load: {:.1} MB",
+        idle_rss as f64 / 1024.0
     );
-    drop(conns);
+    let mut memory_json = serde_json::Map::new();
+    for (name, port, pids) in &memory {
+        let idle = rss_of(pids);
+        let conns = idle_connections(*port, 10_000);
+        std::thread::sleep(Duration::from_millis(500));
+        let with_idle = rss_of(pids);
+        let idle_count = conns.len();
+        drop(conns);
+        std::thread::sleep(Duration::from_millis(500));
+        let (conns, answered) = burst(*port, 10_000, 1000);
+        // What the burst needed has had 3 s to go back.
+        std::thread::sleep(Duration::from_secs(3));
+        let after_burst = rss_of(pids);
+        let burst_count = conns.len();
+        drop(conns);
+        if answered < burst_count && name.starts_with("nginx") {
+            let log = std::fs::read_to_string(dir.path().join("nginx2/nginx-error.log"))
+                .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            println!("nginx's error log ends: {tail:?}");
+        }
+        println!(
+            "{name} RSS: {:.1} MB idle, {:.1} MB with {idle_count} idle keep-alive clients, {:.1} MB 3 s after a burst of {burst_count} requests in flight at once ({answered} answered 200), its clients still connected",
+            idle as f64 / 1024.0,
+            with_idle as f64 / 1024.0,
+            after_burst as f64 / 1024.0,
+        );
+        memory_json.insert(
+            name.clone(),
+            serde_json::json!({
+                "rss_idle_mb": idle as f64 / 1024.0,
+                "rss_10k_idle_conns_mb": with_idle as f64 / 1024.0,
+                "idle_connections": idle_count,
+                "rss_after_burst_mb": after_burst as f64 / 1024.0,
+                "burst_requests": burst_count,
+                "burst_answered": answered,
+            }),
+        );
+    }
+    let (busy_rss, idle_count) = memory_json
+        .get("rolld")
+        .map(|m| {
+            (
+                m["rss_10k_idle_conns_mb"].as_f64().unwrap_or(0.0),
+                m["idle_connections"].as_u64().unwrap_or(0),
+            )
+        })
+        .unwrap_or_default();
+    drop(nginx_procs);
+
+    // The hold queue (`rolld pause`): RSS with `max_held` (1024) requests held, and after
+    // 3,000 more were refused at once.
+    let held = held_cell(listen, &config, rolld_pid);
+    println!(
+        "rolld hold queue: {:.1} MB before, {:.1} MB with {} requests held, {:.1} MB after {} more were refused ({:.2} ms each); {} of the held answered 200 on resume",
+        held.before_kib as f64 / 1024.0,
+        held.held_kib as f64 / 1024.0,
+        held.held,
+        held.after_kib as f64 / 1024.0,
+        held.refused,
+        held.refuse_ms,
+        held.released_ok,
+    );
 
     let slow_clients = slow_clients_cell(dir.path(), 20);
 
@@ -980,8 +1277,10 @@ fn main() {
         "swap_p99_ms": around,
         "quiet_p99_ms": quiet_p99,
         "rss_idle_mb": idle_rss as f64 / 1024.0,
-        "rss_10k_idle_conns_mb": busy_rss as f64 / 1024.0,
+        "rss_10k_idle_conns_mb": busy_rss,
         "idle_connections": idle_count,
+        "memory": memory_json,
+        "hold_queue": {"rss_before_mb": held.before_kib as f64 / 1024.0, "rss_held_mb": held.held_kib as f64 / 1024.0, "held": held.held, "rss_after_refusals_mb": held.after_kib as f64 / 1024.0, "refused": held.refused, "refuse_ms": held.refuse_ms, "released_ok": held.released_ok},
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rolld-bench.json");
     match std::fs::write(

@@ -5,8 +5,9 @@
 //! must not kill rolld. So every line goes into a bounded queue read by one writer
 //! thread per stream; when the queue is full (the reader stalls) the line is dropped and
 //! counted, and a write that fails (EPIPE: the reader is gone) is dropped and counted
-//! too. Only that thread ever blocks on the pipe. The count is in `rolld status` and
-//! `/metrics` (`rolld_log_lines_dropped_total`).
+//! too. Only that thread ever blocks on the pipe. The count (with the lines of apps' log
+//! files dropped the same way, see `output`) is in `rolld status` and `/metrics`
+//! (`rolld_log_lines_dropped_total`).
 //!
 //! The CLI commands (`check`, `status`, `reload`, `stop`) print their answer with
 //! [`print`] instead: there blocking is right, and a failed write is ignored (never
@@ -120,7 +121,13 @@ pub fn send(stream: Stream, line: Vec<u8>) {
     Queue::get(stream).send(line);
 }
 
-/// Lines dropped so far because rolld's stdout or stderr was full or closed.
+/// Counts a line dropped elsewhere (an app's log file whose writer stalled or failed).
+pub fn count_dropped() {
+    DROPPED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Lines dropped so far because rolld's stdout or stderr, or an app's log file, was
+/// full, stalled or closed.
 pub fn dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }

@@ -3,14 +3,17 @@
 //!
 //! The pipe is always drained, so a child never blocks on a full pipe; when the file
 //! cannot be written, rolld says so in its own log, drops the lines and keeps trying.
-//! Output for rolld's own stdout/stderr goes through [`logs`]' queues, which drop (and
-//! count) lines rather than block when that stream stalls.
+//! Nothing here blocks the supervision runtime: a log file is opened and written by a
+//! thread of its own behind a bounded queue (the path may be a FIFO nobody reads, or
+//! on a stalled disk), and output for rolld's own stdout/stderr goes through [`logs`]'
+//! queues. Both drop (and count) lines rather than block when their writer stalls.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
@@ -49,12 +52,11 @@ pub fn capture(fd: OwnedFd, port: u16, sink: Sink) {
     tokio::spawn(pump(rx, port, sink));
 }
 
+/// Lines waiting for a log file's writer thread; more are dropped.
+const FILE_QUEUE_LINES: usize = 4 * 1024;
+
 async fn pump(mut rx: pipe::Receiver, port: u16, sink: Sink) {
     let mut writer = Writer::new(sink);
-    // Open (and create) the file at once, so it exists and a problem shows at start.
-    if let Sink::File(path) = &writer.sink {
-        writer.log.file(path);
-    }
     // The original rolld's prefix, so that what reads these logs keeps working.
     let prefix = format!("{port}: ");
     let mut buf = Vec::with_capacity(8 * 1024);
@@ -85,9 +87,8 @@ async fn pump(mut rx: pipe::Receiver, port: u16, sink: Sink) {
 
 struct Writer {
     sink: Sink,
-    log: LogFile,
-    /// The line being written, prefix included; reused from line to line.
-    out: Vec<u8>,
+    /// The queue to the log file's writer thread, for a [`Sink::File`].
+    file: Option<SyncSender<Vec<u8>>>,
 }
 
 /// The open log file of a [`Sink::File`], reopened on request and retried on failure.
@@ -101,41 +102,69 @@ struct LogFile {
 
 impl Writer {
     fn new(sink: Sink) -> Self {
-        Writer {
-            sink,
-            log: LogFile::default(),
-            out: Vec::new(),
-        }
+        let file = match &sink {
+            Sink::File(path) => file_writer(path.clone()),
+            _ => None,
+        };
+        Writer { sink, file }
     }
 
     fn line(&mut self, prefix: &str, line: &[u8]) {
-        self.out.clear();
-        self.out.extend_from_slice(prefix.as_bytes());
-        self.out.extend_from_slice(line);
-        let result = match &self.sink {
+        let mut out = Vec::with_capacity(prefix.len() + line.len());
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(line);
+        match &self.sink {
             Sink::Log => {
                 let text = String::from_utf8_lossy(line);
                 info!(target: "rolld::run_proc", "{}", text.trim_end());
-                return;
             }
             // Through rolld's output queues: a stalled stdout must not stall this task.
-            Sink::Stdout => {
-                logs::send(Stream::Stdout, self.out.clone());
-                return;
-            }
-            Sink::Stderr => {
-                logs::send(Stream::Stderr, self.out.clone());
-                return;
-            }
-            Sink::File(path) => match self.log.file(path) {
-                Some(file) => file.write_all(&self.out),
-                None => return,
+            Sink::Stdout => logs::send(Stream::Stdout, out),
+            Sink::Stderr => logs::send(Stream::Stderr, out),
+            Sink::File(_) => match &self.file {
+                Some(queue) => {
+                    if queue.try_send(out).is_err() {
+                        logs::count_dropped();
+                    }
+                }
+                None => logs::count_dropped(),
             },
-        };
-        if let (Err(err), Sink::File(path)) = (result, &self.sink) {
-            warn!(path = %path.display(), error = %err, "cannot write process output; dropping it until the file is writable");
-            self.log.file = None;
-            self.log.failed_at = Some(Instant::now());
+        }
+    }
+}
+
+/// Starts the thread that opens (creates) the log file at `path` at once, so it exists
+/// and a problem shows at start, and then appends the lines it is sent until the
+/// process's output ends. None when no thread can be started (its lines are dropped
+/// and counted).
+fn file_writer(path: PathBuf) -> Option<SyncSender<Vec<u8>>> {
+    let (tx, rx) = sync_channel::<Vec<u8>>(FILE_QUEUE_LINES);
+    let spawned = std::thread::Builder::new()
+        .name("rolld-app-log".into())
+        .spawn(move || {
+            let mut log = LogFile::default();
+            log.file(&path);
+            for line in rx {
+                let written = match log.file(&path) {
+                    Some(file) => file.write_all(&line),
+                    None => {
+                        logs::count_dropped();
+                        continue;
+                    }
+                };
+                if let Err(err) = written {
+                    warn!(path = %path.display(), error = %err, "cannot write process output; dropping it until the file is writable");
+                    logs::count_dropped();
+                    log.file = None;
+                    log.failed_at = Some(Instant::now());
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(err) => {
+            warn!(error = %err, "cannot start a thread to write process output; dropping it");
+            None
         }
     }
 }
@@ -177,10 +206,15 @@ impl LogFile {
 /// A log path that is a symlink is followed when an admin could have made it (a link
 /// into /var/log is common), but not in a folder anyone can write to (/tmp): there the
 /// link may be another user's, aimed at a file rolld (root) would then append to.
+///
+/// Opened non-blocking: for a regular file that changes nothing, and a FIFO (a log
+/// collector's) with no reader fails to open, and one whose reader stalls fails the
+/// write, instead of holding the writer thread for ever; both are retried later.
 fn open_log(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut options = OpenOptions::new();
     options.create(true).append(true).mode(0o644);
+    let mut flags = nix::libc::O_NONBLOCK;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
         let parent = if parent.as_os_str().is_empty() {
@@ -189,10 +223,10 @@ fn open_log(path: &Path) -> std::io::Result<File> {
             parent
         };
         if std::fs::metadata(parent).is_ok_and(|m| m.permissions().mode() & 0o002 != 0) {
-            options.custom_flags(nix::libc::O_NOFOLLOW);
+            flags |= nix::libc::O_NOFOLLOW;
         }
     }
-    options.open(path)
+    options.custom_flags(flags).open(path)
 }
 
 #[cfg(test)]

@@ -271,6 +271,7 @@ impl Roll {
 
         // 4. after_start (another balancer), then swap: from here on new requests go to
         // the new set. A failed action has already been undone.
+        let nginx_reload = crate::nginx_reload::Reload::before(&app.after_start);
         if !app.after_start.is_empty() {
             // As in the original, commands run in the folder rolld was started in.
             let folder = &self.config.workdir;
@@ -419,6 +420,9 @@ impl Roll {
         // Another balancer in front: its connections to the old set are the only sign
         // of requests rolld can see.
         if self.upstreams.is_none() || !app.after_start.is_empty() {
+            if let Some(reload) = &nginx_reload {
+                reload.wait(old.id, deadline).await;
+            }
             drain_connections(old.id, &old.ports, deadline, &timeout).await;
         }
         self.ctx

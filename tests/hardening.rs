@@ -2,6 +2,7 @@
 //! local user must not do to a running rolld.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,50 @@ fn a_stalled_stderr_does_not_stop_the_proxy_nor_the_supervisor() {
     });
     rolld.signal(Signal::SIGTERM);
     assert!(rolld.wait_exit(SOON).success());
+}
+
+/// An app's `stdout:` may be a FIFO (a log collector's): with nobody reading it, or a
+/// reader that stopped, the app's lines are dropped and counted, and nothing else waits.
+#[test]
+fn an_app_log_fifo_nobody_reads_does_not_stop_the_supervisor() {
+    let fixture = Fixture::new(2).extra("  stdout: app.fifo\n");
+    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, |dir| {
+        nix::unistd::mkfifo(
+            &dir.join("app.fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .expect("mkfifo");
+    });
+    wait_until("the first set serves", SOON, || {
+        get_blocking(rolld.listen, "/").is_ok_and(|(status, _)| status == 200)
+    });
+    rolld.signal(Signal::SIGHUP);
+    wait_until("generation 2 serves", SOON, || {
+        status_json(&rolld)["generation"].as_u64() == Some(2)
+    });
+    // A reader that never reads: the pipe fills (64 KiB) and stays full.
+    let _stalled = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(rolld.dir.path().join("app.fifo"))
+        .expect("open the FIFO's read end");
+    let line = "x".repeat(200);
+    for i in 0..2000 {
+        let answer = get_blocking(rolld.listen, &format!("/log?msg={i}-{line}"));
+        assert!(
+            matches!(answer, Ok((200, _))),
+            "request {i} not answered: {answer:?}"
+        );
+    }
+    rolld.signal(Signal::SIGHUP);
+    wait_until("generation 3 serves", SOON, || {
+        status_json(&rolld)["generation"].as_u64() == Some(3)
+    });
+    let status = status_json(&rolld);
+    assert!(
+        status["log_lines_dropped"].as_u64().unwrap_or(0) > 0,
+        "dropped lines are counted: {status}"
+    );
 }
 
 #[test]

@@ -95,10 +95,10 @@ fn send_all(port: u16, n: usize, path: &str) -> Vec<std::thread::JoinHandle<Answ
 #[test]
 fn requests_sent_while_the_first_set_starts_are_held_and_all_succeed() {
     let fixture = Fixture::new(2).cmd(format!("{BACKEND} {{port}} --start-delay 2000"));
+    // Requests are sent once the processes run, so each waits about the 2 s the app
+    // takes to bind, well within 5 s.
     let rolld = Rolld::spawn(
-        // The 5 s, with a margin: on a loaded shared machine, spawning and the
-        // first health checks alone have taken over 3 s.
-        &with_proxy(&fixture, "  hold_timeout: 15s\n"),
+        &with_proxy(&fixture, "  hold_timeout: 5s\n"),
         fixture.listen,
     );
     // From the moment the processes run, which take 2 s to bind.
@@ -126,6 +126,28 @@ fn requests_sent_while_the_first_set_starts_are_held_and_all_succeed() {
     let held = &status_json(&rolld)["held"];
     assert_eq!(held["released"].as_u64(), Some(20), "{held}");
     assert_eq!(held["timed_out"].as_u64(), Some(0), "{held}");
+}
+
+#[test]
+fn with_hold_timeout_0_requests_sent_while_the_first_set_starts_get_503() {
+    let fixture = Fixture::new(1).cmd(format!("{BACKEND} {{port}} --start-delay 2000"));
+    let rolld = Rolld::spawn(
+        &with_proxy(&fixture, "  hold_timeout: 0s\n"),
+        fixture.listen,
+    );
+    rolld.wait_log("process started", 1);
+    let answers: Vec<_> = send_all(fixture.listen, 4, "/?start=")
+        .into_iter()
+        .map(|request| request.join().expect("client thread"))
+        .collect();
+    assert_eq!(
+        rolld.count_log("roll finished"),
+        0,
+        "answered before the app could bind: {answers:?}"
+    );
+    for answer in answers {
+        assert!(matches!(&answer, Ok((503, _))), "{answer:?}");
+    }
 }
 
 #[test]

@@ -44,35 +44,83 @@ struct NginxSetup {
     rolld: Rolld,
     nginx: PathBuf,
     port: u16,
+    _reloads: NginxReloads,
+}
+
+/// Tests that reload an nginx run side by side, except the one that tells a slow
+/// reload by watching every nginx on the machine (see `nginx_reload` in rolld): it
+/// runs alone.
+static RELOADS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+pub enum NginxReloads {
+    Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
+}
+
+impl NginxReloads {
+    pub fn shared() -> Self {
+        NginxReloads::Shared(RELOADS.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn alone() -> Self {
+        NginxReloads::Alone(RELOADS.write().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 impl NginxSetup {
     fn start(nginx: PathBuf, extra_actions: &str) -> NginxSetup {
+        let reload = Self::reload(&nginx);
+        Self::start_with(
+            nginx,
+            extra_actions,
+            TEMPLATE,
+            &reload,
+            NginxReloads::shared(),
+        )
+    }
+
+    /// Reloads nginx, or starts it the first time.
+    fn reload(nginx: &Path) -> String {
+        let nginx = nginx.display();
+        format!("{nginx} -p \"$(pwd)/\" -c nginx.conf -s reload 2>/dev/null || {nginx} -p \"$(pwd)/\" -c nginx.conf")
+    }
+
+    fn start_with(
+        nginx: PathBuf,
+        extra_actions: &str,
+        template: &str,
+        reload: &str,
+        reloads: NginxReloads,
+    ) -> NginxSetup {
         let fixture = Fixture::new(2);
         // The fixture's proxy port is free and unused in nginx mode: nginx takes it.
         let port = fixture.listen;
-        let yaml = Self::yaml(&fixture, &nginx, extra_actions);
+        let yaml = Self::yaml(&fixture, reload, extra_actions);
         let rolld = Rolld::spawn_with(&yaml, 0, |dir| {
-            std::fs::write(dir.join("upstream.conf.templ"), TEMPLATE).expect("template");
+            std::fs::write(dir.join("upstream.conf.templ"), template).expect("template");
             std::fs::write(dir.join("nginx.conf"), nginx_conf(port)).expect("nginx.conf");
         });
         rolld.wait_log("roll finished", 1);
-        let setup = NginxSetup { rolld, nginx, port };
+        let setup = NginxSetup {
+            rolld,
+            nginx,
+            port,
+            _reloads: reloads,
+        };
         wait_until("nginx serves", SOON, || {
             get_blocking(setup.port, "/").is_ok_and(|(s, _)| s == 200)
         });
         setup
     }
 
-    fn yaml(fixture: &Fixture, nginx: &Path, extra_actions: &str) -> String {
-        let nginx = nginx.display();
+    fn yaml(fixture: &Fixture, reload: &str, extra_actions: &str) -> String {
         let sets: String = fixture
             .sets
             .iter()
             .map(|s| format!("    - numprocs: {s:?}\n"))
             .collect();
         format!(
-            "app-servers:\n  cmd: '{BACKEND} {{port}}'\n  workset:\n{sets}  health: {{path: /health, interval: 20ms}}\n  smoke_test:\n    - check_all_http_ports: numprocs\n  after_start:\n    - replace_file: [numprocs, 'upstream.conf.templ', 'upstream.conf']\n    - run_proc: '{nginx} -p \"$(pwd)/\" -c nginx.conf -s reload 2>/dev/null || {nginx} -p \"$(pwd)/\" -c nginx.conf'\n{extra_actions}  drain_timeout: 20s\n  stop_timeout: 5s\n"
+            "app-servers:\n  cmd: '{BACKEND} {{port}}'\n  workset:\n{sets}  health: {{path: /health, interval: 20ms}}\n  smoke_test:\n    - check_all_http_ports: numprocs\n  after_start:\n    - replace_file: [numprocs, 'upstream.conf.templ', 'upstream.conf']\n    - run_proc: '{reload}'\n{extra_actions}  drain_timeout: 20s\n  stop_timeout: 5s\n"
         )
     }
 
@@ -159,6 +207,71 @@ fn five_rolls_behind_nginx_under_load_lose_no_request() {
     assert!(
         !log.contains("connection(s) to the old set open; they will be cut"),
         "{log}"
+    );
+}
+
+/// `nginx -s reload` returns before nginx has switched: until its old workers are told
+/// to stop they send new requests to the old set. Here the reload comes 2 s after the
+/// command returned (as a slow `systemctl reload` does) and nginx keeps no idle
+/// connections to the apps, so the old set looks drained long before nginx switches;
+/// rolld waits for nginx's old workers to stop accepting before it drains.
+#[test]
+fn a_slow_nginx_reload_is_waited_for_before_the_old_set_stops() {
+    let Some(nginx) = nginx() else { return };
+    let no_keepalive =
+        "upstream app {\n{% for port in ports %}    server 127.0.0.1:{{ port }};\n{% endfor %}}\n";
+    let n = nginx.display();
+    let dir = "-p \"$(pwd)/\" -c nginx.conf";
+    let reload = format!(
+        "if [ -s nginx.pid ] && kill -0 $(cat nginx.pid) 2>/dev/null; then setsid sh -c \"sleep 2; {n} {dir} -s reload\" >/dev/null 2>&1 & else {n} {dir}; fi"
+    );
+    let setup = NginxSetup::start_with(nginx, "", no_keepalive, &reload, NginxReloads::alone());
+    // Sparse traffic: a request every 50 ms, so the old set is often without connections.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sparse = {
+        let (stop, port) = (stop.clone(), setup.port);
+        std::thread::spawn(move || {
+            let (mut ok, mut errors) = (0u32, Vec::new());
+            let end = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+                match get_blocking(port, "/") {
+                    Ok((200, _)) => ok += 1,
+                    other => errors.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (ok, errors)
+        })
+    };
+    for roll in 1..=2u64 {
+        setup.rolld.signal(Signal::SIGHUP);
+        setup.rolld.wait_log("roll finished", roll as usize + 1);
+        // The sparse client goes on through the gap until nginx has switched.
+        let new = setup.rolld.pids_of(roll + 1);
+        wait_until("nginx serves the new set", SOON, || {
+            get_blocking(setup.port, "/pid")
+                .ok()
+                .and_then(|(_, pid)| pid.parse().ok())
+                .is_some_and(|pid| new.contains(&pid))
+        });
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, errors) = sparse.join().expect("the sparse client");
+    assert!(ok > 20, "only {ok} requests were answered");
+    assert!(
+        errors.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        errors.len(),
+        ok as usize + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert_eq!(
+        setup
+            .rolld
+            .count_log("waiting for nginx's reload: its old workers still accept clients"),
+        2,
+        "{}",
+        setup.rolld.log()
     );
 }
 

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use nix::sys::signal::Signal;
 
-use crate::nginx::nginx;
+use crate::nginx::{nginx, NginxReloads};
 use crate::support::*;
 
 /// Copies `examples/original` into a new folder, with free ports, this build's backend
@@ -60,6 +60,7 @@ impl Drop for NginxOf {
 #[test]
 fn the_original_example_layout_rolls_five_times_behind_nginx_under_load() {
     let Some(nginx) = nginx() else { return };
+    let _reloads = NginxReloads::shared();
     let (root, sets, port) = original_layout(&nginx);
     let root_path = root.path().to_path_buf();
     // Exactly as the original's README says: `rolld example/rolld.yml`, from the root.

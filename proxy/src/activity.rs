@@ -17,7 +17,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -45,6 +45,9 @@ pub(crate) struct Activity {
     /// The connection task, parked in a read while a request was in progress: when the
     /// last request ends it must wake to start the keep-alive clock.
     parked: Mutex<Option<Waker>>,
+    /// The raw head of the request being read had unsound framing (see `HeadScan`);
+    /// taken by that request.
+    unsound_framing: AtomicBool,
 }
 
 impl Activity {
@@ -56,7 +59,15 @@ impl Activity {
             idle_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             parked: Mutex::new(None),
+            unsound_framing: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the request just handed over had unsound framing, as its client wrote
+    /// it (see `HeadScan`).
+    pub(crate) fn take_unsound_framing(&self) -> bool {
+        self.unsound_framing.load(Ordering::Relaxed)
+            && self.unsound_framing.swap(false, Ordering::AcqRel)
     }
 
     /// Marks a request in progress until the returned guard drops.
@@ -138,6 +149,76 @@ pub(crate) struct ClientIo<S = TcpStream> {
     flushed_at: Option<u64>,
     /// hyper was told "end of stream" to give its state back; the socket stays open.
     shed: bool,
+    head: HeadScan,
+}
+
+/// Looks at the raw bytes of an HTTP/1 request head for framing that the parser would
+/// make look sound: a `Transfer-Encoding` value with a tab in it (tabs around values
+/// are trimmed as optional whitespace, so `chunked<TAB>` reaches rolld as `chunked`)
+/// and a `Content-Length` beside a `Transfer-Encoding` (the parser drops the length).
+/// A proxy in front of rolld may read such a head another way and frame the body by its
+/// length, which smuggles a request; rolld refuses both, as nginx does. Only heads that
+/// start while no request is in progress are looked at (pipelined heads are not).
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// Within a head.
+    on: bool,
+    /// Bytes of the current line so far (without `\r`).
+    column: usize,
+    /// Bytes of `transfer-encoding:` and of `content-length:` the current line starts
+    /// with.
+    matched: [usize; 2],
+    /// Which of the two fields the head had.
+    seen: [bool; 2],
+    tab: bool,
+}
+
+impl HeadScan {
+    const NAMES: [&'static [u8]; 2] = [b"transfer-encoding:", b"content-length:"];
+
+    fn start() -> Self {
+        HeadScan {
+            on: true,
+            ..HeadScan::default()
+        }
+    }
+
+    /// Scans `bytes`; true when the head they complete has unsound framing.
+    fn scan(&mut self, bytes: &[u8]) -> bool {
+        if !self.on {
+            return false;
+        }
+        for &b in bytes {
+            match b {
+                b'\n' if self.column == 0 => {
+                    // The empty line: the head is complete.
+                    self.on = false;
+                    return self.tab || self.seen == [true, true];
+                }
+                b'\n' => {
+                    self.column = 0;
+                    self.matched = [0, 0];
+                }
+                b'\r' => {}
+                _ => {
+                    for (field, name) in Self::NAMES.iter().enumerate() {
+                        let matched = &mut self.matched[field];
+                        if *matched == name.len() {
+                            // In the value of this field.
+                            self.tab |= field == 0 && b == b'\t';
+                        } else if *matched == self.column
+                            && b.to_ascii_lowercase() == name[*matched]
+                        {
+                            *matched += 1;
+                            self.seen[field] |= *matched == name.len();
+                        }
+                    }
+                    self.column += 1;
+                }
+            }
+        }
+        false
+    }
 }
 
 impl<S> ClientIo<S> {
@@ -158,6 +239,7 @@ impl<S> ClientIo<S> {
             read_at: 0,
             flushed_at: None,
             shed: false,
+            head: HeadScan::default(),
         };
         (io, activity)
     }
@@ -167,6 +249,7 @@ impl<S> ClientIo<S> {
     pub(crate) fn multiplex(&mut self) {
         self.multiplexed = true;
         self.header_started = None;
+        self.head.on = false;
     }
 
     /// Whether hyper, asking for bytes now, is idle between requests with nothing of
@@ -194,6 +277,12 @@ impl<S> ClientIo<S> {
             self.tail[4 - bytes.len()..].copy_from_slice(bytes);
         }
         self.read_at = self.activity.started.load(Ordering::Acquire);
+        if !self.head.on && !self.multiplexed && self.activity.busy.load(Ordering::Acquire) == 0 {
+            self.head = HeadScan::start();
+        }
+        if self.head.scan(bytes) {
+            self.activity.unsound_framing.store(true, Ordering::Release);
+        }
     }
 
     fn read_deadline(&mut self, cx: &mut Context<'_>) -> Option<Instant> {
@@ -439,5 +528,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Write for ClientIo<S> {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeadScan;
+
+    /// The verdict on a head, whichever reads its bytes arrive in.
+    fn unsound(head: &[u8]) -> bool {
+        let whole = HeadScan::start().scan(head);
+        for cut in 0..head.len() {
+            let mut scan = HeadScan::start();
+            let split = scan.scan(&head[..cut]) || scan.scan(&head[cut..]);
+            assert_eq!(split, whole, "cut at {cut}");
+        }
+        whole
+    }
+
+    #[test]
+    fn framing_the_parser_would_trim_or_drop_is_unsound() {
+        assert!(unsound(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\t\r\n\r\n"
+        ));
+        assert!(unsound(
+            b"POST / HTTP/1.1\r\nTRANSFER-ENCODING:\tchunked\r\n\r\n"
+        ));
+        assert!(unsound(
+            b"POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn tabs_elsewhere_and_one_framing_are_sound() {
+        assert!(!unsound(
+            b"POST / HTTP/1.1\r\nX-Transfer-Encoding: chunked\t\r\nTransfer-Encoding: chunked\r\nX-Note: a\tb\r\n\r\n"
+        ));
+        assert!(!unsound(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"));
+        // What follows the head (a body) is not looked at.
+        assert!(!unsound(
+            b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\nTransfer-Encoding: chunked\t\r\n\r\n"
+        ));
     }
 }

@@ -148,6 +148,12 @@ impl Proxy {
         });
         let method = req.method().clone();
         let forwarded = match self.maintenance.load_full() {
+            _ if client.activity.take_unsound_framing() => Err((
+                Ok(ProxyError::BadRequest(
+                    "Transfer-Encoding with a tab, or with Content-Length",
+                )),
+                access,
+            )),
             Some(page) => Err((Err(page), access)),
             None => self
                 .forward(req, client, &mut busy, access)

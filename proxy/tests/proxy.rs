@@ -135,34 +135,17 @@ async fn smuggling_attempt(buffering: bool) {
         SOON,
     )
     .await;
-    // As the README says: forwarded once (streamed: as chunked without Content-Length;
-    // buffered: with the length of the body read), answered, and the connection closed
-    // after the answer (`raw` reads until it closes).
+    // As the README says: refused with 400, and the connection closed after it (`raw`
+    // reads until it closes); nothing reaches the upstream.
     let answer = text(&answer);
     assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
-    assert!(
-        answer.starts_with("HTTP/1.1 200") && answer.ends_with("hi"),
-        "{answer}"
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        0,
+        "reached the upstream: {}",
+        up.received()
     );
-    let got = up.received().to_ascii_lowercase();
-    assert!(
-        !got.contains("/smuggled"),
-        "the smuggled request reached the upstream: {got}"
-    );
-    assert!(got.contains("post /first"), "{got}");
-    if buffering {
-        assert!(got.contains("content-length: 0\r\n"), "{got}");
-        assert!(
-            !got.contains("transfer-encoding"),
-            "forwarded with both framings: {got}"
-        );
-    } else {
-        assert!(
-            !got.contains("content-length"),
-            "forwarded with both framings: {got}"
-        );
-        assert!(got.contains("transfer-encoding: chunked"), "{got}");
-    }
 }
 
 #[tokio::test]
@@ -830,9 +813,8 @@ async fn an_upstream_answer_with_both_framings_loses_its_content_length_and_its_
 
 /// Anything but one `Transfer-Encoding: chunked` is refused before routing, as nginx and
 /// HAProxy do: a proxy and an app that read the framing differently smuggle requests.
-/// (`chunked<TAB>` is `chunked` with trailing optional whitespace, which the parser
-/// trims by RFC 9110; the upstream never sees the client's framing, rolld re-frames
-/// every body.)
+/// That includes a tab around `chunked` (which the parser would trim as optional
+/// whitespace) and a `Content-Length` beside it.
 #[tokio::test]
 async fn a_transfer_encoding_other_than_one_chunked_gets_400_and_reaches_no_upstream() {
     let up = Upstream::start(Script::Reply(ok("hi"))).await;
@@ -844,6 +826,11 @@ async fn a_transfer_encoding_other_than_one_chunked_gets_400_and_reaches_no_upst
         "Transfer-Encoding: identity, chunked\r\n",
         "Transfer-Encoding: chunked,\r\n",
         "Transfer-Encoding: ,chunked\r\n",
+        "Transfer-Encoding: chunked\t\r\n",
+        "Transfer-Encoding:\tchunked\r\n",
+        "transfer-encoding: chunked\t \r\n",
+        "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
+        "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
     ] {
         let request = format!("POST / HTTP/1.1\r\nHost: x\r\n{te}\r\n2\r\nhi\r\n0\r\n\r\n");
         let answer = exchange(front.addr, request.as_bytes()).await;
@@ -859,6 +846,14 @@ async fn a_transfer_encoding_other_than_one_chunked_gets_400_and_reaches_no_upst
     let answer = exchange(
         front.addr,
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A tab elsewhere in a head is no concern, and a refused head leaves nothing behind
+    // for the connection's next request.
+    let answer = exchange(
+        front.addr,
+        b"POST / HTTP/1.1\r\nHost: x\r\nX-Note: a\tb\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
