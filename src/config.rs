@@ -1083,6 +1083,20 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
             n => Some(n),
         },
     };
+    // A body larger than every temporary file together could never be buffered: it
+    // would wait for room that cannot come, then get 503.
+    if let (true, Some(max)) = (buffering.enabled, max_body_size) {
+        if max > buffering.disk {
+            return Err(v.err(
+                "proxy.max_body_size",
+                format!(
+                    "{} is larger than proxy.buffer_disk ({}): such a body could never be buffered; raise buffer_disk or lower max_body_size",
+                    human(max),
+                    human(buffering.disk)
+                ),
+            ));
+        }
+    }
     let max_header_size = match raw.max_header_size {
         None => d.max_header_size,
         Some(size) => {
@@ -1797,6 +1811,14 @@ app-servers:
                 &["line 2", "proxy.unbuffered_paths", "must start with /"],
             ),
             ("buffering: sometimes", &["buffering"]),
+            (
+                "max_body_size: 2g",
+                &[
+                    "line 2",
+                    "proxy.max_body_size",
+                    "larger than proxy.buffer_disk (1g)",
+                ],
+            ),
         ] {
             assert_error(&format!("proxy:\n  {bad}\n{ORIGINAL}"), needles);
         }
