@@ -80,7 +80,8 @@ async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
 
 /// Reads the rest of a `Connection: close` answer and checks its bytes.
 async fn read_body(stream: &mut TcpStream, mut body: Vec<u8>, total: usize) {
-    body.extend(read_until_closed(stream, SOON).await);
+    // Through a 4 KiB window: a few seconds on a quiet machine; bounded generously.
+    body.extend(read_until_closed(stream, Duration::from_secs(90)).await);
     assert_eq!(body.len(), total, "body length");
     assert!(
         body.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
@@ -88,9 +89,10 @@ async fn read_body(stream: &mut TcpStream, mut body: Vec<u8>, total: usize) {
     );
 }
 
-/// 16 MiB: more than the kernel's socket buffers on both sides can hold, so a streamed
-/// answer the client does not read blocks its upstream.
-const BIG: usize = 16 << 20;
+/// 32 MiB: more than the kernel's socket buffers on every side can hold (a few MiB
+/// each with Linux's defaults), so a streamed answer the client does not read blocks
+/// its upstream.
+const BIG: usize = 32 << 20;
 
 /// Sends `GET path` for a `BIG` answer with `headers`, reads only the head, and waits
 /// until the upstream has written 2 MiB. Returns the front, the client connection,
@@ -137,7 +139,7 @@ async fn an_answer_is_read_whole_from_the_app_while_its_client_reads_nothing() {
     assert_eq!(stats.responses_spilled, 1, "{stats:?}");
     assert!(stats.memory_bytes <= 64 * 1024, "{stats:?}");
     assert!(
-        stats.disk_bytes >= (BIG - 64 * 1024 - 4 * 1024 * 1024) as u64,
+        stats.disk_bytes >= (BIG / 2) as u64,
         "most of the answer is on disk: {stats:?}"
     );
     read_body(&mut client, body, BIG).await;
