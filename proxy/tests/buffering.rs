@@ -388,3 +388,39 @@ async fn an_answer_beyond_the_caps_is_read_at_its_clients_pace() {
         assert!(stats.disk_bytes <= disk.min(max_file), "{stats:?}");
     }
 }
+
+/// A request body to an opted-out path, or with buffering off, goes to the app as it
+/// arrives: the app is connected to before the body ends.
+#[tokio::test]
+async fn a_request_body_streams_on_an_opted_out_path_and_with_buffering_off() {
+    for (enabled, path) in [(true, "/upload/live"), (false, "/anything")] {
+        let up = Upstream::start(Script::Reply(ok("stored"))).await;
+        let mut cfg = ProxyConfig::default();
+        cfg.buffering.enabled = enabled;
+        cfg.buffering.unbuffered_paths = vec!["/upload/".into()];
+        let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+        let mut client = TcpStream::connect(front.addr).await.expect("connect");
+        client
+            .write_all(
+                format!("POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nfirst\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .expect("head and a first chunk");
+        wait_for("the app connected to while the body arrives", || {
+            up.connections.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let stats = front.proxy.buffer_stats();
+        assert_eq!((stats.memory_bytes, stats.disk_bytes), (0, 0), "{path}");
+        client
+            .write_all(b"6\r\nsecond\r\n0\r\n\r\n")
+            .await
+            .expect("the rest");
+        let answer = text(&read_until_closed(&mut client, SOON).await);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let got = up.received().to_ascii_lowercase();
+        assert!(got.contains("transfer-encoding: chunked"), "{got}");
+        assert!(got.contains("first") && got.contains("second"), "{got}");
+    }
+}
