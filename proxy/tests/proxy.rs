@@ -989,6 +989,66 @@ async fn an_http2_client_that_never_opens_its_window_does_not_hold_requests_in_f
     let _ = client.ping.ping(h2::Ping::opaque()).await.expect("pong");
 }
 
+/// What rolld grants an HTTP/2 client before it passes anything on: 256 KiB of request
+/// body a stream and 1 MiB a connection (hyper's default is 1 MiB for each), read from
+/// the server's first frames as a client receives them.
+#[tokio::test]
+async fn an_http2_client_may_send_256_kib_a_stream_and_1_mib_a_connection_ahead() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let mut tcp = TcpStream::connect(front.addr).await.expect("connect");
+    // The preface and an empty SETTINGS frame.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("send the preface");
+    let (mut stream_window, mut connection_increment) = (None, None);
+    let mut got = Vec::new();
+    tokio::time::timeout(SOON, async {
+        while stream_window.is_none() || connection_increment.is_none() {
+            let mut chunk = [0u8; 1024];
+            let n = tcp.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed after {got:?}");
+            got.extend_from_slice(&chunk[..n]);
+            // Each complete frame: 3 bytes of length, type, flags, 4 of stream id.
+            let mut at = 0;
+            while got.len() >= at + 9 {
+                let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+                let (kind, flags) = (got[at + 3], got[at + 4]);
+                let Some(payload) = got.get(at + 9..at + 9 + len) else {
+                    break;
+                };
+                match kind {
+                    // SETTINGS, not an ack: 6-byte entries; 0x4 is INITIAL_WINDOW_SIZE.
+                    0x4 if flags & 1 == 0 => {
+                        for entry in payload.chunks_exact(6) {
+                            if u16::from_be_bytes([entry[0], entry[1]]) == 0x4 {
+                                stream_window = Some(u32::from_be_bytes([
+                                    entry[2], entry[3], entry[4], entry[5],
+                                ]));
+                            }
+                        }
+                    }
+                    // WINDOW_UPDATE on the connection (stream 0).
+                    0x8 if got[at + 5..at + 9] == [0, 0, 0, 0] => {
+                        connection_increment = Some(
+                            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                                & 0x7fff_ffff,
+                        );
+                    }
+                    _ => {}
+                }
+                at += 9 + len;
+            }
+            got.drain(..at);
+        }
+    })
+    .await
+    .expect("the server's SETTINGS and WINDOW_UPDATE in time");
+    assert_eq!(stream_window, Some(256 * 1024));
+    // The connection starts at 65,535 bytes and grows to 1 MiB.
+    assert_eq!(connection_increment, Some(1024 * 1024 - 65_535));
+}
+
 #[tokio::test]
 async fn an_http2_client_may_open_at_most_100_streams_at_once() {
     let up = Upstream::start(Script::Reply(ok("hi"))).await;
