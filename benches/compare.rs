@@ -12,6 +12,11 @@
 //! rounds each cell runs, in rotated order, the median counting (default 3).
 //! `ROLLD_BENCH_CHAOS_SECS` sets the length of the chaos cell (default 20), and
 //! `ROLLD_BENCH_ONLY=chaos` runs that cell alone.
+//!
+//! `cargo bench -- slow-clients` runs only the slow-clients cell: 100 clients uploading
+//! and 100 downloading 1 MiB at 20 KiB/s through rolld in front of a synchronous app, for
+//! 20 s, measuring rolld's RSS and what its buffers hold in memory and on disk against
+//! their caps (it needs no wrk).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -977,7 +982,204 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
+/// Slow clients of the slow-clients cell, each way.
+const SLOW_CLIENTS: usize = 100;
+/// Bytes each slow client sends or reads, and its pace in bytes per second.
+const SLOW_SIZE: usize = 1 << 20;
+const SLOW_RATE: usize = 20 * 1024;
+/// The buffer caps of the slow-clients cell.
+const CELL_MEMORY: u64 = 16 << 20;
+const CELL_DISK: u64 = 256 << 20;
+
+/// One slow client: uploads (`upload`) or downloads `SLOW_SIZE` bytes at `SLOW_RATE`
+/// until done or `stop`; returns whether it completed.
+fn slow_client(port: u16, upload: bool, stop: &std::sync::atomic::AtomicBool) -> bool {
+    use std::sync::atomic::Ordering;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(socket) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+    else {
+        return false;
+    };
+    if !upload {
+        // A small receive buffer, set before connecting: the client reads at its pace.
+        let _ = socket.set_recv_buffer_size(4096);
+    }
+    if socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .is_err()
+    {
+        return false;
+    }
+    let mut s: TcpStream = socket.into();
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let _ = s.set_write_timeout(Some(Duration::from_millis(500)));
+    let head = if upload {
+        format!("POST /echo HTTP/1.1\r\nHost: bench\r\nContent-Length: {SLOW_SIZE}\r\nConnection: close\r\n\r\n")
+    } else {
+        format!("GET /bytes?n={SLOW_SIZE} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+    };
+    if s.write_all(head.as_bytes()).is_err() {
+        return false;
+    }
+    let started = Instant::now();
+    let mut moved = 0usize;
+    let chunk = vec![b'u'; 2048];
+    let mut buf = vec![0u8; 2048];
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+        let allowed = (started.elapsed().as_secs_f64() * SLOW_RATE as f64) as usize;
+        if moved >= allowed {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        if upload {
+            if moved >= SLOW_SIZE {
+                return true;
+            }
+            let n = (SLOW_SIZE - moved).min(chunk.len());
+            match s.write(&chunk[..n]) {
+                Ok(n) => moved += n,
+                Err(_) => continue,
+            }
+        } else {
+            match s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(n) => moved += n,
+                Err(_) => continue,
+            }
+        }
+    }
+    false
+}
+
+/// The value of an unlabelled metric in rolld's `/metrics` on `admin`.
+fn metric(admin: u16, name: &str) -> Option<u64> {
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `GET /` through `port` on a new connection: its time, or None if it failed.
+fn timed_get(port: u16) -> Option<Duration> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).ok()?;
+    answer.starts_with(b"HTTP/1.1 200").then(|| t.elapsed())
+}
+
+/// 200 slow clients (half uploading, half downloading) through rolld in front of a
+/// synchronous app with 4 workers, for `secs`: rolld's RSS, its buffers' peaks against
+/// their caps, and a fast client's latency meanwhile.
+fn slow_clients_cell(dir: &Path, secs: u64) -> serde_json::Value {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let [listen, admin] = free_ports(2)[..] else {
+        unreachable!("two ports")
+    };
+    let config = dir.join("slow.yml");
+    std::fs::write(
+        &config,
+        format!("listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nproxy:\n  max_connections: 10000\n  request_buffer: 64k\n  response_buffer: 64k\n  buffer_memory: {CELL_MEMORY}\n  buffer_disk: {CELL_DISK}\napp-servers:\n  cmd: '{BACKEND} {{port}} --sync-workers 4'\n  processes: 1\n  port_range: 20000-29999\n  health: {{path: /health, interval: 5ms}}\n"),
+    )
+    .expect("config");
+    let log = std::fs::File::create(dir.join("slow-rolld.log")).expect("log");
+    let rolld = Proc::spawn(
+        Command::new(ROLLD)
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stderr(log),
+    )
+    .expect("start rolld");
+    assert!(
+        wait_for_port(listen, Duration::from_secs(30)),
+        "rolld did not start"
+    );
+    let start = Instant::now();
+    while timed_get(listen).is_none() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = rolld.0.id();
+    let idle_rss = rss_kib(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..2 * SLOW_CLIENTS)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || slow_client(listen, i % 2 == 0, &stop))
+        })
+        .collect();
+    let (mut peak_rss, mut peak_memory, mut peak_disk) = (0u64, 0u64, 0u64);
+    let mut fast = Vec::new();
+    let mut fast_failed = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        peak_rss = peak_rss.max(rss_kib(pid));
+        peak_memory = peak_memory.max(metric(admin, "rolld_buffer_memory_bytes").unwrap_or(0));
+        peak_disk = peak_disk.max(metric(admin, "rolld_buffer_disk_bytes").unwrap_or(0));
+        match timed_get(listen) {
+            Some(took) => fast.push(took),
+            None => fast_failed += 1,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let requests_spilled = metric(admin, "rolld_buffer_requests_spilled_total").unwrap_or(0);
+    let responses_spilled = metric(admin, "rolld_buffer_responses_spilled_total").unwrap_or(0);
+    stop.store(true, Ordering::SeqCst);
+    let completed = clients
+        .into_iter()
+        .map(|c| c.join().unwrap_or(false))
+        .filter(|done| *done)
+        .count();
+    drop(rolld);
+    fast.sort();
+    let fast_max = fast.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let fast_p50 = fast
+        .get(fast.len() / 2)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let mb = |b: u64| b as f64 / 1048576.0;
+    println!(
+        "slow clients ({SLOW_CLIENTS} uploading and {SLOW_CLIENTS} downloading 1 MiB at 20 KiB/s, {secs} s, sync app with 4 workers): rolld RSS {:.1} MB idle, {:.1} MB peak; buffers peak {:.1} MiB in memory (cap {:.0}), {:.1} MiB on disk (cap {:.0}); {requests_spilled} request(s) and {responses_spilled} answer(s) spilled; a fast client's GET / every 200 ms: median {fast_p50:.1} ms, max {fast_max:.1} ms, {fast_failed} failed; {completed} slow transfer(s) finished",
+        idle_rss as f64 / 1024.0,
+        peak_rss as f64 / 1024.0,
+        mb(peak_memory),
+        mb(CELL_MEMORY),
+        mb(peak_disk),
+        mb(CELL_DISK),
+    );
+    serde_json::json!({
+        "slow_clients": 2 * SLOW_CLIENTS,
+        "rss_idle_mb": idle_rss as f64 / 1024.0,
+        "rss_peak_mb": peak_rss as f64 / 1024.0,
+        "buffer_memory_peak_bytes": peak_memory,
+        "buffer_memory_cap_bytes": CELL_MEMORY,
+        "buffer_disk_peak_bytes": peak_disk,
+        "buffer_disk_cap_bytes": CELL_DISK,
+        "requests_spilled": requests_spilled,
+        "responses_spilled": responses_spilled,
+        "fast_p50_ms": fast_p50,
+        "fast_max_ms": fast_max,
+        "fast_failed": fast_failed,
+    })
+}
+
 fn main() {
+    raise_nofile();
+    if std::env::args().skip(1).any(|a| a == "slow-clients") {
+        let dir = tempfile::tempdir().expect("temp dir");
+        println!(
+            "rolld benchmark on {}: the slow-clients cell only",
+            machine()
+        );
+        slow_clients_cell(dir.path(), 20);
+        return;
+    }
     let secs: u64 = std::env::var("ROLLD_BENCH_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1327,11 +1529,14 @@ fn main() {
         held.released_ok,
     );
 
+    let slow_clients = slow_clients_cell(dir.path(), 20);
+
     // Processes dying under requests.
     let chaos = chaos(dir.path(), chaos_secs);
     println!("{}", chaos.line());
 
     let json = serde_json::json!({
+        "slow_clients": slow_clients,
         "machine": machine(),
         "load_generator": "wrk",
         "seconds_per_load": secs,

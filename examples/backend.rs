@@ -25,6 +25,15 @@
 //!   `DIR/effects` and closes the connection without answering;
 //! - `Upgrade: websocket` is a WebSocket echo (every text and binary message comes back);
 //!   any other `Upgrade:` switches protocols (101) and echoes raw bytes.
+//!
+//! `--sync-workers N` makes it a synchronous app server instead, as gunicorn's sync
+//! worker, unicorn or one-thread Puma: N workers (threads) take connections from one
+//! listener, each serving one request at a time with blocking reads and writes, and
+//! closing the connection after it (`Connection: close`). A worker stays busy for as
+//! long as its client takes to send the request and read the answer. It serves
+//! `/health`, `/pid`, `GET /bytes?n=N` (N bytes, byte i being `i % 251`), `POST` (echoes
+//! a `Content-Length` body), `?delay=MS`, and anything else with `hello from PORT (pid
+//! PID)`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +64,8 @@ struct Options {
     fail_share: u64,
     crash_after: Option<Duration>,
     effects: Option<std::path::PathBuf>,
+    /// Serve synchronously with this many workers.
+    sync_workers: Option<usize>,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -66,6 +77,7 @@ fn parse_args() -> Result<Options, String> {
     let mut fail_share = 0;
     let mut crash_after = None;
     let mut effects = None;
+    let mut sync_workers = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--unhealthy" => unhealthy = true,
@@ -110,6 +122,14 @@ fn parse_args() -> Result<Options, String> {
                         .ok_or("--effects takes a folder")?,
                 )
             }
+            "--sync-workers" => {
+                sync_workers = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .filter(|n| (1..=256).contains(n))
+                        .ok_or("--sync-workers takes a count from 1 to 256")?,
+                );
+            }
             "--port" => port = args.next().and_then(|v| v.parse().ok()),
             other => {
                 port = Some(
@@ -129,6 +149,7 @@ fn parse_args() -> Result<Options, String> {
         fail_share,
         crash_after,
         effects,
+        sync_workers,
     })
 }
 
@@ -405,8 +426,7 @@ impl hyper::body::Body for Chunks {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let options = match parse_args() {
         Ok(o) => o,
         Err(e) => {
@@ -414,6 +434,23 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(workers) = options.sync_workers {
+        std::thread::sleep(options.start_delay);
+        sync::serve(options.port, workers);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(serve(options)),
+        Err(e) => {
+            eprintln!("rolld-example-backend: cannot start a runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn serve(options: Options) {
     tokio::time::sleep(options.start_delay).await;
     let addr = SocketAddr::from(([127, 0, 0, 1], options.port));
     let listener = match TcpListener::bind(addr).await {
@@ -439,5 +476,134 @@ async fn main() {
                 .with_upgrades()
                 .await;
         });
+    }
+}
+
+/// The synchronous mode (`--sync-workers N`): blocking calls, one request per worker.
+mod sync {
+    use std::io::{self, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Largest request head read.
+    const MAX_HEAD: usize = 64 * 1024;
+
+    pub fn serve(port: u16, workers: usize) -> ! {
+        let listener = match TcpListener::bind(("127.0.0.1", port)) {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                eprintln!("rolld-example-backend: cannot listen on 127.0.0.1:{port}: {e}");
+                std::process::exit(1);
+            }
+        };
+        println!(
+            "listening on 127.0.0.1:{port} (pid {}), {workers} synchronous worker(s)",
+            std::process::id()
+        );
+        let threads: Vec<_> = (0..workers)
+            .map(|_| {
+                let listener = listener.clone();
+                std::thread::spawn(move || loop {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = answer(stream, port);
+                        }
+                        // Out of descriptors, say: try again soon.
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            let _ = thread.join();
+        }
+        std::process::exit(1);
+    }
+
+    /// Serves one request on `stream`, then closes it.
+    fn answer(mut stream: TcpStream, port: u16) -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        let mut data = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        let head_end = loop {
+            if let Some(at) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            if data.len() > MAX_HEAD {
+                return Err(io::Error::other("request head too large"));
+            }
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            data.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut first = lines.next().unwrap_or("").split(' ');
+        let method = first.next().unwrap_or("").to_string();
+        let target = first.next().unwrap_or("/").to_string();
+        let length: Option<usize> = lines
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok());
+        let mut body = data.split_off(head_end);
+        if let Some(length) = length {
+            while body.len() < length {
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+                }
+                body.extend_from_slice(&buf[..n]);
+            }
+            body.truncate(length);
+        }
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let param = |key: &str| -> Option<u64> {
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, v)| v.parse().ok())
+        };
+        if let Some(ms) = param("delay") {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        let (status, answer) = if method == "POST" {
+            if length.is_none() {
+                (
+                    "411 Length Required",
+                    b"a body needs Content-Length\n".to_vec(),
+                )
+            } else {
+                ("200 OK", body)
+            }
+        } else {
+            match path {
+                "/health" => ("200 OK", b"ok\n".to_vec()),
+                "/pid" => ("200 OK", std::process::id().to_string().into_bytes()),
+                "/bytes" => {
+                    let n = param("n").unwrap_or(0) as usize;
+                    ("200 OK", (0..n).map(|i| (i % 251) as u8).collect())
+                }
+                _ => (
+                    "200 OK",
+                    format!("hello from {port} (pid {})\n", std::process::id()).into_bytes(),
+                ),
+            }
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            answer.len()
+        );
+        stream.write_all(head.as_bytes())?;
+        // Blocks for as long as the client takes to read it: the worker serves nobody
+        // else meanwhile.
+        stream.write_all(&answer)?;
+        stream.flush()?;
+        // The request was read to its end: closing sends no reset over unread bytes.
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        Ok(())
     }
 }

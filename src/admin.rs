@@ -148,6 +148,35 @@ impl prometheus_client::collector::Collector for Collector {
                 "Requests answered 503 at once because max_held requests were already held.",
                 held.refused,
             )?;
+            let buffers = proxy.buffer_stats();
+            encoder
+                .encode_descriptor(
+                    "rolld_buffer_memory_bytes",
+                    "Bytes of request bodies and answers buffered in memory now.",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&(buffers.memory_bytes as i64))?;
+            encoder
+                .encode_descriptor(
+                    "rolld_buffer_disk_bytes",
+                    "Bytes of request bodies and answers buffered in temporary files now.",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&(buffers.disk_bytes as i64))?;
+            counter(
+                &mut encoder,
+                "rolld_buffer_requests_spilled",
+                "Request bodies that went to a temporary file (over request_buffer or the memory budget).",
+                buffers.requests_spilled,
+            )?;
+            counter(
+                &mut encoder,
+                "rolld_buffer_responses_spilled",
+                "Answers that went to a temporary file (over response_buffer or the memory budget).",
+                buffers.responses_spilled,
+            )?;
             let paused = i64::from(proxy.upstreams().paused_until().is_some());
             encoder
                 .encode_descriptor(

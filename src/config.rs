@@ -67,6 +67,14 @@ struct RawProxy {
     tunnel_idle_timeout: Option<String>,
     hold_timeout: Option<String>,
     max_held: Option<usize>,
+    buffering: Option<bool>,
+    request_buffer: Option<RawSize>,
+    response_buffer: Option<RawSize>,
+    buffer_memory: Option<RawSize>,
+    buffer_disk: Option<RawSize>,
+    max_response_file: Option<RawSize>,
+    buffer_dir: Option<String>,
+    unbuffered_paths: Option<Vec<String>>,
     retries: Option<u32>,
     retry_body_limit: Option<RawSize>,
     retry_timeouts: Option<bool>,
@@ -92,7 +100,7 @@ struct RawCertificate {
 }
 
 /// A byte size: a number, or a string with a k/m/g suffix as nginx writes them.
-#[derive(Deserialize)]
+#[derive(Deserialize, Clone)]
 #[serde(untagged)]
 enum RawSize {
     Bytes(u64),
@@ -1070,6 +1078,7 @@ const DEFAULT_MIN_REQUESTS: u64 = 50;
 fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, String> {
     let d = ProxyConfig::default();
     let Some(raw) = raw else { return Ok(d) };
+    let buffering = validate_buffering(v, &raw)?;
     let duration =
         |key: &str, value: Option<&str>, default: Duration| -> Result<Duration, String> {
             let d = v.duration(&format!("proxy.{key}"), value, default)?;
@@ -1085,6 +1094,20 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
             n => Some(n),
         },
     };
+    // A body larger than every temporary file together could never be buffered: it
+    // would wait for room that cannot come, then get 503.
+    if let (true, Some(max)) = (buffering.enabled, max_body_size) {
+        if max > buffering.disk {
+            return Err(v.err(
+                "proxy.max_body_size",
+                format!(
+                    "{} is larger than proxy.buffer_disk ({}): such a body could never be buffered; raise buffer_disk or lower max_body_size",
+                    human(max),
+                    human(buffering.disk)
+                ),
+            ));
+        }
+    }
     let max_header_size = match raw.max_header_size {
         None => d.max_header_size,
         Some(size) => {
@@ -1206,6 +1229,7 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
         ));
     }
     Ok(ProxyConfig {
+        buffering,
         retries,
         retry_body_limit,
         retry_timeouts: raw.retry_timeouts.unwrap_or(d.retry_timeouts),
@@ -1271,6 +1295,117 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
     })
 }
 
+/// Largest memory share of one request or answer (`proxy.request_buffer`,
+/// `proxy.response_buffer`).
+const MAX_MESSAGE_BUFFER: u64 = 64 * 1024 * 1024;
+/// Largest `proxy.buffer_memory`.
+const MAX_BUFFER_MEMORY: u64 = 64 * 1024 * 1024 * 1024;
+/// Largest `proxy.buffer_disk` and `proxy.max_response_file`.
+const MAX_BUFFER_DISK: u64 = 16 * 1024 * 1024 * 1024 * 1024;
+
+fn validate_buffering(v: &Validator, raw: &RawProxy) -> Result<rolld_proxy::BufferConfig, String> {
+    let d = rolld_proxy::BufferConfig::default();
+    let size = |key: &str, value: &Option<RawSize>, default: u64, min: u64, max: u64| {
+        let path = format!("proxy.{key}");
+        let n = match value {
+            None => return Ok(default),
+            Some(size) => parse_size(v, &path, size.clone())?,
+        };
+        if !(min..=max).contains(&n) {
+            return Err(v.err(
+                &path,
+                format!("{n} bytes is not between {} and {}", human(min), human(max)),
+            ));
+        }
+        Ok(n)
+    };
+    let request_buffer = size(
+        "request_buffer",
+        &raw.request_buffer,
+        d.request_buffer as u64,
+        1024,
+        MAX_MESSAGE_BUFFER,
+    )? as usize;
+    let response_buffer = size(
+        "response_buffer",
+        &raw.response_buffer,
+        d.response_buffer as u64,
+        1024,
+        MAX_MESSAGE_BUFFER,
+    )? as usize;
+    let memory = size(
+        "buffer_memory",
+        &raw.buffer_memory,
+        d.memory,
+        1024 * 1024,
+        MAX_BUFFER_MEMORY,
+    )?;
+    let disk = size(
+        "buffer_disk",
+        &raw.buffer_disk,
+        d.disk,
+        1024 * 1024,
+        MAX_BUFFER_DISK,
+    )?;
+    // 0: answers never go to disk; beyond memory the app is read at the client's pace.
+    let max_response_file = size(
+        "max_response_file",
+        &raw.max_response_file,
+        d.max_response_file.min(disk),
+        0,
+        disk,
+    )?;
+    let dir = match &raw.buffer_dir {
+        None => d.dir,
+        Some(text) => {
+            let dir = v.own_path(text);
+            if !dir.is_dir() {
+                return Err(v.err(
+                    "proxy.buffer_dir",
+                    format!("{} is not a folder", dir.display()),
+                ));
+            }
+            dir
+        }
+    };
+    let mut unbuffered_paths = Vec::new();
+    for path in raw.unbuffered_paths.iter().flatten() {
+        if !path.starts_with('/') {
+            return Err(v.err(
+                "proxy.unbuffered_paths",
+                format!("`{path}` is not a path (it must start with /)"),
+            ));
+        }
+        unbuffered_paths.push(path.clone());
+    }
+    Ok(rolld_proxy::BufferConfig {
+        enabled: raw.buffering.unwrap_or(d.enabled),
+        request_buffer,
+        response_buffer,
+        memory,
+        disk,
+        max_response_file,
+        dir,
+        unbuffered_paths,
+    })
+}
+
+/// A size as a person writes it: 64k, 1m, 16t.
+fn human(n: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "t"),
+        (1 << 30, "g"),
+        (1 << 20, "m"),
+        (1 << 10, "k"),
+    ];
+    for (unit, name) in UNITS {
+        if n >= unit && n % unit == 0 {
+            return format!("{}{name}", n / unit);
+        }
+    }
+    n.to_string()
+}
+
 fn parse_size(v: &Validator, key: &str, raw: RawSize) -> Result<u64, String> {
     let text = match raw {
         RawSize::Bytes(n) => return Ok(n),
@@ -1286,6 +1421,7 @@ fn parse_size(v: &Validator, key: &str, raw: RawSize) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1024,
         "m" | "mb" | "mib" => 1024 * 1024,
         "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        "t" | "tb" | "tib" => 1024 * 1024 * 1024 * 1024,
         _ => 0,
     };
     digits
@@ -1686,6 +1822,73 @@ app-servers:
     }
 
     #[test]
+    fn buffering_is_on_by_default_and_its_sizes_are_bounded() {
+        let c = parse(ORIGINAL).expect("valid");
+        assert_eq!(c.proxy.buffering, rolld_proxy::BufferConfig::default());
+        assert!(c.proxy.buffering.enabled, "on by default, as nginx");
+        let dir = tempfile::tempdir().expect("dir");
+        let c = parse(&format!(
+            "proxy:\n  buffering: false\n  request_buffer: 16k\n  response_buffer: 1m\n  buffer_memory: 256m\n  buffer_disk: 2g\n  max_response_file: 0\n  buffer_dir: {}\n  unbuffered_paths: [/events, /upload/live]\n{ORIGINAL}",
+            dir.path().display()
+        ))
+        .expect("valid");
+        let b = &c.proxy.buffering;
+        assert!(!b.enabled);
+        assert_eq!(b.request_buffer, 16 * 1024);
+        assert_eq!(b.response_buffer, 1 << 20);
+        assert_eq!(b.memory, 256 << 20);
+        assert_eq!(b.disk, 2 << 30);
+        assert_eq!(b.max_response_file, 0);
+        assert_eq!(b.dir, realpath(dir.path()));
+        assert_eq!(b.unbuffered_paths, vec!["/events", "/upload/live"]);
+        for (bad, needles) in [
+            (
+                "request_buffer: 100",
+                &["line 2", "proxy.request_buffer", "between 1k and 64m"][..],
+            ),
+            (
+                "response_buffer: 1g",
+                &["line 2", "proxy.response_buffer", "between 1k and 64m"],
+            ),
+            (
+                "buffer_memory: 10k",
+                &["line 2", "proxy.buffer_memory", "between 1m and 64g"],
+            ),
+            (
+                "buffer_disk: 100t",
+                &["line 2", "proxy.buffer_disk", "between 1m and 16t"],
+            ),
+            (
+                "buffer_disk: lots",
+                &["line 2", "proxy.buffer_disk", "not a size"],
+            ),
+            (
+                "max_response_file: 2g",
+                &["line 2", "proxy.max_response_file", "between 0 and 1g"],
+            ),
+            (
+                "buffer_dir: /nonexistent/rolld",
+                &["line 2", "proxy.buffer_dir", "not a folder"],
+            ),
+            (
+                "unbuffered_paths: [events]",
+                &["line 2", "proxy.unbuffered_paths", "must start with /"],
+            ),
+            ("buffering: sometimes", &["buffering"]),
+            (
+                "max_body_size: 2g",
+                &[
+                    "line 2",
+                    "proxy.max_body_size",
+                    "larger than proxy.buffer_disk (1g)",
+                ],
+            ),
+        ] {
+            assert_error(&format!("proxy:\n  {bad}\n{ORIGINAL}"), needles);
+        }
+    }
+
+    #[test]
     fn durations_and_counts_are_bounded() {
         assert_error(
             &format!("{ORIGINAL}  drain_timeout: 10000000000000000000s\n"),
@@ -2013,8 +2216,10 @@ app-servers:
             proxy_key in prop::sample::select(vec![
                 "client_header_timeout", "keepalive_timeout", "max_body_size",
                 "max_header_size", "max_connections", "trusted_proxies", "workers",
-                "hold_timeout", "max_held", "retries", "retry_body_limit", "retry_timeouts",
-                "retry_budget", "retry_budget_floor",
+                "hold_timeout", "max_held", "buffering", "request_buffer",
+                "response_buffer", "buffer_memory", "buffer_disk", "max_response_file",
+                "buffer_dir", "unbuffered_paths", "retries", "retry_body_limit",
+                "retry_timeouts", "retry_budget", "retry_budget_floor",
             ]),
             value in "[ -~]{0,30}",
         ) {

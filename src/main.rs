@@ -481,6 +481,29 @@ fn plan(config: &Config) -> String {
                 p.max_held
             );
         }
+        let b = &p.buffering;
+        if b.enabled {
+            let opted_out = if b.unbuffered_paths.is_empty() {
+                String::new()
+            } else {
+                format!("; streamed: {}", b.unbuffered_paths.join(", "))
+            };
+            let _ = writeln!(
+                out,
+                "buffering:    requests {} and answers {} bytes each in memory, {} bytes in all, then temporary files in {} (at most {} bytes, {} per answer){opted_out}",
+                b.request_buffer,
+                b.response_buffer,
+                b.memory,
+                b.dir.display(),
+                b.disk,
+                b.max_response_file
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "buffering:    off (requests and answers stream both ways)"
+            );
+        }
         let trusted: Vec<String> = p.trusted_proxies.iter().map(|n| n.to_string()).collect();
         let trusted = if trusted.is_empty() {
             "none".to_string()

@@ -112,6 +112,21 @@ pub struct Snapshot {
     /// The TLS listener's certificates (none without `tls`).
     #[serde(default)]
     pub certificates: Vec<CertificateStatus>,
+    /// What the request and response buffers hold (none without the built-in proxy).
+    #[serde(default)]
+    pub buffers: Option<BufferStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BufferStatus {
+    /// Bytes of request bodies and answers in memory now.
+    pub memory_bytes: u64,
+    /// Bytes of request bodies and answers in temporary files now.
+    pub disk_bytes: u64,
+    /// Request bodies that went (partly) to disk so far.
+    pub requests_spilled: u64,
+    /// Answers that went (partly) to disk so far.
+    pub responses_spilled: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -437,6 +452,15 @@ impl Board {
                     days_left: c.days_left(SystemTime::now()),
                 })
                 .collect(),
+            buffers: proxy.map(|p| {
+                let b = p.buffer_stats();
+                BufferStatus {
+                    memory_bytes: b.memory_bytes,
+                    disk_bytes: b.disk_bytes,
+                    requests_spilled: b.requests_spilled,
+                    responses_spilled: b.responses_spilled,
+                }
+            }),
         }
     }
 }
@@ -558,6 +582,15 @@ impl Snapshot {
                 r.refused_by_budget,
                 failed.as_deref().unwrap_or("none")
             );
+        }
+        if let Some(b) = &self.buffers {
+            if *b != BufferStatus::default() {
+                let _ = writeln!(
+                    out,
+                    "buffers: {} bytes in memory, {} on disk; spilled to disk so far: {} request(s), {} answer(s)",
+                    b.memory_bytes, b.disk_bytes, b.requests_spilled, b.responses_spilled
+                );
+            }
         }
         for c in &self.certificates {
             let _ = writeln!(

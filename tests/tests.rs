@@ -2,6 +2,7 @@
 
 mod support;
 
+mod buffering;
 mod config;
 mod containment;
 mod control;

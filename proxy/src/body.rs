@@ -202,8 +202,11 @@ impl Upload {
 
 /// A client's request body on its way to an upstream, bounded in size and idleness.
 pub struct RequestBody {
-    /// `None` for a request rebuilt to be sent again.
+    /// `None` for a request rebuilt to be sent again, and for a body buffered before
+    /// it was sent.
     inner: Option<Incoming>,
+    /// A body read completely before the request went out (see `buffer`).
+    spooled: Option<crate::buffer::SpooledReader>,
     /// A request sent again: its body as it was kept the first time (see `retry`).
     again: VecDeque<Bytes>,
     /// Where the chunks are kept while they go by, to send the request again.
@@ -224,6 +227,7 @@ impl RequestBody {
     ) -> Self {
         RequestBody {
             inner: Some(inner),
+            spooled: None,
             again: VecDeque::new(),
             kept: None,
             remaining: limit.unwrap_or(u64::MAX),
@@ -235,6 +239,7 @@ impl RequestBody {
     pub(crate) fn empty() -> Self {
         RequestBody {
             inner: None,
+            spooled: None,
             again: VecDeque::new(),
             kept: None,
             remaining: 0,
@@ -258,10 +263,24 @@ impl RequestBody {
         };
         RequestBody {
             inner,
+            spooled: None,
             again: chunks,
             kept: Some(kept),
             remaining,
             idle: IdleTimer::new(idle),
+            upload: Some(upload),
+        }
+    }
+
+    /// A body that rolld has read completely already (its limits were checked then).
+    pub(crate) fn spooled(reader: crate::buffer::SpooledReader, upload: Arc<Upload>) -> Self {
+        RequestBody {
+            inner: None,
+            spooled: Some(reader),
+            again: VecDeque::new(),
+            kept: None,
+            remaining: 0,
+            idle: IdleTimer::new(Duration::MAX),
             upload: Some(upload),
         }
     }
@@ -293,6 +312,20 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(spooled) = this.spooled.as_mut() {
+            return Poll::Ready(match spooled.next_chunk() {
+                Ok(Some(data)) => {
+                    let done = spooled.remaining() == 0;
+                    this.moved(done);
+                    Some(Ok(Frame::data(data)))
+                }
+                Ok(None) => {
+                    this.moved(true);
+                    None
+                }
+                Err(err) => Some(Err(err.into())),
+            });
+        }
         if let Some(chunk) = this.again.pop_front() {
             let done = this.again.is_empty() && this.inner.as_ref().is_none_or(Body::is_end_stream);
             this.moved(done);
@@ -342,10 +375,16 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(spooled) = &self.spooled {
+            return spooled.remaining() == 0;
+        }
         self.again.is_empty() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(spooled) = &self.spooled {
+            return SizeHint::with_exact(spooled.remaining());
+        }
         self.inner.as_ref().map_or_else(
             || SizeHint::with_exact(self.again.iter().map(|c| c.len() as u64).sum()),
             Body::size_hint,
@@ -380,6 +419,8 @@ pub struct ResponseBody {
 enum Kind {
     /// Streamed from an upstream, holding the request's lease.
     Upstream(UpstreamBody),
+    /// Read from rolld's buffer, which the app fills (see `buffer`).
+    Buffered(crate::buffer::BufferedResponse),
     /// An answer of the proxy's own (errors).
     Full(Option<Bytes>),
 }
@@ -405,6 +446,15 @@ impl ResponseBody {
     pub(crate) fn upstream(body: UpstreamBody) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
+            _busy: None,
+            progress: None,
+        }
+    }
+
+    /// An upstream's body, buffered.
+    pub(crate) fn buffered(body: crate::buffer::BufferedResponse) -> Self {
+        ResponseBody {
+            kind: Kind::Buffered(body),
             _busy: None,
             progress: None,
         }
@@ -502,6 +552,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(up) => up.body.is_end_stream(),
+            Kind::Buffered(buffered) => buffered.is_end_stream(),
         }
     }
 
@@ -510,6 +561,7 @@ impl Body for ResponseBody {
             Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(up) => up.body.size_hint(),
+            Kind::Buffered(buffered) => buffered.size_hint(),
         }
     }
 }
@@ -518,6 +570,7 @@ impl ResponseBody {
     fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Buffered(buffered) => buffered.poll_frame(cx),
             Kind::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     up.idle.progress();

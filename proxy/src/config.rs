@@ -61,7 +61,8 @@ pub struct ProxyConfig {
     /// Times a request is sent again after it was written to an app process that failed
     /// before answering, when that is safe (see `retry`); 0: never.
     pub retries: u32,
-    /// Largest request body kept to be sent again; a larger body is not resent.
+    /// Largest streamed request body kept to be sent again; a larger one is not resent
+    /// (a buffered body can always be read again).
     pub retry_body_limit: u64,
     /// Whether a request whose answer did not come within `response_timeout` is sent
     /// again: off, since the app may still be working on it.
@@ -70,6 +71,8 @@ pub struct ProxyConfig {
     pub retry_budget: f64,
     /// Retries per second allowed beyond that share (a quiet service still retries).
     pub retry_budget_floor: u32,
+    /// Request and response buffering (see `buffer`).
+    pub buffering: crate::buffer::BufferConfig,
 }
 
 impl Default for ProxyConfig {
@@ -98,6 +101,7 @@ impl Default for ProxyConfig {
             retry_timeouts: false,
             retry_budget: 0.2,
             retry_budget_floor: 10,
+            buffering: crate::buffer::BufferConfig::default(),
         }
     }
 }

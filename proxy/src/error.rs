@@ -46,6 +46,10 @@ pub enum ProxyError {
     ClientBodyIdle,
     #[error("request is not valid for forwarding: {0}")]
     BadRequest(&'static str),
+    #[error("no buffer room came free for the request body within body_idle_timeout")]
+    BuffersFull,
+    #[error("buffering the request body failed: {0}")]
+    Spool(std::io::Error),
 }
 
 impl ProxyError {
@@ -63,6 +67,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBodyIdle => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BuffersFull => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Spool(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -99,6 +105,8 @@ impl ProxyError {
                 | ProxyError::ClientBodyIdle
                 | ProxyError::BadRequest(_)
                 | ProxyError::UploadStalled { .. }
+                | ProxyError::BuffersFull
+                | ProxyError::Spool(_)
         );
         let body = match status {
             StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable\n",
@@ -106,6 +114,7 @@ impl ProxyError {
             StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout\n",
             StatusCode::PAYLOAD_TOO_LARGE => "413 Payload Too Large\n",
             StatusCode::REQUEST_TIMEOUT => "408 Request Timeout\n",
+            StatusCode::INTERNAL_SERVER_ERROR => "500 Internal Server Error\n",
             _ => "400 Bad Request\n",
         };
         let mut response = Response::new(ResponseBody::full(Bytes::from_static(body.as_bytes())));

@@ -16,6 +16,7 @@ use crate::activity::{Activity, Busy};
 use crate::body::{
     BodyError, ClientBodyFailed, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody,
 };
+use crate::buffer::{self, BufferStats, Buffers, SpoolError, SpooledBody};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::headers;
@@ -37,6 +38,8 @@ pub struct Proxy {
     retry_budget: RetryBudget,
     /// While set, every request gets this page (503) and nothing reaches an app.
     maintenance: arc_swap::ArcSwapOption<MaintenancePage>,
+    /// Request and response buffers, and their budget.
+    buffers: Arc<Buffers>,
 }
 
 /// Who is on the other end of a front connection, computed once per connection.
@@ -85,6 +88,7 @@ impl Proxy {
         Proxy {
             upstreams,
             retry_budget: RetryBudget::new(config.retry_budget, config.retry_budget_floor),
+            buffers: Buffers::new(config.buffering.clone()),
             config,
             stats: Stats::default(),
             maintenance: arc_swap::ArcSwapOption::empty(),
@@ -104,6 +108,11 @@ impl Proxy {
     /// Counters of the traffic so far.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// What the request and response buffers hold now.
+    pub fn buffer_stats(&self) -> BufferStats {
+        self.buffers.stats()
     }
 
     pub fn upstreams(&self) -> &Arc<Upstreams> {
@@ -212,6 +221,12 @@ impl Proxy {
                 return Err((ProxyError::BodyTooLarge, access));
             }
         }
+        // A buffered request body is read completely before an upstream is picked.
+        let buffered = self.buffers.buffers_path(req.uri().path());
+        let spooled = match self.spool(&mut req, buffered).await {
+            Ok(spooled) => spooled,
+            Err(err) => return Err((err, access)),
+        };
         let lease = match self.admit().await {
             Ok(lease) => lease,
             Err(err) => return Err((err, access)),
@@ -245,24 +260,36 @@ impl Proxy {
             &|ip| self.config.trusts(ip),
         );
 
+        let upload = Upload::new();
+        if let Some(spooled) = &spooled {
+            // Its length is known now: sent with `Content-Length`, which every app
+            // server reads (some refuse chunked requests).
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(spooled.len()));
+        }
         // What it takes to send the request again if its upstream fails under it after
         // it was written (the app crashed, or closed the idle connection at that
-        // moment): kept only when that is safe (see `retry`).
+        // moment): kept only when that is safe (see `retry`). A buffered body can always
+        // be read again.
         let replay = Replay::of(
             &parts,
+            spooled.clone(),
             body.is_end_stream(),
             body.size_hint().lower(),
             upgrade,
             self.config.retry_body_limit,
         );
-        let upload = Upload::new();
-        let body = RequestBody::new(
-            body,
-            self.config.max_body_size,
-            self.config.body_idle_timeout,
-            upload.clone(),
-        )
-        .keeping(replay.as_ref().ok().and_then(Replay::kept));
+        let body = match &spooled {
+            Some(spooled) => RequestBody::spooled(spooled.reader(), upload.clone()),
+            None => RequestBody::new(
+                body,
+                self.config.max_body_size,
+                self.config.body_idle_timeout,
+                upload.clone(),
+            )
+            .keeping(replay.as_ref().ok().and_then(Replay::kept)),
+        };
         self.retry_budget.request();
         let mut req = Request::from_parts(parts, body);
         let sending = Instant::now();
@@ -368,6 +395,18 @@ impl Proxy {
         }
         headers::strip_hop_by_hop(&mut parts.headers, false);
         let conn = reusable.then_some(conn);
+        let buffer_answer =
+            buffered && !body.is_end_stream() && Buffers::buffers_answer(&parts.headers);
+        // For rolld, as for nginx; not for the client.
+        parts.headers.remove("x-accel-buffering");
+        if buffer_answer {
+            let idle = self.config.body_idle_timeout;
+            let body = buffer::buffer_answer(&self.buffers, body, lease, conn, idle, access);
+            return Ok(Response::from_parts(
+                parts,
+                ResponseBody::buffered(body).holding(busy.take()),
+            ));
+        }
         let body = UpstreamBody::new(body, lease, conn, self.config.body_idle_timeout, access);
         Ok(Response::from_parts(
             parts,
@@ -409,6 +448,37 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Reads the request body into a buffer when it is buffered: it has a body, its
+    /// path is buffered, and it is no upgrade (whose bytes after the head are the
+    /// tunnel's).
+    async fn spool(
+        &self,
+        req: &mut Request<Incoming>,
+        buffered: bool,
+    ) -> Result<Option<Arc<SpooledBody>>, ProxyError> {
+        if !buffered || req.body().is_end_stream() || headers::is_upgrade(req.headers()) {
+            return Ok(None);
+        }
+        let body = self
+            .buffers
+            .spool_request(
+                req.body_mut(),
+                self.config.max_body_size,
+                self.config.body_idle_timeout,
+            )
+            .await
+            .map_err(|err| match err {
+                SpoolError::Idle => ProxyError::ClientBodyIdle,
+                SpoolError::TooLarge => ProxyError::BodyTooLarge,
+                SpoolError::Unreadable => {
+                    ProxyError::BadRequest("the request body could not be read")
+                }
+                SpoolError::Full => ProxyError::BuffersFull,
+                SpoolError::Io(err) => ProxyError::Spool(err),
+            })?;
+        Ok(Some(Arc::new(body)))
     }
 
     /// A lease for a new request, held while no upstream can take it (see `hold`).

@@ -15,6 +15,8 @@
 //! - `retry`: what is safe to send again after an upstream failed under a request,
 //!   the kept body, and the retry budget.
 //! - `body`: request and response bodies, the response carrying the lease.
+//! - [`buffer`]: request and response buffering (memory, then unlinked temporary
+//!   files, within a global budget), so slow clients never hold an app worker.
 //! - `headers`: hop-by-hop and forwarding headers.
 //! - `moved`: when a socket last read bytes, for idle timeouts.
 //! - `activity`: the client connection's IO: header and keep-alive timeouts, and
@@ -31,6 +33,7 @@
 mod access;
 mod activity;
 mod body;
+pub mod buffer;
 pub mod config;
 pub mod drain;
 pub mod error;
@@ -48,6 +51,7 @@ pub mod upstream;
 mod watchdog;
 
 pub use body::{BodyError, RequestBody, ResponseBody};
+pub use buffer::{BufferConfig, BufferStats, SpooledBody};
 pub use config::ProxyConfig;
 pub use drain::{Drain, DrainTimedOut};
 pub use error::ProxyError;

@@ -25,6 +25,7 @@ use http::header::HeaderName;
 use http::{Request, Uri};
 
 use crate::body::{RequestBody, Upload};
+use crate::buffer::SpooledBody;
 
 /// The header of the IETF draft many APIs use: a request carrying it may be sent twice.
 pub(crate) static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -153,16 +154,21 @@ pub(crate) struct Replay {
     method: http::Method,
     uri: Uri,
     headers: http::HeaderMap,
-    /// `None`: the request has no body.
+    /// The body as it streamed by; `None`: no body, or a buffered one.
     body: Option<Arc<Kept>>,
+    /// The body read completely before the request went out (see `buffer`): it can
+    /// always be read again.
+    spooled: Option<Arc<SpooledBody>>,
 }
 
 impl Replay {
     /// What it takes to send this request again, or why it cannot be once written.
-    /// `body_end` says the request has no body, `body_at_least` how many bytes it has
-    /// at least; a body is kept up to `limit` bytes.
+    /// `spooled` is its body if it was buffered; else `body_end` says the request has no
+    /// body, `body_at_least` how many bytes it has at least; a body is kept up to
+    /// `limit` bytes.
     pub(crate) fn of(
         parts: &http::request::Parts,
+        spooled: Option<Arc<SpooledBody>>,
         body_end: bool,
         body_at_least: u64,
         upgrade: bool,
@@ -174,7 +180,7 @@ impl Replay {
         if !parts.method.is_idempotent() && !parts.headers.contains_key(&IDEMPOTENCY_KEY) {
             return Err(NotResent::NotIdempotent);
         }
-        let body = if body_end {
+        let body = if body_end || spooled.is_some() {
             None
         } else if body_at_least > limit {
             return Err(NotResent::BodyNotKept);
@@ -186,6 +192,7 @@ impl Replay {
             uri: parts.uri.clone(),
             headers: parts.headers.clone(),
             body,
+            spooled,
         })
     }
 
@@ -201,9 +208,10 @@ impl Replay {
         upload: &Arc<Upload>,
         idle: Duration,
     ) -> Result<Request<RequestBody>, NotResent> {
-        let body = match &self.body {
-            None => RequestBody::empty(),
-            Some(kept) => {
+        let body = match (&self.spooled, &self.body) {
+            (Some(spooled), _) => RequestBody::spooled(spooled.reader(), upload.clone()),
+            (None, None) => RequestBody::empty(),
+            (None, Some(kept)) => {
                 let (chunks, rest) = kept.take().await?;
                 RequestBody::again(chunks, rest, kept.clone(), idle, upload.clone())
             }
@@ -553,21 +561,21 @@ mod tests {
     #[test]
     fn only_idempotent_or_keyed_requests_with_small_bodies_are_kept() {
         for method in ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"] {
-            assert!(Replay::of(&parts(method, false), true, 0, false, 10).is_ok());
+            assert!(Replay::of(&parts(method, false), None, true, 0, false, 10).is_ok());
         }
         for method in ["POST", "PATCH", "CONNECT"] {
             assert_eq!(
-                Replay::of(&parts(method, false), true, 0, false, 10).err(),
+                Replay::of(&parts(method, false), None, true, 0, false, 10).err(),
                 Some(NotResent::NotIdempotent)
             );
-            assert!(Replay::of(&parts(method, true), true, 0, false, 10).is_ok());
+            assert!(Replay::of(&parts(method, true), None, true, 0, false, 10).is_ok());
         }
         assert_eq!(
-            Replay::of(&parts("PUT", false), false, 11, false, 10).err(),
+            Replay::of(&parts("PUT", false), None, false, 11, false, 10).err(),
             Some(NotResent::BodyNotKept)
         );
         assert_eq!(
-            Replay::of(&parts("GET", false), true, 0, true, 10).err(),
+            Replay::of(&parts("GET", false), None, true, 0, true, 10).err(),
             Some(NotResent::Upgrade)
         );
     }
@@ -582,7 +590,7 @@ mod tests {
         let idle = Duration::from_secs(5);
         rt.block_on(async {
             let upload = Upload::new();
-            let replay = Replay::of(&parts("PUT", false), false, 0, false, 10).expect("kept");
+            let replay = Replay::of(&parts("PUT", false), None, false, 0, false, 10).expect("kept");
             let kept = replay.kept().expect("a body");
             kept.keep(&Bytes::from_static(b"hello"), false);
             assert_eq!(
@@ -603,7 +611,7 @@ mod tests {
                 Some(NotResent::BodyNotKept),
                 "past the limit"
             );
-            let replay = Replay::of(&parts("PUT", false), false, 0, false, 10).expect("kept");
+            let replay = Replay::of(&parts("PUT", false), None, false, 0, false, 10).expect("kept");
             replay.kept().expect("a body").give_up();
             assert_eq!(
                 replay.build(&upload, idle).await.err(),
@@ -620,7 +628,7 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            let replay = Replay::of(&parts("PUT", false), false, 0, false, 10).expect("kept");
+            let replay = Replay::of(&parts("PUT", false), None, false, 0, false, 10).expect("kept");
             let kept = replay.kept().expect("a body");
             kept.keep(&Bytes::from_static(b"late"), false);
             let ends = kept.clone();

@@ -119,8 +119,16 @@ async fn x_forwarded_for_from_a_trusted_proxy_is_extended() {
 
 #[tokio::test]
 async fn a_request_with_content_length_and_chunked_never_smuggles_a_second_request() {
+    for buffering in [true, false] {
+        smuggling_attempt(buffering).await;
+    }
+}
+
+async fn smuggling_attempt(buffering: bool) {
     let up = Upstream::start(Script::Reply(ok("hi"))).await;
-    let front = front_for(&up).await;
+    let mut cfg = config();
+    cfg.buffering.enabled = buffering;
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     let answer = raw(
         front.addr,
         b"POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 48\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -926,7 +934,8 @@ fn h2_get(path: &str) -> http::Request<()> {
 /// The attack of issue 10: a client grants no flow-control window, asks for large
 /// answers on many streams and goes quiet, still answering PINGs. hyper then never
 /// polls those bodies again; the stream watchdog resets them after `body_idle_timeout`
-/// so they leave the in-flight count and a drain can finish.
+/// so they leave the in-flight count and a drain can finish. (Buffered, the answers
+/// leave the count once the app has sent them: this is about streamed ones.)
 #[tokio::test]
 async fn an_http2_client_that_never_opens_its_window_does_not_hold_requests_in_flight() {
     let big = format!(
@@ -936,6 +945,7 @@ async fn an_http2_client_that_never_opens_its_window_does_not_hold_requests_in_f
     let up = Upstream::start(Script::Reply(big.into_bytes())).await;
     let mut cfg = config();
     cfg.body_idle_timeout = Duration::from_secs(1);
+    cfg.buffering.enabled = false;
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     let mut client = h2_client(front.addr, 0).await;
     let started = Instant::now();
@@ -977,6 +987,66 @@ async fn an_http2_client_that_never_opens_its_window_does_not_hold_requests_in_f
     // The client is still connected, and served.
     assert!(!client.closed.is_finished());
     let _ = client.ping.ping(h2::Ping::opaque()).await.expect("pong");
+}
+
+/// What rolld grants an HTTP/2 client before it passes anything on: 256 KiB of request
+/// body a stream and 1 MiB a connection (hyper's default is 1 MiB for each), read from
+/// the server's first frames as a client receives them.
+#[tokio::test]
+async fn an_http2_client_may_send_256_kib_a_stream_and_1_mib_a_connection_ahead() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let mut tcp = TcpStream::connect(front.addr).await.expect("connect");
+    // The preface and an empty SETTINGS frame.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .expect("send the preface");
+    let (mut stream_window, mut connection_increment) = (None, None);
+    let mut got = Vec::new();
+    tokio::time::timeout(SOON, async {
+        while stream_window.is_none() || connection_increment.is_none() {
+            let mut chunk = [0u8; 1024];
+            let n = tcp.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed after {got:?}");
+            got.extend_from_slice(&chunk[..n]);
+            // Each complete frame: 3 bytes of length, type, flags, 4 of stream id.
+            let mut at = 0;
+            while got.len() >= at + 9 {
+                let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+                let (kind, flags) = (got[at + 3], got[at + 4]);
+                let Some(payload) = got.get(at + 9..at + 9 + len) else {
+                    break;
+                };
+                match kind {
+                    // SETTINGS, not an ack: 6-byte entries; 0x4 is INITIAL_WINDOW_SIZE.
+                    0x4 if flags & 1 == 0 => {
+                        for entry in payload.chunks_exact(6) {
+                            if u16::from_be_bytes([entry[0], entry[1]]) == 0x4 {
+                                stream_window = Some(u32::from_be_bytes([
+                                    entry[2], entry[3], entry[4], entry[5],
+                                ]));
+                            }
+                        }
+                    }
+                    // WINDOW_UPDATE on the connection (stream 0).
+                    0x8 if got[at + 5..at + 9] == [0, 0, 0, 0] => {
+                        connection_increment = Some(
+                            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                                & 0x7fff_ffff,
+                        );
+                    }
+                    _ => {}
+                }
+                at += 9 + len;
+            }
+            got.drain(..at);
+        }
+    })
+    .await
+    .expect("the server's SETTINGS and WINDOW_UPDATE in time");
+    assert_eq!(stream_window, Some(256 * 1024));
+    // The connection starts at 65,535 bytes and grows to 1 MiB.
+    assert_eq!(connection_increment, Some(1024 * 1024 - 65_535));
 }
 
 #[tokio::test]

@@ -16,6 +16,14 @@ fn config() -> ProxyConfig {
     ProxyConfig::default()
 }
 
+/// Without request buffering: bodies stream to the app as they arrive, and what is
+/// resent is what was kept on the way (see `retry`).
+fn streamed() -> ProxyConfig {
+    let mut config = config();
+    config.buffering.enabled = false;
+    config
+}
+
 fn count(stats: &[(&'static str, u64)], reason: &str) -> u64 {
     stats
         .iter()
@@ -41,9 +49,15 @@ fn request(method: &str, path: &str, headers: &str, body: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_put_whose_process_dies_after_receiving_it_is_resent_whole_to_another_upstream() {
+    for config in [config(), streamed()] {
+        put_resent_whole(config).await;
+    }
+}
+
+async fn put_resent_whole(config: ProxyConfig) {
     let dying = Upstream::start(Script::Vanish).await;
     let alive = Upstream::start(Script::Reply(ok("done"))).await;
-    let front = Front::start(config(), &[dying.addr, alive.addr], Balance::RoundRobin).await;
+    let front = Front::start(config, &[dying.addr, alive.addr], Balance::RoundRobin).await;
     for i in 0..8 {
         let body = format!("body of item {i}: {}", "x".repeat(3000));
         let answer = exchange(
@@ -90,7 +104,7 @@ async fn a_body_still_arriving_when_its_process_dies_is_resent_whole_as_the_rest
     let dying = Upstream::start(Script::VanishMidBody).await;
     let alive = Upstream::start(Script::Reply(ok("done"))).await;
     // Round robin's first pick is the first upstream: the dying one.
-    let front = Front::start(config(), &[dying.addr, alive.addr], Balance::RoundRobin).await;
+    let front = Front::start(streamed(), &[dying.addr, alive.addr], Balance::RoundRobin).await;
     let first = "a".repeat(1000);
     let second = "b".repeat(1000);
     let mut client = tokio::net::TcpStream::connect(front.addr)
@@ -191,31 +205,40 @@ async fn a_post_with_idempotency_key_is_resent_and_succeeds() {
 }
 
 #[tokio::test]
-async fn a_body_larger_than_retry_body_limit_is_not_resent() {
-    let dying = Upstream::start(Script::Vanish).await;
-    let alive = Upstream::start(Script::Reply(ok("done"))).await;
-    let config = ProxyConfig {
-        retry_body_limit: 1024,
-        ..config()
-    };
-    let front = Front::start(config, &[dying.addr, alive.addr], Balance::RoundRobin).await;
-    let (mut refused, mut resent) = (0, 0);
-    for i in 0..10 {
-        // Even: within the limit (exactly at it), odd: one byte over.
-        let body = "y".repeat(1024 + i % 2);
-        let path = format!("/big/{i} ");
-        let answer = exchange(front.addr, &request("PUT", path.trim(), "", &body)).await;
-        let died_under = dying.received().matches(&path).count() == 1;
-        match (answer.starts_with("HTTP/1.1 502"), i % 2, died_under) {
-            (true, 1, true) => refused += 1,
-            (false, 0, true) => resent += 1,
-            (false, _, false) => {}
-            other => panic!("{other:?}: {answer}"),
+async fn a_streamed_body_larger_than_retry_body_limit_is_not_resent_a_buffered_one_is() {
+    for buffering in [false, true] {
+        let dying = Upstream::start(Script::Vanish).await;
+        let alive = Upstream::start(Script::Reply(ok("done"))).await;
+        let mut config = ProxyConfig {
+            retry_body_limit: 1024,
+            ..config()
+        };
+        config.buffering.enabled = buffering;
+        let front = Front::start(config, &[dying.addr, alive.addr], Balance::RoundRobin).await;
+        let (mut refused, mut resent) = (0, 0);
+        for i in 0..10 {
+            // Even: within the limit (exactly at it), odd: one byte over.
+            let body = "y".repeat(1024 + i % 2);
+            let path = format!("/big/{i} ");
+            let answer = exchange(front.addr, &request("PUT", path.trim(), "", &body)).await;
+            let died_under = dying.received().matches(&path).count() == 1;
+            let over = i % 2 == 1 && !buffering;
+            match (answer.starts_with("HTTP/1.1 502"), over, died_under) {
+                (true, true, true) => refused += 1,
+                (false, false, true) => resent += 1,
+                (false, _, false) => {}
+                other => panic!("buffering {buffering}, {other:?}: {answer}"),
+            }
         }
+        assert!(resent >= 1, "buffering {buffering}: {refused} {resent}");
+        if buffering {
+            assert_eq!(refused, 0, "a buffered body is always resent");
+        } else {
+            assert!(refused >= 1, "{refused} {resent}");
+        }
+        let stats = front.proxy.stats().snapshot();
+        assert_eq!(bad_gateways(&stats, "body_not_kept"), refused);
     }
-    assert!(refused >= 1 && resent >= 1, "{refused} {resent}");
-    let stats = front.proxy.stats().snapshot();
-    assert_eq!(bad_gateways(&stats, "body_not_kept"), refused);
 }
 
 #[tokio::test]
