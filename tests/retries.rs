@@ -324,11 +324,15 @@ async fn chaos_client(
                     .map(|i| b'a' + ((i as u64 + request) % 26) as u8)
                     .collect::<Vec<u8>>()
                     .into();
+                // `/streamed/` is in `unbuffered_paths`: its body goes to the app as it
+                // arrives, and what is resent is what was kept on the way; `/item/` is
+                // buffered first, and resent from its buffer.
+                let kind = if n % 2 == 0 { "streamed" } else { "item" };
                 let answer = conn
                     .send(
                         "PUT",
                         port,
-                        &format!("/item/{request}?delay={delay}"),
+                        &format!("/{kind}/{request}?delay={delay}"),
                         &[],
                         body.clone(),
                     )
@@ -402,7 +406,12 @@ fn app_processes_killed_at_random_during_rolls_lose_no_request_that_can_be_resen
     use rand::Rng;
     let effects = tempfile::tempdir().expect("temp dir");
     let fixture = fixture(4, effects.path());
-    let mut rolld = Rolld::start(&fixture);
+    let yaml = format!(
+        "proxy:\n  unbuffered_paths: [/streamed/]\n{}",
+        fixture.yaml()
+    );
+    let mut rolld = Rolld::spawn(&yaml, fixture.listen);
+    rolld.wait_log("roll finished", 1);
     let port = fixture.listen;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
