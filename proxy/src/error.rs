@@ -35,6 +35,11 @@ pub enum ProxyError {
         upstream: std::net::SocketAddr,
         after: std::time::Duration,
     },
+    #[error("upstream {upstream} sent the head of a small answer but not all of its body within {after:?}")]
+    AnswerStalled {
+        upstream: std::net::SocketAddr,
+        after: std::time::Duration,
+    },
     #[error("upstream {upstream} took no request body bytes within {after:?}")]
     UploadStalled {
         upstream: std::net::SocketAddr,
@@ -61,9 +66,9 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } | ProxyError::Exhausted => {
                 StatusCode::BAD_GATEWAY
             }
-            ProxyError::Timeout { .. } | ProxyError::UploadStalled { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::Timeout { .. }
+            | ProxyError::AnswerStalled { .. }
+            | ProxyError::UploadStalled { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBodyIdle => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -91,6 +96,7 @@ impl ProxyError {
                 | ProxyError::Upstream { .. }
                 | ProxyError::Exhausted
                 | ProxyError::Timeout { .. }
+                | ProxyError::AnswerStalled { .. }
                 | ProxyError::UploadStalled { .. }
         )
     }

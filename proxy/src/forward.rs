@@ -401,6 +401,12 @@ impl Proxy {
         parts.headers.remove("x-accel-buffering");
         if buffer_answer {
             let idle = self.config.body_idle_timeout;
+            let small = body.size_hint().exact().is_some_and(|n| n <= SMALL_ANSWER);
+            if small {
+                return self
+                    .read_small_answer(parts, body, lease, conn, access, busy)
+                    .await;
+            }
             let body = buffer::buffer_answer(&self.buffers, body, lease, conn, idle, access);
             return Ok(Response::from_parts(
                 parts,
@@ -479,6 +485,55 @@ impl Proxy {
                 SpoolError::Io(err) => ProxyError::Spool(err),
             })?;
         Ok(Some(Arc::new(body)))
+    }
+
+    /// Buffers a small answer of known length (most of an API's) right here, in the
+    /// request's own task: no pump task and no pipe. The app's connection goes back to
+    /// the pool, and the lease ends, before the client gets a byte. An answer that
+    /// breaks off or stalls on the way gets a 502 or 504 instead of a cut answer. Its
+    /// access log line is written now, with the bytes it will send.
+    async fn read_small_answer(
+        &self,
+        parts: http::response::Parts,
+        body: Incoming,
+        lease: InFlight,
+        conn: Option<Conn>,
+        access: Option<Box<AccessLog>>,
+        busy: &mut Option<Busy>,
+    ) -> Result<Response<ResponseBody>, (ProxyError, Option<Box<AccessLog>>)> {
+        use http_body_util::BodyExt;
+        let upstream = lease.upstream().addr();
+        let idle = self.config.body_idle_timeout;
+        match tokio::time::timeout(idle, body.collect()).await {
+            Ok(Ok(collected)) => {
+                if let Some(conn) = conn {
+                    lease.upstream().pool().checkin(conn);
+                }
+                drop(lease);
+                let bytes = collected.to_bytes();
+                if let Some(mut access) = access {
+                    access.bytes = bytes.len() as u64;
+                }
+                Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::full(bytes).holding(busy.take()),
+                ))
+            }
+            Ok(Err(source)) => {
+                lease.cut_mid_answer();
+                Err((ProxyError::Upstream { upstream, source }, access))
+            }
+            Err(_) => {
+                lease.cut_mid_answer();
+                Err((
+                    ProxyError::AnswerStalled {
+                        upstream,
+                        after: idle,
+                    },
+                    access,
+                ))
+            }
+        }
     }
 
     /// A lease for a new request, held while no upstream can take it (see `hold`).
@@ -666,6 +721,12 @@ impl Proxy {
         Ok(())
     }
 }
+
+/// Largest answer of known length that is buffered in the request's own task (see
+/// `read_small_answer`): what one write hands to the kernel at once, so its bytes leave
+/// rolld as soon as the client connection takes a write, outside the buffer budget as
+/// hyper's own write buffer is.
+const SMALL_ANSWER: u64 = 16 * 1024;
 
 /// Whether a failed connect says the upstream is down (refused, timed out, unreachable,
 /// reset), rather than this machine being short of something (EMFILE, ENFILE,

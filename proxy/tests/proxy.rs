@@ -377,6 +377,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
     );
 }
 
+/// A streamed answer (buffering off) that stalls is cut: the client has its head.
 #[tokio::test]
 async fn an_upstream_body_that_stalls_is_cut_after_the_idle_timeout() {
     let up = Upstream::start(Script::Reply(
@@ -384,6 +385,7 @@ async fn an_upstream_body_that_stalls_is_cut_after_the_idle_timeout() {
     ))
     .await;
     let mut cfg = config();
+    cfg.buffering.enabled = false;
     cfg.body_idle_timeout = Duration::from_millis(500);
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     let started = Instant::now();
@@ -413,13 +415,54 @@ async fn a_client_body_that_stalls_gets_408() {
 
 // ---- failures ------------------------------------------------------------------------------
 
+/// A small answer is buffered whole before the client gets its head: one that breaks
+/// off or stalls after its head becomes a 502 or a 504, never a short success, and the
+/// client's connection serves on.
+#[tokio::test]
+async fn a_small_buffered_answer_that_breaks_off_or_stalls_gets_502_or_504() {
+    let mut cfg = config();
+    cfg.body_idle_timeout = Duration::from_millis(500);
+    for (script, status) in [
+        (
+            Script::ReplyAndClose(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this".to_vec(),
+            ),
+            "HTTP/1.1 502",
+        ),
+        (
+            Script::Reply(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial".to_vec()),
+            "HTTP/1.1 504",
+        ),
+    ] {
+        let up = Upstream::start(script).await;
+        let front = Front::start(cfg.clone(), &[up.addr], Balance::LeastConn).await;
+        let mut s = TcpStream::connect(front.addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let answer = text(&read_until(&mut s, b"Gateway\n", 1, SOON).await);
+        assert!(answer.starts_with(status), "{answer}");
+        assert!(!answer.contains("only this") && !answer.contains("partial"));
+        assert_eq!(front.upstreams.current().in_flight(), 0);
+        // Still open: the next request on it is answered.
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send again");
+        let again = text(&read_until_closed(&mut s, SOON).await);
+        assert!(again.starts_with("HTTP/1.1 "), "{again}");
+    }
+}
+
+/// A streamed answer (buffering off) that breaks off is broken for the client too.
 #[tokio::test]
 async fn an_upstream_closing_mid_body_gives_a_broken_body_not_a_short_success() {
     let up = Upstream::start(Script::ReplyAndClose(
         b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this".to_vec(),
     ))
     .await;
-    let front = front_for(&up).await;
+    let mut cfg = config();
+    cfg.buffering.enabled = false;
+    let front = Front::start(cfg.clone(), &[up.addr], Balance::LeastConn).await;
     let answer = exchange(front.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     // The client sees the announced length and fewer bytes, then the connection closes.
     assert!(answer.contains("content-length: 100"), "{answer}");
@@ -429,7 +472,7 @@ async fn an_upstream_closing_mid_body_gives_a_broken_body_not_a_short_success() 
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n".to_vec(),
     ))
     .await;
-    let front = front_for(&up).await;
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     let answer = exchange(front.addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(
         answer.contains("abcd") && !answer.ends_with("0\r\n\r\n"),
