@@ -521,7 +521,15 @@ impl Proxy {
             }
             Ok(Err(source)) => {
                 lease.cut_mid_answer();
-                Err((ProxyError::Upstream { upstream, source }, access))
+                let not_resent = NotResent::AnswerBroken;
+                Err((
+                    ProxyError::Upstream {
+                        upstream,
+                        source,
+                        not_resent,
+                    },
+                    access,
+                ))
             }
             Err(_) => {
                 lease.cut_mid_answer();

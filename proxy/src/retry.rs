@@ -86,10 +86,13 @@ pub enum NotResent {
     DrainCut,
     /// Every attempt failed before any was written (a bound on the attempts).
     Attempts,
+    /// The head of a small answer came, then its body broke off (see `forward`'s
+    /// `read_small_answer`): the answer had begun.
+    AnswerBroken,
 }
 
 impl NotResent {
-    pub const ALL: [NotResent; 9] = [
+    pub const ALL: [NotResent; 10] = [
         NotResent::Connect,
         NotResent::NotIdempotent,
         NotResent::BodyNotKept,
@@ -99,6 +102,7 @@ impl NotResent {
         NotResent::RetriesSpent,
         NotResent::DrainCut,
         NotResent::Attempts,
+        NotResent::AnswerBroken,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +116,7 @@ impl NotResent {
             NotResent::RetriesSpent => "retries_spent",
             NotResent::DrainCut => "drain_cut",
             NotResent::Attempts => "attempts",
+            NotResent::AnswerBroken => "answer_broken",
         }
     }
 }
@@ -132,6 +137,9 @@ impl fmt::Display for NotResent {
             NotResent::RetriesSpent => "it was already resent `retries` times",
             NotResent::DrainCut => "its set's drain timed out (cut on purpose)",
             NotResent::Attempts => "every attempt failed",
+            NotResent::AnswerBroken => {
+                "its answer had begun: the head came, then the body broke off"
+            }
         })
     }
 }
