@@ -708,7 +708,7 @@ impl Proxy {
     /// that just failed; else of the set new requests go to, or the standby. Without
     /// one it is routed again as a new request, waiting for a set that can take it
     /// (see `hold`): a set of one process whose process died serves it once restarted.
-    /// Past `MAX_HOLDS` it stays where it is.
+    /// Bounded by `retries`, as each move follows a resend.
     async fn move_on(
         &self,
         slot: &mut Option<InFlight>,
@@ -720,12 +720,11 @@ impl Proxy {
         };
         // The failed attempt's clock stops; the next one starts its own.
         upload.held();
-        if lease.move_on() || self.upstreams.fall_back(lease, true) || tries.holds >= MAX_HOLDS {
+        if lease.move_on() || self.upstreams.fall_back(lease, true) {
             return Ok(());
         }
         *slot = None;
         *slot = Some(self.admit().await?);
-        tries.holds += 1;
         Ok(())
     }
 }

@@ -353,18 +353,35 @@ async fn a_response_timeout_is_not_resent_unless_retry_timeouts_says_so() {
 
 #[tokio::test]
 async fn nothing_is_resent_once_the_answer_has_begun() {
-    let breaking = Upstream::start(Script::ReplyAndClose(
-        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial".to_vec(),
-    ))
-    .await;
-    let alive = Upstream::start(Script::Reply(ok("done"))).await;
-    let front = Front::start(config(), &[breaking.addr, alive.addr], Balance::RoundRobin).await;
-    let answer = exchange(front.addr, &request("GET", "/begun", "", "")).await;
-    assert!(
-        answer.starts_with("HTTP/1.1 200") && answer.ends_with("partial"),
-        "a broken answer, as the app sent it: {answer}"
-    );
-    assert_eq!(alive.received(), "", "not resent");
+    // A small answer of known length is read whole before the client gets a byte: one
+    // broken after its head is a 502 saying so. A large one streams: broken as the app
+    // broke it. Neither is sent again.
+    let small = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial".to_vec();
+    let large = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n{}",
+        "p".repeat(100_000)
+    )
+    .into_bytes();
+    for (answer_bytes, small) in [(small, true), (large, false)] {
+        let breaking = Upstream::start(Script::ReplyAndClose(answer_bytes)).await;
+        let alive = Upstream::start(Script::Reply(ok("done"))).await;
+        // Small answers are read whole only with buffering on (the default).
+        let config = if small { config() } else { streamed() };
+        let front = Front::start(config, &[breaking.addr, alive.addr], Balance::RoundRobin).await;
+        let answer = exchange(front.addr, &request("GET", "/begun", "", "")).await;
+        if small {
+            assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+            let stats = front.proxy.stats().snapshot();
+            assert_eq!(bad_gateways(&stats, "answer_broken"), 1);
+        } else {
+            assert!(
+                answer.starts_with("HTTP/1.1 200") && !answer.ends_with("done"),
+                "a broken answer, as the app sent it: {}",
+                &answer[..200.min(answer.len())]
+            );
+        }
+        assert_eq!(alive.received(), "", "not resent");
+    }
 }
 
 #[tokio::test]
