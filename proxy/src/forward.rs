@@ -308,7 +308,7 @@ impl Proxy {
                         Ok(again) => {
                             self.retried(&mut tries, RetryReason::Timeout);
                             debug!(upstream = ?lease.as_ref().map(|l| l.upstream().addr()), after = ?self.config.response_timeout, "no answer in time; sending the request again to another upstream");
-                            if let Err(err) = self.move_on(&mut lease, &upload, &mut tries).await {
+                            if let Err(err) = self.move_on(&mut lease, &upload).await {
                                 return Err((err, access));
                             }
                             req = again;
@@ -665,7 +665,7 @@ impl Proxy {
             debug!(upstream = %upstream.addr(), error = %err.error(), "upstream failed before answering; sending the request again to another upstream");
             // Not marked down: a process that died is the supervisor's to report (it
             // restarts it); one that resets a request is skipped by this request only.
-            self.move_on(slot, upload, tries).await?;
+            self.move_on(slot, upload).await?;
             fresh = true;
         }
         Err(ProxyError::Exhausted)
@@ -713,7 +713,6 @@ impl Proxy {
         &self,
         slot: &mut Option<InFlight>,
         upload: &Upload,
-        tries: &mut Tries,
     ) -> Result<(), ProxyError> {
         let Some(lease) = slot.as_mut() else {
             return Err(ProxyError::NoUpstream);
