@@ -193,7 +193,10 @@ fn a_get_whose_only_process_dies_under_it_waits_for_the_restarted_process() {
     );
     rolld.wait_log("restarted process is ready", 1);
     let status = status_json(&rolld);
-    assert_eq!(status["retries"]["by_reason"]["no_answer"], 1, "{status}");
+    // Once, or twice when a connection reached the dying process's socket before it
+    // closed; never more than `retries`.
+    let resent = status["retries"]["by_reason"]["no_answer"].as_u64();
+    assert!(matches!(resent, Some(1 | 2)), "{status}");
 }
 
 #[test]
