@@ -66,8 +66,7 @@ impl Activity {
     /// Whether the request just handed over had unsound framing, as its client wrote
     /// it (see `HeadScan`).
     pub(crate) fn take_unsound_framing(&self) -> bool {
-        self.unsound_framing.load(Ordering::Relaxed)
-            && self.unsound_framing.swap(false, Ordering::AcqRel)
+        self.unsound_framing.swap(false, Ordering::AcqRel)
     }
 
     /// Marks a request in progress until the returned guard drops.

@@ -362,11 +362,21 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
     cfg.client_header_timeout = Duration::from_secs(30);
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    // Requests 300 ms apart for 1.5 s, each within the timeout: the clock starts over
+    // at each one, counted from the last, however old the connection is.
+    for _ in 0..6 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let first = read_until(&mut s, b"hi", 1, SOON).await;
+        assert!(text(&first).starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("send");
-    let first = read_until(&mut s, b"hi", 1, SOON).await;
-    assert!(text(&first).starts_with("HTTP/1.1 200"));
+    let last = read_until(&mut s, b"hi", 1, SOON).await;
+    assert!(text(&last).starts_with("HTTP/1.1 200"));
     let started = Instant::now();
     let rest = read_until_closed(&mut s, SOON).await;
     assert!(rest.is_empty());
