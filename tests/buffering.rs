@@ -117,6 +117,8 @@ struct SlowClients {
     outcome: Arc<Mutex<Outcome>>,
     /// Downloads whose answer head has arrived.
     heads: Arc<AtomicUsize>,
+    /// Uploads that have sent their first 8 KiB.
+    uploading: Arc<AtomicUsize>,
     /// Transfers completed so far (good or not).
     done: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -126,14 +128,16 @@ impl SlowClients {
     fn start(port: u16) -> SlowClients {
         let outcome = Arc::new(Mutex::new(Outcome::default()));
         let heads = Arc::new(AtomicUsize::new(0));
+        let uploading = Arc::new(AtomicUsize::new(0));
         let done = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for k in 0..SLOW {
             let (out, finished, halt) = (outcome.clone(), done.clone(), stop.clone());
+            let under_way = uploading.clone();
             threads.push(std::thread::spawn(move || {
                 let started = Instant::now();
-                let result = upload(port, k, &halt);
+                let result = upload(port, k, &halt, &under_way);
                 finished.fetch_add(1, Ordering::SeqCst);
                 let mut outcome = out.lock().expect("lock");
                 match result {
@@ -158,6 +162,7 @@ impl SlowClients {
             threads,
             outcome,
             heads,
+            uploading,
             done,
             stop,
         }
@@ -181,7 +186,7 @@ impl SlowClients {
 }
 
 /// POSTs `SIZE` bytes at `RATE` and checks the echo.
-fn upload(port: u16, k: usize, stop: &AtomicBool) -> Result<(), String> {
+fn upload(port: u16, k: usize, stop: &AtomicBool, uploading: &AtomicUsize) -> Result<(), String> {
     let deadline = Instant::now() + TRANSFER_LIMIT;
     let mut stream = connect(port, None).map_err(|e| format!("connect: {e}"))?;
     let head = format!(
@@ -204,7 +209,12 @@ fn upload(port: u16, k: usize, stop: &AtomicBool) -> Result<(), String> {
         }
         let end = (sent + 2048).min(SIZE);
         match stream.write(&body[sent..end]) {
-            Ok(n) => sent += n,
+            Ok(n) => {
+                if sent < 8192 && sent + n >= 8192 {
+                    uploading.fetch_add(1, Ordering::SeqCst);
+                }
+                sent += n;
+            }
             Err(e)
                 if e.kind() == std::io::ErrorKind::WouldBlock
                     || e.kind() == std::io::ErrorKind::TimedOut => {}
@@ -406,9 +416,10 @@ fn without_buffering_slow_clients_starve_a_synchronous_app() {
 fn slow_clients_starve_workers_without_buffering(cmd: &str) {
     let (rolld, fixture, _) = start(cmd, "  buffering: false\n");
     let slow = SlowClients::start(fixture.listen);
-    // Let the slow clients take the workers first.
+    // Let the slow clients take the workers first: every upload under way (on a
+    // loaded machine their threads may start after the downloads are answered).
     wait_until("slow transfers under way", SOON, || {
-        slow.heads.load(Ordering::SeqCst) >= 1
+        slow.heads.load(Ordering::SeqCst) >= 1 && slow.uploading.load(Ordering::SeqCst) == SLOW
     });
     let fast = FastClient::start(fixture.listen, Duration::from_secs(3));
     wait_until("five fast requests", SOON, || {

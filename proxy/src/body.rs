@@ -385,10 +385,18 @@ impl Body for RequestBody {
         if let Some(spooled) = &self.spooled {
             return SizeHint::with_exact(spooled.remaining());
         }
-        self.inner.as_ref().map_or_else(
-            || SizeHint::with_exact(self.again.iter().map(|c| c.len() as u64).sum()),
-            Body::size_hint,
-        )
+        // A body sent again: what was kept, then what the client has still to send.
+        let kept: u64 = self.again.iter().map(|c| c.len() as u64).sum();
+        let Some(inner) = self.inner.as_ref() else {
+            return SizeHint::with_exact(kept);
+        };
+        let rest = inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(kept));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(kept));
+        }
+        hint
     }
 }
 

@@ -143,6 +143,20 @@ async fn a_body_still_arriving_when_its_process_dies_is_resent_whole_as_the_rest
         alive.received().len()
     );
     assert!(dying.received().contains("PUT /slow-upload"));
+    // Framed as the whole body, what was kept and what was still to come.
+    assert!(
+        alive
+            .received()
+            .to_ascii_lowercase()
+            .contains("content-length: 2000\r\n"),
+        "{}",
+        alive
+            .received()
+            .lines()
+            .take(8)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let stats = front.proxy.stats().snapshot();
     assert_eq!(retries(&stats, "no_answer"), 1);
 }
