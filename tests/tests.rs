@@ -16,4 +16,5 @@ mod proxying;
 mod retries;
 mod rolling;
 mod rollout;
+mod slow_clients;
 mod tls;

@@ -1,0 +1,26 @@
+//! The proof that buffering is what keeps a fast client fast: without it, slow
+//! clients starve a synchronous app (the example backend's `--sync-workers` mode, and
+//! the real gunicorn). These two need the machine to themselves: with the other
+//! integration tests running beside them, the slow uploads were seen not to hold the
+//! app's workers, so they are a test binary of their own, which cargo runs after the
+//! others, one binary at a time.
+
+mod slow_clients;
+mod support;
+
+use slow_clients::*;
+
+/// The proof that buffering is what keeps the fast client fast: the same load without
+/// it occupies both workers, and a fast request waits for seconds or gets no answer.
+#[test]
+fn without_buffering_slow_clients_starve_a_synchronous_app() {
+    slow_clients_starve_workers_without_buffering(&sync_backend());
+}
+
+/// And without buffering, the same gunicorn starves its fast client.
+#[test]
+fn without_buffering_slow_clients_starve_gunicorn() {
+    let Some(gunicorn) = gunicorn() else { return };
+    let app_dir = tempfile::tempdir().expect("app dir");
+    slow_clients_starve_workers_without_buffering(&gunicorn_cmd(&gunicorn, app_dir.path()));
+}
