@@ -2,8 +2,8 @@
 //! clients starve a synchronous app (the example backend's `--sync-workers` mode, and
 //! the real gunicorn). These two need the machine to themselves: with the other
 //! integration tests running beside them, the slow uploads were seen not to hold the
-//! app's workers, so they are a test binary of their own, which cargo runs after the
-//! others, one binary at a time.
+//! app's workers, so they are a test binary of their own: cargo runs test binaries one
+//! at a time.
 
 mod slow_clients;
 mod support;
