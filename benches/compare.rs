@@ -662,23 +662,13 @@ fn chaos(dir: &Path, secs: u64) -> Chaos {
     use std::sync::{Arc, Mutex};
     let listen = free_ports(1)[0];
     let config = dir.join("chaos.yml");
-    std::fs::write(
-        &config,
-        format!("listen: 127.0.0.1:{listen}\nproxy:\n  access_log: true\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 30000-31999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'chaos-{{port}}.log'\n"),
-    )
-    .expect("config");
     let log_path = dir.join("chaos-rolld.log");
-    let log = std::fs::File::create(&log_path).expect("log");
-    let rolld = Proc::spawn(
-        Command::new(ROLLD)
-            .arg(&config)
-            .env("RUST_LOG", "warn,rolld::access=info")
-            .stderr(log),
-    )
-    .expect("start rolld");
-    assert!(
-        wait_for_port(listen, Duration::from_secs(30)),
-        "rolld did not start"
+    let rolld = start_rolld(
+        &config,
+        &format!("listen: 127.0.0.1:{listen}\nproxy:\n  access_log: true\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 30000-31999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'chaos-{{port}}.log'\n"),
+        &log_path,
+        "warn,rolld::access=info",
+        listen,
     );
     let start = Instant::now();
     while backend_ports(&config).len() < 4 && start.elapsed() < Duration::from_secs(30) {
@@ -959,6 +949,25 @@ fn held_cell(port: u16, config: &Path, pid: u32) -> Held {
     }
 }
 
+/// Writes `yaml` to `config`, starts rolld on it with its log in `log` at `rust_log`, and
+/// waits until it listens on `port`.
+fn start_rolld(config: &Path, yaml: &str, log: &Path, rust_log: &str, port: u16) -> Proc {
+    std::fs::write(config, yaml).expect("config");
+    let log = std::fs::File::create(log).expect("log");
+    let rolld = Proc::spawn(
+        Command::new(ROLLD)
+            .arg(config)
+            .env("RUST_LOG", rust_log)
+            .stderr(log),
+    )
+    .expect("start rolld");
+    assert!(
+        wait_for_port(port, Duration::from_secs(30)),
+        "rolld did not start"
+    );
+    rolld
+}
+
 fn raise_nofile() {
     if let Ok((_, hard)) =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -1085,23 +1094,8 @@ fn slow_clients_cell(dir: &Path, secs: u64) -> serde_json::Value {
         unreachable!("two ports")
     };
     let config = dir.join("slow.yml");
-    std::fs::write(
-        &config,
-        format!("listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nproxy:\n  max_connections: 10000\n  request_buffer: 64k\n  response_buffer: 64k\n  buffer_memory: {CELL_MEMORY}\n  buffer_disk: {CELL_DISK}\napp-servers:\n  cmd: '{BACKEND} {{port}} --sync-workers 4'\n  processes: 1\n  port_range: 20000-29999\n  health: {{path: /health, interval: 5ms}}\n"),
-    )
-    .expect("config");
-    let log = std::fs::File::create(dir.join("slow-rolld.log")).expect("log");
-    let rolld = Proc::spawn(
-        Command::new(ROLLD)
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stderr(log),
-    )
-    .expect("start rolld");
-    assert!(
-        wait_for_port(listen, Duration::from_secs(30)),
-        "rolld did not start"
-    );
+    let yaml = format!("listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nproxy:\n  max_connections: 10000\n  request_buffer: 64k\n  response_buffer: 64k\n  buffer_memory: {CELL_MEMORY}\n  buffer_disk: {CELL_DISK}\napp-servers:\n  cmd: '{BACKEND} {{port}} --sync-workers 4'\n  processes: 1\n  port_range: 20000-29999\n  health: {{path: /health, interval: 5ms}}\n");
+    let rolld = start_rolld(&config, &yaml, &dir.join("slow-rolld.log"), "warn", listen);
     let start = Instant::now();
     while timed_get(listen).is_none() && start.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(20));
@@ -1235,24 +1229,18 @@ fn main() {
         unreachable!("two ports")
     };
     let config = dir.path().join("rolld.yml");
-    std::fs::write(
+    let yaml = format!("listen: 127.0.0.1:{listen}\ntls:\n  listen: 127.0.0.1:{tls_listen}\n  certificates:\n    - {{cert: tls.pem, key: tls.key}}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 20000-29999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'backend-{{port}}.log'\n");
+    let rolld = start_rolld(
         &config,
-        format!("listen: 127.0.0.1:{listen}\ntls:\n  listen: 127.0.0.1:{tls_listen}\n  certificates:\n    - {{cert: tls.pem, key: tls.key}}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 20000-29999\n  health: {{path: /health, interval: 5ms}}\n  drain_timeout: 30s\n  stdout: 'backend-{{port}}.log'\n"),
-    )
-    .expect("config");
-    let log = std::fs::File::create(dir.path().join("rolld.log")).expect("log");
-    let rolld = Proc::spawn(
-        Command::new(ROLLD)
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stderr(log),
-    )
-    .expect("start rolld");
+        &yaml,
+        &dir.path().join("rolld.log"),
+        "warn",
+        listen,
+    );
     let rolld_pid = rolld.0.id();
     assert!(
-        wait_for_port(listen, Duration::from_secs(30))
-            && wait_for_port(tls_listen, Duration::from_secs(30)),
-        "rolld did not start"
+        wait_for_port(tls_listen, Duration::from_secs(30)),
+        "rolld's TLS listener did not start"
     );
     let start = Instant::now();
     while backend_ports(&config).len() < 4 && start.elapsed() < Duration::from_secs(30) {
