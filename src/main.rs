@@ -251,8 +251,8 @@ fn main() -> ExitCode {
         (Some(Cmd::Reload { target, no_wait }), _) => reload(&target, !no_wait),
         (Some(Cmd::Status { target, json }), _) => status(&target, json),
         (Some(Cmd::Stop { target }), _) => stop(&target),
-        (Some(Cmd::Promote { target }), _) => decide(&target, control::Request::Promote),
-        (Some(Cmd::Rollback { target }), _) => decide(&target, control::Request::Rollback),
+        (Some(Cmd::Promote { target }), _) => command(&target, &control::Request::Promote),
+        (Some(Cmd::Rollback { target }), _) => command(&target, &control::Request::Rollback),
         (Some(Cmd::Pause { target, timeout }), _) => pause(&target, timeout),
         (Some(Cmd::Resume { target }), _) => command(&target, &control::Request::Resume),
         (
@@ -717,7 +717,8 @@ fn maintenance(target: &Target, state: Switch, page: Option<PathBuf>) -> ExitCod
     command(target, &request)
 }
 
-/// Sends a request whose answer is progress lines and one `done`; exits 0 if it says ok.
+/// Sends a request whose answer is progress lines and one `done` (`reload`, `pause`,
+/// `maintenance`, `promote`, `rollback`); exits 0 if it says ok, 1 otherwise.
 fn command(target: &Target, request: &control::Request) -> ExitCode {
     use control::Answer;
     let mut outcome = None;
@@ -736,7 +737,10 @@ fn command(target: &Target, request: &control::Request) -> ExitCode {
             }
             outcome = Some(ok);
         }
-        Answer::Error { message } => say!("{message}"),
+        Answer::Error { message } => {
+            say!("{message}");
+            outcome = Some(false);
+        }
         Answer::Status { .. } => {}
     });
     match (called, outcome) {
@@ -769,39 +773,6 @@ fn stop(target: &Target) -> ExitCode {
         }
         Err(why) => {
             say!("{why}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-/// `rolld promote` / `rolld rollback`: exit 0 when the canary or bake in progress was
-/// ended as asked, 1 when there was none.
-fn decide(target: &Target, request: control::Request) -> ExitCode {
-    let mut done = None;
-    let called = control::call(&socket_of(target), &request, |answer| match answer {
-        control::Answer::Done { ok, message } => {
-            if ok {
-                out!("{message}");
-            } else {
-                say!("{message}");
-            }
-            done = Some(ok);
-        }
-        control::Answer::Error { message } => {
-            say!("{message}");
-            done = Some(false);
-        }
-        _ => {}
-    });
-    match (called, done) {
-        (Err(why), _) => {
-            say!("{why}");
-            ExitCode::from(1)
-        }
-        (Ok(()), Some(true)) => ExitCode::SUCCESS,
-        (Ok(()), Some(false)) => ExitCode::from(1),
-        (Ok(()), None) => {
-            say!("rolld gave no answer");
             ExitCode::from(1)
         }
     }
