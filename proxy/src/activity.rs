@@ -8,8 +8,8 @@
 //!
 //! It also lets an idle HTTP/1 connection give back hyper's per-connection state (its
 //! 8 KiB read and write buffers) between requests: once a response is flushed and hyper
-//! provably holds no bytes of a next request, the next read that would wait reports
-//! "end of stream" to hyper instead. hyper ends that connection cleanly, `server` takes
+//! provably holds no bytes of a next request, and the connection then stays idle for a
+//! moment (`SHED_AFTER`), the read that waits reports "end of stream" to hyper instead. hyper ends that connection cleanly, `server` takes
 //! the socket back with `into_parts`, waits for the client's next bytes without any
 //! buffer, and starts a new hyper connection on it. An idle keep-alive connection then
 //! costs a socket, a timer and this struct, as in nginx.
@@ -29,6 +29,11 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::ProxyConfig;
+
+/// How long an HTTP/1 connection stays idle before it gives hyper's state back: a busy
+/// keep-alive client's next request comes sooner, and building that state anew for
+/// every request costs more CPU than holding it that long.
+const SHED_AFTER: Duration = Duration::from_millis(250);
 
 /// Shared by a connection's IO and its requests.
 #[derive(Debug)]
@@ -312,13 +317,26 @@ impl<S> ClientIo<S> {
 
     /// Waits for the earliest deadline; Ready means it has passed.
     fn poll_deadline(&mut self, cx: &mut Context<'_>, reading: bool) -> Poll<io::Error> {
+        match self.poll_deadline_or_shed(cx, reading, None) {
+            Poll::Ready(Expired::Timeout(err)) => Poll::Ready(err),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// As `poll_deadline`, with one more deadline: when to shed hyper's state.
+    fn poll_deadline_or_shed(
+        &mut self,
+        cx: &mut Context<'_>,
+        reading: bool,
+        shed_at: Option<Instant>,
+    ) -> Poll<Expired> {
         let read = if reading {
             self.read_deadline(cx)
         } else {
             None
         };
         let write = self.write_stalled.map(|s| s + self.timeouts.write_idle);
-        let Some(deadline) = [read, write].into_iter().flatten().min() else {
+        let Some(deadline) = [read, write, shed_at].into_iter().flatten().min() else {
             return Poll::Pending;
         };
         if self.armed_for != Some(deadline) {
@@ -326,6 +344,7 @@ impl<S> ClientIo<S> {
             self.armed_for = Some(deadline);
         }
         match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) if shed_at == Some(deadline) => Poll::Ready(Expired::Shed),
             Poll::Ready(()) => {
                 let what = if write.is_some_and(|w| w <= deadline) {
                     "client stopped reading the response"
@@ -334,11 +353,21 @@ impl<S> ClientIo<S> {
                 } else {
                     "idle keep-alive connection"
                 };
-                Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what))
+                Poll::Ready(Expired::Timeout(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    what,
+                )))
             }
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+/// Which deadline of a connection passed.
+enum Expired {
+    /// The connection stayed idle `SHED_AFTER`: time to give hyper's state back.
+    Shed,
+    Timeout(io::Error),
 }
 
 /// Only plain TCP connections sniff the HTTP/2 preface and give hyper's state back
@@ -418,7 +447,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Read for ClientIo<S> {
             let bytes = this.prefix.split_to(n);
             buf.put_slice(&bytes);
             this.handed(&bytes);
-            Poll::Ready(Ok(()))
+            Ok(())
         } else {
             // SAFETY: tokio's ReadBuf writes only initialized bytes into the unfilled
             // part it is given and reports how many; hyper's cursor is advanced by
@@ -432,32 +461,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Read for ClientIo<S> {
                     }
                     // SAFETY: the first `n` bytes were just filled.
                     unsafe { buf.advance(n) };
-                    Poll::Ready(Ok(()))
+                    Ok(())
                 }
-                Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
-                Poll::Pending if this.may_shed() => {
-                    // "End of stream" while idle: hyper ends this connection cleanly
-                    // and `server` serves the socket again later.
-                    this.shed = true;
-                    return Poll::Ready(Ok(()));
+                Poll::Ready(Err(err)) => Err(err),
+                Poll::Pending => {
+                    let shed_at = this
+                        .may_shed()
+                        .then(|| this.activity.idle_since() + SHED_AFTER);
+                    return match this.poll_deadline_or_shed(cx, true, shed_at) {
+                        Poll::Ready(Expired::Shed) => {
+                            // "End of stream" while idle: hyper ends this connection
+                            // cleanly and `server` serves the socket again later.
+                            this.shed = true;
+                            Poll::Ready(Ok(()))
+                        }
+                        Poll::Ready(Expired::Timeout(err)) => Poll::Ready(Err(err)),
+                        Poll::Pending => Poll::Pending,
+                    };
                 }
-                Poll::Pending => Poll::Pending,
             }
         };
-        match polled {
-            Poll::Ready(result) => {
-                // Bytes (or the end) while no request is in progress: a request begins.
-                if this.header_started.is_none()
-                    && !this.multiplexed
-                    && this.activity.busy.load(Ordering::Acquire) == 0
-                {
-                    let started = this.activity.started.load(Ordering::Acquire);
-                    this.header_started = Some((Instant::now(), started));
-                }
-                Poll::Ready(result)
-            }
-            Poll::Pending => this.poll_deadline(cx, true).map(Err),
+        // Bytes (or the end) while no request is in progress: a request begins.
+        if this.header_started.is_none()
+            && !this.multiplexed
+            && this.activity.busy.load(Ordering::Acquire) == 0
+        {
+            let started = this.activity.started.load(Ordering::Acquire);
+            this.header_started = Some((Instant::now(), started));
         }
+        Poll::Ready(polled)
     }
 }
 
