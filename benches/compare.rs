@@ -468,7 +468,7 @@ fn start_nginx(
 ) -> Proc {
     let servers: String = backends
         .iter()
-        .map(|p| format!("        server 127.0.0.1:{p};\n"))
+        .map(|p| format!("        server 127.0.0.1:{p} max_fails=0;\n"))
         .collect();
     let user = if nix::unistd::getuid().is_root() {
         "user root;\n"
@@ -479,6 +479,9 @@ fn start_nginx(
     // is never recycled (`keepalive_requests`, both sides), proxy buffers that hold a
     // whole 64 KiB answer in memory (the default 8 x 4 KiB spills it to a temporary file),
     // and the error log at `warn`, where such a spill would show (counted below).
+    // `worker_connections` room for the memory cell's 10,000 clients and as many upstream
+    // connections in one worker (nginx preallocates them, so more would inflate its
+    // memory), and `max_fails=0`: that burst must not take the backends out of the set.
     // HTTPS as nginx's docs advise: TLS 1.2 and 1.3, a shared session cache.
     let (tls_port, cert, key) = tls;
     let https = format!(
@@ -491,7 +494,7 @@ fn start_nginx(
         "    server {{\n        listen 127.0.0.1:{h2_port} http2 backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n"
     );
     let conf = format!(
-        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 65536; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n{https}{h2c}}}\n"
+        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 24576; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n{https}{h2c}}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
     let nginx = Proc::spawn(
