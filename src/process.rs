@@ -399,6 +399,27 @@ pub async fn terminate(
 mod tests {
     use super::*;
 
+    /// The exit of a process reaped before anyone asked for it is kept for whoever asks.
+    #[tokio::test]
+    async fn an_exit_reaped_before_the_wait_is_handed_to_the_wait() {
+        let reaper = Reaper::start().expect("reaper");
+        let child = spawn_unguarded(Command::new("true").stdin(Stdio::null())).expect("true");
+        let pid = child.id() as i32;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !matches!(reaper.lock().get(&pid), Some(Slot::Exited(_))) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "`true` reaped within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let exit = tokio::time::timeout(Duration::from_secs(10), reaper.wait(Pid::from_raw(pid)))
+            .await
+            .expect("the wait resolves at once with the exit reaped earlier")
+            .expect("exit");
+        assert!(matches!(exit, Exit::Code(0)), "{exit}");
+    }
+
     #[tokio::test]
     async fn a_deadline_too_far_to_add_is_a_century_away_not_a_panic() {
         let now = tokio::time::Instant::now();
