@@ -403,6 +403,8 @@ mod tests {
     #[tokio::test]
     async fn an_exit_reaped_before_the_wait_is_handed_to_the_wait() {
         let reaper = Reaper::start().expect("reaper");
+        // The reaper waits for it, not std.
+        #[allow(clippy::zombie_processes)]
         let child = spawn_unguarded(Command::new("true").stdin(Stdio::null())).expect("true");
         let pid = child.id() as i32;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
