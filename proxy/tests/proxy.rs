@@ -202,13 +202,25 @@ async fn a_body_over_max_body_size_gets_413() {
     req.extend_from_slice(b"0\r\n\r\n");
     let answer = exchange(front.addr, &req).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    // Within the limit it passes.
+    // Within the limit it passes, up to exactly the limit; one byte more does not.
     let answer = exchange(
         front.addr,
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for (len, status) in [(1000, "200"), (1001, "413")] {
+        let mut req = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        req.resize(req.len() + len, b'a');
+        let answer = exchange(front.addr, &req).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{len} bytes: {answer}"
+        );
+    }
 }
 
 // ---- upgrades -----------------------------------------------------------------------------
