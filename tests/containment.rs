@@ -301,6 +301,78 @@ fn a_killed_guard_is_restarted_and_still_does_its_job() {
     wait_until("every app process gone", SOON, || marked_by(pid).is_empty());
 }
 
+/// A worker that cleared its environment carries no mark: when rolld dies, only the
+/// guard's list of process groups finds it. That list outlives a restart of the guard,
+/// and no guard holds a descriptor rolld inherited.
+#[test]
+fn a_restarted_guard_still_kills_an_unmarked_worker_and_holds_nothing_rolld_inherited() {
+    let fixture = Fixture::new(1).cmd(format!(
+        "sh -c \"env -i sleep 300 & exec {BACKEND} $0\" {{port}}"
+    ));
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::write(dir.path().join("rolld.yml"), fixture.yaml()).expect("write config");
+    let log = fs::File::create(dir.path().join("rolld.log")).expect("log file");
+    // rolld inherits descriptor 5 without close-on-exec, as from a parent that leaked it.
+    let child = Command::new("sh")
+        .args(["-c", "exec 5>leaked; exec \"$0\" rolld.yml", ROLLD])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start rolld");
+    let mut rolld = Rolld {
+        child: Some(child),
+        dir,
+        config: PathBuf::from("rolld.yml"),
+        listen: fixture.listen,
+    };
+    rolld.wait_log("roll finished", 1);
+    let pid = rolld.pid();
+    assert!(
+        fs::read_link(format!("/proc/{pid}/fd/5")).is_ok_and(|p| p.ends_with("leaked")),
+        "rolld holds the leaked descriptor"
+    );
+    let leader = rolld.pids_of(1)[0];
+    let mut worker = None;
+    wait_until("the app's sleeping worker", SOON, || {
+        worker = group_members(leader)
+            .into_iter()
+            .find(|&p| p != leader && comm(p) == "sleep");
+        worker.is_some()
+    });
+    let worker = worker.unwrap_or_default();
+    assert_eq!(
+        env_var(worker, "ROLLD_PROCESS"),
+        None,
+        "the worker has no mark"
+    );
+
+    let first = guard_pid(&rolld);
+    kill(Pid::from_raw(first), Signal::SIGKILL).expect("kill the guard");
+    rolld.wait_log("guard process restarted", 1);
+    let second = guard_pid(&rolld);
+    assert_ne!(first, second);
+    let mut fds: Vec<String> = fs::read_dir(format!("/proc/{second}/fd"))
+        .expect("the guard's descriptors")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    fds.sort();
+    assert_eq!(
+        fds,
+        ["0", "1", "2"],
+        "the guard holds only its pipe and /dev/null"
+    );
+
+    rolld.signal(Signal::SIGKILL);
+    rolld.wait_exit(SOON);
+    wait_until("the unmarked worker killed by the guard", SOON, || {
+        !alive(worker)
+    });
+}
+
 #[test]
 fn a_roll_onto_a_port_a_stranger_holds_fails_naming_the_holder() {
     let fixture = Fixture::new(1);
