@@ -455,3 +455,26 @@ async fn each_http2_stream_is_resent_or_refused_like_an_http1_request() {
     assert_eq!(bad_gateways(&stats, "not_idempotent"), refused);
     assert!(retries(&stats, "no_answer") >= 1, "{stats:?}");
 }
+
+#[tokio::test]
+async fn connects_to_a_large_set_that_refuses_them_stop_after_the_attempt_cap() {
+    // Ten upstreams, none listening: each failed connect moves the request to the next,
+    // up to 4 attempts (with `retries: 0`), then 502.
+    let dead: Vec<_> = (0..10).map(|_| dead_port()).collect();
+    let config = ProxyConfig {
+        retries: 0,
+        hold_timeout: Duration::ZERO,
+        ..config()
+    };
+    let front = Front::start(config, &dead, Balance::RoundRobin).await;
+    let answer = exchange(front.addr, &request("GET", "/", "", "")).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let stats = front.proxy.stats().snapshot();
+    assert_eq!(
+        retries(&stats, "connect"),
+        4,
+        "each of the 4 failed connects counted"
+    );
+    assert_eq!(bad_gateways(&stats, "attempts"), 1, "{stats:?}");
+    assert_eq!(bad_gateways(&stats, "connect"), 0, "{stats:?}");
+}
