@@ -478,3 +478,30 @@ async fn connects_to_a_large_set_that_refuses_them_stop_after_the_attempt_cap() 
     assert_eq!(bad_gateways(&stats, "attempts"), 1, "{stats:?}");
     assert_eq!(bad_gateways(&stats, "connect"), 0, "{stats:?}");
 }
+
+#[tokio::test]
+async fn a_request_whose_upstreams_keep_refusing_is_held_at_most_twice_then_gets_502() {
+    // Both refuse: each round marks them down for a moment, the request is held until
+    // one is back, and tries again; after its second hold it fails instead of going on.
+    let dead = [dead_port(), dead_port()];
+    let config = ProxyConfig {
+        down_period: Duration::from_millis(100),
+        hold_timeout: Duration::from_secs(10),
+        ..config()
+    };
+    let front = Front::start(config, &dead, Balance::RoundRobin).await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(8),
+        exchange(front.addr, &request("GET", "/", "", "")),
+    )
+    .await
+    .expect("an answer long before the hold timeout");
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let stats = front.proxy.stats().snapshot();
+    assert_eq!(bad_gateways(&stats, "connect"), 1, "{stats:?}");
+    assert_eq!(
+        retries(&stats, "connect"),
+        5,
+        "three rounds of two connects, two holds between: {stats:?}"
+    );
+}
