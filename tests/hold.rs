@@ -16,14 +16,8 @@ fn with_proxy(fixture: &Fixture, proxy: &str) -> String {
     format!("proxy:\n{proxy}{}", fixture.yaml())
 }
 
-fn status_json(rolld: &Rolld) -> serde_json::Value {
-    let (code, stdout, stderr) = rolld.control("status", &["--json"]);
-    assert_eq!(code, Some(0), "{stderr}");
-    serde_json::from_str(&stdout).expect("status JSON")
-}
-
 fn held_now(rolld: &Rolld) -> u64 {
-    status_json(rolld)["held"]["now"].as_u64().unwrap_or(0)
+    rolld.status_json()["held"]["now"].as_u64().unwrap_or(0)
 }
 
 /// One client's outcome: (status, body) or why there was none.
@@ -123,7 +117,7 @@ fn requests_sent_while_the_first_set_starts_are_held_and_all_succeed() {
             started.elapsed()
         );
     }
-    let held = &status_json(&rolld)["held"];
+    let held = &rolld.status_json()["held"];
     assert_eq!(held["released"].as_u64(), Some(20), "{held}");
     assert_eq!(held["timed_out"].as_u64(), Some(0), "{held}");
 }
@@ -172,7 +166,7 @@ fn a_crash_of_every_process_under_load_loses_no_request() {
         "{} lost of {ok}: {errors:?}",
         errors.len()
     );
-    let held = &status_json(&rolld)["held"];
+    let held = &rolld.status_json()["held"];
     assert!(
         held["released"].as_u64().unwrap_or(0) > 0,
         "requests were held during the gap: {held}"
@@ -206,7 +200,7 @@ fn pause_waits_for_in_flight_holds_everything_and_resume_releases_every_request(
         asked.elapsed()
     );
     assert!(matches!(slow.join().expect("thread"), Ok((200, _))));
-    let in_flight: u64 = status_json(&rolld)["upstreams"]
+    let in_flight: u64 = rolld.status_json()["upstreams"]
         .as_array()
         .expect("upstreams")
         .iter()
@@ -254,7 +248,7 @@ fn a_pause_ends_by_itself_after_its_timeout() {
     rolld.wait_log("roll finished", 1);
     let (code, _, stderr) = rolld.control("pause", &["--timeout", "5s"]);
     assert_eq!(code, Some(0), "{stderr}");
-    let status = status_json(&rolld);
+    let status = rolld.status_json();
     assert!(status["paused_for_s"].as_f64().is_some(), "{status}");
     let (_, text, _) = rolld.control("status", &[]);
     assert!(text.contains("paused"), "{text}");
@@ -266,7 +260,7 @@ fn a_pause_ends_by_itself_after_its_timeout() {
         assert!(matches!(&answer, Ok((200, _))), "{answer:?}");
     }
     rolld.wait_log("pause timed out", 1);
-    assert!(status_json(&rolld)["paused_for_s"].is_null());
+    assert!(rolld.status_json()["paused_for_s"].is_null());
 }
 
 #[test]
@@ -320,7 +314,7 @@ fn beyond_max_held_requests_get_503_at_once() {
         headers.get("retry-after").map(|v| v.as_bytes()),
         Some(&b"1"[..])
     );
-    assert_eq!(status_json(&rolld)["held"]["refused"].as_u64(), Some(1));
+    assert_eq!(rolld.status_json()["held"]["refused"].as_u64(), Some(1));
     let (code, _, stderr) = rolld.control("resume", &[]);
     assert_eq!(code, Some(0), "{stderr}");
     for h in held {
@@ -474,7 +468,7 @@ fn a_flood_beyond_max_held_is_refused_and_memory_stays_bounded() {
     }
     let took = started.elapsed();
     let after = rss_kib(rolld.pid());
-    let status = status_json(&rolld);
+    let status = rolld.status_json();
     assert_eq!(status["held"]["now"].as_u64(), Some(200));
     assert_eq!(status["held"]["refused"].as_u64(), Some(flood));
     eprintln!(

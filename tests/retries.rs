@@ -33,12 +33,6 @@ fn executed(effects: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-fn status_json(rolld: &Rolld) -> serde_json::Value {
-    let (code, stdout, stderr) = rolld.control("status", &["--json"]);
-    assert_eq!(code, Some(0), "{stderr}");
-    serde_json::from_str(&stdout).expect("status JSON")
-}
-
 /// A client connection to rolld: HTTP/1.1 keep-alive, or one HTTP/2 (h2c) connection
 /// whose streams run side by side.
 #[derive(Clone)]
@@ -164,7 +158,7 @@ fn a_post_whose_process_dies_after_receiving_it_is_resent_only_with_an_idempoten
         second.contains("status=502") && second.contains("retries=0"),
         "{second}"
     );
-    let status = status_json(&rolld);
+    let status = rolld.status_json();
     assert_eq!(status["retries"]["by_reason"]["no_answer"], 1, "{status}");
     assert_eq!(
         status["retries"]["bad_gateway"]["not_idempotent"], 1,
@@ -192,7 +186,7 @@ fn a_get_whose_only_process_dies_under_it_waits_for_the_restarted_process() {
         "a new process answered: {body}"
     );
     rolld.wait_log("restarted process is ready", 1);
-    let status = status_json(&rolld);
+    let status = rolld.status_json();
     // Once, or twice when a connection reached the dying process's socket before it
     // closed; never more than `retries`.
     let resent = status["retries"]["by_reason"]["no_answer"].as_u64();
@@ -241,7 +235,7 @@ fn with_every_process_failing_retries_stay_within_the_budget_and_errors_come_bac
         slowest < Duration::from_secs(2),
         "errors come back at once: slowest {slowest:?}"
     );
-    let status = status_json(&rolld);
+    let status = rolld.status_json();
     let refused = status["retries"]["refused_by_budget"]
         .as_u64()
         .expect("a count");
@@ -385,7 +379,7 @@ async fn chaos_client(
 /// The pid of a running process of the serving set whose upstream is available, when
 /// at least two are (so that one always serves).
 fn victim(rolld: &Rolld, pick: usize) -> Option<i32> {
-    let status = status_json(rolld);
+    let status = rolld.status_json();
     let serving = status["generation"].as_u64()?;
     let available: Vec<String> = status["upstreams"]
         .as_array()?
@@ -467,7 +461,7 @@ fn app_processes_killed_at_random_during_rolls_lose_no_request_that_can_be_resen
             client.await.expect("load client");
         }
     });
-    let status = status_json(&rolld);
+    let status = rolld.status_json();
     let tally = std::mem::take(&mut *tally.lock().expect("lock"));
     let finished = rolld.count_log("roll finished");
     eprintln!(

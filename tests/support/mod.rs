@@ -322,6 +322,13 @@ impl Rolld {
         )
     }
 
+    /// `rolld status --json`, which must succeed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let (code, stdout, stderr) = self.control("status", &["--json"]);
+        assert_eq!(code, Some(0), "{stderr}");
+        serde_json::from_str(&stdout).expect("status JSON")
+    }
+
     /// Waits until the proxy counts `n` requests in flight on the serving set.
     pub fn wait_in_flight(&self, n: usize) {
         wait_until(&format!("{n} request(s) in flight"), SOON, || {
