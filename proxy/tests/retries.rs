@@ -505,3 +505,24 @@ async fn a_request_whose_upstreams_keep_refusing_is_held_at_most_twice_then_gets
         "three rounds of two connects, two holds between: {stats:?}"
     );
 }
+
+#[tokio::test]
+async fn a_resent_request_whose_connects_then_fail_is_held_like_a_new_one() {
+    // The request reaches A, which dies under it; resent, it finds B refusing. It was
+    // written once, but no set's drain cut it: it waits for an upstream as a new request
+    // would, rather than failing on the refused connect.
+    let a = Upstream::start(Script::Vanish).await;
+    let dead = dead_port();
+    let config = ProxyConfig {
+        down_period: Duration::from_millis(100),
+        ..config()
+    };
+    let front = Front::start(config, &[a.addr, dead], Balance::RoundRobin).await;
+    let answer = exchange(front.addr, &request("GET", "/", "", "")).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let stats = front.proxy.stats().snapshot();
+    // Held, it went back to A (B was down) until its retries were spent.
+    assert_eq!(bad_gateways(&stats, "retries_spent"), 1, "{stats:?}");
+    assert_eq!(bad_gateways(&stats, "connect"), 0, "{stats:?}");
+    assert_eq!(a.received().matches("GET /").count(), 3, "{stats:?}");
+}
