@@ -435,6 +435,32 @@ async fn a_client_body_that_stalls_gets_408() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
+/// Without buffering, the body streams to the app: a client that stalls or sends too much
+/// still gets 408 or 413, its own fault, not a 502 blaming the app.
+#[tokio::test]
+async fn a_streamed_client_body_that_stalls_or_grows_too_large_gets_408_or_413() {
+    let up = Upstream::start(Script::Silent).await;
+    let mut cfg = config();
+    cfg.buffering.enabled = false;
+    cfg.body_idle_timeout = Duration::from_millis(500);
+    cfg.max_body_size = Some(1000);
+    cfg.response_timeout = Duration::from_secs(20);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .expect("send");
+    let answer = text(&read_until_closed(&mut s, SOON).await);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let mut big = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        big.extend_from_slice(format!("1f4\r\n{}\r\n", "b".repeat(500)).as_bytes());
+    }
+    big.extend_from_slice(b"0\r\n\r\n");
+    let answer = text(&raw(front.addr, &big, SOON).await);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
+
 // ---- failures ------------------------------------------------------------------------------
 
 /// A small answer is buffered whole before the client gets its head: one that breaks
