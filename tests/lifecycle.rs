@@ -91,15 +91,21 @@ fn a_second_sigterm_stops_at_once() {
 
 #[test]
 fn a_crashed_process_is_restarted_on_its_port_and_serves_again() {
-    let fixture = Fixture::new(2);
+    // While `hold-PORT` exists, a start of the process on PORT waits before it serves:
+    // the test decides how long a crashed process stays out.
+    let fixture = Fixture::new(2).cmd(format!(
+        "sh -c \"while [ -e hold-$0 ]; do sleep 0.05; done; exec {BACKEND} $0\" {{port}}"
+    ));
     let rolld = Rolld::start(&fixture);
     let pids = rolld.pids_of(1);
     let port = fixture.sets[0][0];
     let (_, victim) = get_blocking(port, "/pid").expect("direct answer");
     let victim: i32 = victim.parse().expect("pid");
     assert!(pids.contains(&victim));
+    let hold = rolld.dir.path().join(format!("hold-{port}"));
+    std::fs::write(&hold, "").expect("hold the restart");
     kill(Pid::from_raw(victim), Signal::SIGKILL).expect("kill the app");
-    // Out of the proxy's set while it waits the second before its restart...
+    // Out of the proxy's set until it serves again...
     let available = |rolld: &Rolld| -> Option<bool> {
         rolld.status_json()["upstreams"]
             .as_array()?
@@ -110,13 +116,15 @@ fn a_crashed_process_is_restarted_on_its_port_and_serves_again() {
     wait_until("the crashed process out of the set", SOON, || {
         available(&rolld) == Some(false)
     });
+    rolld.wait_log(
+        "process exited unexpectedly (killed by SIGKILL); restarting in 1s",
+        1,
+    );
+    std::fs::remove_file(&hold).expect("let the restart go on");
     rolld.wait_log("restarted process is ready", 1);
     let (_, replacement) = get_blocking(port, "/pid").expect("the port serves again");
     let replacement: i32 = replacement.parse().expect("pid");
     assert_ne!(replacement, victim);
-    assert!(rolld
-        .log()
-        .contains("process exited unexpectedly (killed by SIGKILL); restarting in 1s"));
     // ...and back in it once restarted: it answers requests sent through the proxy.
     wait_until("the restarted process back in the set", SOON, || {
         available(&rolld) == Some(true)
