@@ -45,8 +45,10 @@ fn reload_exits_non_zero_with_the_reason_when_the_roll_rolls_back() {
     let (code, _, stderr) = rolld.control("reload", &[]);
     assert_eq!(code, Some(1));
     assert!(
-        stderr.contains("rolled back")
-            && stderr.contains("answered 503 Service Unavailable, accepted 200"),
+        stderr.contains("rolled back: generation 2: ")
+            && !stderr.contains("rolled back: rolled back")
+            && stderr.contains("answered 503 Service Unavailable, accepted 200")
+            && stderr.contains("new processes stopped, the old set keeps serving"),
         "{stderr}"
     );
     // An invalid file is refused, also with the reason.

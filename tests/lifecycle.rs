@@ -270,3 +270,24 @@ fn a_process_that_ignores_sigterm_is_killed_after_stop_timeout() {
         rolld.log()
     );
 }
+
+#[test]
+fn a_first_set_that_never_gets_healthy_ends_rolld_with_the_reason() {
+    let fixture = Fixture::new(1).cmd(format!("{BACKEND} {{port}} --unhealthy"));
+    let mut rolld = Rolld::spawn(
+        &fixture
+            .yaml()
+            .replace("start_timeout: 20s", "start_timeout: 1s"),
+        fixture.listen,
+    );
+    let status = rolld.wait_exit(SOON);
+    assert!(!status.success(), "{status}");
+    let log = rolld.log();
+    assert!(
+        log.contains("the first set did not start: generation 1: "),
+        "{log}"
+    );
+    // Nothing served before it, so nothing was rolled back to.
+    assert!(!log.contains("did not start: rolled back"), "{log}");
+    assert!(!log.contains("keeps serving"), "{log}");
+}
