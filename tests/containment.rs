@@ -374,6 +374,30 @@ fn a_restarted_guard_still_kills_an_unmarked_worker_and_holds_nothing_rolld_inhe
 }
 
 #[test]
+fn a_roll_onto_a_port_the_serving_set_holds_is_refused_and_the_set_is_left_alone() {
+    // The serving process starts a second server on the next set's port, as its child:
+    // in rolld's tree, but part of the serving set, not a leftover to stop.
+    let fixture = Fixture::new(1);
+    let next = fixture.sets[1][0];
+    let fixture = fixture.cmd(format!(
+        "sh -c \"{BACKEND} {next} & exec {BACKEND} $0\" {{port}}"
+    ));
+    let rolld = Rolld::start(&fixture);
+    let serving = rolld.pids_of(1)[0];
+    wait_until("the serving process's second server", SOON, || {
+        TcpListener::bind(("127.0.0.1", next)).is_err()
+    });
+    let (code, _, stderr) = rolld.control("reload", &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {next} is held by pid")),
+        "{stderr}"
+    );
+    assert!(alive(serving), "the serving process is not stopped");
+    assert_eq!(get_blocking(rolld.listen, "/").expect("serves").0, 200);
+}
+
+#[test]
 fn a_roll_onto_a_port_a_stranger_holds_fails_naming_the_holder() {
     let fixture = Fixture::new(1);
     let rolld = Rolld::start(&fixture);
