@@ -429,7 +429,12 @@ fn a_leftover_of_an_earlier_set_holding_the_port_is_stopped_and_the_roll_goes_on
          while :; do wait; done\n"
     );
     let fixture = Fixture::new(1).cmd("sh app.sh {port}");
-    let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, |dir| {
+    // A long stop_timeout: the roll must go on as soon as the leftover lets go of the
+    // port, not wait for the timeout (which would outlast `wait_log`'s deadline).
+    let yaml = fixture
+        .yaml()
+        .replace("stop_timeout: 5s", "stop_timeout: 120s");
+    let rolld = Rolld::spawn_with(&yaml, fixture.listen, |dir| {
         write_script(dir, "app.sh", &app);
         write_script(
             dir,
