@@ -234,3 +234,18 @@ async fn rotation_serves_new_handshakes_while_an_established_connection_goes_on(
         .expect("task")
         .expect("served");
 }
+
+#[tokio::test]
+async fn a_tls_keep_alive_connection_idle_for_a_while_serves_its_next_request() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let ca = ca();
+    let (cert, _) = leaf(&ca);
+    let tls = Arc::new(Tls::new(&[cert], Duration::from_secs(5), None).expect("tls"));
+    let (addr, _stop) = serve(&up, tls);
+    let (mut send, _) = connect(addr, &ca).await;
+    assert_eq!(get(&mut send).await.0, 200);
+    // Idle longer than an HTTP/1 connection over TCP waits before it gives hyper's state
+    // back: a TLS connection keeps its state, and goes on.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(get(&mut send).await.0, 200);
+}
