@@ -487,6 +487,14 @@ fn a_setting_that_needs_a_restart_is_kept_and_the_log_says_so() {
     let log = rolld.log();
     assert!(log.contains("`listen` changed in the config file"), "{log}");
     assert!(log.contains("`proxy` changed in the config file"), "{log}");
+    // Only what changed is named.
+    for unchanged in ["`tls", "`user/group`", "`control_socket`", "`admin`"] {
+        assert!(
+            !log.contains(&format!("{unchanged} changed in the config file"))
+                && !log.contains(&format!("{unchanged} (")),
+            "{unchanged}: {log}"
+        );
+    }
     assert_eq!(
         get_blocking(rolld.listen, "/")
             .expect("still on the first port")
