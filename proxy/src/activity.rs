@@ -7,11 +7,12 @@
 //! client stops reading is cut after `body_idle_timeout`.
 //!
 //! It also lets an idle HTTP/1 connection give back hyper's per-connection state (its
-//! 8 KiB read and write buffers) between requests: once a response is flushed and hyper
-//! provably holds no bytes of a next request, and the connection then stays idle for a
-//! moment (`SHED_AFTER`), the read that waits reports "end of stream" to hyper instead. hyper ends that connection cleanly, `server` takes
-//! the socket back with `into_parts`, waits for the client's next bytes without any
-//! buffer, and starts a new hyper connection on it. An idle keep-alive connection then
+//! 8 KiB read and write buffers) between requests: once a response is flushed, hyper
+//! provably holds no bytes of a next request, and the connection has stayed idle for a
+//! moment (`SHED_AFTER`), the read that waits reports "end of stream" to hyper instead.
+//! hyper ends that connection cleanly, `server` takes the socket back with `into_parts`,
+//! waits for the client's next bytes without any buffer, and starts a new hyper
+//! connection on it. An idle keep-alive connection then
 //! costs a socket, a timer and this struct, as in nginx.
 
 use std::future::Future;
