@@ -217,18 +217,21 @@ fn guard_pid(rolld: &Rolld) -> i32 {
         .expect("rolld logs its guard's pid")
 }
 
-#[test]
-fn pkill_9_x_rolld_leaves_no_app_process_behind_forked_workers_included() {
-    let fixture = Fixture::new(2).cmd("sh app.sh {port}");
-    // rolld in a session of its own, so that pkill, scoped to that session, reaches
-    // this test's rolld and its guard only (other rollds may run on this machine).
+/// Starts rolld on `fixture` through `program ARGS` (which ends in exec'ing rolld, so the
+/// child is rolld), in a folder `prepare` has written to, and waits until its first set
+/// serves.
+fn start_through(
+    fixture: &Fixture,
+    prepare: impl FnOnce(&Path),
+    program: &str,
+    args: &[&str],
+) -> Rolld {
     let dir = tempfile::tempdir().expect("temp dir");
-    write_daemonizing(dir.path());
-    fs::write(dir.path().join("rolld.yml"), fixture.yaml()).expect("config");
-    let log = fs::File::create(dir.path().join("rolld.log")).expect("log");
-    let child = Command::new("setsid")
-        .arg(ROLLD)
-        .arg("rolld.yml")
+    prepare(dir.path());
+    fs::write(dir.path().join("rolld.yml"), fixture.yaml()).expect("write config");
+    let log = fs::File::create(dir.path().join("rolld.log")).expect("log file");
+    let child = Command::new(program)
+        .args(args)
         .current_dir(dir.path())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -236,13 +239,22 @@ fn pkill_9_x_rolld_leaves_no_app_process_behind_forked_workers_included() {
         .stderr(log)
         .spawn()
         .expect("start rolld");
-    let mut rolld = Rolld {
+    let rolld = Rolld {
         child: Some(child),
         dir,
         config: PathBuf::from("rolld.yml"),
         listen: fixture.listen,
     };
     rolld.wait_log("roll finished", 1);
+    rolld
+}
+
+#[test]
+fn pkill_9_x_rolld_leaves_no_app_process_behind_forked_workers_included() {
+    let fixture = Fixture::new(2).cmd("sh app.sh {port}");
+    // rolld in a session of its own, so that pkill, scoped to that session, reaches
+    // this test's rolld and its guard only (other rollds may run on this machine).
+    let mut rolld = start_through(&fixture, write_daemonizing, "setsid", &[ROLLD, "rolld.yml"]);
     let pid = rolld.pid();
     let leaders = rolld.pids_of(1);
     let workers: Vec<i32> = leaders.iter().flat_map(|&l| group_members(l)).collect();
@@ -309,26 +321,13 @@ fn a_restarted_guard_still_kills_an_unmarked_worker_and_holds_nothing_rolld_inhe
     let fixture = Fixture::new(1).cmd(format!(
         "sh -c \"env -i sleep 300 & exec {BACKEND} $0\" {{port}}"
     ));
-    let dir = tempfile::tempdir().expect("temp dir");
-    fs::write(dir.path().join("rolld.yml"), fixture.yaml()).expect("write config");
-    let log = fs::File::create(dir.path().join("rolld.log")).expect("log file");
     // rolld inherits descriptor 5 without close-on-exec, as from a parent that leaked it.
-    let child = Command::new("sh")
-        .args(["-c", "exec 5>leaked; exec \"$0\" rolld.yml", ROLLD])
-        .current_dir(dir.path())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start rolld");
-    let mut rolld = Rolld {
-        child: Some(child),
-        dir,
-        config: PathBuf::from("rolld.yml"),
-        listen: fixture.listen,
-    };
-    rolld.wait_log("roll finished", 1);
+    let mut rolld = start_through(
+        &fixture,
+        |_| {},
+        "sh",
+        &["-c", "exec 5>leaked; exec \"$0\" rolld.yml", ROLLD],
+    );
     let pid = rolld.pid();
     assert!(
         fs::read_link(format!("/proc/{pid}/fd/5")).is_ok_and(|p| p.ends_with("leaked")),
