@@ -106,26 +106,6 @@ fn a_reload_during_a_roll_waits_for_exactly_the_roll_queued_after_it() {
     assert_eq!(rolld.count_log("roll finished"), 3, "{}", rolld.log());
 }
 
-/// An HTTP/2 (h2c prior knowledge) connection to `port` on `rt`.
-fn h2_connect(
-    rt: &tokio::runtime::Runtime,
-    port: u16,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
-    rt.block_on(async {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let (send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2c handshake");
-        tokio::spawn(conn);
-        send
-    })
-}
-
 async fn h2_get(
     send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
     path: &str,
@@ -150,7 +130,7 @@ fn one_http2_connection_is_served_across_a_roll_and_gets_goaway_at_shutdown() {
     let fixture = Fixture::new(2);
     let mut rolld = Rolld::start(&fixture);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let mut send = h2_connect(&rt, fixture.listen);
+    let mut send = rt.block_on(h2c(fixture.listen));
     // Requests on the one connection before, during and after a roll: all answered,
     // first by the old set, at the end by the new one.
     let new_ports: Vec<String> = fixture.sets[1].iter().map(u16::to_string).collect();

@@ -43,17 +43,7 @@ enum Conn {
 
 impl Conn {
     async fn h2(port: u16) -> Conn {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let (send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(stream),
-        )
-        .await
-        .expect("h2c handshake");
-        tokio::spawn(conn);
-        Conn::H2(send)
+        Conn::H2(h2c(port).await)
     }
 
     async fn send(

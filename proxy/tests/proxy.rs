@@ -421,17 +421,22 @@ async fn an_upstream_body_that_stalls_is_cut_after_the_idle_timeout() {
     assert_eq!(front.upstreams.current().in_flight(), 0);
 }
 
+/// What a POST announcing 10 bytes of body and sending 3 gets, read until closed.
+async fn stalled_body(addr: std::net::SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .expect("send");
+    text(&read_until_closed(&mut s, SOON).await)
+}
+
 #[tokio::test]
 async fn a_client_body_that_stalls_gets_408() {
     let up = Upstream::start(Script::Reply(ok("hi"))).await;
     let mut cfg = config();
     cfg.body_idle_timeout = Duration::from_millis(500);
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
-    let mut s = TcpStream::connect(front.addr).await.expect("connect");
-    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
-        .await
-        .expect("send");
-    let answer = text(&read_until_closed(&mut s, SOON).await);
+    let answer = stalled_body(front.addr).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
@@ -446,11 +451,7 @@ async fn a_streamed_client_body_that_stalls_or_grows_too_large_gets_408_or_413()
     cfg.max_body_size = Some(1000);
     cfg.response_timeout = Duration::from_secs(20);
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
-    let mut s = TcpStream::connect(front.addr).await.expect("connect");
-    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
-        .await
-        .expect("send");
-    let answer = text(&read_until_closed(&mut s, SOON).await);
+    let answer = stalled_body(front.addr).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     let mut big = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..3 {

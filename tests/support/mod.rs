@@ -433,6 +433,27 @@ pub async fn request(
     Ok((status, headers, body))
 }
 
+/// An HTTP/2 connection with prior knowledge (h2c) to rolld's `port`, driven by a task
+/// of the current runtime.
+pub async fn h2c<B>(port: u16) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    send
+}
+
 pub async fn get(client: &HttpClient, port: u16, path: &str) -> Result<(u16, String), String> {
     let (status, _, body) = request(client, "GET", port, path, b"").await?;
     Ok((status, String::from_utf8_lossy(&body).into_owned()))

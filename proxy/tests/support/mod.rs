@@ -177,6 +177,18 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Reads into `buf` until it holds a whole request head; false if the peer closed first.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 1024];
+    while find(buf, b"\r\n\r\n").is_none() {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
 async fn serve_scripted(
     mut stream: TcpStream,
     script: Script,
@@ -184,28 +196,16 @@ async fn serve_scripted(
     closed: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut buf = Vec::new();
-    if let Script::VanishMidBody = script {
-        let mut chunk = [0u8; 1024];
-        while find(&buf, b"\r\n\r\n").is_none() {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+    if let Script::VanishMidBody | Script::HeadOnly = script {
+        if !read_head(&mut stream, &mut buf).await {
+            return;
         }
         record.lock().expect("lock").extend_from_slice(&buf);
+        if let Script::HeadOnly = script {
+            // Hold the connection, reading nothing more, until the test ends.
+            std::future::pending::<()>().await;
+        }
         return;
-    }
-    if let Script::HeadOnly = script {
-        let mut chunk = [0u8; 1024];
-        while find(&buf, b"\r\n\r\n").is_none() {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        record.lock().expect("lock").extend_from_slice(&buf);
-        // Hold the connection, reading nothing more, until the test ends.
-        std::future::pending::<()>().await;
     }
     while read_request(&mut stream, &mut buf, &record).await.is_some() {
         match &script {
