@@ -428,9 +428,11 @@ pub fn slow_clients_starve_workers_without_buffering(cmd: &str) {
     let (rolld, fixture, _) = start(cmd, "  buffering: false\n");
     let slow = SlowClients::start(fixture.listen);
     // Let the slow clients take the workers first: every upload under way, and the
-    // app's own port (past rolld) no longer answering at once.
-    wait_until("slow transfers under way", SOON, || {
-        slow.heads.load(Ordering::SeqCst) >= 1 && slow.uploading.load(Ordering::SeqCst) == SLOW
+    // app's own port (past rolld) no longer answering at once. Not waiting for a
+    // download's head: when both workers take uploads first, no head comes until those
+    // uploads end, many seconds later, when the workers are free again.
+    wait_until("slow uploads under way", SOON, || {
+        slow.uploading.load(Ordering::SeqCst) == SLOW
     });
     let app = fixture.sets[0][0];
     wait_until("the app's workers held by the slow uploads", SOON, || {

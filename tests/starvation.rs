@@ -1,9 +1,8 @@
 //! The proof that buffering is what keeps a fast client fast: without it, slow
 //! clients starve a synchronous app (the example backend's `--sync-workers` mode, and
-//! the real gunicorn). These two need the machine to themselves: with the other
-//! integration tests running beside them, the slow uploads were seen not to hold the
-//! app's workers, so they are a test binary of their own: cargo runs test binaries one
-//! at a time.
+//! the real gunicorn). A test binary of their own (cargo runs test binaries one at a
+//! time), so that the rest of the suite's load does not blur what they time: whether a
+//! fast request waits a second or more.
 
 mod slow_clients;
 mod support;
