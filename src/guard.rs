@@ -100,6 +100,26 @@ impl Guard {
     }
 }
 
+#[cfg(test)]
+impl Guard {
+    /// No guard: what rolld would tell it goes to /dev/null. For unit tests of the code
+    /// that tells it (a test binary cannot run `rolld __guard`).
+    pub fn absent() -> Guard {
+        let pipe = File::options()
+            .write(true)
+            .open("/dev/null")
+            .expect("open /dev/null");
+        Guard {
+            state: Mutex::new(State {
+                pipe,
+                pid: Pid::from_raw(0),
+                groups: BTreeSet::new(),
+            }),
+            cgroup: None,
+        }
+    }
+}
+
 /// Runs `rolld __guard` with the read end of a new pipe as its stdin.
 fn launch(cgroup: Option<&PathBuf>) -> std::io::Result<(File, Pid)> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;

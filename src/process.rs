@@ -295,13 +295,14 @@ impl Tree<'_> {
 
     /// Sends `sig` to every member.
     pub fn signal(&self, sig: Signal) {
+        // Listed before the group gets the signal: a leader that exits on it hands its
+        // children to rolld meanwhile, and a walk of the tree just then can miss them.
+        let marked = self.marked_members();
         signal_group(self.leader, sig);
         if let Some(cgroup) = self.cgroup {
             tree::signal_all(&cgroup.procs(), sig);
         }
-        if self.mark.is_some() {
-            tree::signal_all(&tree::members(self.leader, self.mark), sig);
-        }
+        tree::signal_all(&marked, sig);
     }
 
     /// Kills every member at once.
@@ -398,28 +399,266 @@ pub async fn terminate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::path::Path;
+    use std::sync::OnceLock;
+    use std::time::Instant;
 
-    /// The exit of a process reaped before anyone asked for it is kept for whoever asks.
-    #[tokio::test]
-    async fn an_exit_reaped_before_the_wait_is_handed_to_the_wait() {
-        let reaper = Reaper::start().expect("reaper");
+    /// Runs `test` on the one runtime that holds the one reaper of this test binary: as
+    /// in rolld, a second reaper would take the first one's children. The test binary is
+    /// a subreaper too, so a daemon that leaves its parent stays ours to see and reap.
+    fn with_reaper<F: Future>(test: impl FnOnce(Reaper) -> F) -> F::Output {
+        static RUNTIME: OnceLock<(tokio::runtime::Runtime, Reaper)> = OnceLock::new();
+        let (runtime, reaper) = RUNTIME.get_or_init(|| {
+            become_subreaper().expect("become a child subreaper");
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let reaper = runtime.block_on(async { Reaper::start() }).expect("reaper");
+            (runtime, reaper)
+        });
+        runtime.block_on(test(reaper.clone()))
+    }
+
+    /// `script` run by `sh` in a process group of its own, as rolld starts an app,
+    /// with `mark` in its environment when given.
+    fn start_sh(script: &str, mark: Option<&str>) -> Pid {
+        let spec = Spec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            directory: PathBuf::from("/"),
+            environment: mark
+                .map(|m| (tree::MARK_VAR.to_string(), m.to_string()))
+                .into_iter()
+                .collect(),
+            capture_output: false,
+            cgroup: None,
+        };
         // The reaper waits for it, not std.
         #[allow(clippy::zombie_processes)]
-        let child = spawn_unguarded(Command::new("true").stdin(Stdio::null())).expect("true");
-        let pid = child.id() as i32;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !matches!(reaper.lock().get(&pid), Some(Slot::Exited(_))) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "`true` reaped within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let child = spawn_now(&spec, std::process::id()).expect("start sh");
+        Pid::from_raw(child.id() as i32)
+    }
+
+    /// Polls `cond` (every 20 ms, at most 10 s).
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let exit = tokio::time::timeout(Duration::from_secs(10), reaper.wait(Pid::from_raw(pid)))
-            .await
-            .expect("the wait resolves at once with the exit reaped earlier")
-            .expect("exit");
-        assert!(matches!(exit, Exit::Code(0)), "{exit}");
+    }
+
+    /// A file `name` in `dir` holding `term`, which a shell's TERM trap writes.
+    fn trapped(dir: &Path, name: &str) -> bool {
+        std::fs::read_to_string(dir.join(name)).is_ok_and(|s| s.trim() == "term")
+    }
+
+    /// A shell loop that sets `trap` for TERM, then says so in the file `name.ready`.
+    fn looping(dir: &Path, name: &str, trap: &str) -> String {
+        format!(
+            "trap '{trap}' TERM; touch {}.ready; while :; do sleep 0.02; done",
+            dir.join(name).display()
+        )
+    }
+
+    /// A TERM trap that takes 300 ms, then writes the file `name` and exits: a worker
+    /// finishing its last request. Killed before, it writes nothing.
+    fn slow_exit(dir: &Path, name: &str) -> String {
+        let done = dir.join(name);
+        looping(
+            dir,
+            name,
+            &format!("sleep 0.3; echo term > {}; exit 0", done.display()),
+        )
+    }
+
+    /// Waits until each of `names` has set its trap.
+    async fn ready(dir: &Path, names: &[&str]) {
+        until("the traps set", || {
+            names
+                .iter()
+                .all(|name| dir.join(format!("{name}.ready")).exists())
+        })
+        .await;
+    }
+
+    /// The signal goes to the whole group, and stopping waits for every member to end
+    /// on its own, well before the timeout; the leader's exit is returned.
+    #[test]
+    fn terminate_signals_the_group_and_waits_for_a_worker_that_outlives_its_leader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path();
+        with_reaper(|reaper| async move {
+            let script = format!(
+                "trap 'exit 7' TERM; ({}) & {}",
+                slow_exit(dir, "worker"),
+                looping(dir, "leader", "exit 7")
+            );
+            let leader = start_sh(&script, None);
+            let mut exit = reaper.wait(leader);
+            ready(dir, &["worker", "leader"]).await;
+            let started = Instant::now();
+            let status = terminate(
+                Tree::group(leader),
+                &mut exit,
+                Signal::SIGTERM,
+                Duration::from_secs(30),
+                &Guard::absent(),
+            )
+            .await;
+            assert_eq!(status, Some(Exit::Code(7)));
+            assert!(
+                trapped(dir, "worker"),
+                "the worker was killed instead of left to finish"
+            );
+            assert!(!Tree::group(leader).alive(), "the group is gone");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "stopping took {:?}, as long as its timeout",
+                started.elapsed()
+            );
+        });
+    }
+
+    /// A group that ignores the signal is killed once the timeout passes.
+    #[test]
+    fn terminate_kills_a_group_that_ignores_the_signal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path();
+        with_reaper(|reaper| async move {
+            let script = format!(
+                "trap '' TERM; ({}) & {}",
+                looping(dir, "worker", ""),
+                looping(dir, "leader", "")
+            );
+            let leader = start_sh(&script, None);
+            let mut exit = reaper.wait(leader);
+            ready(dir, &["worker", "leader"]).await;
+            let started = Instant::now();
+            let status = terminate(
+                Tree::group(leader),
+                &mut exit,
+                Signal::SIGTERM,
+                Duration::from_millis(300),
+                &Guard::absent(),
+            )
+            .await;
+            assert_eq!(status, Some(Exit::Signal(Signal::SIGKILL)));
+            assert!(started.elapsed() >= Duration::from_millis(300));
+            assert!(
+                started.elapsed() < Duration::from_secs(8),
+                "killing took {:?}",
+                started.elapsed()
+            );
+            assert!(!Tree::group(leader).alive(), "the group is gone");
+        });
+    }
+
+    /// A worker that ignores the signal after its leader exited is killed at the
+    /// deadline; the leader's own exit is still the one returned.
+    #[test]
+    fn terminate_kills_a_worker_left_behind_by_its_leader_at_the_deadline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path();
+        with_reaper(|reaper| async move {
+            let script = format!(
+                "trap 'exit 7' TERM; ({}) & {}",
+                looping(dir, "worker", ""),
+                looping(dir, "leader", "exit 7")
+            );
+            let leader = start_sh(&script, None);
+            let mut exit = reaper.wait(leader);
+            ready(dir, &["worker", "leader"]).await;
+            let status = terminate(
+                Tree::group(leader),
+                &mut exit,
+                Signal::SIGTERM,
+                Duration::from_millis(300),
+                &Guard::absent(),
+            )
+            .await;
+            assert_eq!(status, Some(Exit::Code(7)));
+            assert!(!Tree::group(leader).alive(), "the worker is gone");
+        });
+    }
+
+    /// A daemon that left the group (a session of its own) but carries the mark gets
+    /// the signal and is waited for while it finishes; one that ignores the signal is
+    /// killed.
+    #[test]
+    fn terminate_reaches_marked_daemons_outside_the_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path();
+        let mark = format!("test-{}/terminate", std::process::id());
+        with_reaper(|reaper| async move {
+            let script = format!(
+                "trap 'exit 7' TERM; setsid sh -c \"{}\" & setsid sh -c \"{}\" & {}",
+                slow_exit(dir, "daemon"),
+                looping(dir, "stubborn", ""),
+                looping(dir, "leader", "exit 7")
+            );
+            let leader = start_sh(&script, Some(&mark));
+            let mut exit = reaper.wait(leader);
+            ready(dir, &["daemon", "stubborn", "leader"]).await;
+            let tree = Tree {
+                leader,
+                mark: Some(&mark),
+                cgroup: None,
+            };
+            let daemons: Vec<Pid> = tree::members(leader, Some(&mark))
+                .into_iter()
+                .filter(|&pid| nix::unistd::getpgid(Some(pid)).ok() != Some(leader))
+                .collect();
+            assert!(
+                daemons.len() >= 2,
+                "two daemons outside the group: {daemons:?}"
+            );
+            let status = terminate(
+                tree,
+                &mut exit,
+                Signal::SIGTERM,
+                Duration::from_secs(2),
+                &Guard::absent(),
+            )
+            .await;
+            assert_eq!(status, Some(Exit::Code(7)));
+            assert!(
+                trapped(dir, "daemon"),
+                "the daemon was killed instead of left to finish"
+            );
+            assert!(
+                !daemons.iter().any(|&pid| tree::live(pid)),
+                "a daemon outlived the stop: {daemons:?}"
+            );
+            assert!(!tree.alive());
+        });
+    }
+
+    /// The exit of a process reaped before anyone asked for it is kept for whoever asks.
+    #[test]
+    fn an_exit_reaped_before_the_wait_is_handed_to_the_wait() {
+        with_reaper(|reaper| async move {
+            // The reaper waits for it, not std.
+            #[allow(clippy::zombie_processes)]
+            let child = spawn_unguarded(Command::new("true").stdin(Stdio::null())).expect("true");
+            let pid = child.id() as i32;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !matches!(reaper.lock().get(&pid), Some(Slot::Exited(_))) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "`true` reaped within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let exit =
+                tokio::time::timeout(Duration::from_secs(10), reaper.wait(Pid::from_raw(pid)))
+                    .await
+                    .expect("the wait resolves at once with the exit reaped earlier")
+                    .expect("exit");
+            assert!(matches!(exit, Exit::Code(0)), "{exit}");
+        });
     }
 
     #[tokio::test]
