@@ -636,6 +636,59 @@ mod tests {
         });
     }
 
+    /// A daemon forked by a worker after the leader exited (a worker handing its work
+    /// on as it stops) is seen by the wait, which lists the tree again as it goes, and
+    /// is waited for until it ends on its own: not killed as soon as the workers it was
+    /// not listed with are gone.
+    #[test]
+    fn terminate_waits_for_a_daemon_forked_while_stopping() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path();
+        let mark = format!("test-{}/forked-while-stopping", std::process::id());
+        with_reaper(|reaper| async move {
+            // On TERM the leader leaves a worker behind that, 0.6 s later, starts a
+            // daemon in a session of its own (done 2.5 s after), and lives 1.4 s more.
+            let daemon = format!("sleep 2.5; echo term > {}", dir.join("daemon").display());
+            let worker = format!("sleep 0.6; setsid sh -c '{daemon}' & sleep 1.4");
+            let script = format!(
+                "handoff() {{ ({worker}) & exit 7; }}; trap handoff TERM; touch {}.ready; while :; do sleep 0.02; done",
+                dir.join("leader").display()
+            );
+            let leader = start_sh(&script, Some(&mark));
+            let mut exit = reaper.wait(leader);
+            ready(dir, &["leader"]).await;
+            let tree = Tree {
+                leader,
+                mark: Some(&mark),
+                cgroup: None,
+            };
+            let status = terminate(
+                tree,
+                &mut exit,
+                Signal::SIGTERM,
+                Duration::from_secs(10),
+                &Guard::absent(),
+            )
+            .await;
+            assert_eq!(status, Some(Exit::Code(7)));
+            assert!(
+                trapped(dir, "daemon"),
+                "the daemon was killed instead of left to finish"
+            );
+            assert!(!tree.alive());
+        });
+    }
+
+    /// How an exit reads in rolld's log ("process exited unexpectedly (...)").
+    #[test]
+    fn an_exit_reads_as_its_code_or_its_signal() {
+        assert_eq!(Exit::Code(3).to_string(), "exit code 3");
+        assert_eq!(
+            Exit::Signal(Signal::SIGKILL).to_string(),
+            "killed by SIGKILL"
+        );
+    }
+
     /// The exit of a process reaped before anyone asked for it is kept for whoever asks.
     #[test]
     fn an_exit_reaped_before_the_wait_is_handed_to_the_wait() {
