@@ -29,7 +29,7 @@ fn write_daemonizing(dir: &Path) {
         dir,
         "daemon.sh",
         &format!(
-            "sh -c 'trap \"echo stopped > stopped-$0; exit 0\" TERM; while :; do sleep 0.05; done' \"$1\" &\n\
+            "sh -c 'trap \"echo stopped > stopped-$0; exit 0\" TERM; touch trapped-$0; while :; do sleep 0.05; done' \"$1\" &\n\
              exec {BACKEND} \"$1\"\n"
         ),
     );
@@ -126,6 +126,12 @@ fn start_daemonizing(per_set: usize) -> (Fixture, Rolld) {
     let fixture = Fixture::new(per_set).cmd("sh app.sh {port}");
     let rolld = Rolld::spawn_with(&fixture.yaml(), fixture.listen, write_daemonizing);
     rolld.wait_log("roll finished", 1);
+    // Each daemon's TERM trap is set: whether it ran says how the daemon was stopped.
+    for port in &fixture.sets[0] {
+        wait_until("the daemons' traps set", SOON, || {
+            rolld.dir.path().join(format!("trapped-{port}")).exists()
+        });
+    }
     (fixture, rolld)
 }
 
@@ -353,16 +359,20 @@ fn a_restarted_guard_still_kills_an_unmarked_worker_and_holds_nothing_rolld_inhe
     rolld.wait_log("guard process restarted", 1);
     let second = guard_pid(&rolld);
     assert_ne!(first, second);
-    let mut fds: Vec<String> = fs::read_dir(format!("/proc/{second}/fd"))
-        .expect("the guard's descriptors")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    fds.sort();
-    assert_eq!(
-        fds,
-        ["0", "1", "2"],
-        "the guard holds only its pipe and /dev/null"
+    // It closes what it inherited as it starts, right after rolld logged its start.
+    let fds = || {
+        let mut fds: Vec<String> = fs::read_dir(format!("/proc/{second}/fd"))
+            .expect("the guard's descriptors")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        fds.sort();
+        fds
+    };
+    wait_until(
+        "the new guard holding only its pipe and /dev/null",
+        SOON,
+        || fds() == ["0", "1", "2"],
     );
 
     rolld.signal(Signal::SIGKILL);
