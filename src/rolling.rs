@@ -816,6 +816,55 @@ mod tests {
         assert!(pick_free_ports(5, 40000..=40001, &[]).is_err());
     }
 
+    /// `n` consecutive ports that nothing listens on now, at or above `from`.
+    fn free_run(n: u16, from: u16) -> u16 {
+        (from..from + 1000)
+            .find(|&start| {
+                (start..start + n).all(|p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok())
+            })
+            .expect("a run of free ports")
+    }
+
+    /// Every port of the range is a candidate, its last one too, and none twice: asked
+    /// for all of a small range's ports, the pick returns each of them once, whatever
+    /// port the scan starts at.
+    #[test]
+    fn a_pick_can_take_every_port_of_its_range_once() {
+        let start = free_run(4, 41000);
+        let range = start..=start + 3;
+        for _ in 0..20 {
+            let mut ports = pick_free_ports(4, range.clone(), &[]).expect("four free ports");
+            ports.sort_unstable();
+            assert_eq!(ports, range.clone().collect::<Vec<_>>());
+        }
+        let last = pick_free_ports(1, range.clone(), &[start, start + 1, start + 2]);
+        assert_eq!(last, Ok(vec![start + 3]));
+    }
+
+    /// The warning comes only when too few ports of the range lie outside the ephemeral
+    /// range: twice the ports a roll picks.
+    #[test]
+    fn port_range_warning_counts_the_ports_outside_the_ephemeral_range() {
+        let ephemeral = ephemeral_ports().expect("/proc/sys/net/ipv4/ip_local_port_range");
+        let first = *ephemeral.start();
+        assert!(first > 1100, "ephemeral ports start at {first}");
+        let pick = |count, range| PortPlan::Pick { count, range };
+        // 8 ports outside for 4 picked: enough.
+        assert_eq!(port_range_warning(&pick(4, first - 8..=first + 100)), None);
+        // 7 outside: too few.
+        let warning = port_range_warning(&pick(4, first - 7..=first + 100));
+        assert!(
+            warning
+                .as_deref()
+                .is_some_and(|w| w.contains("ephemeral port range")),
+            "{warning:?}"
+        );
+        assert_eq!(
+            port_range_warning(&PortPlan::Worksets(vec![vec![first]])),
+            None
+        );
+    }
+
     #[test]
     fn picked_ports_avoid_the_ephemeral_range_while_others_are_free() {
         let ephemeral = ephemeral_ports().expect("/proc/sys/net/ipv4/ip_local_port_range");
