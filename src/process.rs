@@ -484,6 +484,30 @@ mod tests {
         .await;
     }
 
+    /// Starts `script` (with `mark`), waits until each of `names` has set its trap, then
+    /// stops it as rolld does: TERM, up to `timeout` for every member, then KILL. The
+    /// leader, its exit, and how long stopping took.
+    async fn start_and_stop(
+        reaper: &Reaper,
+        dir: &Path,
+        script: &str,
+        mark: Option<&str>,
+        names: &[&str],
+        timeout: Duration,
+    ) -> (Pid, Option<Exit>, Duration) {
+        let leader = start_sh(script, mark);
+        let mut exit = reaper.wait(leader);
+        ready(dir, names).await;
+        let tree = Tree {
+            leader,
+            mark,
+            cgroup: None,
+        };
+        let started = Instant::now();
+        let status = terminate(tree, &mut exit, Signal::SIGTERM, timeout, &Guard::absent()).await;
+        (leader, status, started.elapsed())
+    }
+
     /// The signal goes to the whole group, and stopping waits for every member to end
     /// on its own, well before the timeout; the leader's exit is returned.
     #[test]
@@ -496,16 +520,13 @@ mod tests {
                 slow_exit(dir, "worker"),
                 looping(dir, "leader", "exit 7")
             );
-            let leader = start_sh(&script, None);
-            let mut exit = reaper.wait(leader);
-            ready(dir, &["worker", "leader"]).await;
-            let started = Instant::now();
-            let status = terminate(
-                Tree::group(leader),
-                &mut exit,
-                Signal::SIGTERM,
+            let (leader, status, took) = start_and_stop(
+                &reaper,
+                dir,
+                &script,
+                None,
+                &["worker", "leader"],
                 Duration::from_secs(30),
-                &Guard::absent(),
             )
             .await;
             assert_eq!(status, Some(Exit::Code(7)));
@@ -515,9 +536,8 @@ mod tests {
             );
             assert!(!Tree::group(leader).alive(), "the group is gone");
             assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "stopping took {:?}, as long as its timeout",
-                started.elapsed()
+                took < Duration::from_secs(20),
+                "stopping took {took:?}, as long as its timeout"
             );
         });
     }
@@ -533,25 +553,18 @@ mod tests {
                 looping(dir, "worker", ""),
                 looping(dir, "leader", "")
             );
-            let leader = start_sh(&script, None);
-            let mut exit = reaper.wait(leader);
-            ready(dir, &["worker", "leader"]).await;
-            let started = Instant::now();
-            let status = terminate(
-                Tree::group(leader),
-                &mut exit,
-                Signal::SIGTERM,
+            let (leader, status, took) = start_and_stop(
+                &reaper,
+                dir,
+                &script,
+                None,
+                &["worker", "leader"],
                 Duration::from_millis(300),
-                &Guard::absent(),
             )
             .await;
             assert_eq!(status, Some(Exit::Signal(Signal::SIGKILL)));
-            assert!(started.elapsed() >= Duration::from_millis(300));
-            assert!(
-                started.elapsed() < Duration::from_secs(8),
-                "killing took {:?}",
-                started.elapsed()
-            );
+            assert!(took >= Duration::from_millis(300));
+            assert!(took < Duration::from_secs(8), "killing took {took:?}");
             assert!(!Tree::group(leader).alive(), "the group is gone");
         });
     }
@@ -568,15 +581,13 @@ mod tests {
                 looping(dir, "worker", ""),
                 looping(dir, "leader", "exit 7")
             );
-            let leader = start_sh(&script, None);
-            let mut exit = reaper.wait(leader);
-            ready(dir, &["worker", "leader"]).await;
-            let status = terminate(
-                Tree::group(leader),
-                &mut exit,
-                Signal::SIGTERM,
+            let (leader, status, _) = start_and_stop(
+                &reaper,
+                dir,
+                &script,
+                None,
+                &["worker", "leader"],
                 Duration::from_millis(300),
-                &Guard::absent(),
             )
             .await;
             assert_eq!(status, Some(Exit::Code(7)));
@@ -654,20 +665,13 @@ mod tests {
                 "handoff() {{ ({worker}) & exit 7; }}; trap handoff TERM; touch {}.ready; while :; do sleep 0.02; done",
                 dir.join("leader").display()
             );
-            let leader = start_sh(&script, Some(&mark));
-            let mut exit = reaper.wait(leader);
-            ready(dir, &["leader"]).await;
-            let tree = Tree {
-                leader,
-                mark: Some(&mark),
-                cgroup: None,
-            };
-            let status = terminate(
-                tree,
-                &mut exit,
-                Signal::SIGTERM,
+            let (leader, status, _) = start_and_stop(
+                &reaper,
+                dir,
+                &script,
+                Some(&mark),
+                &["leader"],
                 Duration::from_secs(10),
-                &Guard::absent(),
             )
             .await;
             assert_eq!(status, Some(Exit::Code(7)));
@@ -675,7 +679,7 @@ mod tests {
                 trapped(dir, "daemon"),
                 "the daemon was killed instead of left to finish"
             );
-            assert!(!tree.alive());
+            assert!(tree::members(leader, Some(&mark)).is_empty());
         });
     }
 
