@@ -1,6 +1,7 @@
 //! Rolling on SIGHUP: under load nothing is lost, long requests outlive their roll,
 //! and a bad new set or a bad config leaves the old set serving.
 
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -185,6 +186,45 @@ fn a_request_longer_than_the_roll_completes_on_its_old_process() {
         rolld.log().contains("draining 1 request(s) in flight"),
         "{}",
         rolld.log()
+    );
+}
+
+/// Without rolld's proxy (the apps serve their own ports, a balancer elsewhere sends
+/// them clients), the only sign of requests to the old set is its open connections: the
+/// roll stops the old set only once they are closed.
+#[test]
+fn without_the_proxy_a_roll_stops_the_old_set_only_once_its_connections_close() {
+    let fixture = Fixture::new(1);
+    let yaml = fixture
+        .yaml()
+        .replacen(&format!("listen: 127.0.0.1:{}\n", fixture.listen), "", 1);
+    let rolld = Rolld::spawn_with(&yaml, fixture.listen, |_| {});
+    rolld.wait_log("roll finished", 1);
+    let old = rolld.pids_of(1);
+    // A slow request straight to the old process, connected before the roll.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", fixture.sets[0][0]))
+        .expect("connect to the old process");
+    stream.set_read_timeout(Some(SOON)).expect("read timeout");
+    stream
+        .write_all(b"GET /?delay=2000 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .expect("send the request");
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("waiting for 1 connection(s) to the old set to close", 1);
+    assert!(
+        alive(old[0]),
+        "the old process stopped under an open connection"
+    );
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .expect("the answer, then the close");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    rolld.wait_log("roll finished", 2);
+    wait_until("old process gone", SOON, || !alive(old[0]));
+    let log = rolld.log();
+    assert!(
+        !log.contains("they will be cut"),
+        "the connection closed before drain_timeout: {log}"
     );
 }
 
