@@ -317,6 +317,9 @@ fn the_operator_rolls_back_or_promotes_during_a_bake_under_load_and_nothing_is_l
     });
     assert_eq!(rolld.pids_of(1), old);
     assert!(old.iter().all(|p| alive(*p)));
+    // The set left behind drained by the proxy's count, not by watching its sockets.
+    let log = rolld.log();
+    assert!(!log.contains("connection to the old set"), "{log}");
     load.wait_for_more(50);
 
     // rolld promote: the bake ends at once, the old set stops.

@@ -597,6 +597,13 @@ mod tests {
             b"POST / HTTP/1.1\r\nX-Transfer-Encoding: chunked\t\r\nTransfer-Encoding: chunked\r\nX-Note: a\tb\r\n\r\n"
         ));
         assert!(!unsound(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"));
+        // Fields that only begin like a framing field do not count as one.
+        assert!(!unsound(
+            b"POST / HTTP/1.1\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!unsound(
+            b"POST / HTTP/1.1\r\nTE: trailers\r\nContent-Length: 3\r\n\r\n"
+        ));
         // What follows the head (a body) is not looked at.
         assert!(!unsound(
             b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\nTransfer-Encoding: chunked\t\r\n\r\n"
