@@ -299,10 +299,22 @@ impl Tree<'_> {
         // children to rolld meanwhile, and a walk of the tree just then can miss them.
         let marked = self.marked_members();
         signal_group(self.leader, sig);
+        let mut others = marked;
         if let Some(cgroup) = self.cgroup {
-            tree::signal_all(&cgroup.procs(), sig);
+            others.extend(cgroup.procs());
         }
-        tree::signal_all(&marked, sig);
+        tree::signal_all(&self.outside_group(others), sig);
+    }
+
+    /// Of `pids`, once each, those the group's signal did not reach: a second TERM is
+    /// "stop now, drop what is in flight" to some servers (uvicorn, for one), so a
+    /// member of the group must get the stop signal once only. Asked after the group
+    /// was signalled, so a process that leaves the group just then still gets one.
+    fn outside_group(&self, mut pids: Vec<Pid>) -> Vec<Pid> {
+        pids.sort_unstable();
+        pids.dedup();
+        pids.retain(|&pid| nix::unistd::getpgid(Some(pid)).is_ok_and(|g| g != self.leader));
+        pids
     }
 
     /// Kills every member at once.
@@ -643,6 +655,53 @@ mod tests {
                 !daemons.iter().any(|&pid| tree::live(pid)),
                 "a daemon outlived the stop: {daemons:?}"
             );
+            assert!(!tree.alive());
+        });
+    }
+
+    /// The group's signal reaches the leader and its workers; of the rest rolld lists
+    /// (the marked tree, the cgroup), only those outside the group are signalled one by
+    /// one, and once each: a second TERM makes some servers drop what is in flight.
+    #[test]
+    fn a_stop_signal_reaches_each_member_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path();
+        let mark = format!("test-{}/once", std::process::id());
+        with_reaper(|reaper| async move {
+            let script = format!(
+                "trap 'exit 7' TERM; ({}) & setsid sh -c \"{}\" & {}",
+                looping(dir, "worker", "exit 0"),
+                looping(dir, "daemon", "exit 0"),
+                looping(dir, "leader", "exit 7")
+            );
+            let leader = start_sh(&script, Some(&mark));
+            let mut exit = reaper.wait(leader);
+            ready(dir, &["worker", "daemon", "leader"]).await;
+            let tree = Tree {
+                leader,
+                mark: Some(&mark),
+                cgroup: None,
+            };
+            let members = tree::members(leader, Some(&mark));
+            let (group, outside): (Vec<Pid>, Vec<Pid>) = members
+                .iter()
+                .partition(|&&pid| nix::unistd::getpgid(Some(pid)).ok() == Some(leader));
+            assert!(group.len() >= 2, "the leader and its worker: {group:?}");
+            assert!(!outside.is_empty(), "the daemon: {members:?}");
+            // Listed twice (marked and in a cgroup): still once.
+            let twice = [members.clone(), members].concat();
+            let mut expected = outside.clone();
+            expected.sort_unstable();
+            assert_eq!(tree.outside_group(twice), expected);
+            let status = terminate(
+                tree,
+                &mut exit,
+                Signal::SIGTERM,
+                Duration::from_secs(5),
+                &Guard::absent(),
+            )
+            .await;
+            assert_eq!(status, Some(Exit::Code(7)));
             assert!(!tree.alive());
         });
     }

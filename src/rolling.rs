@@ -172,6 +172,9 @@ impl Roll {
             );
             stopping.extend(subtree);
         }
+        // Two holders of one subtree list it twice; a second stop signal is "now" to some.
+        stopping.sort_unstable();
+        stopping.dedup();
         let how = StopHow::from_config(&self.config);
         tree::signal_all(&stopping, how.signal);
         let free = |deadline| async move {
