@@ -158,6 +158,50 @@ fn five_rolls_under_load_lose_no_request() {
     assert!(ok.load(Ordering::Relaxed) > 500, "the load ran");
 }
 
+/// The real gunicorn (an arbiter and its sync workers in one process group) rolled three
+/// times under load: nothing is lost, every old arbiter and worker is gone when its roll
+/// ends, and each stopped on the stop signal, none by SIGKILL.
+#[test]
+fn gunicorn_rolls_under_load_lose_nothing_and_its_workers_stop_on_the_signal() {
+    let Some(gunicorn) = crate::slow_clients::gunicorn() else {
+        return;
+    };
+    let app_dir = tempfile::tempdir().expect("app dir");
+    let fixture = Fixture::new(2).cmd(crate::slow_clients::gunicorn_cmd(&gunicorn, app_dir.path()));
+    let rolld = Rolld::start(&fixture);
+    let load = Load::start(fixture.listen, 8);
+    load.wait_for_more(50);
+    for roll in 1..=3u64 {
+        let arbiters = rolld.pids_of(roll);
+        assert_eq!(arbiters.len(), 2, "two gunicorns in set {roll}");
+        // Each arbiter with its two workers, once they have booted.
+        let mut group = Vec::new();
+        wait_until("every gunicorn worker booted", SOON, || {
+            group = arbiters.iter().flat_map(|&p| group_members(p)).collect();
+            group.len() >= 6
+        });
+        let (code, out, err) = rolld.control("reload", &[]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        rolld.wait_log("roll finished", roll as usize + 1);
+        let left: Vec<i32> = group.iter().copied().filter(|&p| alive(p)).collect();
+        assert!(
+            left.is_empty(),
+            "old gunicorn processes still run: {left:?}"
+        );
+        load.wait_for_more(30);
+    }
+    let (ok, errors) = load.finish();
+    assert!(
+        errors.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        errors.len(),
+        ok + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    let log = rolld.log();
+    assert!(!log.contains("SIGKILL"), "a gunicorn needed SIGKILL: {log}");
+}
+
 #[test]
 fn a_request_longer_than_the_roll_completes_on_its_old_process() {
     let fixture = Fixture::new(1);
