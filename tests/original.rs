@@ -91,13 +91,7 @@ fn the_original_example_layout_rolls_five_times_behind_nginx_under_load() {
         load.wait_for_more(30);
     }
     let (ok, errors) = load.finish();
-    assert!(
-        errors.is_empty(),
-        "{} of {} requests failed, first: {:?}",
-        errors.len(),
-        ok + errors.len(),
-        &errors[..errors.len().min(5)]
-    );
+    assert_none_failed(ok, &errors);
     // The app logs are under `directory` (example/), each line prefixed `PORT: `.
     let port0 = sets[0][0];
     let log = fs::read_to_string(root_path.join(format!("example/logs/tornado-{port0}.log")))

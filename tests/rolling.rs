@@ -148,13 +148,7 @@ fn five_rolls_under_load_lose_no_request() {
         }
     });
     let errors = errors.lock().expect("lock");
-    assert!(
-        errors.is_empty(),
-        "{} of {} requests failed, first: {:?}",
-        errors.len(),
-        ok.load(Ordering::Relaxed) + errors.len(),
-        &errors[..errors.len().min(5)]
-    );
+    assert_none_failed(ok.load(Ordering::Relaxed), &errors);
     assert!(ok.load(Ordering::Relaxed) > 500, "the load ran");
 }
 
@@ -191,13 +185,7 @@ fn gunicorn_rolls_under_load_lose_nothing_and_its_workers_stop_on_the_signal() {
         load.wait_for_more(30);
     }
     let (ok, errors) = load.finish();
-    assert!(
-        errors.is_empty(),
-        "{} of {} requests failed, first: {:?}",
-        errors.len(),
-        ok + errors.len(),
-        &errors[..errors.len().min(5)]
-    );
+    assert_none_failed(ok, &errors);
     let log = rolld.log();
     assert!(!log.contains("SIGKILL"), "a gunicorn needed SIGKILL: {log}");
 }

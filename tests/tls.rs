@@ -718,13 +718,7 @@ fn rolls_and_a_certificate_rotation_under_https_load_lose_no_request() {
         }
     });
     let errors = errors.lock().expect("lock");
-    assert!(
-        errors.is_empty(),
-        "{} of {} requests failed, first: {:?}",
-        errors.len(),
-        ok.load(Ordering::Relaxed) + errors.len(),
-        &errors[..errors.len().min(5)]
-    );
+    assert_none_failed(ok.load(Ordering::Relaxed), &errors);
     assert!(ok.load(Ordering::Relaxed) > 1000, "the load ran");
 }
 

@@ -519,6 +519,17 @@ pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Fails, with the first few errors, unless every request of a load was answered well.
+pub fn assert_none_failed(ok: usize, errors: &[String]) {
+    assert!(
+        errors.is_empty(),
+        "{} of {} requests failed, first: {:?}",
+        errors.len(),
+        ok + errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+}
+
 /// GET load from `workers` concurrent clients, each request on a new connection, every
 /// answer checked to be the example backend's `hello`. Bounded in time and count.
 pub struct Load {
