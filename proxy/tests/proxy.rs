@@ -399,6 +399,33 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
     );
 }
 
+/// The keep-alive clock runs only between requests: a request whose answer takes
+/// several keep-alive timeouts is answered, whether the answer is buffered or streamed,
+/// and the connection closes a keep-alive timeout after it.
+#[tokio::test]
+async fn a_request_longer_than_the_keepalive_timeout_is_answered() {
+    for buffering in [true, false] {
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi".to_vec();
+        // 38 bytes 40 ms apart: about 1.5 s, five keep-alive timeouts.
+        let up = Upstream::start(Script::Trickle(answer, Duration::from_millis(40))).await;
+        let mut cfg = config();
+        cfg.buffering.enabled = buffering;
+        cfg.keepalive_timeout = Duration::from_millis(300);
+        cfg.client_header_timeout = Duration::from_secs(30);
+        let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+        let mut s = TcpStream::connect(front.addr).await.expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let got = read_until_closed(&mut s, SOON).await;
+        let got = text(&got);
+        assert!(
+            got.starts_with("HTTP/1.1 200") && got.ends_with("\r\n\r\nhi"),
+            "buffering {buffering}: {got}"
+        );
+    }
+}
+
 /// A streamed answer (buffering off) that stalls is cut: the client has its head.
 #[tokio::test]
 async fn an_upstream_body_that_stalls_is_cut_after_the_idle_timeout() {
