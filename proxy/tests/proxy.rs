@@ -426,6 +426,51 @@ async fn a_request_longer_than_the_keepalive_timeout_is_answered() {
     }
 }
 
+/// An upstream may answer before it has read the request's body. The rest of that
+/// body, arriving after the answer and a pause long enough for an idle connection to
+/// give back its buffers, is still body: never read as a next request, even when the
+/// bytes so far ended like a message head and the rest looks like one.
+#[tokio::test]
+async fn the_rest_of_a_body_after_an_early_answer_is_never_a_next_request() {
+    let up = Upstream::start(Script::AnswerAtHead(ok("early"))).await;
+    let mut cfg = config();
+    cfg.buffering.enabled = false;
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let first = b"field=1\r\n\r\n";
+    let rest = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        first.len() + rest.len()
+    );
+    s.write_all(&[head.as_bytes(), first].concat())
+        .await
+        .expect("send the head and the first part of the body");
+    let answer = read_until(&mut s, b"early", 1, SOON).await;
+    assert!(
+        text(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        text(&answer)
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The connection may have closed meanwhile (the body was not wanted); then the
+    // write fails, and that is fine too.
+    let _ = s.write_all(rest).await;
+    let mut more = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut more)).await;
+    assert!(
+        !text(&more).contains("HTTP/1.1"),
+        "the rest of the body was answered as a request: {}",
+        text(&more)
+    );
+    let seen = up.received().to_ascii_lowercase();
+    assert_eq!(
+        seen.matches("x-forwarded-for").count(),
+        1,
+        "one request reached the upstream: {seen}"
+    );
+}
+
 /// A streamed answer (buffering off) that stalls is cut: the client has its head.
 #[tokio::test]
 async fn an_upstream_body_that_stalls_is_cut_after_the_idle_timeout() {

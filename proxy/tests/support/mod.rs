@@ -84,6 +84,9 @@ pub enum Script {
     /// Read the request's head (and what came with it), then close: a process killed
     /// while the request body was still arriving.
     VanishMidBody,
+    /// Answer with these bytes as soon as the request's head is read, then read (and
+    /// record) whatever else comes, answering nothing more.
+    AnswerAtHead(Vec<u8>),
 }
 
 /// An upstream that records every byte it receives.
@@ -196,11 +199,21 @@ async fn serve_scripted(
     closed: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let mut buf = Vec::new();
-    if let Script::VanishMidBody | Script::HeadOnly = script {
+    if let Script::VanishMidBody | Script::HeadOnly | Script::AnswerAtHead(_) = script {
         if !read_head(&mut stream, &mut buf).await {
             return;
         }
         record.lock().expect("lock").extend_from_slice(&buf);
+        if let Script::AnswerAtHead(answer) = &script {
+            if stream.write_all(answer).await.is_err() {
+                return;
+            }
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+                record.lock().expect("lock").extend_from_slice(&chunk[..n]);
+            }
+            return;
+        }
         if let Script::HeadOnly = script {
             // Hold the connection, reading nothing more, until the test ends.
             std::future::pending::<()>().await;
@@ -239,7 +252,9 @@ async fn serve_scripted(
                     }
                 }
             }
-            Script::HeadOnly | Script::Vanish | Script::VanishMidBody => return,
+            Script::HeadOnly | Script::Vanish | Script::VanishMidBody | Script::AnswerAtHead(_) => {
+                return
+            }
             Script::UpgradeEcho => {
                 let _ = stream
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
