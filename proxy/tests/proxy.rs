@@ -1153,6 +1153,35 @@ async fn an_http2_client_that_never_opens_its_window_does_not_hold_requests_in_f
     let _ = client.ping.ping(h2::Ping::opaque()).await.expect("pong");
 }
 
+/// An HTTP/2 preface that arrives in pieces, its end in one packet with the client's
+/// first frame, is still read as HTTP/2: the sniffing reads no byte past the preface.
+#[tokio::test]
+async fn an_http2_preface_in_pieces_is_still_http2() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let mut tcp = TcpStream::connect(front.addr).await.expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    tcp.write_all(&preface[..10]).await.expect("send a piece");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The rest of the preface and an empty SETTINGS frame.
+    tcp.write_all(&[&preface[10..], b"\0\0\0\x04\0\0\0\0\0"].concat())
+        .await
+        .expect("send the rest");
+    let mut first = [0u8; 9];
+    tokio::time::timeout(SOON, tcp.read_exact(&mut first))
+        .await
+        .expect("an answer in time")
+        .expect("the server's first frame");
+    // A frame header: 3 bytes of length, then the type; SETTINGS is 0x4 on stream 0.
+    assert_eq!(
+        (first[3], &first[5..9]),
+        (0x4, &[0u8, 0, 0, 0][..]),
+        "the server's first frame is SETTINGS, not {:?}",
+        String::from_utf8_lossy(&first)
+    );
+}
+
 /// What rolld grants an HTTP/2 client before it passes anything on: 256 KiB of request
 /// body a stream and 1 MiB a connection (hyper's default is 1 MiB for each), read from
 /// the server's first frames as a client receives them.
