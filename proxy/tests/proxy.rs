@@ -1153,6 +1153,53 @@ async fn an_http2_client_that_never_opens_its_window_does_not_hold_requests_in_f
     let _ = client.ping.ping(h2::Ping::opaque()).await.expect("pong");
 }
 
+/// A whole HTTP/1.0 request shorter than the HTTP/2 preface is answered at once: the
+/// sniffing stops at the first byte that is not the preface's.
+#[tokio::test]
+async fn a_request_shorter_than_the_http2_preface_is_answered() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    assert!(request.len() < 24, "shorter than the preface");
+    let answer = tokio::time::timeout(Duration::from_secs(5), raw(front.addr, request, SOON))
+        .await
+        .expect("answered within 5 s, long before the header timeout");
+    let answer = text(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.0 200") && answer.ends_with("hi"),
+        "{answer}"
+    );
+}
+
+/// A client that resets its connection while its first bytes could still be an HTTP/2
+/// preface frees its `max_connections` slot at once: the error ends the sniffing.
+#[tokio::test]
+async fn a_reset_during_the_preface_sniffing_frees_the_connection() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.max_connections = 1;
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let first = std::net::TcpStream::connect(front.addr).expect("connect");
+    std::io::Write::write_all(&mut &first, b"PRI").expect("send a preface's start");
+    let sock = socket2::SockRef::from(&first);
+    sock.set_linger(Some(Duration::ZERO)).expect("linger 0");
+    // Time for the proxy to read the bytes and wait for more, as it would for a slow
+    // client (the outcome is the same if the reset comes first).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(first); // a reset, with linger 0
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        raw(
+            front.addr,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            SOON,
+        ),
+    )
+    .await
+    .expect("the next client is served within 10 s");
+    assert!(text(&answer).ends_with("hi"), "{}", text(&answer));
+}
+
 /// An HTTP/2 preface that arrives in pieces, its end in one packet with the client's
 /// first frame, is still read as HTTP/2: the sniffing reads no byte past the preface.
 #[tokio::test]
