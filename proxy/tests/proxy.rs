@@ -366,6 +366,47 @@ async fn a_client_sending_headers_one_byte_at_a_time_is_cut_at_the_header_timeou
     assert_eq!(up.connections.load(Ordering::SeqCst), 0);
 }
 
+/// The header timeout holds for every request of a keep-alive connection, not only its
+/// first: a next request whose head trickles in is cut a header timeout after its
+/// first byte, long before the keep-alive timeout.
+#[tokio::test]
+async fn a_next_request_whose_head_trickles_in_is_cut_at_the_header_timeout() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.client_header_timeout = Duration::from_secs(1);
+    cfg.keepalive_timeout = Duration::from_secs(60);
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let first = read_until(&mut s, b"hi", 1, SOON).await;
+    assert!(text(&first).starts_with("HTTP/1.1 200"), "{}", text(&first));
+    let started = Instant::now();
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    // 200 ms apart: about 16 s for the whole head.
+    for byte in request {
+        if s.write_all(&[*byte]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if started.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+    }
+    let rest = read_until_closed(&mut s, SOON).await;
+    assert!(
+        !text(&rest).contains("200 OK"),
+        "the slow request was served: {}",
+        text(&rest)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "cut after {:?}, not at the header timeout",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() {
     let up = Upstream::start(Script::Reply(ok("hi"))).await;
