@@ -143,6 +143,39 @@ fn serve(
     (addr, stop)
 }
 
+/// A TLS connection the proxy closes (`Connection: close`) ends with TLS's
+/// `close_notify`: the client can tell the answer was complete, not truncated.
+#[tokio::test]
+async fn a_tls_connection_closed_by_the_proxy_ends_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let ca = ca();
+    let (cert, _) = leaf(&ca);
+    let tls = Arc::new(Tls::new(&[cert], Duration::from_secs(5), None).expect("tls"));
+    let (addr, _stop) = serve(&up, tls);
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("a.test").expect("name");
+    let mut stream = tokio_rustls::TlsConnector::from(client(&ca, rustls::DEFAULT_VERSIONS))
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    // rustls reports a close without close_notify as an UnexpectedEof error.
+    let read = tokio::time::timeout(SOON, stream.read_to_end(&mut answer))
+        .await
+        .expect("closed in time");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "{read:?} after {answer:?}");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("hi"),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn sessions_resume_over_tls_1_3_tickets_and_the_tls_1_2_session_cache() {
     let up = Upstream::start(Script::Reply(ok("hi"))).await;
