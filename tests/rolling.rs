@@ -359,6 +359,52 @@ fn an_invalid_config_is_refused_on_sighup_and_the_old_set_keeps_serving() {
     rolld.wait_log("roll finished", 2);
 }
 
+/// A reload that changes the list of worksets goes on with the set after the serving
+/// one in the new list, then wraps around it; a list without the serving set starts at
+/// its first set.
+#[test]
+fn a_new_list_of_worksets_goes_on_after_the_serving_set() {
+    let mut fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let serving = fixture.sets[0].clone();
+    let answered_by = || {
+        let (status, body) = get_blocking(rolld.listen, "/").expect("an answer");
+        assert_eq!(status, 200, "{body}");
+        body.split_whitespace().nth(2).map(str::to_string)
+    };
+    assert_eq!(answered_by(), Some(serving[0].to_string()));
+    let fresh = free_ports(4);
+    let (before, after) = (vec![fresh[0]], vec![fresh[1]]);
+    fixture.sets = vec![before.clone(), serving.clone(), after.clone()];
+    rolld.write_config(&fixture.yaml());
+    let reload = |roll: usize| {
+        let (code, out, err) = rolld.control("reload", &[]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        rolld.wait_log("roll finished", roll);
+    };
+    reload(2);
+    assert_eq!(
+        answered_by(),
+        Some(after[0].to_string()),
+        "the set after the serving one"
+    );
+    reload(3);
+    assert_eq!(
+        answered_by(),
+        Some(before[0].to_string()),
+        "then around to the first"
+    );
+    // A list that does not hold the serving set: its first set.
+    fixture.sets = vec![vec![fresh[2]], vec![fresh[3]]];
+    rolld.write_config(&fixture.yaml());
+    reload(4);
+    assert_eq!(
+        answered_by(),
+        Some(fresh[2].to_string()),
+        "the new list's first set"
+    );
+}
+
 #[test]
 fn sighups_during_a_roll_queue_exactly_one_more_roll() {
     let fixture = Fixture::new(1).cmd(format!("{BACKEND} {{port}} --start-delay 1500"));
