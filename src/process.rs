@@ -308,8 +308,9 @@ impl Tree<'_> {
 
     /// Of `pids`, once each, those the group's signal did not reach: a second stop
     /// signal is "stop now, drop what is in flight" to some servers (uvicorn's second
-    /// SIGINT, for one), so a member of the group must get it once only. Asked after the group
-    /// was signalled, so a process that leaves the group just then still gets one.
+    /// SIGINT, for one), so a member of the group must get it once only. Asked after
+    /// the group was signalled, so a process that leaves the group just then still
+    /// gets one.
     fn outside_group(&self, mut pids: Vec<Pid>) -> Vec<Pid> {
         pids.sort_unstable();
         pids.dedup();

@@ -84,15 +84,7 @@ async fn connect_with(
     Vec<u8>,
     bool,
 ) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("a.test").expect("name");
-    let tls = tokio::time::timeout(
-        SOON,
-        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
-    )
-    .await
-    .expect("handshake in time")
-    .expect("handshake");
+    let tls = handshake(addr, config).await;
     let served = tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec();
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -100,6 +92,22 @@ async fn connect_with(
         .expect("http1");
     tokio::spawn(conn);
     (send, served, resumed)
+}
+
+/// A TLS connection to `addr` as `a.test`, its handshake done.
+async fn handshake(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("a.test").expect("name");
+    tokio::time::timeout(
+        SOON,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake")
 }
 
 async fn get(
@@ -153,12 +161,7 @@ async fn a_tls_connection_closed_by_the_proxy_ends_with_close_notify() {
     let (cert, _) = leaf(&ca);
     let tls = Arc::new(Tls::new(&[cert], Duration::from_secs(5), None).expect("tls"));
     let (addr, _stop) = serve(&up, tls);
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("a.test").expect("name");
-    let mut stream = tokio_rustls::TlsConnector::from(client(&ca, rustls::DEFAULT_VERSIONS))
-        .connect(name, tcp)
-        .await
-        .expect("handshake");
+    let mut stream = handshake(addr, client(&ca, rustls::DEFAULT_VERSIONS)).await;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
         .await

@@ -543,7 +543,7 @@ pub struct Load {
 }
 
 /// The port in an example backend's answer (`hello from PORT ...`, `... from PORT ...`).
-fn answered_by(body: &[u8]) -> Option<u16> {
+pub fn answered_by(body: &[u8]) -> Option<u16> {
     let text = std::str::from_utf8(body).ok()?;
     let after = &text[text.find(" from ")? + 6..];
     after
