@@ -403,15 +403,27 @@ fn sighups_during_a_roll_queue_exactly_one_more_roll() {
     let rolld = Rolld::start(&fixture);
     rolld.signal(Signal::SIGHUP);
     rolld.wait_log("starting 1 process(es)", 2);
-    for _ in 0..3 {
+    // Each HUP is seen on its own (none merged with the next by the kernel).
+    for seen in 1..=3 {
         rolld.signal(Signal::SIGHUP);
-        std::thread::sleep(Duration::from_millis(50));
+        rolld.wait_log("one more is queued after it", seen);
     }
     rolld.wait_log("roll finished generation=3", 1);
-    // Nothing else is queued: wait for the time a fourth roll would need to start.
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(rolld.count_log("roll finished"), 3, "{}", rolld.log());
-    assert!(!rolld.log().contains("generation=4"));
+    // One more HUP now starts the fourth roll. Had anything else been queued, a fourth
+    // roll would have begun as soon as the third ended, before this HUP was sent.
+    let before = rolld.log().len();
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished generation=4", 1);
+    let log = rolld.log();
+    let fourth = log
+        .match_indices("starting 1 process(es)")
+        .nth(3)
+        .map(|(at, _)| at)
+        .unwrap_or_else(|| panic!("no fourth roll started:\n{log}"));
+    assert!(
+        fourth >= before,
+        "a fourth roll started before the fourth HUP: the three HUPs queued more than one roll\n{log}"
+    );
 }
 
 #[test]
