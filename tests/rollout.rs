@@ -428,3 +428,54 @@ fn behind_another_balancer_a_crashing_release_is_rolled_back_and_the_file_render
         old[0].to_string()
     );
 }
+
+/// Established connections accepted on `port` (from the kernel's TCP table).
+fn accepted_on(port: u16) -> usize {
+    let local = format!(":{port:04X} ");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && format!("{} ", fields[1]).ends_with(&local) && fields[3] == "01"
+        })
+        .count()
+}
+
+#[test]
+fn a_rollback_with_rolld_and_another_balancer_in_front_waits_for_the_balancers_connections() {
+    // rolld's proxy counts its own requests only; another balancer in front
+    // (`after_start`) may still be talking to the new set when the bake is ended.
+    let fixture = Fixture::new(2)
+        .extra("  after_start:\n    - run_proc: 'true'\n  rollout:\n    bake: 60s\n");
+    let rolld = Rolld::start(&fixture);
+    let old = rolld.pids_of(1);
+    let (code, _, _) = rolld.control("reload", &["--no-wait"]);
+    assert_eq!(code, Some(0));
+    wait_until("the bake", SOON, || {
+        phase(&rolld).as_deref() == Some("bake")
+    });
+    let new = rolld.pids_of(2);
+    let port = fixture.sets[1][0];
+    // The other balancer's request to a new process, still running at the rollback.
+    let balancer = std::thread::spawn(move || get_blocking(port, "/?delay=2500"));
+    wait_until("the balancer's connection to the new set", SOON, || {
+        accepted_on(port) == 1
+    });
+    let (code, stdout, stderr) = rolld.control("rollback", &[]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let answer = balancer.join().expect("balancer thread");
+    assert_eq!(
+        answer.as_ref().map(|a| a.0),
+        Ok(200),
+        "the new set was stopped under the balancer's request: {answer:?}\n{}",
+        rolld.log()
+    );
+    rolld.wait_log("waiting for 1 connection(s) to the old set to close", 1);
+    wait_until("the new set stopped", SOON, || {
+        new.iter().all(|p| !alive(*p))
+    });
+    assert!(old.iter().all(|p| alive(*p)), "the old set serves again");
+    assert_eq!(get_blocking(rolld.listen, "/pid").map(|a| a.0), Ok(200));
+}
