@@ -479,3 +479,51 @@ fn a_rollback_with_rolld_and_another_balancer_in_front_waits_for_the_balancers_c
     assert!(old.iter().all(|p| alive(*p)), "the old set serves again");
     assert_eq!(get_blocking(rolld.listen, "/pid").map(|a| a.0), Ok(200));
 }
+
+/// Whether the proxy's serving set counts the upstream on `port` as available.
+fn available(rolld: &Rolld, port: u16) -> Option<bool> {
+    let addr = format!("127.0.0.1:{port}");
+    status(rolld)["upstreams"]
+        .as_array()?
+        .iter()
+        .find(|u| u["addr"] == addr.as_str())?["available"]
+        .as_bool()
+}
+
+#[test]
+fn after_a_rollback_an_old_process_that_crashes_is_out_of_the_proxy_until_it_is_ready_again() {
+    // The old processes serve again through the set they were kept on during the bake:
+    // their keepers must report to that set, not to the one they served before.
+    let fixture = Fixture::new(2)
+        .cmd(format!("{BACKEND} {{port}} --start-delay 1000"))
+        .extra("  rollout:\n    bake: 60s\n");
+    let rolld = Rolld::start(&fixture);
+    let (code, _, _) = rolld.control("reload", &["--no-wait"]);
+    assert_eq!(code, Some(0));
+    wait_until("the bake", SOON, || {
+        phase(&rolld).as_deref() == Some("bake")
+    });
+    let (code, stdout, stderr) = rolld.control("rollback", &[]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    rolld.wait_log("rolled back after switch", 1);
+    let port = fixture.sets[0][0];
+    assert_eq!(available(&rolld, port), Some(true), "{}", rolld.log());
+    let (_, pid) = get_blocking(port, "/pid").expect("the old process answers");
+    let pid: i32 = pid.trim().parse().expect("a pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    // Out while it restarts (its start takes a second), back once it is ready.
+    wait_until("the crashed process out of the proxy", SOON, || {
+        available(&rolld, port) == Some(false)
+    });
+    let answer = get_blocking(rolld.listen, "/pid").expect("served by the other process");
+    assert_eq!(answer.0, 200);
+    assert_ne!(answer.1.trim(), pid.to_string());
+    rolld.wait_log("restarted process is ready", 1);
+    wait_until("the restarted process back in the proxy", SOON, || {
+        available(&rolld, port) == Some(true)
+    });
+}
