@@ -220,6 +220,42 @@ fn a_request_longer_than_the_roll_completes_on_its_old_process() {
     assert!(!log.contains("connection to the old set"), "{log}");
 }
 
+/// A balancer that reloads may still open a connection to the old set just after the
+/// roll first finds none open (a worker finishing its last requests the old way): the
+/// roll waits for a quiet moment before it stops the old set.
+#[test]
+fn without_the_proxy_a_connection_opened_just_after_the_switch_still_holds_the_old_set() {
+    let fixture = Fixture::new(1);
+    let old_port = fixture.sets[0][0];
+    let listen = format!("listen: 127.0.0.1:{}\n", fixture.listen);
+    // The "balancer": once `late` exists, a reload sends one more request to the old
+    // port 50 ms after the switch, from the background.
+    let yaml = fixture
+        .extra("  after_start:\n    - run_proc: '[ -f late ] && bash late.sh </dev/null >/dev/null 2>&1 &'\n")
+        .yaml()
+        .replacen(&listen, "", 1);
+    let rolld = Rolld::spawn_with(&yaml, 0, |dir| {
+        let script = format!(
+            "sleep 0.05\nexec 3<>/dev/tcp/127.0.0.1/{old_port}\nprintf 'GET /?delay=1000 HTTP/1.1\\r\\nHost: app\\r\\nConnection: close\\r\\n\\r\\n' >&3\ncat <&3 > late-answer\n"
+        );
+        std::fs::write(dir.join("late.sh"), script).expect("balancer script");
+    });
+    rolld.wait_log("roll finished", 1);
+    let old = rolld.pids_of(1);
+    let dir = rolld.config_path().with_file_name("");
+    std::fs::write(dir.join("late"), "").expect("arm the balancer");
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+    let answer = std::fs::read_to_string(dir.join("late-answer")).unwrap_or_default();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the old set stopped under the balancer's late connection: {answer:?}\n{}",
+        rolld.log()
+    );
+    rolld.wait_log("waiting for 1 connection(s) to the old set to close", 1);
+    wait_until("old process gone", SOON, || !alive(old[0]));
+}
+
 /// Without rolld's proxy (the apps serve their own ports, a balancer elsewhere sends
 /// them clients), the only sign of requests to the old set is its open connections: the
 /// roll stops the old set only once they are closed.
