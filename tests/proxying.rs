@@ -208,3 +208,32 @@ fn a_websocket_echo_keeps_working_across_a_roll_and_its_old_process_stays_until_
     rolld.wait_log("roll finished", 2);
     wait_until("old process stopped", SOON, || !alive(old));
 }
+
+/// `curl --http2` over plain HTTP offers an upgrade to HTTP/2 (`Upgrade: h2c`). It gets
+/// its answer over HTTP/1.1, and the app never sees the offer (the example backend would
+/// take any upgrade and echo bytes back instead of answering).
+#[test]
+fn curl_offering_an_upgrade_to_http2_gets_its_answer_over_http1() {
+    if !crate::tls::tool("curl") {
+        return;
+    }
+    let fixture = Fixture::new(1);
+    let rolld = Rolld::start(&fixture);
+    let out = output_within(
+        std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "20",
+                "--http2",
+                "-w",
+                "\n%{http_version} %{http_code}",
+            ])
+            .arg(format!("http://127.0.0.1:{}/", rolld.listen)),
+        std::time::Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.starts_with("hello from "), "{stdout}\n{stderr}");
+    assert!(stdout.ends_with("\n1.1 200"), "{stdout}\n{stderr}");
+}

@@ -117,7 +117,7 @@ fn start(
 }
 
 /// Fails loudly under CI (which must install it), skips only when asked.
-fn tool(name: &str) -> bool {
+pub(crate) fn tool(name: &str) -> bool {
     let found = Command::new(name)
         .arg("--version")
         .output()

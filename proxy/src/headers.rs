@@ -14,9 +14,18 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Never forwarded: a CGI app would read it as its outgoing proxy (httpoxy).
 static PROXY: HeaderName = HeaderName::from_static("proxy");
 
-/// Whether the request asks to switch protocols (WebSocket and others).
+/// Whether the request asks to switch protocols (WebSocket and others). An upgrade to
+/// HTTP/2 alone (`Upgrade: h2c`, as `curl --http2` sends over plain HTTP) is not passed
+/// on: rolld answers it over HTTP/1.1, as the server may, rather than let the app turn
+/// the connection into a tunnel whose requests no drain could count.
 pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+    let offers_other_than_h2c = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|p| !p.is_empty() && !p.eq_ignore_ascii_case(b"h2c"));
+    offers_other_than_h2c && connection_has(headers, "upgrade")
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -191,6 +200,19 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn an_upgrade_to_http2_alone_is_no_upgrade() {
+        let curl = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(!is_upgrade(&curl));
+        let upper = map(&[("connection", "upgrade"), ("upgrade", " H2C ")]);
+        assert!(!is_upgrade(&upper));
+        let both = map(&[("connection", "upgrade"), ("upgrade", "h2c, websocket")]);
+        assert!(is_upgrade(&both));
     }
 
     #[test]

@@ -64,6 +64,29 @@ async fn hop_by_hop_request_headers_stay_on_their_hop_and_forwarding_headers_are
 }
 
 #[tokio::test]
+async fn an_upgrade_to_http2_is_answered_over_http1_and_not_passed_on() {
+    // What `curl --http2` sends over plain HTTP.
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let front = front_for(&up).await;
+    let answer = raw(
+        front.addr,
+        b"GET / HTTP/1.1\r\nHost: example.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+        SOON,
+    )
+    .await;
+    let answer = text(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("hi"), "{answer}");
+    let got = up.received().to_ascii_lowercase();
+    for gone in ["upgrade", "http2-settings"] {
+        assert!(
+            !got.contains(gone),
+            "`{gone}` must not reach the upstream: {got}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn hop_by_hop_response_headers_stay_on_their_hop() {
     let up = Upstream::start(Script::Reply(
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Internal\r\nX-Internal: 1\r\nKeep-Alive: timeout=3\r\nX-App: yes\r\n\r\nhi"
