@@ -252,7 +252,7 @@ fn without_the_proxy_a_connection_opened_just_after_the_switch_still_holds_the_o
         "the old set stopped under the balancer's late connection: {answer:?}\n{}",
         rolld.log()
     );
-    rolld.wait_log("waiting for 1 connection(s) to the old set to close", 1);
+    rolld.wait_log("connection(s) to the old set to close", 1);
     wait_until("old process gone", SOON, || !alive(old[0]));
 }
 

@@ -461,7 +461,7 @@ fn a_rollback_with_rolld_and_another_balancer_in_front_waits_for_the_balancers_c
     // The other balancer's request to a new process, still running at the rollback.
     let balancer = std::thread::spawn(move || get_blocking(port, "/?delay=2500"));
     wait_until("the balancer's connection to the new set", SOON, || {
-        accepted_on(port) == 1
+        accepted_on(port) >= 1
     });
     let (code, stdout, stderr) = rolld.control("rollback", &[]);
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
@@ -472,7 +472,7 @@ fn a_rollback_with_rolld_and_another_balancer_in_front_waits_for_the_balancers_c
         "the new set was stopped under the balancer's request: {answer:?}\n{}",
         rolld.log()
     );
-    rolld.wait_log("waiting for 1 connection(s) to the old set to close", 1);
+    rolld.wait_log("connection(s) to the old set to close", 1);
     wait_until("the new set stopped", SOON, || {
         new.iter().all(|p| !alive(*p))
     });
