@@ -214,7 +214,7 @@ fn a_websocket_echo_keeps_working_across_a_roll_and_its_old_process_stays_until_
 /// take any upgrade and echo bytes back instead of answering).
 #[test]
 fn curl_offering_an_upgrade_to_http2_gets_its_answer_over_http1() {
-    if !crate::tls::tool("curl") {
+    if !tool("curl") {
         return;
     }
     let fixture = Fixture::new(1);

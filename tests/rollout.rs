@@ -431,14 +431,14 @@ fn behind_another_balancer_a_crashing_release_is_rolled_back_and_the_file_render
 
 /// Established connections accepted on `port` (from the kernel's TCP table).
 fn accepted_on(port: u16) -> usize {
-    let local = format!(":{port:04X} ");
+    let local = format!(":{port:04X}");
     std::fs::read_to_string("/proc/net/tcp")
         .unwrap_or_default()
         .lines()
         .skip(1)
         .filter(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() > 3 && format!("{} ", fields[1]).ends_with(&local) && fields[3] == "01"
+            fields.len() > 3 && fields[1].ends_with(&local) && fields[3] == "01"
         })
         .count()
 }

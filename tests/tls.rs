@@ -116,31 +116,6 @@ fn start(
     TlsRolld { rolld, https, ca }
 }
 
-/// Fails loudly under CI (which must install it), skips only when asked.
-pub(crate) fn tool(name: &str) -> bool {
-    let found = Command::new(name)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-        || Command::new(name)
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !found {
-        let ci = std::env::var("CI").as_deref() == Ok("true");
-        let skip = std::env::var("ROLLD_SKIP_TLS_TOOLS").as_deref() == Ok("1");
-        assert!(
-            skip && !ci,
-            "{name} is not installed: `apt-get install -y {name}`, or set ROLLD_SKIP_TLS_TOOLS=1 to skip{}",
-            if ci { " (under CI: .ci/run must install it)" } else { "" }
-        );
-        eprintln!(
-            "SKIPPED (ROLLD_SKIP_TLS_TOOLS=1): {name} is not installed; this test did not run"
-        );
-    }
-    found
-}
-
 /// `curl` against `name` on the TLS port: (exit code, stdout).
 fn curl(t: &TlsRolld, name: &str, args: &[&str], path: &str) -> (Option<i32>, String) {
     let out = output_within(

@@ -542,6 +542,32 @@ pub struct Load {
     rt: tokio::runtime::Runtime,
 }
 
+/// Whether a client tool the tests drive (curl, openssl) is installed. Fails loudly under
+/// CI (which must install it); skips only when `ROLLD_SKIP_TLS_TOOLS=1` asks.
+pub fn tool(name: &str) -> bool {
+    let found = Command::new(name)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        || Command::new(name)
+            .arg("version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !found {
+        let ci = std::env::var("CI").as_deref() == Ok("true");
+        let skip = std::env::var("ROLLD_SKIP_TLS_TOOLS").as_deref() == Ok("1");
+        assert!(
+            skip && !ci,
+            "{name} is not installed: `apt-get install -y {name}`, or set ROLLD_SKIP_TLS_TOOLS=1 to skip{}",
+            if ci { " (under CI: .ci/run must install it)" } else { "" }
+        );
+        eprintln!(
+            "SKIPPED (ROLLD_SKIP_TLS_TOOLS=1): {name} is not installed; this test did not run"
+        );
+    }
+    found
+}
+
 /// The port in an example backend's answer (`hello from PORT ...`, `... from PORT ...`).
 pub fn answered_by(body: &[u8]) -> Option<u16> {
     let text = std::str::from_utf8(body).ok()?;
