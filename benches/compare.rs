@@ -11,7 +11,8 @@
 //! `ROLLD_BENCH_SECS` sets the seconds per load (default 3), `ROLLD_BENCH_ROUNDS` how many
 //! rounds each cell runs, in rotated order, the median counting (default 3).
 //! `ROLLD_BENCH_CHAOS_SECS` sets the length of the chaos cell (default 20), and
-//! `ROLLD_BENCH_ONLY=chaos` runs that cell alone.
+//! `ROLLD_BENCH_ONLY=chaos` or `ROLLD_BENCH_ONLY=instructions` (user-space instructions per
+//! request of rolld and nginx, under valgrind) runs that cell alone.
 //!
 //! `cargo bench -- slow-clients` runs only the slow-clients cell: 100 clients uploading
 //! and 100 downloading 1 MiB at 20 KiB/s through rolld in front of a synchronous app, for
@@ -1166,6 +1167,176 @@ fn slow_clients_cell(dir: &Path, secs: u64) -> serde_json::Value {
     })
 }
 
+/// Requests each target answers while its instructions are counted.
+const COUNTED_REQUESTS: usize = 20_000;
+/// Keep-alive connections they come over, each sending its next request when the last
+/// answer is in.
+const COUNTED_CONNECTIONS: usize = 16;
+
+/// User-space instructions per small request of rolld and of nginx (one worker, no master
+/// process), counted by valgrind's callgrind over the same requests to the same four
+/// backends: the work each does outside the kernel, in a figure that the noise of a shared
+/// machine does not move (callgrind counts instructions, not time). Both run under valgrind
+/// only for this cell. `None` without valgrind.
+fn instructions_cell(dir: &Path, nginx: Option<&Path>) -> Option<serde_json::Value> {
+    let (Some(valgrind), Some(control)) = (which("valgrind"), which("callgrind_control")) else {
+        println!("instructions: valgrind is not installed (apt-get install -y valgrind): skipped");
+        return None;
+    };
+    let dir = dir.join("counted");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let listen = free_ports(1)[0];
+    let config = dir.join("rolld.yml");
+    std::fs::write(&config, format!("listen: 127.0.0.1:{listen}\napp-servers:\n  cmd: '{BACKEND} {{port}}'\n  processes: 4\n  port_range: 40000-44999\n  health: {{path: /health, interval: 1s}}\n")).expect("config");
+    let counted = |name: &str, command: &mut Command, port: u16| -> Option<(Proc, f64)> {
+        let out = dir.join(format!("{name}.callgrind"));
+        let proc = Proc::spawn(
+            Command::new(&valgrind)
+                .args(["--tool=callgrind", "--instr-atstart=no"])
+                .arg(format!("--callgrind-out-file={}", out.display()))
+                .arg(command.get_program())
+                .args(command.get_args())
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("valgrind");
+        if !wait_for_port(port, Duration::from_secs(120)) {
+            println!("instructions: {name} did not start under valgrind");
+            return None;
+        }
+        let pid = proc.0.id().to_string();
+        // Warm: connections to the backends open, buffers grown.
+        keep_alive_gets(port, COUNTED_CONNECTIONS, 2_000)?;
+        let callgrind = |what: &str| {
+            Command::new(&control)
+                .args([what, &pid])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let started = callgrind("--instr=on") && callgrind("--zero");
+        let answered = keep_alive_gets(port, COUNTED_CONNECTIONS, COUNTED_REQUESTS);
+        let dumped = callgrind("--dump");
+        if !(started && dumped) || answered != Some(COUNTED_REQUESTS) {
+            println!("instructions: counting {name} failed ({answered:?} answered)");
+            return None;
+        }
+        // The dump is written as `<out>.<n>`; its `totals:` line counts every instruction.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let dumps = std::fs::read_dir(&dir).ok()?.flatten().filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{name}.callgrind."))
+            });
+            let total = dumps
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .filter_map(|text| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("totals:").or(l.strip_prefix("summary:")))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+                .max();
+            if let Some(total) = total {
+                return Some((proc, total as f64 / COUNTED_REQUESTS as f64));
+            }
+            if Instant::now() > deadline {
+                println!("instructions: no callgrind dump of {name}");
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut rolld_command = Command::new(ROLLD);
+    rolld_command.arg(&config);
+    let (rolld, rolld_per_request) = counted("rolld", &mut rolld_command, listen)?;
+    let start = Instant::now();
+    let mut backends = backend_ports(&config);
+    while backends.len() < 4 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+        backends = backend_ports(&config);
+    }
+    let mut line = format!(
+        "instructions (callgrind, user space, {COUNTED_REQUESTS} small GETs over {COUNTED_CONNECTIONS} keep-alive connections): rolld {rolld_per_request:.0} a request"
+    );
+    let mut json = serde_json::json!({ "rolld": rolld_per_request });
+    if let Some(nginx) = nginx {
+        let port = free_ports(1)[0];
+        let ndir = dir.join("nginx");
+        std::fs::create_dir_all(&ndir).expect("dir");
+        let servers: String = backends
+            .iter()
+            .map(|p| format!("        server 127.0.0.1:{p} max_fails=0;\n"))
+            .collect();
+        let user = if nix::unistd::getuid().is_root() {
+            "user root;\n"
+        } else {
+            ""
+        };
+        std::fs::write(ndir.join("nginx.conf"), format!("{user}daemon off;\nmaster_process off;\npid nginx.pid;\nerror_log nginx-error.log warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n}}\n")).expect("nginx.conf");
+        let mut nginx_command = Command::new(nginx);
+        nginx_command
+            .arg("-p")
+            .arg(format!("{}/", ndir.display()))
+            .args(["-c", "nginx.conf"]);
+        if let Some((nginx_proc, nginx_per_request)) = counted("nginx", &mut nginx_command, port) {
+            drop(nginx_proc);
+            line += &format!(
+                ", nginx {nginx_per_request:.0} ({:.2}x nginx's)",
+                rolld_per_request / nginx_per_request
+            );
+            json["nginx"] = serde_json::json!(nginx_per_request);
+        }
+    }
+    drop(rolld);
+    println!("{line}");
+    Some(json)
+}
+
+/// Sends `total` `GET /`s over `connections` keep-alive connections, each sending its next
+/// request once the last answer is in; how many were answered 200, or `None` when a
+/// connection failed.
+fn keep_alive_gets(port: u16, connections: usize, total: usize) -> Option<usize> {
+    let each = total / connections;
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            std::thread::spawn(move || -> Option<usize> {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+                let mut buf = Vec::with_capacity(4096);
+                let mut ok = 0;
+                for _ in 0..each {
+                    s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").ok()?;
+                    buf.clear();
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        let n = s.read(&mut chunk).ok().filter(|&n| n > 0)?;
+                        buf.extend_from_slice(&chunk[..n]);
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())?;
+                    while buf.len() < head_end + length {
+                        let mut chunk = [0u8; 4096];
+                        let n = s.read(&mut chunk).ok().filter(|&n| n > 0)?;
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    ok += usize::from(head.starts_with("http/1.1 200"));
+                }
+                Some(ok)
+            })
+        })
+        .collect();
+    workers.into_iter().map(|w| w.join().ok().flatten()).sum()
+}
+
 fn main() {
     raise_nofile();
     if std::env::args().skip(1).any(|a| a == "slow-clients") {
@@ -1194,6 +1365,11 @@ fn main() {
     if std::env::var("ROLLD_BENCH_ONLY").as_deref() == Ok("chaos") {
         let dir = tempfile::tempdir().expect("temp dir");
         println!("{}", chaos(dir.path(), chaos_secs).line());
+        return;
+    }
+    if std::env::var("ROLLD_BENCH_ONLY").as_deref() == Ok("instructions") {
+        let dir = tempfile::tempdir().expect("temp dir");
+        instructions_cell(dir.path(), which("nginx").as_deref());
         return;
     }
     let Some(wrk_bin) = which("wrk") else {
@@ -1526,6 +1702,8 @@ fn main() {
     let chaos = chaos(dir.path(), chaos_secs);
     println!("{}", chaos.line());
 
+    let instructions = instructions_cell(dir.path(), nginx_bin.as_deref());
+
     let json = serde_json::json!({
         "slow_clients": slow_clients,
         "machine": machine(),
@@ -1548,6 +1726,7 @@ fn main() {
         "memory": memory_json,
         "hold_queue": {"rss_before_mb": held.before_kib as f64 / 1024.0, "rss_held_mb": held.held_kib as f64 / 1024.0, "held": held.held, "rss_after_refusals_mb": held.after_kib as f64 / 1024.0, "refused": held.refused, "refuse_ms": held.refuse_ms, "released_ok": held.released_ok},
         "chaos": chaos.json(),
+        "instructions_per_request": instructions,
     });
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/rolld-bench.json");
     match std::fs::write(

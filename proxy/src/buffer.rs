@@ -98,6 +98,10 @@ impl Default for BufferConfig {
 /// Largest chunk read back from a temporary file at once: what one slow client holds
 /// in flight outside the budget.
 const FILE_CHUNK: usize = 16 * 1024;
+/// `X-Accel-Buffering: no` from the app turns buffering off for its answer (as for
+/// nginx); the header is rolld's, never the client's.
+pub(crate) static X_ACCEL_BUFFERING: http::HeaderName =
+    http::HeaderName::from_static("x-accel-buffering");
 
 /// The buffers of one proxy: their settings, the memory and disk they take, counters.
 #[derive(Debug)]
@@ -176,7 +180,7 @@ impl Buffers {
                     .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
             });
         let opted_out = headers
-            .get("x-accel-buffering")
+            .get(&X_ACCEL_BUFFERING)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
         !event_stream && !opted_out
     }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use hyper::body::{Body, Incoming};
@@ -398,7 +399,7 @@ impl Proxy {
         let buffer_answer =
             buffered && !body.is_end_stream() && Buffers::buffers_answer(&parts.headers);
         // For rolld, as for nginx; not for the client.
-        parts.headers.remove("x-accel-buffering");
+        parts.headers.remove(&buffer::X_ACCEL_BUFFERING);
         if buffer_answer {
             let idle = self.config.body_idle_timeout;
             let small = body.size_hint().exact().is_some_and(|n| n <= SMALL_ANSWER);
@@ -501,16 +502,14 @@ impl Proxy {
         access: Option<Box<AccessLog>>,
         busy: &mut Option<Busy>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Option<Box<AccessLog>>)> {
-        use http_body_util::BodyExt;
         let upstream = lease.upstream().addr();
         let idle = self.config.body_idle_timeout;
-        match tokio::time::timeout(idle, body.collect()).await {
-            Ok(Ok(collected)) => {
+        match tokio::time::timeout(idle, read_whole(body)).await {
+            Ok(Ok(bytes)) => {
                 if let Some(conn) = conn {
                     lease.upstream().pool().checkin(conn);
                 }
                 drop(lease);
-                let bytes = collected.to_bytes();
                 if let Some(mut access) = access {
                     access.bytes = bytes.len() as u64;
                 }
@@ -733,6 +732,30 @@ impl Proxy {
 /// rolld as soon as the client connection takes a write, outside the buffer budget as
 /// hyper's own write buffer is.
 const SMALL_ANSWER: u64 = 16 * 1024;
+
+/// All of a small answer's body: its one data frame as it came (the usual case), or its
+/// frames joined. Trailers are dropped, as for any answer rolld buffers.
+async fn read_whole(mut body: Incoming) -> Result<Bytes, hyper::Error> {
+    use http_body_util::BodyExt;
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match &mut joined {
+            Some(joined) => joined.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut both = BytesMut::with_capacity(first.len() + data.len());
+                both.extend_from_slice(&first);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(joined.map_or(first, BytesMut::freeze))
+}
 
 /// Whether a failed connect says the upstream is down (refused, timed out, unreachable,
 /// reset), rather than this machine being short of something (EMFILE, ENFILE,

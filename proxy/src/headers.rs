@@ -47,6 +47,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
 /// list and every header the `Connection` header names. With `upgrade`, `Upgrade` and
 /// `Connection: upgrade` survive so the next hop can switch protocols too.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass over the names they have costs less
+    // than a lookup of each name removed below.
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         // The usual tokens name no header or one removed below anyway; only other
         // tokens cost an allocation.
@@ -77,6 +82,22 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Whether `strip_hop_by_hop` removes a header of this name whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::PROXY_AUTHENTICATE,
+        &header::UPGRADE,
+    ]
+    .contains(&name)
 }
 
 /// Why a request's framing or routing headers cannot be forwarded safely, if they
@@ -200,6 +221,29 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_is_removed_even_alone() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "proxy-authenticate",
+            "upgrade",
+        ] {
+            let mut h = map(&[("x-kept", "yes"), (name, "x")]);
+            strip_hop_by_hop(&mut h, false);
+            let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, vec!["x-kept"], "{name} alone");
+        }
+        let mut none = map(&[("host", "a"), ("x-kept", "yes")]);
+        strip_hop_by_hop(&mut none, false);
+        assert_eq!(none, map(&[("host", "a"), ("x-kept", "yes")]));
     }
 
     #[test]

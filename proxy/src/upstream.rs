@@ -116,8 +116,19 @@ impl Upstream {
 
     /// Whether the balancer may pick this upstream now.
     pub fn is_available(&self) -> bool {
+        // The clock is read only while a mark is set, and a mark that ran out is
+        // cleared, so the usual pick over the set reads no clock at all.
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        if until != 0 {
+            if until > now_ms() {
+                return false;
+            }
+            // Unless a newer mark (another failure) came meanwhile.
+            let _ =
+                self.down_until_ms
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        }
         self.available.load(Ordering::Acquire)
-            && self.down_until_ms.load(Ordering::Relaxed) <= now_ms()
     }
 
     /// Passive health: a connect failed, so skip this upstream for `period`.
@@ -760,6 +771,14 @@ mod tests {
             assert!(Instant::now() < deadline, "available again after 30 ms");
             std::thread::sleep(Duration::from_millis(5));
         }
+        // A mark that ran out is cleared; the next failure marks it down again.
+        upstream.mark_down_for(Duration::from_secs(3600));
+        assert!(
+            !upstream.is_available(),
+            "down again after the next failure"
+        );
+        upstream.set_available(true);
+        assert!(upstream.is_available(), "ready again: the mark is gone");
     }
 
     #[test]

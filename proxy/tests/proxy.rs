@@ -1525,6 +1525,19 @@ async fn an_answer_head_that_arrives_slowly_but_steadily_is_no_timeout() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// A small answer is buffered whole before the client gets it, however many reads its
+/// body takes.
+#[tokio::test]
+async fn a_small_answer_whose_body_trickles_in_arrives_whole() {
+    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789".to_vec();
+    let up = Upstream::start(Script::Trickle(answer, Duration::from_millis(10))).await;
+    let front = Front::start(config(), &[up.addr], Balance::LeastConn).await;
+    let answer = get_once(front.addr).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("content-length: 10\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n0123456789"), "{answer}");
+}
+
 /// An app that stops reading the request body is the app's fault: 504 once no byte
 /// has gone to it for `body_idle_timeout`, instead of waiting for ever (the response
 /// timeout only starts at the end of the body).
