@@ -458,6 +458,11 @@ fn backend_ports(config: &Path) -> Vec<u16> {
 /// The same certificate for rolld and nginx: `(port, cert file, key file)`.
 type TlsListen<'a> = (u16, &'a Path, &'a Path);
 
+/// How nginx passes a request on, as rolld does: HTTP/1.1 keep-alive to the backends, the
+/// client's `Host`, and who the client is. rolld always adds these headers; an operator
+/// of nginx in front of an app sets them too, so the app gets the same request from both.
+const NGINX_PROXY: &str = "            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_set_header Host $host;\n            proxy_set_header X-Real-IP $remote_addr;\n            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            proxy_set_header X-Forwarded-Proto $scheme;\n            proxy_set_header X-Forwarded-Host $host;\n";
+
 fn start_nginx(
     nginx: &Path,
     dir: &Path,
@@ -486,16 +491,16 @@ fn start_nginx(
     // HTTPS as nginx's docs advise: TLS 1.2 and 1.3, a shared session cache.
     let (tls_port, cert, key) = tls;
     let https = format!(
-        "    server {{\n        listen 127.0.0.1:{tls_port} ssl backlog=1024;\n        ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:SSL:10m;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n",
+        "    server {{\n        listen 127.0.0.1:{tls_port} ssl backlog=1024;\n        ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:SSL:10m;\n        keepalive_requests 1000000;\n        location / {{\n{NGINX_PROXY}        }}\n    }}\n",
         cert.display(),
         key.display()
     );
     // HTTP/2 without TLS needs a port of its own in this nginx (1.22: `listen ... http2`).
     let h2c = format!(
-        "    server {{\n        listen 127.0.0.1:{h2_port} http2 backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n"
+        "    server {{\n        listen 127.0.0.1:{h2_port} http2 backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n{NGINX_PROXY}        }}\n    }}\n"
     );
     let conf = format!(
-        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 24576; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n{https}{h2c}}}\n"
+        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 24576; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n{NGINX_PROXY}            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n{https}{h2c}}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
     let nginx = Proc::spawn(
@@ -1275,7 +1280,7 @@ fn instructions_cell(dir: &Path, nginx: Option<&Path>) -> Option<serde_json::Val
         } else {
             ""
         };
-        std::fs::write(ndir.join("nginx.conf"), format!("{user}daemon off;\nmaster_process off;\npid nginx.pid;\nerror_log nginx-error.log warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n        }}\n    }}\n}}\n")).expect("nginx.conf");
+        std::fs::write(ndir.join("nginx.conf"), format!("{user}daemon off;\nmaster_process off;\npid nginx.pid;\nerror_log nginx-error.log warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n{NGINX_PROXY}        }}\n    }}\n}}\n")).expect("nginx.conf");
         let mut nginx_command = Command::new(nginx);
         nginx_command
             .arg("-p")
