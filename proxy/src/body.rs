@@ -429,8 +429,49 @@ enum Kind {
     Upstream(UpstreamBody),
     /// Read from rolld's buffer, which the app fills (see `buffer`).
     Buffered(crate::buffer::BufferedResponse),
+    /// An answer read whole from the app before it is sent (see `forward`), with its
+    /// share of the buffers' memory, if it takes one.
+    Read {
+        chunks: Chunks,
+        _share: Option<crate::buffer::MemoryShare>,
+    },
     /// An answer of the proxy's own (errors).
     Full(Option<Bytes>),
+}
+
+/// The data of an answer, chunk after chunk as it came: the usual one chunk without a
+/// queue to allocate.
+#[derive(Debug, Default)]
+pub(crate) struct Chunks {
+    first: Option<Bytes>,
+    rest: VecDeque<Bytes>,
+}
+
+impl Chunks {
+    pub(crate) fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(data);
+        } else {
+            self.rest.push_back(data);
+        }
+    }
+
+    /// The bytes they hold.
+    pub(crate) fn len(&self) -> u64 {
+        let first = self.first.as_ref().map_or(0, Bytes::len);
+        (first + self.rest.iter().map(Bytes::len).sum::<usize>()) as u64
+    }
+
+    fn pop(&mut self) -> Option<Bytes> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
 }
 
 impl ResponseBody {
@@ -454,6 +495,19 @@ impl ResponseBody {
     pub(crate) fn upstream(body: UpstreamBody) -> Self {
         ResponseBody {
             kind: Kind::Upstream(body),
+            _busy: None,
+            progress: None,
+        }
+    }
+
+    /// An upstream's answer, read whole, holding `share` of the buffers' memory until
+    /// it is dropped.
+    pub(crate) fn read(chunks: Chunks, share: Option<crate::buffer::MemoryShare>) -> Self {
+        ResponseBody {
+            kind: Kind::Read {
+                chunks,
+                _share: share,
+            },
             _busy: None,
             progress: None,
         }
@@ -559,6 +613,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
+            Kind::Read { chunks, .. } => chunks.is_empty(),
             Kind::Upstream(up) => up.body.is_end_stream(),
             Kind::Buffered(buffered) => buffered.is_end_stream(),
         }
@@ -568,6 +623,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Read { chunks, .. } => SizeHint::with_exact(chunks.len()),
             Kind::Upstream(up) => up.body.size_hint(),
             Kind::Buffered(buffered) => buffered.size_hint(),
         }
@@ -578,6 +634,7 @@ impl ResponseBody {
     fn poll_kind(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Read { chunks, .. } => Poll::Ready(chunks.pop().map(|b| Ok(Frame::data(b)))),
             Kind::Buffered(buffered) => buffered.poll_frame(cx),
             Kind::Upstream(up) => match Pin::new(&mut up.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {

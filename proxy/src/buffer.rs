@@ -128,6 +128,20 @@ pub struct BufferStats {
     pub responses_spilled: u64,
 }
 
+/// Memory of the budget held by an answer read whole; given back when dropped, once
+/// the answer has been sent (or the client left).
+#[derive(Debug)]
+pub(crate) struct MemoryShare {
+    buffers: Arc<Buffers>,
+    len: u64,
+}
+
+impl Drop for MemoryShare {
+    fn drop(&mut self) {
+        self.buffers.give_memory(self.len);
+    }
+}
+
 /// Which way a message goes to disk, for its counter.
 #[derive(Clone, Copy)]
 enum Direction {
@@ -183,6 +197,18 @@ impl Buffers {
             .get(&X_ACCEL_BUFFERING)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
         !event_stream && !opted_out
+    }
+
+    /// A share of `buffer_memory` for an answer of `len` bytes that is read whole before
+    /// it is sent, if it fits its per-message part (`response_buffer`) and the budget
+    /// has room; `None` sends it through the pump (and to disk) instead.
+    pub(crate) fn memory_share(self: &Arc<Self>, len: u64) -> Option<MemoryShare> {
+        (len <= self.config.response_buffer as u64
+            && Self::take(&self.memory, len, self.config.memory))
+        .then(|| MemoryShare {
+            buffers: self.clone(),
+            len,
+        })
     }
 
     fn take(counter: &AtomicU64, n: u64, limit: u64) -> bool {

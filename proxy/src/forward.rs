@@ -3,9 +3,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use hyper::body::{Body, Incoming};
@@ -15,7 +14,7 @@ use tracing::{debug, warn};
 use crate::access::AccessLog;
 use crate::activity::{Activity, Busy};
 use crate::body::{
-    BodyError, ClientBodyFailed, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody,
+    BodyError, Chunks, ClientBodyFailed, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody,
 };
 use crate::buffer::{self, BufferStats, Buffers, SpoolError, SpooledBody};
 use crate::config::ProxyConfig;
@@ -402,10 +401,16 @@ impl Proxy {
         parts.headers.remove(&buffer::X_ACCEL_BUFFERING);
         if buffer_answer {
             let idle = self.config.body_idle_timeout;
-            let small = body.size_hint().exact().is_some_and(|n| n <= SMALL_ANSWER);
-            if small {
+            // Known to fit in memory: read whole right here (a small one outside the
+            // budget, as hyper's own write buffer is).
+            let share = match body.size_hint().exact() {
+                Some(len) if len <= SMALL_ANSWER => Some(None),
+                Some(len) => self.buffers.memory_share(len).map(Some),
+                None => None,
+            };
+            if let Some(share) = share {
                 return self
-                    .read_small_answer(parts, body, lease, conn, access, busy)
+                    .read_answer(parts, body, share, lease, conn, access, busy)
                     .await;
             }
             let body = buffer::buffer_answer(&self.buffers, body, lease, conn, idle, access);
@@ -488,15 +493,19 @@ impl Proxy {
         Ok(Some(Arc::new(body)))
     }
 
-    /// Buffers a small answer of known length (most of an API's) right here, in the
-    /// request's own task: no pump task and no pipe. The app's connection goes back to
-    /// the pool, and the lease ends, before the client gets a byte. An answer that
-    /// breaks off or stalls on the way gets a 502 or 504 instead of a cut answer. Its
-    /// access log line is written now, with the bytes it will send.
-    async fn read_small_answer(
+    /// Reads an answer of known length that fits in memory (most of an API's) whole,
+    /// right here in the request's own task: no pump task and no pipe. `share` is what
+    /// it holds of the buffers' memory until it is sent (none for a small one). The
+    /// app's connection goes back to the pool, and the lease ends, before the client
+    /// gets a byte. An answer that breaks off, or stalls `body_idle_timeout` between two
+    /// chunks, gets a 502 or 504 instead of a cut answer. Its access log line is written
+    /// now, with the bytes it will send.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_answer(
         &self,
         parts: http::response::Parts,
         body: Incoming,
+        share: Option<buffer::MemoryShare>,
         lease: InFlight,
         conn: Option<Conn>,
         access: Option<Box<AccessLog>>,
@@ -504,21 +513,21 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, (ProxyError, Option<Box<AccessLog>>)> {
         let upstream = lease.upstream().addr();
         let idle = self.config.body_idle_timeout;
-        match tokio::time::timeout(idle, read_whole(body)).await {
-            Ok(Ok(bytes)) => {
+        match read_whole(body, idle).await {
+            Ok(chunks) => {
                 if let Some(conn) = conn {
                     lease.upstream().pool().checkin(conn);
                 }
                 drop(lease);
                 if let Some(mut access) = access {
-                    access.bytes = bytes.len() as u64;
+                    access.bytes = chunks.len();
                 }
                 Ok(Response::from_parts(
                     parts,
-                    ResponseBody::full(bytes).holding(busy.take()),
+                    ResponseBody::read(chunks, share).holding(busy.take()),
                 ))
             }
-            Ok(Err(source)) => {
+            Err(Unread::Broken(source)) => {
                 lease.cut_mid_answer();
                 let not_resent = NotResent::AnswerBroken;
                 Err((
@@ -530,7 +539,7 @@ impl Proxy {
                     access,
                 ))
             }
-            Err(_) => {
+            Err(Unread::Stalled) => {
                 lease.cut_mid_answer();
                 Err((
                     ProxyError::AnswerStalled {
@@ -727,34 +736,36 @@ impl Proxy {
     }
 }
 
-/// Largest answer of known length that is buffered in the request's own task (see
-/// `read_small_answer`): what one write hands to the kernel at once, so its bytes leave
-/// rolld as soon as the client connection takes a write, outside the buffer budget as
-/// hyper's own write buffer is.
+/// Largest answer of known length that is read whole outside the buffer budget (see
+/// `read_answer`): what one write hands to the kernel at once, so its bytes leave rolld
+/// as soon as the client connection takes a write, as hyper's own write buffer does.
+/// A larger one, up to `response_buffer`, takes its share of the budget.
 const SMALL_ANSWER: u64 = 16 * 1024;
 
-/// All of a small answer's body: its one data frame as it came (the usual case), or its
-/// frames joined. Trailers are dropped, as for any answer rolld buffers.
-async fn read_whole(mut body: Incoming) -> Result<Bytes, hyper::Error> {
+/// Why an answer read whole did not arrive whole.
+enum Unread {
+    Broken(hyper::Error),
+    /// No chunk for `body_idle_timeout`.
+    Stalled,
+}
+
+/// All of an answer's data, chunk after chunk, each within `idle` of the last.
+/// Trailers are dropped, as for any answer rolld buffers.
+async fn read_whole(mut body: Incoming, idle: Duration) -> Result<Chunks, Unread> {
     use http_body_util::BodyExt;
-    let mut first = Bytes::new();
-    let mut joined: Option<BytesMut> = None;
-    while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
-        };
-        match &mut joined {
-            Some(joined) => joined.extend_from_slice(&data),
-            None if first.is_empty() => first = data,
-            None => {
-                let mut both = BytesMut::with_capacity(first.len() + data.len());
-                both.extend_from_slice(&first);
-                both.extend_from_slice(&data);
-                joined = Some(both);
+    let mut chunks = Chunks::default();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    chunks.push(data);
+                }
             }
+            Ok(None) => return Ok(chunks),
+            Ok(Some(Err(err))) => return Err(Unread::Broken(err)),
+            Err(_) => return Err(Unread::Stalled),
         }
     }
-    Ok(joined.map_or(first, BytesMut::freeze))
 }
 
 /// Whether a failed connect says the upstream is down (refused, timed out, unreachable,

@@ -86,8 +86,8 @@ pub enum NotResent {
     DrainCut,
     /// Every attempt failed before any was written (a bound on the attempts).
     Attempts,
-    /// The head of a small answer came, then its body broke off (see `forward`'s
-    /// `read_small_answer`): the answer had begun.
+    /// The head of an answer read whole came, then its body broke off (see
+    /// `forward`'s `read_answer`): the answer had begun.
     AnswerBroken,
 }
 

@@ -424,3 +424,106 @@ async fn a_request_body_streams_on_an_opted_out_path_and_with_buffering_off() {
         assert!(got.contains("first") && got.contains("second"), "{got}");
     }
 }
+
+/// 48 KiB: above what is read whole outside the budget (16 KiB), within `response_buffer`.
+const MEDIUM: usize = 48 * 1024;
+
+/// Sends `GET /medium` with `Connection: close` through `front` from a client that reads
+/// nothing yet.
+async fn ask(front: &Front) -> TcpStream {
+    let mut client = slow_reader(front.addr).await;
+    client
+        .write_all(b"GET /medium HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    client
+}
+
+/// An upstream that answers `MEDIUM` bytes (byte i is `i % 251`): the head and the first
+/// 20 KiB at once, the rest once `gate` opens (never, if it is never opened).
+async fn gated_writer(gate: Arc<tokio::sync::Semaphore>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _ = read_until(&mut stream, b"\r\n\r\n", 1, SOON).await;
+                let body: Vec<u8> = (0..MEDIUM).map(|i| (i % 251) as u8).collect();
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {MEDIUM}\r\n\r\n");
+                if stream.write_all(head.as_bytes()).await.is_err()
+                    || stream.write_all(&body[..20 * 1024]).await.is_err()
+                {
+                    return;
+                }
+                let Ok(_open) = gate.acquire().await else {
+                    return;
+                };
+                let _ = stream.write_all(&body[20 * 1024..]).await;
+                let mut rest = [0u8; 1];
+                let _ = stream.read(&mut rest).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An answer that fits in `response_buffer` while the memory budget has room for it is
+/// read whole in memory before its head goes out, its share of the budget taken up front
+/// (before its bytes have all come) and given back once it is sent; an answer that finds
+/// no room left goes through the pump instead, its head on its way at once.
+#[tokio::test]
+async fn an_answer_that_fits_in_memory_takes_its_share_of_the_budget_until_sent() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let addr = gated_writer(gate.clone()).await;
+    let mut cfg = ProxyConfig::default();
+    cfg.buffering.memory = 64 * 1024;
+    let front = Front::start(cfg, &[addr], Balance::LeastConn).await;
+    let mut first = ask(&front).await;
+    // 20 KiB have come, 48 KiB are held.
+    wait_for("the first answer's share taken", || {
+        front.proxy.buffer_stats().memory_bytes == MEDIUM as u64
+    })
+    .await;
+    // No room left for a second one: its head comes while its app still holds the rest.
+    let mut second = ask(&front).await;
+    let (head, second_body) = read_head(&mut second).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    gate.add_permits(2);
+    let (head, first_body) = read_head(&mut first).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains(&format!("content-length: {MEDIUM}\r\n")),
+        "{head}"
+    );
+    read_body(&mut first, first_body, MEDIUM).await;
+    read_body(&mut second, second_body, MEDIUM).await;
+    wait_for("the buffers to be given back", || {
+        let s = front.proxy.buffer_stats();
+        s.memory_bytes == 0 && s.disk_bytes == 0
+    })
+    .await;
+    assert_eq!(front.upstreams.current().in_flight(), 0);
+}
+
+/// An answer read whole that stalls midway gets a 504 rather than a cut body, and gives
+/// its share of the budget back.
+#[tokio::test]
+async fn an_answer_read_whole_that_stalls_midway_gets_504() {
+    let addr = gated_writer(Arc::new(tokio::sync::Semaphore::new(0))).await;
+    let mut cfg = ProxyConfig::default();
+    cfg.body_idle_timeout = Duration::from_millis(500);
+    let front = Front::start(cfg, &[addr], Balance::LeastConn).await;
+    let mut client = ask(&front).await;
+    let answer = text(&read_until_closed(&mut client, SOON).await);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    wait_for("the lease to end", || {
+        front.upstreams.current().in_flight() == 0
+    })
+    .await;
+    assert_eq!(
+        front.proxy.buffer_stats().memory_bytes,
+        0,
+        "its share is back"
+    );
+}
