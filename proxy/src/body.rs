@@ -666,3 +666,36 @@ impl ResponseBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn an_answer_read_whole_goes_out_chunk_after_chunk_as_it_came() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let mut chunks = Chunks::default();
+        for piece in ["hello", "", " ", "world"] {
+            chunks.push(Bytes::from_static(piece.as_bytes()));
+        }
+        assert_eq!(chunks.len(), 11);
+        let mut body = ResponseBody::read(chunks, None);
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(11));
+        let mut got = Vec::new();
+        rt.block_on(async {
+            while let Some(frame) = body.frame().await {
+                got.push(frame.expect("frame").into_data().expect("data"));
+            }
+        });
+        assert_eq!(got, ["hello", " ", "world"], "empty chunks are no frames");
+        assert!(body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(0));
+        let mut one = ResponseBody::read(Chunks::default(), None);
+        assert!(one.is_end_stream(), "nothing to send");
+        assert!(rt.block_on(one.frame()).is_none());
+    }
+}

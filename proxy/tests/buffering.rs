@@ -439,9 +439,10 @@ async fn ask(front: &Front) -> TcpStream {
     client
 }
 
-/// An upstream that answers `MEDIUM` bytes (byte i is `i % 251`): the head and the first
-/// 20 KiB at once, the rest once `gate` opens (never, if it is never opened).
-async fn gated_writer(gate: Arc<tokio::sync::Semaphore>) -> SocketAddr {
+/// An upstream that answers `len` bytes (byte i is `i % 251`): the head and the first
+/// `len * 5 / 12` at once (20 KiB of `MEDIUM`), the rest once `gate` opens (never, if it
+/// is never opened).
+async fn gated_writer(gate: Arc<tokio::sync::Semaphore>, len: usize) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -449,17 +450,18 @@ async fn gated_writer(gate: Arc<tokio::sync::Semaphore>) -> SocketAddr {
             let gate = gate.clone();
             tokio::spawn(async move {
                 let _ = read_until(&mut stream, b"\r\n\r\n", 1, SOON).await;
-                let body: Vec<u8> = (0..MEDIUM).map(|i| (i % 251) as u8).collect();
-                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {MEDIUM}\r\n\r\n");
+                let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                let first = len * 5 / 12;
                 if stream.write_all(head.as_bytes()).await.is_err()
-                    || stream.write_all(&body[..20 * 1024]).await.is_err()
+                    || stream.write_all(&body[..first]).await.is_err()
                 {
                     return;
                 }
                 let Ok(_open) = gate.acquire().await else {
                     return;
                 };
-                let _ = stream.write_all(&body[20 * 1024..]).await;
+                let _ = stream.write_all(&body[first..]).await;
                 let mut rest = [0u8; 1];
                 let _ = stream.read(&mut rest).await;
             });
@@ -475,7 +477,7 @@ async fn gated_writer(gate: Arc<tokio::sync::Semaphore>) -> SocketAddr {
 #[tokio::test]
 async fn an_answer_that_fits_in_memory_takes_its_share_of_the_budget_until_sent() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let addr = gated_writer(gate.clone()).await;
+    let addr = gated_writer(gate.clone(), MEDIUM).await;
     let mut cfg = ProxyConfig::default();
     cfg.buffering.memory = 64 * 1024;
     let front = Front::start(cfg, &[addr], Balance::LeastConn).await;
@@ -507,23 +509,27 @@ async fn an_answer_that_fits_in_memory_takes_its_share_of_the_budget_until_sent(
 }
 
 /// An answer read whole that stalls midway gets a 504 rather than a cut body, and gives
-/// its share of the budget back.
+/// its share of the budget back. A small one is read whole even with no memory budget
+/// left (it takes none).
 #[tokio::test]
 async fn an_answer_read_whole_that_stalls_midway_gets_504() {
-    let addr = gated_writer(Arc::new(tokio::sync::Semaphore::new(0))).await;
-    let mut cfg = ProxyConfig::default();
-    cfg.body_idle_timeout = Duration::from_millis(500);
-    let front = Front::start(cfg, &[addr], Balance::LeastConn).await;
-    let mut client = ask(&front).await;
-    let answer = text(&read_until_closed(&mut client, SOON).await);
-    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
-    wait_for("the lease to end", || {
-        front.upstreams.current().in_flight() == 0
-    })
-    .await;
-    assert_eq!(
-        front.proxy.buffer_stats().memory_bytes,
-        0,
-        "its share is back"
-    );
+    for (len, memory) in [(MEDIUM, 64 * 1024), (1200, 0)] {
+        let addr = gated_writer(Arc::new(tokio::sync::Semaphore::new(0)), len).await;
+        let mut cfg = ProxyConfig::default();
+        cfg.body_idle_timeout = Duration::from_millis(500);
+        cfg.buffering.memory = memory;
+        let front = Front::start(cfg, &[addr], Balance::LeastConn).await;
+        let mut client = ask(&front).await;
+        let answer = text(&read_until_closed(&mut client, SOON).await);
+        assert!(answer.starts_with("HTTP/1.1 504"), "{len} bytes: {answer}");
+        wait_for("the lease to end", || {
+            front.upstreams.current().in_flight() == 0
+        })
+        .await;
+        assert_eq!(
+            front.proxy.buffer_stats().memory_bytes,
+            0,
+            "its share is back"
+        );
+    }
 }
