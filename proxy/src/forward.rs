@@ -760,6 +760,10 @@ async fn read_whole(mut body: Incoming, idle: Duration) -> Result<Chunks, Unread
                 if let Ok(data) = frame.into_data() {
                     chunks.push(data);
                 }
+                // Its length is all here: no need to wait for the end to be signalled.
+                if body.is_end_stream() {
+                    return Ok(chunks);
+                }
             }
             Ok(None) => return Ok(chunks),
             Ok(Some(Err(err))) => return Err(Unread::Broken(err)),

@@ -1027,6 +1027,31 @@ async fn an_upstream_that_closes_kept_alive_connections_causes_no_client_error()
     }
 }
 
+/// An answer read whole goes back to the pool with its connection, which the next
+/// request (from the same client connection, so the same worker's pool) takes: one
+/// connection to the app for many requests, small answers or not.
+#[tokio::test]
+async fn answers_read_whole_leave_their_upstream_connection_to_the_next_request() {
+    for size in [3, 40 * 1024] {
+        let body = format!("{}end", "b".repeat(size - 3));
+        let up = Upstream::start(Script::Reply(ok(&body))).await;
+        let front = front_for(&up).await;
+        let mut s = TcpStream::connect(front.addr).await.expect("connect");
+        for i in 0..5 {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("send");
+            let answer = text(&read_until(&mut s, b"end", 1, SOON).await);
+            assert!(
+                answer.starts_with("HTTP/1.1 200"),
+                "{size} bytes, {i}: {answer}"
+            );
+            assert!(answer.ends_with(&body), "{size} bytes, {i}");
+        }
+        assert_eq!(up.connections.load(Ordering::SeqCst), 1, "{size} bytes");
+    }
+}
+
 #[tokio::test]
 async fn an_upstream_answer_with_both_framings_loses_its_content_length_and_its_connection() {
     let up = Upstream::start(Script::Reply(
