@@ -463,6 +463,24 @@ type TlsListen<'a> = (u16, &'a Path, &'a Path);
 /// of nginx in front of an app sets them too, so the app gets the same request from both.
 const NGINX_PROXY: &str = "            proxy_pass http://app;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_set_header Host $host;\n            proxy_set_header X-Real-IP $remote_addr;\n            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            proxy_set_header X-Forwarded-Proto $scheme;\n            proxy_set_header X-Forwarded-Host $host;\n";
 
+/// nginx's `user` line when rolld runs as root (else its workers would drop to `nobody`),
+/// and the upstream block of the backends, the same for every nginx of the bench:
+/// keep-alive connections that are never recycled, `max_fails=0` so that no burst takes a
+/// backend out of the set.
+fn nginx_user_and_upstream(backends: &[u16]) -> (&'static str, String) {
+    let user = if nix::unistd::getuid().is_root() {
+        "user root;\n"
+    } else {
+        ""
+    };
+    let servers: String = backends
+        .iter()
+        .map(|p| format!("        server 127.0.0.1:{p} max_fails=0;\n"))
+        .collect();
+    let upstream = format!("    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n");
+    (user, upstream)
+}
+
 fn start_nginx(
     nginx: &Path,
     dir: &Path,
@@ -472,15 +490,7 @@ fn start_nginx(
     tls: TlsListen<'_>,
     h2_port: u16,
 ) -> Proc {
-    let servers: String = backends
-        .iter()
-        .map(|p| format!("        server 127.0.0.1:{p} max_fails=0;\n"))
-        .collect();
-    let user = if nix::unistd::getuid().is_root() {
-        "user root;\n"
-    } else {
-        ""
-    };
+    let (user, upstream) = nginx_user_and_upstream(backends);
     // nginx as a careful operator tunes it for this load: keep-alive to the backends that
     // is never recycled (`keepalive_requests`, both sides), proxy buffers that hold a
     // whole 64 KiB answer in memory (the default 8 x 4 KiB spills it to a temporary file),
@@ -500,7 +510,7 @@ fn start_nginx(
         "    server {{\n        listen 127.0.0.1:{h2_port} http2 backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n{NGINX_PROXY}        }}\n    }}\n"
     );
     let conf = format!(
-        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 24576; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n{NGINX_PROXY}            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n{https}{h2c}}}\n"
+        "{user}worker_processes {workers};\npid nginx.pid;\nerror_log nginx-error.log warn;\nworker_rlimit_nofile 65536;\nevents {{ worker_connections 24576; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n{upstream}    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n{NGINX_PROXY}            proxy_buffer_size 16k;\n            proxy_buffers 16 8k;\n            proxy_busy_buffers_size 32k;\n        }}\n    }}\n{https}{h2c}}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
     let nginx = Proc::spawn(
@@ -1271,16 +1281,8 @@ fn instructions_cell(dir: &Path, nginx: Option<&Path>) -> Option<serde_json::Val
         let port = free_ports(1)[0];
         let ndir = dir.join("nginx");
         std::fs::create_dir_all(&ndir).expect("dir");
-        let servers: String = backends
-            .iter()
-            .map(|p| format!("        server 127.0.0.1:{p} max_fails=0;\n"))
-            .collect();
-        let user = if nix::unistd::getuid().is_root() {
-            "user root;\n"
-        } else {
-            ""
-        };
-        std::fs::write(ndir.join("nginx.conf"), format!("{user}daemon off;\nmaster_process off;\npid nginx.pid;\nerror_log nginx-error.log warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n    upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }}\n    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n{NGINX_PROXY}        }}\n    }}\n}}\n")).expect("nginx.conf");
+        let (user, upstream) = nginx_user_and_upstream(&backends);
+        std::fs::write(ndir.join("nginx.conf"), format!("{user}daemon off;\nmaster_process off;\npid nginx.pid;\nerror_log nginx-error.log warn;\nevents {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n    client_body_temp_path tmp-body;\n    proxy_temp_path tmp-proxy;\n    fastcgi_temp_path tmp-fastcgi;\n    uwsgi_temp_path tmp-uwsgi;\n    scgi_temp_path tmp-scgi;\n{upstream}    server {{\n        listen 127.0.0.1:{port} backlog=1024;\n        keepalive_requests 1000000;\n        location / {{\n{NGINX_PROXY}        }}\n    }}\n}}\n")).expect("nginx.conf");
         let mut nginx_command = Command::new(nginx);
         nginx_command
             .arg("-p")

@@ -515,8 +515,10 @@ async fn an_answer_that_fits_in_memory_takes_its_share_of_the_budget_until_sent(
 async fn an_answer_read_whole_that_stalls_midway_gets_504() {
     for (len, memory) in [(MEDIUM, 64 * 1024), (1200, 0)] {
         let addr = gated_writer(Arc::new(tokio::sync::Semaphore::new(0)), len).await;
-        let mut cfg = ProxyConfig::default();
-        cfg.body_idle_timeout = Duration::from_millis(500);
+        let mut cfg = ProxyConfig {
+            body_idle_timeout: Duration::from_millis(500),
+            ..ProxyConfig::default()
+        };
         cfg.buffering.memory = memory;
         let front = Front::start(cfg, &[addr], Balance::LeastConn).await;
         let mut client = ask(&front).await;
