@@ -70,13 +70,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         }
         headers.remove(header::CONNECTION);
     }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &PROXY] {
+    for name in ALWAYS_REMOVED {
         headers.remove(name);
     }
-    headers.remove(header::TE);
-    headers.remove(header::TRAILER);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::PROXY_AUTHENTICATE);
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
@@ -84,20 +80,21 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Whether `strip_hop_by_hop` removes a header of this name whatever `Connection` says.
+/// What `strip_hop_by_hop` removes from every message, whatever `Connection` names.
+static ALWAYS_REMOVED: [&HeaderName; 7] = [
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &PROXY,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::PROXY_AUTHENTICATE,
+];
+
+/// Whether `strip_hop_by_hop` has a header of this name to remove or rewrite, whatever
+/// `Connection` names.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &PROXY,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::PROXY_AUTHENTICATE,
-        &header::UPGRADE,
-    ]
-    .contains(&name)
+    name == header::CONNECTION || name == header::UPGRADE || ALWAYS_REMOVED.contains(&name)
 }
 
 /// Why a request's framing or routing headers cannot be forwarded safely, if they
