@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access::AccessLog;
 use crate::activity::Busy;
-use crate::pool::Conn;
+use crate::exchange::Answer;
 use crate::retry::{Kept, Rest};
 use crate::upstream::InFlight;
 use crate::watchdog::Progress;
@@ -99,7 +99,7 @@ impl IdleTimer {
 /// answer's head (as nginx's `proxy_read_timeout` does), not over connecting and the
 /// client's upload. While the body is sent, each chunk must follow the last within
 /// `body_idle_timeout`: when none does, the app is blamed if its socket takes no more
-/// bytes (504), else the client (408). The body's own idle timer cannot tell: hyper
+/// bytes (504), else the client (408). The body's own idle timer cannot tell: the exchange
 /// stops polling a body it cannot write, so that timer never fires then.
 #[derive(Debug)]
 pub(crate) struct Upload {
@@ -539,32 +539,29 @@ impl ResponseBody {
 /// An upstream's response body. When it ends cleanly the connection goes back to the
 /// pool; when it fails or is dropped early the connection is closed.
 pub struct UpstreamBody {
-    body: Incoming,
+    body: Answer,
     lease: Option<InFlight>,
-    conn: Option<Conn>,
     idle: IdleTimer,
     access: Option<Box<AccessLog>>,
 }
 
 impl UpstreamBody {
     pub(crate) fn new(
-        body: Incoming,
+        body: Answer,
         lease: InFlight,
-        conn: Option<Conn>,
         idle: Duration,
         access: Option<Box<AccessLog>>,
     ) -> Self {
         UpstreamBody {
             body,
             lease: Some(lease),
-            conn,
             idle: IdleTimer::new(idle),
             access,
         }
     }
 
     fn finish(&mut self) {
-        if let (Some(conn), Some(lease)) = (self.conn.take(), self.lease.as_ref()) {
+        if let (Some(conn), Some(lease)) = (self.body.take_conn(), self.lease.as_ref()) {
             lease.upstream().pool().checkin(conn);
         }
         self.lease = None;
@@ -578,7 +575,6 @@ impl UpstreamBody {
         if let Some(access) = self.access.as_mut() {
             access.complete = false;
         }
-        self.conn = None;
         self.lease = None;
     }
 }

@@ -37,7 +37,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::access::AccessLog;
-use crate::pool::Conn;
+use crate::exchange::Answer;
 use crate::upstream::InFlight;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -619,9 +619,8 @@ impl Pipe {
 /// the pool and `lease` is dropped: the drain counts the answer as finished.
 pub(crate) fn buffer_answer(
     buffers: &Arc<Buffers>,
-    body: Incoming,
+    body: Answer,
     lease: InFlight,
-    conn: Option<Conn>,
     idle: Duration,
     access: Option<Box<AccessLog>>,
 ) -> BufferedResponse {
@@ -642,7 +641,7 @@ pub(crate) fn buffer_answer(
         gone: tokio::sync::Notify::new(),
         buffers: buffers.clone(),
     });
-    tokio::spawn(pump(pipe.clone(), body, lease, conn, idle));
+    tokio::spawn(pump(pipe.clone(), body, lease, idle));
     BufferedResponse {
         pipe,
         size,
@@ -654,13 +653,7 @@ pub(crate) fn buffer_answer(
 
 /// Reads the app's answer into the pipe until its end, the client's departure, a
 /// failure, or `idle` without a byte from the app.
-async fn pump(
-    pipe: Arc<Pipe>,
-    mut body: Incoming,
-    lease: InFlight,
-    conn: Option<Conn>,
-    idle: Duration,
-) {
+async fn pump(pipe: Arc<Pipe>, mut body: Answer, lease: InFlight, idle: Duration) {
     let mut trailers = None;
     loop {
         let frame = tokio::select! {
@@ -700,7 +693,7 @@ async fn pump(
             }
         }
     }
-    if let Some(conn) = conn {
+    if let Some(conn) = body.take_conn() {
         lease.upstream().pool().checkin(conn);
     }
     // The whole answer is in rolld's buffer: the app's worker is free, and the set's

@@ -24,7 +24,7 @@ pub enum ProxyError {
     #[error("upstream {upstream} failed: {source}; not resent: {not_resent}")]
     Upstream {
         upstream: std::net::SocketAddr,
-        source: hyper::Error,
+        source: crate::exchange::UpstreamError,
         /// Why the request was not sent again (see `retry`).
         not_resent: NotResent,
     },

@@ -13,16 +13,14 @@ use tracing::{debug, warn};
 
 use crate::access::AccessLog;
 use crate::activity::{Activity, Busy};
-use crate::body::{
-    BodyError, Chunks, ClientBodyFailed, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody,
-};
+use crate::body::{BodyError, Chunks, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody};
 use crate::buffer::{self, BufferStats, Buffers, SpoolError, SpooledBody};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
+use crate::exchange::{Answer, SendError, Upgraded, UpstreamError};
 use crate::headers;
 use crate::maintenance::MaintenancePage;
 use crate::moved::{Moved, Tracked};
-use crate::pool::Conn;
 use crate::retry::{NotResent, Replay, RetryBudget, RetryReason, Tries};
 use crate::stats::Stats;
 use crate::upstream::{InFlight, Upstreams};
@@ -336,10 +334,10 @@ impl Proxy {
             };
             return Err((err, access));
         };
-        let (mut response, conn) = match sent {
+        let response = match sent {
             Some(Ok(sent)) => {
                 self.stats.observe_upstream(sending.elapsed());
-                lease.answered(sent.0.status().as_u16());
+                lease.answered(sent.status().as_u16());
                 sent
             }
             Some(Err(err)) => {
@@ -370,31 +368,25 @@ impl Proxy {
             access.status = response.status();
         }
 
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
-                let upstream_upgrade = hyper::upgrade::on(&mut response);
-                let held = Held {
-                    lease,
-                    _busy: busy.take(),
-                    _slot: client.slot.clone(),
-                };
-                let idle = self.config.tunnel_idle_timeout;
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, held, idle));
-                let (parts, _) = response.into_parts();
-                return Ok(Response::from_parts(parts, ResponseBody::empty()));
-            }
+        let (mut parts, body) = response.into_parts();
+        // Only an upgrade request gets a 101 this far (see `exchange`).
+        if let (Some(client_upgrade), StatusCode::SWITCHING_PROTOCOLS) =
+            (client_upgrade, parts.status)
+        {
+            let Some(upstream_io) = body.upgraded() else {
+                return Err((ProxyError::Exhausted, access));
+            };
+            let held = Held {
+                lease,
+                _busy: busy.take(),
+                _slot: client.slot.clone(),
+            };
+            let idle = self.config.tunnel_idle_timeout;
+            tokio::spawn(tunnel(client_upgrade, upstream_io, held, idle));
+            return Ok(Response::from_parts(parts, ResponseBody::empty()));
         }
 
-        let (mut parts, body) = response.into_parts();
-        // A message with both framings is ambiguous: keep the chunked framing hyper
-        // decoded, and do not reuse a connection that spoke that way.
-        let reusable = !(parts.headers.contains_key(header::TRANSFER_ENCODING)
-            && parts.headers.contains_key(header::CONTENT_LENGTH));
-        if !reusable {
-            parts.headers.remove(header::CONTENT_LENGTH);
-        }
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        let conn = reusable.then_some(conn);
         let buffer_answer =
             buffered && !body.is_end_stream() && Buffers::buffers_answer(&parts.headers);
         // For rolld, as for nginx; not for the client.
@@ -410,16 +402,16 @@ impl Proxy {
             };
             if let Some(share) = share {
                 return self
-                    .read_answer(parts, body, share, lease, conn, access, busy)
+                    .read_answer(parts, body, share, lease, access, busy)
                     .await;
             }
-            let body = buffer::buffer_answer(&self.buffers, body, lease, conn, idle, access);
+            let body = buffer::buffer_answer(&self.buffers, body, lease, idle, access);
             return Ok(Response::from_parts(
                 parts,
                 ResponseBody::buffered(body).holding(busy.take()),
             ));
         }
-        let body = UpstreamBody::new(body, lease, conn, self.config.body_idle_timeout, access);
+        let body = UpstreamBody::new(body, lease, self.config.body_idle_timeout, access);
         Ok(Response::from_parts(
             parts,
             ResponseBody::upstream(body).holding(busy.take()),
@@ -435,7 +427,7 @@ impl Proxy {
         slot: &mut Option<InFlight>,
         upload: &Arc<Upload>,
         tries: &mut Tries,
-    ) -> Option<Result<(Response<Incoming>, Conn), ProxyError>> {
+    ) -> Option<Result<Response<Answer>, ProxyError>> {
         let send = self.send(req, replay, slot, upload, tries);
         tokio::pin!(send);
         // One timer for the request, moved as the deadline moves.
@@ -500,22 +492,20 @@ impl Proxy {
     /// gets a byte. An answer that breaks off, or stalls `body_idle_timeout` between two
     /// chunks, gets a 502 or 504 instead of a cut answer. Its access log line is written
     /// now, with the bytes it will send.
-    #[allow(clippy::too_many_arguments)]
     async fn read_answer(
         &self,
         parts: http::response::Parts,
-        body: Incoming,
+        mut body: Answer,
         share: Option<buffer::MemoryShare>,
         lease: InFlight,
-        conn: Option<Conn>,
         access: Option<Box<AccessLog>>,
         busy: &mut Option<Busy>,
     ) -> Result<Response<ResponseBody>, (ProxyError, Option<Box<AccessLog>>)> {
         let upstream = lease.upstream().addr();
         let idle = self.config.body_idle_timeout;
-        match read_whole(body, idle).await {
+        match read_whole(&mut body, idle).await {
             Ok(chunks) => {
-                if let Some(conn) = conn {
+                if let Some(conn) = body.take_conn() {
                     lease.upstream().pool().checkin(conn);
                 }
                 drop(lease);
@@ -577,7 +567,7 @@ impl Proxy {
         slot: &mut Option<InFlight>,
         upload: &Arc<Upload>,
         tries: &mut Tries,
-    ) -> Result<(Response<Incoming>, Conn), ProxyError> {
+    ) -> Result<Response<Answer>, ProxyError> {
         // A request sent again goes out on a new connection: an idle one may be as
         // stale as the one that failed.
         let mut fresh = tries.written;
@@ -593,7 +583,7 @@ impl Proxy {
             } else {
                 upstream.pool().checkout(self.config.connect_timeout).await
             };
-            let mut conn = match checkout {
+            let conn = match checkout {
                 Ok(conn) => conn,
                 Err(source) => {
                     if !blames_upstream(&source) {
@@ -636,41 +626,40 @@ impl Proxy {
                 }
             };
             upload.connected(!req.body().is_end_stream(), conn.reads.clone());
-            let mut err = match conn.sender.try_send_request(req).await {
-                Ok(response) => return Ok((response, conn)),
-                Err(err) => err,
-            };
-            if let Some(cut) = client_fault(err.error()) {
-                return Err(cut);
-            }
-            if let Some(unsent) = err.take_message() {
-                // Never written: safe to send again, whatever the method.
-                if !conn.reused {
-                    // Even a new connection failed: the process is likely gone.
-                    upstream.mark_down_for(self.config.down_period);
-                    if !lease.reroute() {
-                        self.upstreams.fall_back(lease, tries.written);
+            let reused = conn.reused;
+            let err = match conn.send(req).await {
+                Ok(response) => return Ok(response),
+                Err(SendError::Body(err)) => return Err(client_fault(err)),
+                Err(SendError::Unsent(unsent, err)) => {
+                    // Never written: safe to send again, whatever the method.
+                    if !reused {
+                        // Even a new connection failed: the process is likely gone.
+                        upstream.mark_down_for(self.config.down_period);
+                        if !lease.reroute() {
+                            self.upstreams.fall_back(lease, tries.written);
+                        }
                     }
+                    self.retried(tries, RetryReason::Unsent);
+                    debug!(upstream = %upstream.addr(), error = %err, "connection closed before the request was written; sending it on a new connection");
+                    req = *unsent;
+                    fresh = true;
+                    continue;
                 }
-                self.retried(tries, RetryReason::Unsent);
-                debug!(upstream = %upstream.addr(), error = %err.error(), "connection closed before the request was written; sending it on a new connection");
-                req = unsent;
-                fresh = true;
-                continue;
-            }
+                Err(SendError::Failed(err)) => err,
+            };
             // Written: the app may have received it, and may have acted on it.
             req = match self.again(replay, lease, upload, tries).await {
                 Ok(again) => again,
                 Err(not_resent) => {
                     return Err(ProxyError::Upstream {
                         upstream: upstream.addr(),
-                        source: err.into_error(),
+                        source: err,
                         not_resent,
                     })
                 }
             };
             self.retried(tries, RetryReason::NoAnswer);
-            debug!(upstream = %upstream.addr(), error = %err.error(), "upstream failed before answering; sending the request again to another upstream");
+            debug!(upstream = %upstream.addr(), error = %err, "upstream failed before answering; sending the request again to another upstream");
             // Not marked down: a process that died is the supervisor's to report (it
             // restarts it); one that resets a request is skipped by this request only.
             self.move_on(slot, upload).await?;
@@ -744,14 +733,14 @@ const SMALL_ANSWER: u64 = 16 * 1024;
 
 /// Why an answer read whole did not arrive whole.
 enum Unread {
-    Broken(hyper::Error),
+    Broken(UpstreamError),
     /// No chunk for `body_idle_timeout`.
     Stalled,
 }
 
 /// All of an answer's data, chunk after chunk, each within `idle` of the last.
 /// Trailers are dropped, as for any answer rolld buffers.
-async fn read_whole(mut body: Incoming, idle: Duration) -> Result<Chunks, Unread> {
+async fn read_whole(body: &mut Answer, idle: Duration) -> Result<Chunks, Unread> {
     use http_body_util::BodyExt;
     let mut chunks = Chunks::default();
     loop {
@@ -793,22 +782,19 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
-/// A failed send that was the client's doing: its body was too large, idle, or broken.
-fn client_fault(err: &hyper::Error) -> Option<ProxyError> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(e) = source {
-        if let Some(cut) = e.downcast_ref::<BodyError>() {
-            return Some(match cut {
-                BodyError::TooLarge => ProxyError::BodyTooLarge,
-                BodyError::Idle => ProxyError::ClientBodyIdle,
-            });
-        }
-        if e.is::<ClientBodyFailed>() {
-            return Some(ProxyError::BadRequest("the request body could not be read"));
-        }
-        source = e.source();
+/// What a request whose body failed before it was sent whole gets: the client's body
+/// was too large, idle, broken, or not as long as it said; or its buffer could not be
+/// read back.
+fn client_fault(err: crate::body::BoxError) -> ProxyError {
+    let err = match err.downcast::<std::io::Error>() {
+        Ok(err) => return ProxyError::Spool(*err),
+        Err(err) => err,
+    };
+    match err.downcast_ref::<BodyError>() {
+        Some(BodyError::TooLarge) => ProxyError::BodyTooLarge,
+        Some(BodyError::Idle) => ProxyError::ClientBodyIdle,
+        None => ProxyError::BadRequest("the request body could not be read"),
     }
-    None
 }
 
 /// Attempts at sending one request beyond its `retries`: connects to other upstreams
@@ -845,13 +831,13 @@ struct Held {
 /// byte has moved either way for `idle`.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    upstream: Upgraded,
     held: Held,
     idle: std::time::Duration,
 ) {
     let addr = held.lease.upstream().addr();
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+    let client = match client.await {
+        Ok(client) => client,
         Err(err) => {
             debug!(upstream = %addr, error = %err, "upgrade failed");
             return;
@@ -859,7 +845,7 @@ async fn tunnel(
     };
     let moved = Arc::new(Moved::new());
     let mut client = Tracked::new(TokioIo::new(client), moved.clone());
-    let mut upstream = Tracked::new(TokioIo::new(upstream), moved.clone());
+    let mut upstream = Tracked::new(upstream, moved.clone());
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
     loop {

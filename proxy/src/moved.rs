@@ -60,6 +60,10 @@ impl<T> Tracked<T> {
     pub(crate) fn new(io: T, moved: Arc<Moved>) -> Self {
         Tracked { io, moved }
     }
+
+    pub(crate) fn get_ref(&self) -> &T {
+        &self.io
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for Tracked<T> {

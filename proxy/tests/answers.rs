@@ -1,0 +1,341 @@
+//! How rolld reads its apps' answers (its own HTTP/1.1 exchange): every framing an
+//! app may use, interim answers, answers that come before the request is sent whole,
+//! malformed answers, and when an upstream connection may carry the next request.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rolld_proxy::{Balance, ProxyConfig};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One proxy worker: each worker has its own pool of upstream connections, and the tests
+/// count the connections that carry one client connection after another.
+fn config() -> ProxyConfig {
+    ProxyConfig {
+        workers: 1,
+        ..ProxyConfig::default()
+    }
+}
+
+async fn front_for(upstream: &Upstream) -> Front {
+    Front::start(config(), &[upstream.addr], Balance::LeastConn).await
+}
+
+/// The body of an HTTP/1.1 answer read until the proxy closed (`Connection: close`
+/// requests), decoded from chunked framing when it is chunked.
+fn body_of(answer: &str) -> String {
+    let Some((head, body)) = answer.split_once("\r\n\r\n") else {
+        return String::new();
+    };
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return body.to_string();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || after.len() < size {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].strip_prefix("\r\n").unwrap_or(&after[size..]);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_chunked_answer_with_extensions_and_trailers_arrives_whole_a_byte_at_a_time() {
+    let answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+        5;name=value\r\nhello\r\n6 \r\n world\r\n0\r\nX-Checksum: 42\r\n\r\n"
+        .to_vec();
+    let up = Upstream::start(Script::Trickle(answer, Duration::from_millis(1))).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let answer = text(&read_until(&mut s, b"0\r\n\r\n", 1, SOON).await);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(body_of(&answer), "hello world", "{answer}");
+    }
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        1,
+        "the connection of a whole chunked answer carries the next request"
+    );
+}
+
+#[tokio::test]
+async fn a_trailer_section_with_a_malformed_line_still_ends_the_answer() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+        2\r\nok\r\n0\r\nX-Checksum: 42\r\nbroken trailer line\r\n\r\n"
+            .to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    for _ in 0..2 {
+        let answer = get_once(front.addr).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(body_of(&answer), "ok", "{answer}");
+        assert!(answer.ends_with("0\r\n\r\n"), "{answer}");
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn interim_answers_before_the_final_one_are_passed_over() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+        HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal"
+            .to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    for _ in 0..2 {
+        let answer = get_once(front.addr).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(body_of(&answer), "final", "{answer}");
+        assert!(!answer.contains("103"), "{answer}");
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_answer_to_head_has_no_body_and_leaves_its_connection_for_the_next_request() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    for _ in 0..3 {
+        s.write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let answer = text(&read_until(&mut s, b"\r\n\r\n", 1, SOON).await);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("content-length: 1234"),
+            "{answer}"
+        );
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        up.received().matches("HEAD / HTTP/1.1").count(),
+        3,
+        "{}",
+        up.received()
+    );
+}
+
+#[tokio::test]
+async fn an_answer_without_a_length_ends_when_the_app_closes() {
+    let up = Upstream::start(Script::ReplyAndClose(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it, until the end".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    for _ in 0..2 {
+        let answer = get_once(front.addr).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(body_of(&answer), "all of it, until the end", "{answer}");
+    }
+}
+
+#[tokio::test]
+async fn answers_that_say_they_end_the_connection_are_not_followed_by_another_request() {
+    for answer in [
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        "HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 2\r\n\r\nok",
+    ] {
+        let up = Upstream::start(Script::Reply(answer.as_bytes().to_vec())).await;
+        let front = front_for(&up).await;
+        for _ in 0..2 {
+            let got = get_once(front.addr).await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{answer:?}: {got}");
+            assert_eq!(body_of(&got), "ok", "{answer:?}: {got}");
+        }
+        assert_eq!(up.connections.load(Ordering::SeqCst), 2, "{answer:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_answer_whose_head_cannot_be_read_gets_502_and_its_connection_is_dropped() {
+    let huge = format!(
+        "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\n\r\nok",
+        "a".repeat(70 * 1024)
+    );
+    let many: String = (0..101).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let many = format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 2\r\n\r\nok");
+    for answer in [
+        "HTTP/1.1 200 OK\r\nContent-Length: 1x\r\n\r\nok".to_string(),
+        "HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok".to_string(),
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".to_string(),
+        "HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nok".to_string(),
+        "HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok".to_string(),
+        "HTTP/1.1 200 OK\r\nBad Name: v\r\nContent-Length: 2\r\n\r\nok".to_string(),
+        "SMTP ready\r\n\r\n".to_string(),
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n".to_string(),
+        huge,
+        many,
+    ] {
+        let up = Upstream::start(Script::Reply(answer.clone().into_bytes())).await;
+        let front = front_for(&up).await;
+        let got = get_once(front.addr).await;
+        assert!(
+            got.starts_with("HTTP/1.1 502"),
+            "{:?}: {got}",
+            &answer[..answer.len().min(60)]
+        );
+    }
+    // The same number twice is one length.
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let got = get_once(front.addr).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert_eq!(body_of(&got), "ok");
+}
+
+#[tokio::test]
+async fn a_chunked_answer_with_a_bad_chunk_is_cut_not_passed_as_whole() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\nmore\r\n0\r\n\r\n"
+            .to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let got = get_once(front.addr).await;
+    assert!(
+        !got.ends_with("0\r\n\r\n"),
+        "a cut answer is never ended as if whole: {got}"
+    );
+    assert!(!got.contains("more"), "{got}");
+}
+
+#[tokio::test]
+async fn a_reason_phrase_of_the_apps_own_is_kept() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 Fine Indeed\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let got = get_once(front.addr).await;
+    assert!(got.starts_with("HTTP/1.1 200 Fine Indeed\r\n"), "{got}");
+}
+
+#[tokio::test]
+async fn bytes_an_app_sends_right_after_its_101_reach_the_client() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nwelcome"
+            .to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .expect("send");
+    let got = text(&read_until(&mut s, b"welcome", 1, SOON).await);
+    assert!(got.starts_with("HTTP/1.1 101"), "{got}");
+    assert!(got.ends_with("\r\n\r\nwelcome"), "{got}");
+}
+
+/// An app that answers as soon as it has the head, then echoes the request body as it
+/// reads it: the rest of the body must still be sent while the answer is read.
+#[tokio::test]
+async fn an_app_that_echoes_the_body_while_reading_it_gets_all_of_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while find(&buf, b"\r\n\r\n").is_none() {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let head_end = find(&buf, b"\r\n\r\n").map_or(0, |i| i + 4);
+        let mut echoed = buf.split_off(head_end);
+        if stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 30000\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut sent = 0;
+        loop {
+            if !echoed.is_empty() {
+                if stream.write_all(&echoed).await.is_err() {
+                    return;
+                }
+                sent += echoed.len();
+                echoed.clear();
+            }
+            if sent >= 30000 {
+                return;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => echoed.extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    // Streamed both ways, as the paths of such an app are.
+    let mut config = config();
+    config.buffering.enabled = false;
+    let front = Front::start(config, &[addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 30000\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("send");
+    // The body goes in three parts, each sent only once the last has come back.
+    let mut got = Vec::new();
+    for part in 0..3u8 {
+        s.write_all(&vec![b'a' + part; 10000])
+            .await
+            .expect("send a part");
+        let want = (part as usize + 1) * 10000;
+        let deadline = tokio::time::Instant::now() + SOON;
+        let mut chunk = [0u8; 8192];
+        while got.len() < want || find(&got, b"\r\n\r\n").is_none_or(|i| got.len() - i - 4 < want) {
+            let read = tokio::time::timeout_at(deadline, s.read(&mut chunk)).await;
+            match read {
+                Ok(Ok(n @ 1..)) => got.extend_from_slice(&chunk[..n]),
+                _ => panic!("part {part} did not come back: {} bytes so far", got.len()),
+            }
+        }
+    }
+    let text = text(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..60.min(text.len())]
+    );
+    let body = &got[find(&got, b"\r\n\r\n").map_or(0, |i| i + 4)..];
+    assert_eq!(body.len(), 30000);
+    assert!(body[..10000].iter().all(|&b| b == b'a'));
+    assert!(body[20000..].iter().all(|&b| b == b'c'));
+    app.abort();
+}
