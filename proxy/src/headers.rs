@@ -127,6 +127,9 @@ pub(crate) fn set_forwarded(
     trusts: &dyn Fn(IpAddr) -> bool,
 ) {
     let proto = HeaderValue::from_static(if https { "https" } else { "http" });
+    // Room for the four fields at once: the map hyper parsed has room for its own
+    // fields only, and growing it field by field rebuilds it more than once.
+    headers.reserve(4);
     if trusted {
         let chain: Vec<u8> = headers
             .get_all(&X_FORWARDED_FOR)
