@@ -128,7 +128,9 @@ impl Conn {
         req: Request<RequestBody>,
     ) -> Result<Response<Answer>, SendError> {
         let (parts, body) = req.into_parts();
-        let asks_upgrade = parts.headers.contains_key(header::UPGRADE);
+        // As the client's request was judged: an `Upgrade` field alone, or one offering
+        // only h2c, asks for none (its `Connection` was stripped).
+        let asks_upgrade = crate::headers::is_upgrade(&parts.headers);
         let no_body = parts.method == Method::HEAD;
         let mut upload = Upload::new(&parts, body);
         let head = poll_fn(|cx| self.poll_head(cx, &mut upload)).await;

@@ -255,6 +255,21 @@ async fn bytes_an_app_sends_right_after_its_101_reach_the_client() {
     assert!(got.ends_with("\r\n\r\nwelcome"), "{got}");
 }
 
+#[tokio::test]
+async fn a_101_to_a_request_that_asked_for_no_upgrade_gets_502() {
+    let up = Upstream::start(Script::UpgradeEcho).await;
+    let front = front_for(&up).await;
+    // `Upgrade` without `Connection: upgrade` is no upgrade; nor is one offering h2c only.
+    for fields in [
+        "Upgrade: echo\r\n",
+        "Connection: upgrade\r\nUpgrade: h2c\r\n",
+    ] {
+        let request = format!("GET / HTTP/1.1\r\nHost: x\r\n{fields}Connection: close\r\n\r\n");
+        let got = exchange(front.addr, request.as_bytes()).await;
+        assert!(got.starts_with("HTTP/1.1 502"), "{fields:?}: {got}");
+    }
+}
+
 /// An app that answers as soon as it has the head, then echoes the request body as it
 /// reads it: the rest of the body must still be sent while the answer is read.
 #[tokio::test]
