@@ -94,6 +94,50 @@ async fn a_trailer_section_with_a_malformed_line_still_ends_the_answer() {
 }
 
 #[tokio::test]
+async fn trailers_of_a_chunked_answer_reach_an_http2_client() {
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+        2\r\nok\r\n0\r\nX-Checksum: 42\r\n\r\n"
+            .to_vec(),
+    ))
+    .await;
+    let mut config = config();
+    // Streamed, as trailers only are: a buffered answer keeps its data alone.
+    config.buffering.enabled = false;
+    let front = Front::start(config, &[up.addr], Balance::LeastConn).await;
+    let tcp = TcpStream::connect(front.addr).await.expect("connect");
+    let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get("http://x/").body(()).expect("request");
+    let (response, _) = send.send_request(req, true).expect("send");
+    let response = tokio::time::timeout(SOON, response)
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(SOON, body.data())
+        .await
+        .expect("in time")
+    {
+        data.extend_from_slice(&chunk.expect("data"));
+    }
+    assert_eq!(data, b"ok");
+    let trailers = tokio::time::timeout(SOON, body.trailers())
+        .await
+        .expect("in time")
+        .expect("trailers")
+        .expect("some trailers");
+    assert_eq!(
+        trailers.get("x-checksum").map(|v| v.as_bytes()),
+        Some(&b"42"[..])
+    );
+}
+
+#[tokio::test]
 async fn interim_answers_before_the_final_one_are_passed_over() {
     let up = Upstream::start(Script::Reply(
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
