@@ -95,12 +95,10 @@ impl Conn {
     }
 
     /// Whether an idle connection can carry a request: the app has not closed it, and
-    /// has sent nothing (bytes that answer no request mean it is out of step). Looks
-    /// at the socket only when the runtime saw it become readable.
+    /// has sent nothing (bytes that answer no request mean it is out of step; none were
+    /// left over when it was given back, see `Answer::take_conn`). Looks at the socket
+    /// only when the runtime saw it become readable.
     pub(crate) fn is_open(&self) -> bool {
-        if !self.buf.is_empty() || !self.rest.is_empty() {
-            return false;
-        }
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match self.io.get_ref().poll_read_ready(&mut cx) {
             Poll::Pending => true,

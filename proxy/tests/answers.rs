@@ -299,6 +299,37 @@ async fn bytes_an_app_sends_right_after_its_101_reach_the_client() {
     assert!(got.ends_with("\r\n\r\nwelcome"), "{got}");
 }
 
+/// A POST is not sent again once written (see `retry`), so it must never go out on a
+/// pooled connection that the app has closed while it waited.
+#[tokio::test]
+async fn a_pooled_connection_the_app_closed_while_idle_is_not_used() {
+    let up = Upstream::start(Script::ReplyAndClose(ok("fine"))).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    for i in 0..3 {
+        s.write_all(b"POST /order HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+            .await
+            .expect("send");
+        let answer = text(&read_until(&mut s, b"fine", 1, SOON).await);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("fine"),
+            "request {i}: {answer}"
+        );
+        // The app has closed that connection; rolld's event loop sees its end within
+        // microseconds, well inside this margin.
+        let deadline = tokio::time::Instant::now() + SOON;
+        while up.ended.load(Ordering::SeqCst) <= i {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the app never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test]
 async fn a_101_to_a_request_that_asked_for_no_upgrade_gets_502() {
     let up = Upstream::start(Script::UpgradeEcho).await;
