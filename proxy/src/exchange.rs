@@ -20,7 +20,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -510,31 +510,23 @@ impl Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), Failure>> {
         loop {
-            while !self.head.is_empty() || !self.out.is_empty() {
+            // The head goes alone: the body is first polled once it is written, so that
+            // a request of which no byte was written still has its whole body.
+            while !self.head.is_empty() {
+                let n = ready!(poll_write(io, cx, &[IoSlice::new(&self.head)]))?;
+                self.written = true;
+                self.head.advance(n);
+            }
+            while !self.out.is_empty() {
                 let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-                let queued = std::iter::once(&self.head)
-                    .filter(|head| !head.is_empty())
-                    .chain(self.out.iter());
                 let mut n = 0;
-                for (slice, bytes) in slices.iter_mut().zip(queued) {
+                for (slice, bytes) in slices.iter_mut().zip(self.out.iter()) {
                     *slice = IoSlice::new(bytes);
                     n += 1;
                 }
-                match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(Failure::Upstream(UpstreamError::Io(
-                            io::ErrorKind::WriteZero.into(),
-                        ))))
-                    }
-                    Poll::Ready(Ok(written)) => {
-                        self.written = true;
-                        self.advance(written);
-                    }
-                    Poll::Ready(Err(err)) => {
-                        return Poll::Ready(Err(Failure::Upstream(err.into())))
-                    }
-                    Poll::Pending => return Poll::Pending,
-                }
+                let written = ready!(poll_write(io, cx, &slices[..n]))?;
+                self.written = true;
+                self.advance(written);
             }
             if self.ended {
                 return Poll::Ready(Ok(()));
@@ -613,12 +605,8 @@ impl Upload {
         }
     }
 
+    /// Drops what a write of the queued body took.
     fn advance(&mut self, mut written: usize) {
-        if !self.head.is_empty() {
-            let n = written.min(self.head.len());
-            self.head.advance(n);
-            written -= n;
-        }
         while written > 0 {
             let Some(front) = self.out.front_mut() else {
                 return;
@@ -632,6 +620,21 @@ impl Upload {
             }
         }
     }
+}
+
+/// One write of `slices`: how many bytes the socket took, never none.
+fn poll_write(
+    io: &mut Tracked<TcpStream>,
+    cx: &mut Context<'_>,
+    slices: &[IoSlice<'_>],
+) -> Poll<Result<usize, Failure>> {
+    Poll::Ready(match ready!(Pin::new(io).poll_write_vectored(cx, slices)) {
+        Ok(0) => Err(Failure::Upstream(UpstreamError::Io(
+            io::ErrorKind::WriteZero.into(),
+        ))),
+        Ok(n) => Ok(n),
+        Err(err) => Err(Failure::Upstream(err.into())),
+    })
 }
 
 /// Room for a request's head, written once.

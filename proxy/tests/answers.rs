@@ -280,6 +280,14 @@ async fn a_reason_phrase_of_the_apps_own_is_kept() {
     let front = front_for(&up).await;
     let got = get_once(front.addr).await;
     assert!(got.starts_with("HTTP/1.1 200 Fine Indeed\r\n"), "{got}");
+    // An answer with no reason phrase gets the usual one.
+    let up = Upstream::start(Script::Reply(
+        b"HTTP/1.1 404\r\nContent-Length: 2\r\n\r\nno".to_vec(),
+    ))
+    .await;
+    let front = front_for(&up).await;
+    let got = get_once(front.addr).await;
+    assert!(got.starts_with("HTTP/1.1 404 Not Found\r\n"), "{got}");
 }
 
 #[tokio::test]
@@ -297,6 +305,151 @@ async fn bytes_an_app_sends_right_after_its_101_reach_the_client() {
     let got = text(&read_until(&mut s, b"welcome", 1, SOON).await);
     assert!(got.starts_with("HTTP/1.1 101"), "{got}");
     assert!(got.ends_with("\r\n\r\nwelcome"), "{got}");
+}
+
+/// A streamed request body of no stated length goes to the app chunked, ended, and with
+/// its trailer fields.
+#[tokio::test]
+async fn a_request_body_without_a_length_goes_chunked_to_the_app() {
+    let mut config = config();
+    config.buffering.enabled = false;
+    let up = Upstream::start(Script::Reply(ok("got"))).await;
+    let front = Front::start(config.clone(), &[up.addr], Balance::LeastConn).await;
+    let got = exchange(
+        front.addr,
+        b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+        5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let received = up.received().to_ascii_lowercase();
+    assert!(
+        received.contains("transfer-encoding: chunked\r\n"),
+        "{received}"
+    );
+    assert!(!received.contains("content-length"), "{received}");
+    assert!(
+        received.ends_with("\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+        "{received:?}"
+    );
+
+    let up = Upstream::start(Script::AnswerAtHead(ok("got"))).await;
+    let front = Front::start(config, &[up.addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n2\r\nhi\r\n0\r\nX-Sum: 2\r\n\r\n")
+        .await
+        .expect("send");
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !up
+        .received()
+        .to_ascii_lowercase()
+        .ends_with("2\r\nhi\r\n0\r\nx-sum: 2\r\n\r\n")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the body's end and trailers never reached the app: {:?}",
+            up.received()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An HTTP/2 upload ends with its last DATA frame, which can come with the end of the
+/// stream: the app must still get the chunked body's last chunk.
+#[tokio::test]
+async fn an_http2_upload_of_no_stated_length_reaches_the_app_ended() {
+    let mut config = config();
+    config.buffering.enabled = false;
+    let up = Upstream::start(Script::Reply(ok("got"))).await;
+    let front = Front::start(config, &[up.addr], Balance::LeastConn).await;
+    let tcp = TcpStream::connect(front.addr).await.expect("connect");
+    let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::post("http://x/up")
+        .body(())
+        .expect("request");
+    let (response, mut body) = send.send_request(req, false).expect("send");
+    body.send_data(bytes::Bytes::from_static(b"hello"), true)
+        .expect("send data");
+    let response = tokio::time::timeout(SOON, response)
+        .await
+        .expect("an answer in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let received = up.received().to_ascii_lowercase();
+    assert!(
+        received.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        "{received:?}"
+    );
+}
+
+/// A large streamed upload to an app that is slow to start reading fills the socket, so
+/// that writes take part of what is queued: every byte must still arrive once, in order.
+#[tokio::test]
+async fn a_large_upload_to_a_slow_reader_arrives_whole_and_in_order() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 65536];
+        while !buf.ends_with(b"\r\n0\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let head_end = find(&buf, b"\r\n\r\n").map_or(0, |i| i + 4);
+        let body = body_of(&format!(
+            "{}{}",
+            String::from_utf8_lossy(&buf[..head_end]),
+            String::from_utf8_lossy(&buf[head_end..])
+        ));
+        let answer = format!("{} {}", body.len(), checksum(body.as_bytes()));
+        let _ = stream.write_all(&ok(&answer)).await;
+    });
+    let mut config = config();
+    config.buffering.enabled = false;
+    let front = Front::start(config, &[addr], Balance::LeastConn).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(
+        b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("send");
+    let mut sent = Vec::new();
+    for i in 0..128u32 {
+        let part: Vec<u8> = (0..65536u32)
+            .map(|j| b'a' + ((i * 7 + j) % 26) as u8)
+            .collect();
+        s.write_all(format!("{:x}\r\n", part.len()).as_bytes())
+            .await
+            .expect("send");
+        s.write_all(&part).await.expect("send");
+        s.write_all(b"\r\n").await.expect("send");
+        sent.extend_from_slice(&part);
+    }
+    s.write_all(b"0\r\n\r\n").await.expect("send");
+    let got = text(&read_until_closed(&mut s, SOON).await);
+    assert!(
+        got.starts_with("HTTP/1.1 200"),
+        "{}",
+        &got[..got.len().min(200)]
+    );
+    assert_eq!(body_of(&got), format!("{} {}", sent.len(), checksum(&sent)));
+    app.abort();
+}
+
+/// A position-sensitive checksum: a lost, repeated or swapped run of bytes changes it.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0u64, |sum, &b| {
+        sum.wrapping_mul(31).wrapping_add(u64::from(b))
+    })
 }
 
 /// A POST is not sent again once written (see `retry`), so it must never go out on a
