@@ -385,6 +385,52 @@ async fn an_http2_upload_of_no_stated_length_reaches_the_app_ended() {
     );
 }
 
+/// An HTTP/2 client may end a stream with an empty DATA frame after the last bytes of a
+/// body of stated length: the body is whole then, not short.
+#[tokio::test]
+async fn an_http2_upload_whose_end_comes_after_its_bytes_is_whole() {
+    let mut config = config();
+    config.buffering.enabled = false;
+    // The app is slow to answer, so that the stream's end comes before its answer.
+    let up = Upstream::start(Script::Trickle(ok("got"), Duration::from_millis(20))).await;
+    let front = Front::start(config, &[up.addr], Balance::LeastConn).await;
+    let tcp = TcpStream::connect(front.addr).await.expect("connect");
+    let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::post("http://x/up")
+        .header("content-length", "5")
+        .body(())
+        .expect("request");
+    let (response, mut body) = send.send_request(req, false).expect("send");
+    body.send_data(bytes::Bytes::from_static(b"hello"), false)
+        .expect("send data");
+    // Sent only once the app has the body's bytes, as a client that learns late that
+    // nothing follows.
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !up.received().ends_with("hello") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            up.received()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    body.send_data(bytes::Bytes::new(), true)
+        .expect("end the stream");
+    let response = tokio::time::timeout(SOON, response)
+        .await
+        .expect("an answer in time")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    assert!(
+        up.received().ends_with("content-length: 5\r\n\r\nhello"),
+        "{:?}",
+        up.received()
+    );
+}
+
 /// A large streamed upload to an app that is slow to start reading fills the socket, so
 /// that writes take part of what is queued: every byte must still arrive once, in order.
 #[tokio::test]
