@@ -374,7 +374,16 @@ impl Proxy {
             (client_upgrade, parts.status)
         {
             let Some(upstream_io) = body.upgraded() else {
-                return Err((ProxyError::Exhausted, access));
+                let source = UpstreamError::Invalid("101 Switching Protocols without a tunnel");
+                let not_resent = NotResent::AnswerBroken;
+                return Err((
+                    ProxyError::Upstream {
+                        upstream,
+                        source,
+                        not_resent,
+                    },
+                    access,
+                ));
             };
             let held = Held {
                 lease,

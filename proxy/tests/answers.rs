@@ -25,6 +25,16 @@ async fn front_for(upstream: &Upstream) -> Front {
     Front::start(config(), &[upstream.addr], Balance::LeastConn).await
 }
 
+/// An HTTP/2 client (prior knowledge) on a new connection to `addr`.
+async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
 /// The body of an HTTP/1.1 answer read until the proxy closed (`Connection: close`
 /// requests), decoded from chunked framing when it is chunked.
 fn body_of(answer: &str) -> String {
@@ -105,11 +115,7 @@ async fn trailers_of_a_chunked_answer_reach_an_http2_client() {
     // Streamed, as trailers only are: a buffered answer keeps its data alone.
     config.buffering.enabled = false;
     let front = Front::start(config, &[up.addr], Balance::LeastConn).await;
-    let tcp = TcpStream::connect(front.addr).await.expect("connect");
-    let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut send = h2_client(front.addr).await;
     let req = http::Request::get("http://x/").body(()).expect("request");
     let (response, _) = send.send_request(req, true).expect("send");
     let response = tokio::time::timeout(SOON, response)
@@ -362,11 +368,7 @@ async fn an_http2_upload_of_no_stated_length_reaches_the_app_ended() {
     config.buffering.enabled = false;
     let up = Upstream::start(Script::Reply(ok("got"))).await;
     let front = Front::start(config, &[up.addr], Balance::LeastConn).await;
-    let tcp = TcpStream::connect(front.addr).await.expect("connect");
-    let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut send = h2_client(front.addr).await;
     let req = http::Request::post("http://x/up")
         .body(())
         .expect("request");
@@ -394,11 +396,7 @@ async fn an_http2_upload_whose_end_comes_after_its_bytes_is_whole() {
     // The app is slow to answer, so that the stream's end comes before its answer.
     let up = Upstream::start(Script::Trickle(ok("got"), Duration::from_millis(20))).await;
     let front = Front::start(config, &[up.addr], Balance::LeastConn).await;
-    let tcp = TcpStream::connect(front.addr).await.expect("connect");
-    let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut send = h2_client(front.addr).await;
     let req = http::Request::post("http://x/up")
         .header("content-length", "5")
         .body(())
