@@ -183,19 +183,16 @@ impl Buffers {
 
     /// Whether an answer with these headers is buffered, for a request whose path is
     /// buffered: server-sent events and answers marked `X-Accel-Buffering: no` (the
-    /// header nginx users already set) stream.
-    pub(crate) fn buffers_answer(headers: &HeaderMap) -> bool {
+    /// header nginx users already set) stream. Takes `X-Accel-Buffering` out: it is for
+    /// rolld, as for nginx, not for the client.
+    pub(crate) fn buffers_answer(headers: &mut HeaderMap) -> bool {
+        let opted_out = headers
+            .remove(&X_ACCEL_BUFFERING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
         let event_stream = headers
             .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(';')
-                    .next()
-                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
-            });
-        let opted_out = headers
-            .get(&X_ACCEL_BUFFERING)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
+            .and_then(|v| v.as_bytes().split(|b| *b == b';').next())
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"text/event-stream"));
         !event_stream && !opted_out
     }
 
@@ -914,15 +911,19 @@ mod tests {
     #[test]
     fn only_streaming_answers_are_exempt() {
         let mut h = HeaderMap::new();
-        assert!(Buffers::buffers_answer(&h));
+        assert!(Buffers::buffers_answer(&mut h));
         h.insert(
             http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+            http::HeaderValue::from_static(" Text/Event-Stream ; charset=utf-8"),
         );
-        assert!(!Buffers::buffers_answer(&h));
+        assert!(!Buffers::buffers_answer(&mut h));
         let mut h = HeaderMap::new();
-        h.insert("x-accel-buffering", http::HeaderValue::from_static("no"));
-        assert!(!Buffers::buffers_answer(&h));
+        h.insert("x-accel-buffering", http::HeaderValue::from_static("No"));
+        assert!(!Buffers::buffers_answer(&mut h));
+        assert!(h.is_empty(), "the field is rolld's, not the client's");
+        h.insert("x-accel-buffering", http::HeaderValue::from_static("yes"));
+        assert!(Buffers::buffers_answer(&mut h));
+        assert!(h.is_empty());
         let b = Buffers::new(BufferConfig {
             unbuffered_paths: vec!["/live/".into()],
             ..BufferConfig::default()

@@ -23,12 +23,13 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::body::{BoxError, RequestBody};
+use crate::headers::Forwarding;
 use crate::moved::{Moved, Tracked};
 
 /// Most fields an answer's head may have, as hyper's client allows.
@@ -61,7 +62,7 @@ pub enum UpstreamError {
 pub(crate) enum SendError {
     /// Not a byte of it was written: it may go out again on another connection,
     /// whatever its method.
-    Unsent(Box<Request<RequestBody>>, UpstreamError),
+    Unsent(Box<Outgoing>, UpstreamError),
     /// Its body failed on the client's side (too large, idle, broken).
     Body(BoxError),
     /// Written, at least in part, and no answer came: the app may have acted on it.
@@ -123,14 +124,10 @@ impl Conn {
     /// connection, and hands it back when it can carry another request.
     pub(crate) async fn send(
         mut self: Box<Self>,
-        req: Request<RequestBody>,
+        req: Outgoing,
     ) -> Result<Response<Answer>, SendError> {
-        let (parts, body) = req.into_parts();
-        // As the client's request was judged: an `Upgrade` field alone, or one offering
-        // only h2c, asks for none (its `Connection` was stripped).
-        let asks_upgrade = crate::headers::is_upgrade(&parts.headers);
-        let no_body = parts.method == Method::HEAD;
-        let mut upload = Upload::new(&parts, body);
+        let Outgoing { head: out, body } = req;
+        let mut upload = Upload::new(&out, body);
         let head = poll_fn(|cx| self.poll_head(cx, &mut upload)).await;
         let head = match head {
             Ok(head) => head,
@@ -138,7 +135,7 @@ impl Conn {
             Err(Failure::Upstream(err)) if !upload.written => {
                 let Upload { body, .. } = upload;
                 return Err(SendError::Unsent(
-                    Box::new(Request::from_parts(parts, body)),
+                    Box::new(Outgoing { head: out, body }),
                     err,
                 ));
             }
@@ -150,12 +147,12 @@ impl Conn {
             keep_alive,
         } = head;
         let framing = match framing {
-            Framing::Upgrade if !asks_upgrade => {
+            Framing::Upgrade if !out.asks_upgrade => {
                 return Err(SendError::Failed(UpstreamError::Invalid(
                     "101 Switching Protocols to a request that asked for no upgrade",
                 )))
             }
-            _ if no_body && framing != Framing::Upgrade => Framing::Length(0),
+            _ if out.no_body && framing != Framing::Upgrade => Framing::Length(0),
             framing => framing,
         };
         let state = match framing {
@@ -422,7 +419,99 @@ fn content_length(map: &HeaderMap) -> Result<u64, UpstreamError> {
     length.ok_or(UpstreamError::Invalid("bad Content-Length"))
 }
 
-/// A request on its way out: its head, then its body, framed.
+/// A request as it goes to an app: its head, encoded once (a resend writes the same
+/// bytes, see `retry`), and its body.
+pub(crate) struct Outgoing {
+    pub(crate) head: OutHead,
+    pub(crate) body: RequestBody,
+}
+
+/// A request's head as an app gets it, with how its body is framed.
+#[derive(Clone, Debug)]
+pub(crate) struct OutHead {
+    bytes: Bytes,
+    /// A `HEAD` request: its answer has no body whatever its head says.
+    no_body: bool,
+    /// As the client's request was judged: an `Upgrade` field alone, or one offering
+    /// only h2c, asks for none.
+    asks_upgrade: bool,
+    chunked: bool,
+    /// The body's `Content-Length`.
+    length: u64,
+}
+
+impl OutHead {
+    /// The head of a request of these `parts` and forwarding fields, whose body `body`
+    /// is (or one of the same framing: a body sent again); `upgrade`: whether it asks
+    /// to switch protocols (see `headers::is_upgrade`).
+    pub(crate) fn new(
+        parts: &http::request::Parts,
+        forwarding: Option<&Forwarding>,
+        body: &RequestBody,
+        upgrade: bool,
+    ) -> Self {
+        let mut head =
+            BytesMut::with_capacity(head_capacity(parts) + forwarding.map_or(0, Forwarding::len));
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        head.put_slice(parts.method.as_str().as_bytes());
+        head.put_u8(b' ');
+        head.put_slice(target.as_bytes());
+        head.put_slice(b" HTTP/1.1\r\n");
+        let fields = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| forwarding.is_none_or(|f| f.keeps(name)))
+            .chain(forwarding.into_iter().flat_map(Forwarding::fields));
+        for (name, value) in fields {
+            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            head.put_slice(name.as_str().as_bytes());
+            head.put_slice(b": ");
+            head.put_slice(value.as_bytes());
+            head.put_slice(b"\r\n");
+        }
+        let mut chunked = false;
+        let mut length = 0;
+        match body.size_hint().exact() {
+            Some(0) if body.is_end_stream() => {
+                // A method whose request usually has a body says it has none.
+                if !matches!(
+                    parts.method,
+                    Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+                ) || parts.headers.contains_key(header::CONTENT_LENGTH)
+                {
+                    head.put_slice(b"content-length: 0\r\n");
+                }
+            }
+            Some(n) => {
+                // Writing into a BytesMut cannot fail.
+                let _ = write!(head, "content-length: {n}\r\n");
+                length = n;
+            }
+            None => {
+                head.put_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+        }
+        head.put_slice(b"\r\n");
+        OutHead {
+            bytes: head.freeze(),
+            no_body: parts.method == Method::HEAD,
+            asks_upgrade: upgrade,
+            chunked,
+            length,
+        }
+    }
+
+    /// The head as written.
+    #[cfg(test)]
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// A request being written: its head, then its body, framed.
 struct Upload {
     /// The head, until written.
     head: Bytes,
@@ -438,54 +527,14 @@ struct Upload {
 }
 
 impl Upload {
-    fn new(parts: &http::request::Parts, body: RequestBody) -> Self {
-        let mut head = BytesMut::with_capacity(head_capacity(parts));
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        head.put_slice(parts.method.as_str().as_bytes());
-        head.put_u8(b' ');
-        head.put_slice(target.as_bytes());
-        head.put_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
-                continue;
-            }
-            head.put_slice(name.as_str().as_bytes());
-            head.put_slice(b": ");
-            head.put_slice(value.as_bytes());
-            head.put_slice(b"\r\n");
-        }
-        let mut chunked = false;
-        let mut owed = 0;
-        match body.size_hint().exact() {
-            Some(0) if body.is_end_stream() => {
-                // A method whose request usually has a body says it has none.
-                if parts.headers.contains_key(header::CONTENT_LENGTH)
-                    || !matches!(
-                        parts.method,
-                        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-                    )
-                {
-                    head.put_slice(b"content-length: 0\r\n");
-                }
-            }
-            Some(length) => {
-                // Writing into a BytesMut cannot fail.
-                let _ = write!(head, "content-length: {length}\r\n");
-                owed = length;
-            }
-            None => {
-                head.put_slice(b"transfer-encoding: chunked\r\n");
-                chunked = true;
-            }
-        }
-        head.put_slice(b"\r\n");
-        let ended = body.is_end_stream() && owed == 0 && !chunked;
+    fn new(head: &OutHead, body: RequestBody) -> Self {
+        let ended = body.is_end_stream() && head.length == 0 && !head.chunked;
         Upload {
-            head: head.freeze(),
+            head: head.bytes.clone(),
             body,
             ended,
-            chunked,
-            owed,
+            chunked: head.chunked,
+            owed: head.length,
             out: VecDeque::new(),
             written: false,
         }
@@ -1026,6 +1075,7 @@ impl AsyncWrite for Upgraded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     fn head(bytes: &[u8]) -> (Head, Bytes) {
         let mut buf = BytesMut::from(bytes);
@@ -1225,8 +1275,9 @@ mod tests {
 
     async fn answer(addr: std::net::SocketAddr) -> Answer {
         let stream = TcpStream::connect(addr).await.expect("connect");
-        let request = Request::new(RequestBody::empty());
-        match Conn::new(stream).send(request).await {
+        let (parts, body) = Request::new(RequestBody::empty()).into_parts();
+        let head = OutHead::new(&parts, None, &body, false);
+        match Conn::new(stream).send(Outgoing { head, body }).await {
             Ok(response) => response.into_body(),
             Err(_) => panic!("the exchange failed"),
         }

@@ -17,7 +17,7 @@ use crate::body::{BodyError, Chunks, RequestBody, ResponseBody, Stalled, Upload,
 use crate::buffer::{self, BufferStats, Buffers, SpoolError, SpooledBody};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
-use crate::exchange::{Answer, SendError, Upgraded, UpstreamError};
+use crate::exchange::{Answer, OutHead, Outgoing, SendError, Upgraded, UpstreamError};
 use crate::headers;
 use crate::maintenance::MaintenancePage;
 use crate::moved::{Moved, Tracked};
@@ -250,8 +250,8 @@ impl Proxy {
         // rolld answers `Expect: 100-continue` to the client itself (when the body is
         // first read); the upstream gets the body without the handshake.
         parts.headers.remove(header::EXPECT);
-        headers::set_forwarded(
-            &mut parts.headers,
+        let forwarding = headers::Forwarding::of(
+            &parts.headers,
             &client.ip,
             client.trusted,
             client.https,
@@ -266,18 +266,6 @@ impl Proxy {
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(spooled.len()));
         }
-        // What it takes to send the request again if its upstream fails under it after
-        // it was written (the app crashed, or closed the idle connection at that
-        // moment): kept only when that is safe (see `retry`). A buffered body can always
-        // be read again.
-        let replay = Replay::of(
-            &parts,
-            spooled.clone(),
-            body.is_end_stream(),
-            body.size_hint().lower(),
-            upgrade,
-            self.config.retry_body_limit,
-        );
         let body = match &spooled {
             Some(spooled) => RequestBody::spooled(spooled.reader(), upload.clone()),
             None => RequestBody::new(
@@ -285,11 +273,28 @@ impl Proxy {
                 self.config.max_body_size,
                 self.config.body_idle_timeout,
                 upload.clone(),
-            )
-            .keeping(replay.as_ref().ok().and_then(Replay::kept)),
+            ),
+        };
+        let head = OutHead::new(&parts, Some(&forwarding), &body, upgrade);
+        // What it takes to send the request again if its upstream fails under it after
+        // it was written (the app crashed, or closed the idle connection at that
+        // moment): kept only when that is safe (see `retry`). A buffered body can always
+        // be read again.
+        let replay = Replay::of(
+            &parts,
+            &head,
+            spooled.clone(),
+            body.is_end_stream(),
+            body.size_hint().lower(),
+            upgrade,
+            self.config.retry_body_limit,
+        );
+        let body = match &spooled {
+            Some(_) => body,
+            None => body.keeping(replay.as_ref().ok().and_then(Replay::kept)),
         };
         self.retry_budget.request();
-        let mut req = Request::from_parts(parts, body);
+        let mut req = Outgoing { head, body };
         let sending = Instant::now();
         let mut tries = Tries::default();
         let sent = loop {
@@ -396,10 +401,8 @@ impl Proxy {
         }
 
         headers::strip_hop_by_hop(&mut parts.headers, false);
-        let buffer_answer =
-            buffered && !body.is_end_stream() && Buffers::buffers_answer(&parts.headers);
-        // For rolld, as for nginx; not for the client.
-        parts.headers.remove(&buffer::X_ACCEL_BUFFERING);
+        let buffers = Buffers::buffers_answer(&mut parts.headers);
+        let buffer_answer = buffered && !body.is_end_stream() && buffers;
         if buffer_answer {
             let idle = self.config.body_idle_timeout;
             // Known to fit in memory: read whole right here (a small one outside the
@@ -431,7 +434,7 @@ impl Proxy {
     /// `response_timeout` or `body_idle_timeout` ran out first (see `Upload`).
     async fn deliver(
         &self,
-        req: Request<RequestBody>,
+        req: Outgoing,
         replay: &Result<Replay, NotResent>,
         slot: &mut Option<InFlight>,
         upload: &Arc<Upload>,
@@ -571,7 +574,7 @@ impl Proxy {
     /// otherwise its 502 says why not.
     async fn send(
         &self,
-        mut req: Request<RequestBody>,
+        mut req: Outgoing,
         replay: &Result<Replay, NotResent>,
         slot: &mut Option<InFlight>,
         upload: &Arc<Upload>,
@@ -634,7 +637,7 @@ impl Proxy {
                     continue;
                 }
             };
-            upload.connected(!req.body().is_end_stream(), conn.reads.clone());
+            upload.connected(!req.body.is_end_stream(), conn.reads.clone());
             let reused = conn.reused;
             let err = match conn.send(req).await {
                 Ok(response) => return Ok(response),
@@ -691,7 +694,7 @@ impl Proxy {
         lease: &InFlight,
         upload: &Arc<Upload>,
         tries: &mut Tries,
-    ) -> Result<Request<RequestBody>, NotResent> {
+    ) -> Result<Outgoing, NotResent> {
         tries.written = true;
         if lease.is_cut() {
             return Err(NotResent::DrainCut);

@@ -102,35 +102,72 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// that read such framing differently smuggle requests; nginx and HAProxy refuse it
 /// too), or more than one `Host`.
 pub(crate) fn ambiguous(headers: &HeaderMap) -> Option<&'static str> {
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
-    if let Some(first) = te.next() {
-        if te.next().is_some() || !first.as_bytes().eq_ignore_ascii_case(b"chunked") {
-            return Some("Transfer-Encoding other than one `chunked`");
+    // One pass over the fields costs less than a lookup of each name.
+    let (mut te, mut chunked, mut hosts) = (0, true, 0);
+    for (name, value) in headers {
+        if name == header::TRANSFER_ENCODING {
+            te += 1;
+            chunked &= value.as_bytes().eq_ignore_ascii_case(b"chunked");
+        } else if name == header::HOST {
+            hosts += 1;
         }
     }
-    let mut host = headers.get_all(header::HOST).iter();
-    if host.next().is_some() && host.next().is_some() {
+    if te > 1 || !chunked {
+        return Some("Transfer-Encoding other than one `chunked`");
+    }
+    if hosts > 1 {
         return Some("more than one Host header");
     }
     None
 }
 
-/// Tells the upstream who the client is. From a trusted proxy, the forwarding headers
-/// it sent are kept and the client's address is appended; from anyone else they are
-/// replaced, so a client cannot claim another address. `trusts` says which addresses
-/// are trusted proxies. `https` says whether the client's connection is TLS.
-pub(crate) fn set_forwarded(
-    headers: &mut HeaderMap,
-    client_ip: &HeaderValue,
-    trusted: bool,
-    https: bool,
-    trusts: &dyn Fn(IpAddr) -> bool,
-) {
-    let proto = HeaderValue::from_static(if https { "https" } else { "http" });
-    // Room for the four fields at once: the map hyper parsed has room for its own
-    // fields only, and growing it field by field rebuilds it more than once.
-    headers.reserve(4);
-    if trusted {
+/// What the upstream is told of the client: `X-Forwarded-For`, `X-Real-IP`,
+/// `X-Forwarded-Proto` and `X-Forwarded-Host`. From a trusted proxy, the forwarding
+/// headers it sent are kept and the client's address is appended; from anyone else they
+/// are replaced, so a client cannot claim another address.
+///
+/// The request's own map is left as it is: the fields are written into the head that
+/// goes to the app (see `exchange`), in place of the request's fields of these names,
+/// which costs less than inserting four fields into a map sized for the request's own.
+#[derive(Clone, Debug)]
+pub(crate) struct Forwarding {
+    /// rolld's value of each name of `FORWARDING`, if it writes one.
+    values: [Option<HeaderValue>; 4],
+    /// Whether the request's own fields of each name are left out.
+    replaces: [bool; 4],
+}
+
+/// The names `Forwarding` writes, in the order of its arrays.
+static FORWARDING: [&HeaderName; 4] = [
+    &X_FORWARDED_FOR,
+    &X_REAL_IP,
+    &X_FORWARDED_PROTO,
+    &X_FORWARDED_HOST,
+];
+
+impl Forwarding {
+    /// `client_ip` is the peer's address; `trusted` whether the peer is a trusted proxy,
+    /// `trusts` which addresses are; `https` whether the client's connection is TLS.
+    pub(crate) fn of(
+        headers: &HeaderMap,
+        client_ip: &HeaderValue,
+        trusted: bool,
+        https: bool,
+        trusts: &dyn Fn(IpAddr) -> bool,
+    ) -> Self {
+        let proto = HeaderValue::from_static(if https { "https" } else { "http" });
+        let host = headers.get(header::HOST).cloned();
+        if !trusted {
+            return Forwarding {
+                values: [
+                    Some(client_ip.clone()),
+                    Some(client_ip.clone()),
+                    Some(proto),
+                    host,
+                ],
+                replaces: [true; 4],
+            };
+        }
         let chain: Vec<u8> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -140,27 +177,60 @@ pub(crate) fn set_forwarded(
             .collect::<Vec<_>>()
             .join(&b", "[..]);
         let real = real_ip(&chain, trusts).unwrap_or_else(|| client_ip.clone());
-        if let Ok(value) = HeaderValue::from_bytes(&chain) {
-            headers.insert(&X_FORWARDED_FOR, value);
+        // A chain that is no header value keeps the fields it was made of.
+        let chain = HeaderValue::from_bytes(&chain).ok();
+        // A trusted proxy's protocol and host stand; rolld's fill in for missing ones.
+        let proto = (!headers.contains_key(&X_FORWARDED_PROTO)).then_some(proto);
+        let host = if headers.contains_key(&X_FORWARDED_HOST) {
+            None
+        } else {
+            host
+        };
+        Forwarding {
+            replaces: [chain.is_some(), true, proto.is_some(), host.is_some()],
+            values: [chain, Some(real), proto, host],
         }
-        headers.insert(&X_REAL_IP, real);
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(&X_FORWARDED_PROTO, proto);
-        }
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            if let Some(host) = headers.get(header::HOST).cloned() {
-                headers.insert(&X_FORWARDED_HOST, host);
-            }
-        }
-        return;
     }
-    headers.insert(&X_FORWARDED_FOR, client_ip.clone());
-    headers.insert(&X_REAL_IP, client_ip.clone());
-    headers.insert(&X_FORWARDED_PROTO, proto);
-    match headers.get(header::HOST).cloned() {
-        Some(host) => headers.insert(&X_FORWARDED_HOST, host),
-        None => headers.remove(&X_FORWARDED_HOST),
-    };
+
+    /// Whether a field the request came with goes on to the app.
+    pub(crate) fn keeps(&self, name: &HeaderName) -> bool {
+        // Every name of `FORWARDING` starts with an `x`: most fields are settled by it.
+        if !name.as_str().starts_with('x') {
+            return true;
+        }
+        !FORWARDING
+            .iter()
+            .zip(self.replaces)
+            .any(|(forwarding, replaces)| replaces && name == *forwarding)
+    }
+
+    /// The fields rolld writes.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        FORWARDING
+            .iter()
+            .zip(&self.values)
+            .filter_map(|(name, value)| Some((*name, value.as_ref()?)))
+    }
+
+    /// Bytes the fields take in a head.
+    pub(crate) fn len(&self) -> usize {
+        self.fields()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum()
+    }
+
+    /// `headers` as the app gets them: what `keeps` keeps, then `fields`.
+    #[cfg(test)]
+    pub(crate) fn applied(&self, headers: &HeaderMap) -> HeaderMap {
+        let mut out = HeaderMap::new();
+        for (name, value) in headers.iter().filter(|(name, _)| self.keeps(name)) {
+            out.append(name.clone(), value.clone());
+        }
+        for (name, value) in self.fields() {
+            out.append(name.clone(), value.clone());
+        }
+        out
+    }
 }
 
 /// The client's address in an `X-Forwarded-For` chain (ending with our peer): walking
@@ -275,15 +345,50 @@ mod tests {
     }
 
     #[test]
+    fn framing_or_routing_that_two_readers_could_read_apart_is_ambiguous() {
+        for sound in [
+            &[("host", "a"), ("transfer-encoding", "chunked")][..],
+            &[("host", "a"), ("transfer-encoding", "Chunked")],
+            &[("x-a", "1")],
+        ] {
+            assert_eq!(ambiguous(&map(sound)), None, "{sound:?}");
+        }
+        for (fields, why) in [
+            (
+                &[("transfer-encoding", "gzip, chunked")][..],
+                "Transfer-Encoding other than one `chunked`",
+            ),
+            (
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                "Transfer-Encoding other than one `chunked`",
+            ),
+            (
+                &[("transfer-encoding", "identity")],
+                "Transfer-Encoding other than one `chunked`",
+            ),
+            (
+                &[("host", "a"), ("x-a", "1"), ("host", "a")],
+                "more than one Host header",
+            ),
+        ] {
+            assert_eq!(ambiguous(&map(fields)), Some(why), "{fields:?}");
+        }
+    }
+
+    #[test]
     fn spoofed_forwarding_headers_are_replaced() {
-        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("host", "example.test")]);
-        set_forwarded(
-            &mut h,
+        let h = map(&[("x-forwarded-for", "1.2.3.4"), ("host", "example.test")]);
+        let h = Forwarding::of(
+            &h,
             &HeaderValue::from_static("127.0.0.1"),
             false,
             false,
             &|_| false,
-        );
+        )
+        .applied(&h);
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-host"], "example.test");
@@ -292,43 +397,62 @@ mod tests {
 
     #[test]
     fn a_tls_client_is_forwarded_as_https() {
-        let mut h = map(&[("x-forwarded-proto", "http"), ("host", "example.test")]);
-        set_forwarded(
-            &mut h,
+        let h = map(&[("x-forwarded-proto", "http"), ("host", "example.test")]);
+        let h = Forwarding::of(
+            &h,
             &HeaderValue::from_static("127.0.0.1"),
             false,
             true,
             &|_| false,
-        );
+        )
+        .applied(&h);
+        assert_eq!(h.get_all("x-forwarded-proto").iter().count(), 1);
         assert_eq!(h["x-forwarded-proto"], "https");
-        let mut h = map(&[("host", "example.test")]);
-        set_forwarded(
-            &mut h,
+        let h = map(&[("host", "example.test")]);
+        let h = Forwarding::of(
+            &h,
             &HeaderValue::from_static("10.0.0.1"),
             true,
             true,
             &|_| true,
-        );
+        )
+        .applied(&h);
         assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]
     fn a_trusted_proxy_chain_is_kept_and_extended() {
-        let mut h = map(&[
+        let h = map(&[
             ("x-forwarded-for", "203.0.113.7, 10.0.0.2"),
             ("x-forwarded-proto", "https"),
             ("host", "example.test"),
         ]);
-        set_forwarded(
-            &mut h,
+        let h = Forwarding::of(
+            &h,
             &HeaderValue::from_static("10.0.0.3"),
             true,
             false,
             &|ip| ip.to_string().starts_with("10."),
+        )
+        .applied(&h);
+        let all = |name: &str| -> Vec<&str> {
+            h.get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        };
+        assert_eq!(all("x-forwarded-for"), ["203.0.113.7, 10.0.0.2, 10.0.0.3"]);
+        assert_eq!(all("x-real-ip"), ["203.0.113.7"]);
+        assert_eq!(
+            all("x-forwarded-proto"),
+            ["https"],
+            "the proxy's own stands"
         );
-        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 10.0.0.2, 10.0.0.3");
-        assert_eq!(h["x-real-ip"], "203.0.113.7");
-        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(
+            all("x-forwarded-host"),
+            ["example.test"],
+            "rolld's fills in"
+        );
     }
 
     mod properties {
@@ -447,7 +571,7 @@ mod tests {
 
             #[test]
             fn forwarding_headers_are_well_formed(
-                mut headers in header_map(),
+                headers in header_map(),
                 trusted in any::<bool>(),
                 client in any::<[u8; 4]>(),
                 trusted_first_octet in any::<u8>(),
@@ -458,7 +582,8 @@ mod tests {
                     IpAddr::V4(v4) => v4.octets()[0] == trusted_first_octet,
                     IpAddr::V6(_) => false,
                 };
-                set_forwarded(&mut headers, &client_value, trusted, false, &trusts);
+                let headers = Forwarding::of(&headers, &client_value, trusted, false, &trusts)
+                    .applied(&headers);
                 let xff: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
                 prop_assert_eq!(xff.len(), 1);
                 let chain = xff[0].as_bytes();

@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HeaderName;
-use http::{Request, Uri};
 
 use crate::body::{RequestBody, Upload};
 use crate::buffer::SpooledBody;
+use crate::exchange::{OutHead, Outgoing};
 
 /// The header of the IETF draft many APIs use: a request carrying it may be sent twice.
 pub(crate) static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -159,11 +159,8 @@ pub(crate) struct Tries {
 
 /// What it takes to send a request again: its head, and its body as it was kept.
 pub(crate) struct Replay {
-    method: http::Method,
-    uri: Uri,
-    /// Each field in order, repeated names included: one allocation, where a copy of
-    /// the map takes three (most requests never need it).
-    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The head as first written: shared, not copied (most requests never need it).
+    head: OutHead,
     /// The body as it streamed by; `None`: no body, or a buffered one.
     body: Option<Arc<Kept>>,
     /// The body read completely before the request went out (see `buffer`): it can
@@ -178,6 +175,7 @@ impl Replay {
     /// `limit` bytes.
     pub(crate) fn of(
         parts: &http::request::Parts,
+        head: &OutHead,
         spooled: Option<Arc<SpooledBody>>,
         body_end: bool,
         body_at_least: u64,
@@ -198,13 +196,7 @@ impl Replay {
             Some(Arc::new(Kept::new(limit)))
         };
         Ok(Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(name, value)| (name.clone(), value.clone()))
-                .collect(),
+            head: head.clone(),
             body,
             spooled,
         })
@@ -221,7 +213,7 @@ impl Replay {
         &self,
         upload: &Arc<Upload>,
         idle: Duration,
-    ) -> Result<Request<RequestBody>, NotResent> {
+    ) -> Result<Outgoing, NotResent> {
         let body = match (&self.spooled, &self.body) {
             (Some(spooled), _) => RequestBody::spooled(spooled.reader(), upload.clone()),
             (None, None) => RequestBody::empty(),
@@ -230,15 +222,10 @@ impl Replay {
                 RequestBody::again(chunks, rest, kept.clone(), idle, upload.clone())
             }
         };
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        let headers = req.headers_mut();
-        headers.reserve(self.headers.len());
-        for (name, value) in &self.headers {
-            headers.append(name.clone(), value.clone());
-        }
-        Ok(req)
+        Ok(Outgoing {
+            head: self.head.clone(),
+            body,
+        })
     }
 }
 
@@ -475,6 +462,7 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     #[test]
     fn the_share_of_the_window_caps_retries() {
@@ -576,24 +564,35 @@ mod tests {
         req.body(()).expect("request").into_parts().0
     }
 
+    /// A request's head, and what it takes to send it again.
+    fn replay_of(
+        parts: &http::request::Parts,
+        body_end: bool,
+        body_at_least: u64,
+        upgrade: bool,
+    ) -> Result<Replay, NotResent> {
+        let head = OutHead::new(parts, None, &RequestBody::empty(), upgrade);
+        Replay::of(parts, &head, None, body_end, body_at_least, upgrade, 10)
+    }
+
     #[test]
     fn only_idempotent_or_keyed_requests_with_small_bodies_are_kept() {
         for method in ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"] {
-            assert!(Replay::of(&parts(method, false), None, true, 0, false, 10).is_ok());
+            assert!(replay_of(&parts(method, false), true, 0, false).is_ok());
         }
         for method in ["POST", "PATCH", "CONNECT"] {
             assert_eq!(
-                Replay::of(&parts(method, false), None, true, 0, false, 10).err(),
+                replay_of(&parts(method, false), true, 0, false).err(),
                 Some(NotResent::NotIdempotent)
             );
-            assert!(Replay::of(&parts(method, true), None, true, 0, false, 10).is_ok());
+            assert!(replay_of(&parts(method, true), true, 0, false).is_ok());
         }
         assert_eq!(
-            Replay::of(&parts("PUT", false), None, false, 11, false, 10).err(),
+            replay_of(&parts("PUT", false), false, 11, false).err(),
             Some(NotResent::BodyNotKept)
         );
         assert_eq!(
-            Replay::of(&parts("GET", false), None, true, 0, true, 10).err(),
+            replay_of(&parts("GET", false), true, 0, true).err(),
             Some(NotResent::Upgrade)
         );
     }
@@ -615,15 +614,16 @@ mod tests {
             .body(())
             .expect("request")
             .into_parts();
-        let replay = Replay::of(&parts, None, true, 0, false, 10).expect("kept");
+        let replay = replay_of(&parts, true, 0, false).expect("kept");
         let again = rt
             .block_on(replay.build(&Upload::new(), Duration::from_secs(5)))
             .expect("built");
-        assert_eq!(again.method(), "GET");
-        assert_eq!(again.uri(), "/x?y=1");
-        assert_eq!(again.headers(), &parts.headers);
-        let cookies: Vec<_> = again.headers().get_all("cookie").iter().collect();
-        assert_eq!(cookies, ["a=1", "b=2"], "repeated fields keep their order");
+        assert_eq!(
+            std::str::from_utf8(again.head.as_bytes()).expect("ASCII"),
+            "GET /x?y=1 HTTP/1.1\r\nhost: app\r\ncookie: a=1\r\ncookie: b=2\r\n\
+             x-many: 1\r\nx-many: 2\r\n\r\n",
+            "the same bytes, repeated fields in their order"
+        );
     }
 
     #[test]
@@ -636,7 +636,7 @@ mod tests {
         let idle = Duration::from_secs(5);
         rt.block_on(async {
             let upload = Upload::new();
-            let replay = Replay::of(&parts("PUT", false), None, false, 0, false, 10).expect("kept");
+            let replay = replay_of(&parts("PUT", false), false, 0, false).expect("kept");
             let kept = replay.kept().expect("a body");
             kept.keep(&Bytes::from_static(b"hello"), false);
             assert_eq!(
@@ -647,8 +647,8 @@ mod tests {
             kept.keep(&Bytes::from_static(b"!"), false);
             kept.end();
             let req = replay.build(&upload, idle).await.expect("whole");
-            assert_eq!(req.method(), "PUT");
-            let body = req.into_body().collect().await.expect("body").to_bytes();
+            assert!(req.head.as_bytes().starts_with(b"PUT /x "));
+            let body = req.body.collect().await.expect("body").to_bytes();
             assert_eq!(&body[..], b"hello!");
             assert!(replay.build(&upload, idle).await.is_ok(), "and again");
             kept.keep(&Bytes::from_static(b"12345"), true);
@@ -657,7 +657,7 @@ mod tests {
                 Some(NotResent::BodyNotKept),
                 "past the limit"
             );
-            let replay = Replay::of(&parts("PUT", false), None, false, 0, false, 10).expect("kept");
+            let replay = replay_of(&parts("PUT", false), false, 0, false).expect("kept");
             replay.kept().expect("a body").give_up();
             assert_eq!(
                 replay.build(&upload, idle).await.err(),
@@ -674,7 +674,7 @@ mod tests {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            let replay = Replay::of(&parts("PUT", false), None, false, 0, false, 10).expect("kept");
+            let replay = replay_of(&parts("PUT", false), false, 0, false).expect("kept");
             let kept = replay.kept().expect("a body");
             kept.keep(&Bytes::from_static(b"late"), false);
             let ends = kept.clone();
@@ -686,7 +686,7 @@ mod tests {
                 .build(&Upload::new(), Duration::from_secs(5))
                 .await
                 .expect("the body ended while the resend waited");
-            let body = req.into_body().collect().await.expect("body").to_bytes();
+            let body = req.body.collect().await.expect("body").to_bytes();
             assert_eq!(&body[..], b"late");
             ending.await.expect("task");
         });
