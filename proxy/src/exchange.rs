@@ -295,10 +295,7 @@ enum Parsed {
 /// Parses an answer's head from the front of `buf` once it is whole: the head, and
 /// the bytes after it. The field values are slices of the bytes read, not copies.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<(Parsed, Bytes)>, UpstreamError> {
-    // The empty line that ends a head (a bare LF ends lines too, as httparse allows).
-    if memchr::memmem::find(buf, b"\n\r\n").is_none()
-        && memchr::memmem::find(buf, b"\n\n").is_none()
-    {
+    if !ends_head(buf) {
         return Ok(None);
     }
     let bytes = buf.split().freeze();
@@ -325,23 +322,34 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Parsed, Bytes)>, UpstreamErr
         return Ok(Some((Parsed::Interim, rest)));
     }
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
+    // Which fields that decide the framing the head has: noted on the way, rather than
+    // looked up in the map one by one.
+    let (mut te, mut cl, mut connection) = (false, false, false);
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| UpstreamError::Invalid("bad field name"))?;
         let value = HeaderValue::from_maybe_shared(bytes.slice_ref(field.value))
             .map_err(|_| UpstreamError::Invalid("bad field value"))?;
+        if name == header::TRANSFER_ENCODING {
+            te = true;
+        } else if name == header::CONTENT_LENGTH {
+            cl = true;
+        } else if name == header::CONNECTION {
+            connection = true;
+        }
         map.append(name, value);
     }
     let reason = parsed
         .reason
         .filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())
         .map(|r| bytes.slice_ref(r.as_bytes()));
-    let mut keep_alive = !http10 && !has_token(&map, &header::CONNECTION, "close");
+    let closes = connection && has_token(&map, &header::CONNECTION, "close");
+    let mut keep_alive = !http10 && !closes;
     let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
         Framing::Upgrade
     } else if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         Framing::Length(0)
-    } else if map.contains_key(header::TRANSFER_ENCODING) {
+    } else if te {
         // With both framings the message is ambiguous: the chunked one wins, and the
         // connection that spoke that way is not used again.
         if map.remove(header::CONTENT_LENGTH).is_some() {
@@ -353,7 +361,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Parsed, Bytes)>, UpstreamErr
             keep_alive = false;
             Framing::Close
         }
-    } else if map.contains_key(header::CONTENT_LENGTH) {
+    } else if cl {
         Framing::Length(content_length(&map)?)
     } else {
         keep_alive = false;
@@ -399,17 +407,18 @@ fn last_coding_is_chunked(map: &HeaderMap) -> bool {
 fn content_length(map: &HeaderMap) -> Result<u64, UpstreamError> {
     let mut length = None;
     for value in map.get_all(header::CONTENT_LENGTH) {
-        let value = value
-            .to_str()
-            .map_err(|_| UpstreamError::Invalid("bad Content-Length"))?;
-        for part in value.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() {
                 return Err(UpstreamError::Invalid("bad Content-Length"));
             }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| UpstreamError::Invalid("bad Content-Length"))?;
+            let n = part.iter().try_fold(0u64, |n, &digit| {
+                if !digit.is_ascii_digit() {
+                    return None;
+                }
+                n.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+            });
+            let n = n.ok_or(UpstreamError::Invalid("bad Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(UpstreamError::Invalid("conflicting Content-Length"));
             }
@@ -417,6 +426,13 @@ fn content_length(map: &HeaderMap) -> Result<u64, UpstreamError> {
         }
     }
     length.ok_or(UpstreamError::Invalid("bad Content-Length"))
+}
+
+/// Whether `buf` holds the empty line that ends a head (a bare LF ends lines too, as
+/// httparse allows).
+fn ends_head(buf: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', buf)
+        .any(|at| matches!(&buf[at + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
 
 /// A request as it goes to an app: its head, encoded once (a resend writes the same
@@ -462,8 +478,13 @@ impl OutHead {
             .iter()
             .filter(|(name, _)| forwarding.is_none_or(|f| f.keeps(name)))
             .chain(forwarding.into_iter().flat_map(Forwarding::fields));
+        let mut had_length = false;
         for (name, value) in fields {
-            if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            if name == header::CONTENT_LENGTH {
+                had_length = true;
+                continue;
+            }
+            if name == header::TRANSFER_ENCODING {
                 continue;
             }
             head.put_slice(name.as_str().as_bytes());
@@ -479,7 +500,7 @@ impl OutHead {
                 if !matches!(
                     parts.method,
                     Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-                ) || parts.headers.contains_key(header::CONTENT_LENGTH)
+                ) || had_length
                 {
                     head.put_slice(b"content-length: 0\r\n");
                 }
@@ -1091,6 +1112,7 @@ mod tests {
     fn a_head_is_parsed_only_once_it_is_whole() {
         for partial in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r",
             b"HTTP/1.1 200 OK\r\n",
             b"HTTP/1.1 2",
         ] {
@@ -1114,7 +1136,17 @@ mod tests {
 
     #[test]
     fn the_framing_of_an_answer_follows_rfc_9112() {
-        let cases: [(&[u8], Framing, bool); 9] = [
+        let cases: [(&[u8], Framing, bool); 11] = [
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nContent-Length: 0\r\n\r\n",
+                Framing::Length(0),
+                false,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+                Framing::Length(1),
+                true,
+            ),
             (
                 b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n",
                 Framing::Length(0),
@@ -1196,6 +1228,8 @@ mod tests {
         assert_eq!(length(&["42"]), Some(42));
         assert_eq!(length(&["42", "42"]), Some(42));
         assert_eq!(length(&["42, 42"]), Some(42));
+        assert_eq!(length(&[" 7 ,7"]), Some(7));
+        assert_eq!(length(&["18446744073709551615"]), Some(u64::MAX));
         for bad in [
             &["4 2"][..],
             &["+4"],
