@@ -107,8 +107,6 @@ pub(crate) struct Upload {
     /// When the request last moved, in ms since `epoch`.
     moved_ms: AtomicU64,
     epoch: Instant,
-    /// Wakes the clock when the phase changes.
-    changed: tokio::sync::Notify,
     /// Reads of the upstream connection the request went out on: while the answer's
     /// head arrives, each read restarts `response_timeout`.
     reads: std::sync::Mutex<Option<Arc<crate::moved::Moved>>>,
@@ -138,7 +136,6 @@ impl Upload {
             phase: AtomicU8::new(CONNECTING),
             moved_ms: AtomicU64::new(0),
             epoch: Instant::now(),
-            changed: tokio::sync::Notify::new(),
             reads: std::sync::Mutex::new(None),
         })
     }
@@ -151,7 +148,6 @@ impl Upload {
     fn enter(&self, phase: u8) {
         self.moved();
         self.phase.store(phase, Ordering::Release);
-        self.changed.notify_one();
     }
 
     /// Back to waiting for an upstream (held after every connect failed): no clock
@@ -192,11 +188,6 @@ impl Upload {
         } else {
             Stalled::Client
         }
-    }
-
-    /// Resolves when the phase changes.
-    pub(crate) async fn changed(&self) {
-        self.changed.notified().await;
     }
 }
 

@@ -1,8 +1,10 @@
 //! Forwarding one request: route it, rewrite it, send it, and hand back a response
 //! whose body carries the request's lease.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::uri::PathAndQuery;
@@ -447,23 +449,24 @@ impl Proxy {
         tokio::pin!(sleep);
         let mut armed = None;
         let (response, idle) = (self.config.response_timeout, self.config.body_idle_timeout);
-        loop {
-            let deadline = upload.deadline(response, idle);
-            if deadline != armed {
-                sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
-                armed = deadline;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(sent) = send.as_mut().poll(cx) {
+                return Poll::Ready(Some(sent));
             }
-            tokio::select! {
-                sent = &mut send => break Some(sent),
-                () = upload.changed() => {}
-                () = &mut sleep, if deadline.is_some() => {
-                    // Progress may have moved the deadline meanwhile.
-                    if upload.deadline(response, idle).is_some_and(|d| d <= tokio::time::Instant::now()) {
-                        break None;
-                    }
-                }
+            // The request moves only while `send` is polled (its connection is written
+            // and read, its body read, all in this task): the deadline is looked at
+            // after each poll rather than told of every move.
+            // No clock while connecting: `connect_timeout` is the connect's own.
+            let Some(deadline) = upload.deadline(response, idle) else {
+                return Poll::Pending;
+            };
+            if armed != Some(deadline) {
+                sleep.as_mut().reset(deadline);
+                armed = Some(deadline);
             }
-        }
+            sleep.as_mut().poll(cx).map(|()| None)
+        })
+        .await
     }
 
     /// Reads the request body into a buffer when it is buffered: it has a body, its
