@@ -4,7 +4,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
@@ -297,11 +299,45 @@ impl Protocols {
     }
 }
 
-/// Resolves to the grace period once the listener is told to stop.
-async fn stopping(mut stopped: watch::Receiver<Option<Duration>>) -> Duration {
+/// Resolves to the grace period once the listener is told to stop (see `Stopping`).
+fn stopping(stopped: watch::Receiver<Option<Duration>>) -> Stopping {
+    Stopping {
+        signal: stopped.clone(),
+        wait: Box::pin(wait_for_stop(stopped)),
+        waker: None,
+    }
+}
+
+async fn wait_for_stop(mut stopped: watch::Receiver<Option<Duration>>) -> Duration {
     match stopped.wait_for(Option::is_some).await {
         Ok(grace) => grace.unwrap_or(Duration::ZERO),
         Err(_) => Duration::ZERO,
+    }
+}
+
+/// The stop signal as a connection waits for it: polled beside the connection on every
+/// wake-up of its task, several times a request. Until the signal changes, a poll by the
+/// task already registered is one atomic load, not a new registration with the channel.
+struct Stopping {
+    /// Tells whether the signal changed since the connection began.
+    signal: watch::Receiver<Option<Duration>>,
+    wait: Pin<Box<dyn Future<Output = Duration> + Send>>,
+    /// The task `wait` will wake.
+    waker: Option<Waker>,
+}
+
+impl Future for Stopping {
+    type Output = Duration;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Duration> {
+        let this = &mut *self;
+        let unchanged = this.signal.has_changed().is_ok_and(|changed| !changed);
+        if unchanged && this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        let polled = this.wait.as_mut().poll(cx);
+        this.waker = Some(cx.waker().clone());
+        polled
     }
 }
 
