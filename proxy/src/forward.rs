@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -40,6 +41,9 @@ pub struct Proxy {
     maintenance: arc_swap::ArcSwapOption<MaintenancePage>,
     /// Request and response buffers, and their budget.
     buffers: Arc<Buffers>,
+    /// What a request's answer clock is built with, before its first deadline: any
+    /// instant will do, as it is set before it is first polled.
+    unset: tokio::time::Instant,
 }
 
 /// Who is on the other end of a front connection, computed once per connection.
@@ -92,6 +96,7 @@ impl Proxy {
             config,
             stats: Stats::default(),
             maintenance: arc_swap::ArcSwapOption::empty(),
+            unset: tokio::time::Instant::now(),
         }
     }
 
@@ -445,7 +450,7 @@ impl Proxy {
         let send = self.send(req, replay, slot, upload, tries);
         tokio::pin!(send);
         // One timer for the request, moved as the deadline moves.
-        let sleep = tokio::time::sleep_until(far_future());
+        let sleep = tokio::time::sleep_until(self.unset);
         tokio::pin!(sleep);
         let mut armed = None;
         let (response, idle) = (self.config.response_timeout, self.config.body_idle_timeout);
@@ -759,8 +764,17 @@ async fn read_whole(body: &mut Answer, idle: Duration) -> Result<Chunks, Unread>
     use http_body_util::BodyExt;
     let mut chunks = Chunks::default();
     loop {
-        match tokio::time::timeout(idle, body.frame()).await {
-            Ok(Some(Ok(frame))) => {
+        // A small answer is mostly read already: its frames need no clock.
+        let ready = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx)));
+        let frame = match ready.await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => match tokio::time::timeout(idle, body.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => return Err(Unread::Stalled),
+            },
+        };
+        match frame {
+            Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     chunks.push(data);
                 }
@@ -769,9 +783,8 @@ async fn read_whole(body: &mut Answer, idle: Duration) -> Result<Chunks, Unread>
                     return Ok(chunks);
                 }
             }
-            Ok(None) => return Ok(chunks),
-            Ok(Some(Err(err))) => return Err(Unread::Broken(err)),
-            Err(_) => return Err(Unread::Stalled),
+            None => return Ok(chunks),
+            Some(Err(err)) => return Err(Unread::Broken(err)),
         }
     }
 }
@@ -790,11 +803,6 @@ fn blames_upstream(err: &std::io::Error) -> bool {
             | ConnectionReset
             | ConnectionAborted
     )
-}
-
-/// A deadline that never comes, for a clock that does not run.
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
 /// What a request whose body failed before it was sent whole gets: the client's body
