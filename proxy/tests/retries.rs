@@ -99,6 +99,49 @@ async fn put_resent_whole(config: ProxyConfig) {
 }
 
 #[tokio::test]
+async fn a_request_resent_to_another_upstream_carries_the_head_it_was_first_sent_with() {
+    let dying = Upstream::start(Script::Vanish).await;
+    let alive = Upstream::start(Script::Reply(ok("done"))).await;
+    let front = Front::start(config(), &[dying.addr, alive.addr], Balance::RoundRobin).await;
+    for i in 0..4 {
+        let request = format!(
+            "GET /item/{i}?q={i} HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\
+             X-Note: {i}\r\nCookie: a=1\r\nCookie: b=2\r\nConnection: close, x-secret\r\n\
+             X-Secret: 1\r\n\r\n"
+        );
+        let answer = exchange(front.addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let heads = |received: String| -> Vec<String> {
+        received
+            .split("\r\n\r\n")
+            .filter(|head| head.starts_with("GET "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let first = heads(dying.received());
+    assert!(
+        !first.is_empty(),
+        "round robin sent some to the dying process first"
+    );
+    let answered = heads(alive.received());
+    for head in &first {
+        assert_eq!(
+            answered.iter().filter(|h| *h == head).count(),
+            1,
+            "resent as first sent: {head:?} among {answered:?}"
+        );
+        assert_eq!(head.matches("x-forwarded-for: ").count(), 1, "{head}");
+        assert!(head.contains("x-forwarded-for: 127.0.0.1\r\n"), "{head}");
+        assert!(head.contains("cookie: a=1\r\ncookie: b=2"), "{head}");
+        assert!(
+            !head.contains("6.6.6.6") && !head.to_ascii_lowercase().contains("secret"),
+            "{head}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_body_still_arriving_when_its_process_dies_is_resent_whole_as_the_rest_arrives() {
     use tokio::io::AsyncWriteExt;
     let dying = Upstream::start(Script::VanishMidBody).await;
