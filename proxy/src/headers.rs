@@ -133,8 +133,9 @@ pub(crate) fn ambiguous(headers: &HeaderMap) -> Option<&'static str> {
 pub(crate) struct Forwarding {
     /// rolld's value of each name of `FORWARDING`, if it writes one.
     values: [Option<HeaderValue>; 4],
-    /// Whether the request's own fields of each name are left out.
-    replaces: [bool; 4],
+    /// The request came from a trusted proxy: its own fields of a name rolld writes no
+    /// value for go on. From anyone else, every field of these names is left out.
+    trusted: bool,
 }
 
 /// The names `Forwarding` writes, in the order of its arrays.
@@ -165,7 +166,7 @@ impl Forwarding {
                     Some(proto),
                     host,
                 ],
-                replaces: [true; 4],
+                trusted,
             };
         }
         let chain: Vec<u8> = headers
@@ -187,8 +188,8 @@ impl Forwarding {
             host
         };
         Forwarding {
-            replaces: [chain.is_some(), true, proto.is_some(), host.is_some()],
             values: [chain, Some(real), proto, host],
+            trusted,
         }
     }
 
@@ -200,8 +201,8 @@ impl Forwarding {
         }
         !FORWARDING
             .iter()
-            .zip(self.replaces)
-            .any(|(forwarding, replaces)| replaces && name == *forwarding)
+            .zip(&self.values)
+            .any(|(forwarding, value)| name == *forwarding && (value.is_some() || !self.trusted))
     }
 
     /// The fields rolld writes.

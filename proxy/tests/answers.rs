@@ -553,15 +553,12 @@ async fn an_app_that_echoes_the_body_while_reading_it_gets_all_of_it() {
             return;
         };
         let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while find(&buf, b"\r\n\r\n").is_none() {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        if !read_head(&mut stream, &mut buf).await {
+            return;
         }
         let head_end = find(&buf, b"\r\n\r\n").map_or(0, |i| i + 4);
         let mut echoed = buf.split_off(head_end);
+        let mut chunk = [0u8; 4096];
         if stream
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 30000\r\n\r\n")
             .await

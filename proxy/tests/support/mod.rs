@@ -181,7 +181,7 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Reads into `buf` until it holds a whole request head; false if the peer closed first.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+pub async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
     let mut chunk = [0u8; 1024];
     while find(buf, b"\r\n\r\n").is_none() {
         match stream.read(&mut chunk).await {
