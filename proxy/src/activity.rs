@@ -358,11 +358,20 @@ impl<S> ClientIo<S> {
         let Some(deadline) = [read, write, shed_at].into_iter().flatten().min() else {
             return Poll::Pending;
         };
-        if self.armed_for != Some(deadline) {
+        // The timer is re-armed only for an earlier deadline: one that fires before
+        // the deadline it is for now (which moves with every request) is re-armed
+        // then, once, instead of on every request of a busy connection.
+        if self.armed_for.is_none_or(|armed| armed > deadline) {
             self.sleep.as_mut().reset(deadline);
             self.armed_for = Some(deadline);
         }
-        match self.sleep.as_mut().poll(cx) {
+        let mut fired = self.sleep.as_mut().poll(cx);
+        if fired.is_ready() && self.armed_for.is_some_and(|armed| armed < deadline) {
+            self.sleep.as_mut().reset(deadline);
+            self.armed_for = Some(deadline);
+            fired = self.sleep.as_mut().poll(cx);
+        }
+        match fired {
             Poll::Ready(()) if shed_at == Some(deadline) => Poll::Ready(Expired::Shed),
             Poll::Ready(()) => {
                 let what = if write.is_some_and(|w| w <= deadline) {
@@ -422,6 +431,69 @@ impl ClientIo<TcpStream> {
                 Poll::Pending => self.poll_deadline(cx, true).map(Err),
             }
         })
+    }
+
+    /// Waits, with no buffer held, for the client's next request on a connection that
+    /// rolld's own HTTP/1 server serves (see `h1`): true when bytes came (or the end),
+    /// false once the connection stayed idle `SHED_AFTER`, when the caller gives its
+    /// buffer back and waits on with `ready`. Fails at the keep-alive timeout.
+    pub(crate) fn ready_or_shed(&mut self) -> impl Future<Output = io::Result<bool>> + '_ {
+        std::future::poll_fn(move |cx| {
+            if !self.prefix.is_empty() {
+                return Poll::Ready(Ok(true));
+            }
+            match self.stream.poll_read_ready(cx) {
+                Poll::Ready(result) => Poll::Ready(result.map(|()| true)),
+                Poll::Pending => {
+                    let shed_at = self.activity.idle_since() + SHED_AFTER;
+                    match self.poll_deadline_or_shed(cx, true, Some(shed_at)) {
+                        Poll::Ready(Expired::Shed) => Poll::Ready(Ok(false)),
+                        Poll::Ready(Expired::Timeout(err)) => Poll::Ready(Err(err)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+            }
+        })
+    }
+
+    /// Reads what the client sent into `buf` for rolld's own HTTP/1 server: `Ok(0)` at
+    /// the end of the stream. While no request is in progress, the keep-alive and header
+    /// timeouts hold as for hyper. `buf` must have room.
+    pub(crate) fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut bytes::BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        let n = if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.capacity() - buf.len());
+            buf.extend_from_slice(&self.prefix.split_to(n));
+            n
+        } else {
+            let mut read = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+            match Pin::new(&mut self.stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    // SAFETY: tokio's ReadBuf filled the first `n` bytes of the spare
+                    // capacity it was given.
+                    unsafe { buf.set_len(buf.len() + n) };
+                    n
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => return self.poll_deadline(cx, true).map(Err),
+            }
+        };
+        if self.header_started.is_none() && self.activity.busy.load(Ordering::Acquire) == 0 {
+            let started = self.activity.started.load(Ordering::Acquire);
+            self.header_started = Some((Instant::now(), started));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Hands `bytes`, read by rolld's own HTTP/1 server, to the next hyper connection
+    /// as if unread.
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
+        debug_assert!(self.prefix.is_empty());
+        self.prefix = bytes;
     }
 
     /// Reads the client's first bytes, up to `want.len()`, for as long as they match

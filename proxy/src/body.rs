@@ -191,11 +191,55 @@ impl Upload {
     }
 }
 
+/// A client's request body as its front connection hands it over: hyper's, or none at
+/// all for a request that rolld's own HTTP/1 server read (see `h1`), which serves only
+/// requests without a body.
+#[derive(Debug)]
+pub enum ClientBody {
+    Empty,
+    Streamed(Incoming),
+}
+
+impl From<Incoming> for ClientBody {
+    fn from(body: Incoming) -> Self {
+        ClientBody::Streamed(body)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Streamed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Streamed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Streamed(body) => body.size_hint(),
+        }
+    }
+}
+
 /// A client's request body on its way to an upstream, bounded in size and idleness.
 pub struct RequestBody {
     /// `None` for a request rebuilt to be sent again, and for a body buffered before
     /// it was sent.
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     /// A body read completely before the request went out (see `buffer`).
     spooled: Option<crate::buffer::SpooledReader>,
     /// A request sent again: its body as it was kept the first time (see `retry`).
@@ -211,7 +255,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub(crate) fn new(
-        inner: Incoming,
+        inner: ClientBody,
         limit: Option<u64>,
         idle: Duration,
         upload: Arc<Upload>,

@@ -34,7 +34,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use crate::access::AccessLog;
 use crate::exchange::Answer;
@@ -234,7 +234,7 @@ impl Buffers {
     /// Waiting for disk room counts as idleness; none within `idle` answers 503.
     pub(crate) async fn spool_request(
         self: &Arc<Self>,
-        body: &mut Incoming,
+        body: &mut crate::body::ClientBody,
         limit: Option<u64>,
         idle: Duration,
     ) -> Result<SpooledBody, SpoolError> {

@@ -295,7 +295,7 @@ enum Parsed {
 /// Parses an answer's head from the front of `buf` once it is whole: the head, and
 /// the bytes after it. The field values are slices of the bytes read, not copies.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<(Parsed, Bytes)>, UpstreamError> {
-    if !ends_head(buf) {
+    if !ends_head(buf, 0) {
         return Ok(None);
     }
     let bytes = buf.split().freeze();
@@ -429,10 +429,12 @@ fn content_length(map: &HeaderMap) -> Result<u64, UpstreamError> {
 }
 
 /// Whether `buf` holds the empty line that ends a head (a bare LF ends lines too, as
-/// httparse allows).
-fn ends_head(buf: &[u8]) -> bool {
-    memchr::memchr_iter(b'\n', buf)
-        .any(|at| matches!(&buf[at + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
+/// httparse allows), looking from `from` on: bytes looked at before need no second
+/// look, so a head that trickles in costs its length, not its length squared.
+pub(crate) fn ends_head(buf: &[u8], from: usize) -> bool {
+    let from = from.saturating_sub(2).min(buf.len());
+    memchr::memchr_iter(b'\n', &buf[from..])
+        .any(|at| matches!(&buf[from + at + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
 
 /// A request as it goes to an app: its head, encoded once (a resend writes the same

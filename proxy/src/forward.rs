@@ -10,13 +10,15 @@ use std::time::{Duration, Instant};
 
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use crate::access::AccessLog;
 use crate::activity::{Activity, Busy};
-use crate::body::{BodyError, Chunks, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody};
+use crate::body::{
+    BodyError, Chunks, ClientBody, RequestBody, ResponseBody, Stalled, Upload, UpstreamBody,
+};
 use crate::buffer::{self, BufferStats, Buffers, SpoolError, SpooledBody};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
@@ -134,7 +136,7 @@ impl Proxy {
     /// error answers included (see `activity`).
     pub(crate) async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         client: &Client,
         busy: Busy,
     ) -> Response<ResponseBody> {
@@ -213,7 +215,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         client: &Client,
         busy: &mut Option<Busy>,
         mut access: Option<Box<AccessLog>>,
@@ -479,7 +481,7 @@ impl Proxy {
     /// tunnel's).
     async fn spool(
         &self,
-        req: &mut Request<Incoming>,
+        req: &mut Request<ClientBody>,
         buffered: bool,
     ) -> Result<Option<Arc<SpooledBody>>, ProxyError> {
         if !buffered || req.body().is_end_stream() || headers::is_upgrade(req.headers()) {

@@ -39,6 +39,7 @@ pub mod drain;
 pub mod error;
 mod exchange;
 mod forward;
+mod h1;
 mod headers;
 mod hold;
 mod maintenance;

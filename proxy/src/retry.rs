@@ -255,7 +255,7 @@ struct KeptState {
 
 /// The part of a request body not read yet, handed back by a failed attempt.
 pub(crate) struct Rest {
-    pub(crate) body: hyper::body::Incoming,
+    pub(crate) body: crate::body::ClientBody,
     /// Bytes still allowed by `max_body_size`.
     pub(crate) remaining: u64,
 }

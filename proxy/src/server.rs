@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::activity::{ClientIo, Timeouts};
-use crate::body::ResponseBody;
+use crate::body::{ClientBody, ResponseBody};
 use crate::config::ProxyConfig;
 use crate::forward::{Client, Proxy};
 use crate::tls::{HandshakeFailure, Tls};
@@ -155,11 +155,13 @@ async fn accept(
     // tokio interrupts its own event loop (an eventfd write, then one more epoll_wait)
     // whenever a new timer is due before every armed one: with a single busy client,
     // that is each request's response timeout. A tick every second keeps an earlier
-    // timer armed, so request timers never do.
+    // timer armed, so request timers never do. It also keeps the `Date` of answers
+    // current (see `h1`).
     let ticker = tokio::spawn(async {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            crate::h1::refresh_date();
         }
     });
     let protocols = Arc::new(Protocols::new(proxy.config()));
@@ -373,6 +375,7 @@ impl Connection {
         } = &shared;
         let (mut io, activity) = ClientIo::new(stream, protocols.timeouts);
         let client = Arc::new(Client::new(peer, activity, proxy.config(), slot, false));
+        let own_client = client.clone();
         let redirect = match front {
             Front::RedirectToHttps { https_port } => Some(*https_port),
             _ => None,
@@ -390,7 +393,7 @@ impl Connection {
                     let response = redirect_to_https(&req, https_port);
                     return Ok::<_, Infallible>(response.map(|body| body.holding(Some(busy))));
                 }
-                Ok::<_, Infallible>(proxy.handle(req, &client, busy).await)
+                Ok::<_, Infallible>(proxy.handle(req.map(ClientBody::from), &client, busy).await)
             }
         });
 
@@ -430,7 +433,16 @@ impl Connection {
         }
 
         io.allow_shedding();
+        // rolld's own HTTP/1 server takes the common requests, hyper the others (see
+        // `h1`); the redirecting listener leaves all of them to hyper.
+        let own = redirect.is_none();
         loop {
+            if own {
+                match crate::h1::serve(&mut io, &own_client, &counted, stop.as_mut()).await {
+                    crate::h1::Left::Closed => return,
+                    crate::h1::Left::ToHyper => {}
+                }
+            }
             let mut conn = Box::new(
                 protocols
                     .http1
@@ -521,7 +533,7 @@ impl Connection {
             let client = client.clone();
             let hsts = hsts.clone();
             async move {
-                let mut response = proxy.handle(req, &client, busy).await;
+                let mut response = proxy.handle(req.map(ClientBody::from), &client, busy).await;
                 if let Some(hsts) = hsts {
                     response
                         .headers_mut()

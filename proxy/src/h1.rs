@@ -1,0 +1,765 @@
+//! rolld's own HTTP/1 server, for the request most clients send: a head with no body
+//! (`GET`, `HEAD`, `DELETE`, ... with neither `Content-Length` nor `Transfer-Encoding`),
+//! no upgrade, no `Expect`, no `TE`, over HTTP/1.1.
+//!
+//! hyper's general server spends more on such a request than the rest of the proxy
+//! does (its dispatcher, a body channel, a read buffer it sizes twice, the keep-alive
+//! reads). Here a request is read into one buffer the connection keeps while busy,
+//! parsed in place, and its answer written with one vectored write where it fits.
+//! Every other head, and anything this server would have to judge (a malformed head,
+//! one too large, a body to read), goes to hyper whole, as unread bytes, and hyper
+//! serves that connection as before until it goes idle (see `server`). What the two
+//! servers do alike: keep-alive per `Connection`, pipelining, `Date`, the framing of
+//! the answer, a client that goes away cancelling its request, the client timeouts of
+//! `activity`, and a graceful stop that answers the request in progress with
+//! `Connection: close`.
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use hyper::body::{Body, SizeHint};
+use hyper::rt::Write;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::activity::ClientIo;
+use crate::body::{ClientBody, ResponseBody};
+use crate::exchange::ends_head;
+use crate::forward::{Client, Proxy};
+
+/// The fields a head may have for this server to take it; a head with more goes to
+/// hyper.
+const MAX_FIELDS: usize = 64;
+
+/// The room a read is given.
+const READ_SIZE: usize = 4096;
+
+/// What `take_request` found in the bytes read so far.
+// Returned once a request and taken apart at once: boxing the request would cost an
+// allocation for nothing.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Taken {
+    /// The head is not complete yet.
+    Partial,
+    /// A head for hyper: the bytes are left as they were.
+    Other,
+    /// A request this server serves (its head taken from the buffer), and whether
+    /// its client asked to close the connection after it.
+    Request(Request<ClientBody>, bool),
+}
+
+/// Takes the request head at the start of `buf` if it is one this server serves.
+/// `max_head` bounds a head: a longer one goes to hyper, which answers it.
+pub(crate) fn take_request(buf: &mut BytesMut, max_head: usize) -> Taken {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Taken::Partial,
+        // Malformed, too many fields, too long: hyper answers those.
+        _ => return Taken::Other,
+    };
+    if parsed.version != Some(1) {
+        return Taken::Other;
+    }
+    let (Some(method), Some(target)) = (parsed.method, parsed.path) else {
+        return Taken::Other;
+    };
+    // Origin form only: absolute form, `*` and CONNECT's authority go to hyper.
+    if !target.starts_with('/') {
+        return Taken::Other;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Taken::Other;
+    };
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let target = at(target.as_bytes());
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_FIELDS];
+    let mut close = false;
+    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+        let name = field.name.as_bytes();
+        let refused: &[u8] = match name.len() {
+            2 => b"te",
+            6 => b"expect",
+            7 => b"upgrade",
+            14 => b"content-length",
+            17 => b"transfer-encoding",
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                match closes(field.value) {
+                    Some(asked) => close |= asked,
+                    None => return Taken::Other,
+                }
+                b""
+            }
+            _ => b"",
+        };
+        if !refused.is_empty() && name.eq_ignore_ascii_case(refused) {
+            return Taken::Other;
+        }
+        let (name_at, name_len) = at(name);
+        let (value_at, value_len) = at(field.value);
+        *span = (name_at, name_len, value_at, value_len);
+    }
+    let count = parsed.headers.len();
+    let head = buf.split_to(len).freeze();
+    match request(&head, method, target, &spans[..count]) {
+        Some(req) => Taken::Request(req, close),
+        None => {
+            // Put the head back for hyper, which answers it.
+            let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(buf);
+            *buf = whole;
+            Taken::Other
+        }
+    }
+}
+
+/// Whether a `Connection` value asks to close: `None` for a token other than `close`
+/// and `keep-alive` (a hop-by-hop field or an upgrade, which hyper handles).
+fn closes(value: &[u8]) -> Option<bool> {
+    let mut close = false;
+    for token in value.split(|&b| b == b',') {
+        let token = token.trim_ascii();
+        if token.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+            return None;
+        }
+    }
+    Some(close)
+}
+
+/// The request of a parsed head; `None` if a part of it is no valid URI or field.
+fn request(
+    head: &Bytes,
+    method: Method,
+    (target_at, target_len): (usize, usize),
+    spans: &[(usize, usize, usize, usize)],
+) -> Option<Request<ClientBody>> {
+    let uri = Uri::from_maybe_shared(head.slice(target_at..target_at + target_len)).ok()?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(name_at, name_len, value_at, value_len) in spans {
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len]).ok()?;
+        // SAFETY: httparse lets through only the bytes a field value may hold (no
+        // control byte but tab, no DEL), which are those `HeaderValue` requires.
+        let value = unsafe {
+            HeaderValue::from_maybe_shared_unchecked(head.slice(value_at..value_at + value_len))
+        };
+        headers.append(name, value);
+    }
+    let mut req = Request::new(ClientBody::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Some(req)
+}
+
+thread_local! {
+    /// Today's `Date` value, refreshed once a second by the worker (see `refresh_date`).
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+}
+
+/// Refreshes this thread's `Date` value; each proxy worker calls it once a second.
+pub(crate) fn refresh_date() {
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|date| {
+        let mut date = date.borrow_mut();
+        if date.0 != second {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == 29 {
+                date.1.copy_from_slice(text.as_bytes());
+                date.0 = second;
+            }
+        }
+    });
+}
+
+fn put_date(out: &mut BytesMut) {
+    DATE.with(|date| {
+        if date.borrow().0 == 0 {
+            refresh_date();
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&date.borrow().1);
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// How an answer's body goes on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// No body: a `HEAD` request's answer, 1xx, 204 and 304.
+    None,
+    /// `Content-Length`: exactly this many bytes.
+    Length(u64),
+    Chunked,
+}
+
+/// Writes the head of an answer into `out` and says how its body is framed: the
+/// answer's own `Content-Length` if it has one, else its body's exact size, else
+/// chunked; `Date` if the answer has none; `Connection: close` when `close`.
+fn encode_head(
+    out: &mut BytesMut,
+    parts: &mut http::response::Parts,
+    head_request: bool,
+    close: bool,
+    hint: &SizeHint,
+) -> Framing {
+    let headers = &mut parts.headers;
+    // Hop-by-hop: the framing of this hop is rolld's to choose.
+    headers.remove(header::TRANSFER_ENCODING);
+    let status = parts.status;
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok());
+    let framing = match declared {
+        _ if bodiless => Framing::None,
+        Some(Some(length)) => Framing::Length(length),
+        Some(None) | None => {
+            headers.remove(header::CONTENT_LENGTH);
+            match hint.exact() {
+                Some(length) => {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+                    Framing::Length(length)
+                }
+                None => Framing::Chunked,
+            }
+        }
+    };
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+        Some(reason) => out.extend_from_slice(reason.as_bytes()),
+        None => out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes()),
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut dated = false;
+    let mut says_close = false;
+    for (name, value) in headers.iter() {
+        if name == header::DATE {
+            dated = true;
+        } else if name == header::CONNECTION {
+            says_close |= closes(value.as_bytes()).unwrap_or(false);
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !dated {
+        put_date(out);
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if close && !says_close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+/// Whether an answer's `Connection` field asks to close the connection after it.
+fn answer_closes(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| closes(v.as_bytes()).unwrap_or(false))
+}
+
+/// Writes `bufs` whole, in order, with as few writes as the socket allows.
+async fn write_all(io: &mut ClientIo<TcpStream>, bufs: &mut [&[u8]]) -> io::Result<()> {
+    let mut first = 0;
+    poll_fn(|cx| loop {
+        while first < bufs.len() && bufs[first].is_empty() {
+            first += 1;
+        }
+        if first == bufs.len() {
+            return Poll::Ready(Ok(()));
+        }
+        let mut slices = [IoSlice::new(&[]); 4];
+        let count = (bufs.len() - first).min(slices.len());
+        for (slice, buf) in slices.iter_mut().zip(&bufs[first..first + count]) {
+            *slice = IoSlice::new(buf);
+        }
+        match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(mut n)) => {
+                while n > 0 {
+                    let take = n.min(bufs[first].len());
+                    bufs[first] = &bufs[first][take..];
+                    n -= take;
+                    if bufs[first].is_empty() {
+                        first += 1;
+                    }
+                }
+            }
+            Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Why a body could not be written whole.
+fn broken(what: &str) -> io::Error {
+    io::Error::other(what.to_string())
+}
+
+/// Writes an answer: its head, then its body as `framing` says, each frame as it
+/// comes. A small answer whose body is already here goes out in one write.
+async fn write_answer(
+    io: &mut ClientIo<TcpStream>,
+    head: &[u8],
+    mut body: ResponseBody,
+    framing: Framing,
+) -> io::Result<()> {
+    if framing == Framing::None {
+        return write_all(io, &mut [head]).await;
+    }
+    let mut head = Some(head);
+    let mut left = match framing {
+        Framing::Length(length) => length,
+        _ => u64::MAX,
+    };
+    loop {
+        let frame = match head {
+            // The head waits for the body's first frame only if it is already here.
+            Some(h) => match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    write_all(io, &mut [h]).await?;
+                    head = None;
+                    continue;
+                }
+            },
+            None => poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await,
+        };
+        let data = match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers: sent only to clients that ask for them, which hyper serves.
+                Err(_) => continue,
+            },
+            Some(Err(err)) => return Err(broken(&format!("the answer's body failed: {err}"))),
+            None => {
+                let end: &[u8] = match framing {
+                    Framing::Chunked => b"0\r\n\r\n",
+                    _ if left > 0 => {
+                        return Err(broken("the answer's body ended before its length"))
+                    }
+                    _ => b"",
+                };
+                return write_all(io, &mut [head.unwrap_or_default(), end]).await;
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let ends = body.is_end_stream();
+        match framing {
+            Framing::Length(_) => {
+                if data.len() as u64 > left {
+                    return Err(broken("the answer's body is longer than its length"));
+                }
+                left -= data.len() as u64;
+                write_all(io, &mut [head.unwrap_or_default(), &data]).await?;
+                if ends && left > 0 {
+                    return Err(broken("the answer's body ended before its length"));
+                }
+            }
+            _ => {
+                let size = format!("{:x}\r\n", data.len());
+                let end: &[u8] = if ends { b"\r\n0\r\n\r\n" } else { b"\r\n" };
+                write_all(
+                    io,
+                    &mut [head.unwrap_or_default(), size.as_bytes(), &data, end],
+                )
+                .await?;
+            }
+        }
+        head = None;
+        if ends {
+            return Ok(());
+        }
+    }
+}
+
+/// How a connection left this server.
+pub(crate) enum Left {
+    /// The connection is done: closed, failed or told to stop.
+    Closed,
+    /// A head for hyper, handed back to the connection's IO as unread bytes.
+    ToHyper,
+}
+
+/// Serves requests on a plain HTTP/1 connection whose client has sent something, for
+/// as long as they are requests this server takes (see the module docs).
+pub(crate) async fn serve<S: Future<Output = Duration>>(
+    io: &mut ClientIo<TcpStream>,
+    client: &Client,
+    proxy: &Proxy,
+    mut stop: Pin<&mut S>,
+) -> Left {
+    let max_head = proxy.config().max_header_size.max(1024);
+    let peer = client.addr;
+    let mut buf = BytesMut::new();
+    let mut stopping = false;
+    loop {
+        // A head: read until it is whole, or until it is clearly one for hyper. It is
+        // parsed once its end is here (or it is too long to be one).
+        let mut seen = 0;
+        let (req, asked_close) = loop {
+            let whole = ends_head(&buf, seen) || buf.len() >= max_head;
+            seen = buf.len();
+            match if whole {
+                take_request(&mut buf, max_head)
+            } else {
+                Taken::Partial
+            } {
+                Taken::Partial => {}
+                Taken::Other => {
+                    io.unread(buf.split().freeze());
+                    return Left::ToHyper;
+                }
+                Taken::Request(req, close) => break (req, close),
+            }
+            if buf.capacity() - buf.len() < READ_SIZE / 4 {
+                buf.reserve(READ_SIZE);
+            }
+            let read = poll_fn(|cx| {
+                if !stopping && stop.as_mut().poll(cx).is_ready() {
+                    stopping = true;
+                }
+                io.poll_read_into(cx, &mut buf)
+            });
+            match read.await {
+                Ok(0) => return Left::Closed,
+                Ok(_) => {}
+                Err(err) => {
+                    debug!(client = %peer, error = %err, "client connection ended");
+                    return Left::Closed;
+                }
+            }
+            if stopping && buf.is_empty() {
+                return Left::Closed;
+            }
+        };
+
+        // The answer, watching the client meanwhile: one that goes away cancels its
+        // request; what it sends next (a pipelined request) waits in the buffer.
+        let head_request = req.method() == Method::HEAD;
+        let busy = client.begin(false);
+        let mut handling = std::pin::pin!(proxy.handle(req, client, busy));
+        if buf.capacity() - buf.len() < READ_SIZE / 4 {
+            buf.reserve(READ_SIZE);
+        }
+        let answered = poll_fn(|cx| {
+            if let Poll::Ready(response) = handling.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            if !stopping && stop.as_mut().poll(cx).is_ready() {
+                stopping = true;
+            }
+            // Only while nothing of a next request is here, as hyper does: a client
+            // that pipelined one and then closed its side still gets this answer.
+            if buf.is_empty() {
+                match io.poll_read_into(cx, &mut buf) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) | Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some(response) = answered else {
+            debug!(client = %peer, "client went away before its answer; request cancelled");
+            return Left::Closed;
+        };
+        let (mut parts, body) = response.into_parts();
+        let close = asked_close || stopping || answer_closes(&parts.headers);
+        let mut head = BytesMut::with_capacity(256);
+        let framing = encode_head(
+            &mut head,
+            &mut parts,
+            head_request,
+            close,
+            &body.size_hint(),
+        );
+        if let Err(err) = write_answer(io, &head, body, framing).await {
+            debug!(client = %peer, error = %err, "client connection ended");
+            return Left::Closed;
+        }
+        if close {
+            let _ = poll_fn(|cx| Pin::new(&mut *io).poll_shutdown(cx)).await;
+            return Left::Closed;
+        }
+
+        // Between requests.
+        if !buf.is_empty() {
+            continue;
+        }
+        let waited = tokio::select! {
+            biased;
+            _ = stop.as_mut() => return Left::Closed,
+            ready = io.ready_or_shed() => ready,
+        };
+        match waited {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(err) => {
+                debug!(client = %peer, error = %err, "client connection ended");
+                return Left::Closed;
+            }
+        }
+        // Idle a while: the buffer goes back, and the connection waits with none.
+        buf = BytesMut::new();
+        proxy.stats().count_idle_release();
+        let ready = tokio::select! {
+            biased;
+            _ = stop.as_mut() => return Left::Closed,
+            ready = io.ready() => ready,
+        };
+        if let Err(err) = ready {
+            debug!(client = %peer, error = %err, "client connection ended");
+            return Left::Closed;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(bytes: &[u8]) -> (Taken, BytesMut) {
+        let mut buf = BytesMut::from(bytes);
+        let taken = take_request(&mut buf, 1024);
+        (taken, buf)
+    }
+
+    /// The head is left whole, for hyper.
+    fn left_to_hyper(bytes: &[u8]) {
+        let (taken, buf) = take(bytes);
+        assert!(
+            matches!(taken, Taken::Other),
+            "{:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        assert_eq!(&buf[..], bytes, "the bytes are left as they were");
+    }
+
+    #[test]
+    fn a_bodiless_request_is_taken_with_its_fields_and_what_follows_is_left() {
+        let (taken, buf) = take(
+            b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-One: 1\r\nx-one: 2\r\nAccept:  */* \r\n\r\nGET /next",
+        );
+        let Taken::Request(req, close) = taken else {
+            panic!("not taken")
+        };
+        assert!(!close);
+        assert_eq!(req.method(), Method::GET);
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.version(), http::Version::HTTP_11);
+        assert_eq!(req.headers()["host"], "x");
+        let ones: Vec<_> = req.headers().get_all("x-one").iter().collect();
+        assert_eq!(ones, ["1", "2"]);
+        assert_eq!(req.headers()["accept"], "*/*");
+        assert!(req.body().is_end_stream());
+        assert_eq!(&buf[..], b"GET /next");
+    }
+
+    #[test]
+    fn connection_close_is_noted_and_keep_alive_is_not_a_close() {
+        for (value, close) in [
+            ("close", true),
+            ("Keep-Alive", false),
+            ("keep-alive, CLOSE", true),
+            (" close ", true),
+        ] {
+            let head = format!("GET / HTTP/1.1\r\nConnection: {value}\r\n\r\n");
+            let (Taken::Request(_, asked), _) = take(head.as_bytes()) else {
+                panic!("{value}: not taken")
+            };
+            assert_eq!(asked, close, "{value}");
+        }
+    }
+
+    #[test]
+    fn heads_with_a_body_an_upgrade_or_another_protocol_are_left_to_hyper() {
+        left_to_hyper(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi");
+        left_to_hyper(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        left_to_hyper(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        left_to_hyper(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n");
+        left_to_hyper(b"GET / HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\n\r\n");
+        left_to_hyper(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n");
+        left_to_hyper(b"GET / HTTP/1.1\r\nTE: trailers\r\n\r\n");
+        left_to_hyper(b"GET / HTTP/1.0\r\n\r\n");
+        left_to_hyper(b"GET http://x/ HTTP/1.1\r\n\r\n");
+        left_to_hyper(b"OPTIONS * HTTP/1.1\r\n\r\n");
+        left_to_hyper(b"CONNECT x:443 HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn heads_that_need_an_error_answer_are_left_to_hyper() {
+        // Malformed: no colon, a space before it, a bad method.
+        left_to_hyper(b"GET / HTTP/1.1\r\nNoColon\r\n\r\n");
+        left_to_hyper(b"GET / HTTP/1.1\r\nHost : x\r\n\r\n");
+        left_to_hyper(b"G(T / HTTP/1.1\r\n\r\n");
+        // A target the parser allows and the URI does not: put back after the split.
+        left_to_hyper(b"GET /a<b HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+        // Too long, complete or not.
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(1100));
+        left_to_hyper(long.as_bytes());
+        left_to_hyper(&long.as_bytes()[..1050]);
+        // More fields than taken here.
+        let many: String = (0..MAX_FIELDS + 1)
+            .map(|i| format!("X-{i}: 1\r\n"))
+            .collect();
+        let mut buf = BytesMut::from(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes());
+        assert!(matches!(take_request(&mut buf, 64 * 1024), Taken::Other));
+    }
+
+    #[test]
+    fn a_head_not_ended_yet_is_partial_and_left_as_it_is() {
+        let (taken, buf) = take(b"GET / HTTP/1.1\r\nHost: x\r\n");
+        assert!(matches!(taken, Taken::Partial));
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\nHost: x\r\n");
+    }
+
+    fn encoded(
+        status: u16,
+        fields: &[(&str, &str)],
+        head_request: bool,
+        close: bool,
+        hint: SizeHint,
+    ) -> (String, Framing) {
+        let mut response = http::Response::new(());
+        *response.status_mut() = StatusCode::from_u16(status).expect("status");
+        for (name, value) in fields {
+            response.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                HeaderValue::from_str(value).expect("value"),
+            );
+        }
+        let (mut parts, ()) = response.into_parts();
+        let mut out = BytesMut::new();
+        let framing = encode_head(&mut out, &mut parts, head_request, close, &hint);
+        (String::from_utf8(out.to_vec()).expect("utf-8"), framing)
+    }
+
+    #[test]
+    fn an_answer_is_framed_by_its_length_its_size_or_chunks() {
+        let (head, framing) = encoded(
+            200,
+            &[("content-length", "5"), ("date", "then")],
+            false,
+            false,
+            SizeHint::default(),
+        );
+        assert_eq!(framing, Framing::Length(5));
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ndate: then\r\n\r\n"
+        );
+        let (head, framing) = encoded(404, &[], false, false, SizeHint::with_exact(7));
+        assert_eq!(framing, Framing::Length(7));
+        assert!(head.starts_with("HTTP/1.1 404 Not Found\r\ncontent-length: 7\r\ndate: "));
+        let (head, framing) = encoded(
+            200,
+            &[("transfer-encoding", "chunked")],
+            false,
+            false,
+            SizeHint::default(),
+        );
+        assert_eq!(framing, Framing::Chunked);
+        assert_eq!(head.matches("transfer-encoding").count(), 1, "{head}");
+        assert!(
+            head.ends_with("transfer-encoding: chunked\r\n\r\n"),
+            "{head}"
+        );
+        // A length that is no number is replaced by what the body says.
+        let (head, framing) = encoded(
+            200,
+            &[("content-length", "five")],
+            false,
+            false,
+            SizeHint::with_exact(5),
+        );
+        assert_eq!(framing, Framing::Length(5));
+        assert!(head.contains("content-length: 5\r\n"), "{head}");
+    }
+
+    #[test]
+    fn answers_that_have_no_body_keep_their_fields_and_get_no_framing() {
+        for (status, head_request) in [(200, true), (204, false), (304, false), (103, false)] {
+            let (head, framing) = encoded(
+                status,
+                &[("content-length", "12")],
+                head_request,
+                false,
+                SizeHint::default(),
+            );
+            assert_eq!(framing, Framing::None, "{status}");
+            assert!(head.contains("content-length: 12\r\n"), "{head}");
+            assert!(!head.contains("transfer-encoding"), "{head}");
+        }
+        let (head, _) = encoded(200, &[], true, false, SizeHint::with_exact(0));
+        assert!(!head.contains("content-length"), "{head}");
+    }
+
+    #[test]
+    fn a_closing_answer_says_so_once_and_a_reason_of_the_apps_own_is_kept() {
+        let (head, _) = encoded(200, &[], false, true, SizeHint::with_exact(0));
+        assert!(head.ends_with("connection: close\r\n\r\n"), "{head}");
+        let (head, _) = encoded(
+            200,
+            &[("connection", "close")],
+            false,
+            true,
+            SizeHint::with_exact(0),
+        );
+        assert_eq!(head.matches("connection").count(), 1, "{head}");
+        let mut response = http::Response::new(());
+        response
+            .extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::from_static(b"Fine Indeed"));
+        let (mut parts, ()) = response.into_parts();
+        let mut out = BytesMut::new();
+        encode_head(&mut out, &mut parts, false, false, &SizeHint::with_exact(0));
+        assert!(out.starts_with(b"HTTP/1.1 200 Fine Indeed\r\n"));
+        let (head, _) = encoded(599, &[], false, false, SizeHint::with_exact(0));
+        assert!(head.starts_with("HTTP/1.1 599 \r\n"), "{head}");
+    }
+
+    #[test]
+    fn the_date_is_an_http_date_of_now() {
+        refresh_date();
+        let (head, _) = encoded(200, &[], false, false, SizeHint::with_exact(0));
+        let date = head
+            .lines()
+            .find_map(|l| l.strip_prefix("date: "))
+            .expect("a date");
+        let when = httpdate::parse_http_date(date).expect("an HTTP date");
+        let off = SystemTime::now()
+            .duration_since(when)
+            .unwrap_or_else(|e| e.duration());
+        assert!(off < Duration::from_secs(5), "{date}");
+    }
+}
