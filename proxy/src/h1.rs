@@ -17,6 +17,7 @@
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
@@ -58,9 +59,9 @@ pub(crate) enum Taken {
 /// Takes the request head at the start of `buf` if it is one this server serves.
 /// `max_head` bounds a head: a longer one goes to hyper, which answers it.
 pub(crate) fn take_request(buf: &mut BytesMut, max_head: usize) -> Taken {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut parsed = httparse::Request::new(&mut fields);
-    let len = match parsed.parse(buf) {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Taken::Partial,
         // Malformed, too many fields, too long: hyper answers those.
@@ -207,41 +208,23 @@ enum Framing {
     Chunked,
 }
 
-/// Writes the head of an answer into `out` and says how its body is framed: the
+/// Writes the head of an answer into `out` and says how its body is framed (the
 /// answer's own `Content-Length` if it has one, else its body's exact size, else
-/// chunked; `Date` if the answer has none; `Connection: close` when `close`.
+/// chunked) and whether the connection closes after it (`close`, or the answer says
+/// so). `Date` is added if the answer has none, `Connection: close` when it closes and
+/// does not say so. One pass over the answer's fields.
 fn encode_head(
     out: &mut BytesMut,
-    parts: &mut http::response::Parts,
+    parts: &http::response::Parts,
     head_request: bool,
     close: bool,
     hint: &SizeHint,
-) -> Framing {
-    let headers = &mut parts.headers;
-    // Hop-by-hop: the framing of this hop is rolld's to choose.
-    headers.remove(header::TRANSFER_ENCODING);
+) -> (Framing, bool) {
     let status = parts.status;
     let bodiless = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .map(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok());
-    let framing = match declared {
-        _ if bodiless => Framing::None,
-        Some(Some(length)) => Framing::Length(length),
-        Some(None) | None => {
-            headers.remove(header::CONTENT_LENGTH);
-            match hint.exact() {
-                Some(length) => {
-                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-                    Framing::Length(length)
-                }
-                None => Framing::Chunked,
-            }
-        }
-    };
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.extend_from_slice(b" ");
@@ -252,8 +235,22 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
     let mut dated = false;
     let mut says_close = false;
-    for (name, value) in headers.iter() {
-        if name == header::DATE {
+    let mut length = None;
+    for (name, value) in parts.headers.iter() {
+        if name == header::TRANSFER_ENCODING {
+            // Hop-by-hop: the framing of this hop is rolld's to choose.
+            continue;
+        } else if name == header::CONTENT_LENGTH && !bodiless {
+            // The first length that is a number frames the body; any other is
+            // dropped, and a body without one is framed by its own size.
+            let parsed = std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok());
+            if length.is_some() || parsed.is_none() {
+                continue;
+            }
+            length = parsed;
+        } else if name == header::DATE {
             dated = true;
         } else if name == header::CONNECTION {
             says_close |= closes(value.as_bytes()).unwrap_or(false);
@@ -266,22 +263,27 @@ fn encode_head(
     if !dated {
         put_date(out);
     }
-    if framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
+    let framing = match length {
+        _ if bodiless => Framing::None,
+        Some(length) => Framing::Length(length),
+        None => match hint.exact() {
+            Some(length) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(length.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n");
+                Framing::Length(length)
+            }
+            None => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Framing::Chunked
+            }
+        },
+    };
     if close && !says_close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    framing
-}
-
-/// Whether an answer's `Connection` field asks to close the connection after it.
-fn answer_closes(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| closes(v.as_bytes()).unwrap_or(false))
+    (framing, close || says_close)
 }
 
 /// Writes `bufs` whole, in order, with as few writes as the socket allows.
@@ -408,6 +410,8 @@ pub(crate) enum Left {
     Closed,
     /// A head for hyper, handed back to the connection's IO as unread bytes.
     ToHyper,
+    /// The connection stayed idle a while: serve it again once the client sends more.
+    Idle,
 }
 
 /// Serves requests on a plain HTTP/1 connection whose client has sent something, for
@@ -467,7 +471,8 @@ pub(crate) async fn serve<S: Future<Output = Duration>>(
         // request; what it sends next (a pipelined request) waits in the buffer.
         let head_request = req.method() == Method::HEAD;
         let busy = client.begin(false);
-        let mut handling = std::pin::pin!(proxy.handle(req, client, busy));
+        // Boxed: an idle connection's task then holds no room for a request's state.
+        let mut handling = Box::pin(proxy.handle(req, client, busy));
         if buf.capacity() - buf.len() < READ_SIZE / 4 {
             buf.reserve(READ_SIZE);
         }
@@ -493,17 +498,22 @@ pub(crate) async fn serve<S: Future<Output = Duration>>(
             debug!(client = %peer, "client went away before its answer; request cancelled");
             return Left::Closed;
         };
-        let (mut parts, body) = response.into_parts();
-        let close = asked_close || stopping || answer_closes(&parts.headers);
+        let (parts, body) = response.into_parts();
         let mut head = BytesMut::with_capacity(256);
-        let framing = encode_head(
+        let hint = body.size_hint();
+        let (framing, close) = encode_head(
             &mut head,
-            &mut parts,
+            &parts,
             head_request,
-            close,
-            &body.size_hint(),
+            asked_close || stopping,
+            &hint,
         );
-        if let Err(err) = write_answer(io, &head, body, framing).await {
+        // The answer's fields share the bytes of its upstream connection's buffer: they
+        // must not stay with this connection while it idles.
+        drop(parts);
+        let written = write_answer(io, &head, body, framing).await;
+        drop(head);
+        if let Err(err) = written {
             debug!(client = %peer, error = %err, "client connection ended");
             return Left::Closed;
         }
@@ -529,18 +539,9 @@ pub(crate) async fn serve<S: Future<Output = Duration>>(
                 return Left::Closed;
             }
         }
-        // Idle a while: the buffer goes back, and the connection waits with none.
-        buf = BytesMut::new();
-        proxy.stats().count_idle_release();
-        let ready = tokio::select! {
-            biased;
-            _ = stop.as_mut() => return Left::Closed,
-            ready = io.ready() => ready,
-        };
-        if let Err(err) = ready {
-            debug!(client = %peer, error = %err, "client connection ended");
-            return Left::Closed;
-        }
+        // Idle a while: the buffer (and this future, which the caller boxes) goes back;
+        // the caller waits for the next bytes with neither.
+        return Left::Idle;
     }
 }
 
@@ -658,9 +659,10 @@ mod tests {
                 HeaderValue::from_str(value).expect("value"),
             );
         }
-        let (mut parts, ()) = response.into_parts();
+        let (parts, ()) = response.into_parts();
         let mut out = BytesMut::new();
-        let framing = encode_head(&mut out, &mut parts, head_request, close, &hint);
+        let (framing, closes) = encode_head(&mut out, &parts, head_request, close, &hint);
+        assert!(closes || !close, "a close asked for is a close");
         (String::from_utf8(out.to_vec()).expect("utf-8"), framing)
     }
 
@@ -680,7 +682,11 @@ mod tests {
         );
         let (head, framing) = encoded(404, &[], false, false, SizeHint::with_exact(7));
         assert_eq!(framing, Framing::Length(7));
-        assert!(head.starts_with("HTTP/1.1 404 Not Found\r\ncontent-length: 7\r\ndate: "));
+        assert!(
+            head.starts_with("HTTP/1.1 404 Not Found\r\ndate: "),
+            "{head}"
+        );
+        assert!(head.ends_with("\r\ncontent-length: 7\r\n\r\n"), "{head}");
         let (head, framing) = encoded(
             200,
             &[("transfer-encoding", "chunked")],
@@ -736,13 +742,27 @@ mod tests {
             SizeHint::with_exact(0),
         );
         assert_eq!(head.matches("connection").count(), 1, "{head}");
+        // An answer that says it closes closes, whatever the request asked.
+        let mut response = http::Response::new(());
+        response
+            .headers_mut()
+            .insert("connection", HeaderValue::from_static("close"));
+        let (parts, ()) = response.into_parts();
+        let (_, closes) = encode_head(
+            &mut BytesMut::new(),
+            &parts,
+            false,
+            false,
+            &SizeHint::with_exact(0),
+        );
+        assert!(closes);
         let mut response = http::Response::new(());
         response
             .extensions_mut()
             .insert(hyper::ext::ReasonPhrase::from_static(b"Fine Indeed"));
-        let (mut parts, ()) = response.into_parts();
+        let (parts, ()) = response.into_parts();
         let mut out = BytesMut::new();
-        encode_head(&mut out, &mut parts, false, false, &SizeHint::with_exact(0));
+        encode_head(&mut out, &parts, false, false, &SizeHint::with_exact(0));
         assert!(out.starts_with(b"HTTP/1.1 200 Fine Indeed\r\n"));
         let (head, _) = encoded(599, &[], false, false, SizeHint::with_exact(0));
         assert!(head.starts_with("HTTP/1.1 599 \r\n"), "{head}");

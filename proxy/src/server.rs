@@ -438,8 +438,27 @@ impl Connection {
         let own = redirect.is_none();
         loop {
             if own {
-                match crate::h1::serve(&mut io, &own_client, &counted, stop.as_mut()).await {
+                // Boxed, as hyper's connection below: an idle connection's task holds
+                // room for neither.
+                let served = Box::pin(crate::h1::serve(
+                    &mut io,
+                    &own_client,
+                    &counted,
+                    stop.as_mut(),
+                ));
+                match served.await {
                     crate::h1::Left::Closed => return,
+                    crate::h1::Left::Idle => {
+                        counted.stats().count_idle_release();
+                        tokio::select! {
+                            ready = io.ready() => if let Err(err) = ready {
+                                debug!(client = %peer, error = %err, "client connection ended");
+                                return;
+                            },
+                            _ = &mut stop => return,
+                        }
+                        continue;
+                    }
                     crate::h1::Left::ToHyper => {}
                 }
             }
