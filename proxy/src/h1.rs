@@ -568,8 +568,9 @@ mod tests {
 
     #[test]
     fn a_bodiless_request_is_taken_with_its_fields_and_what_follows_is_left() {
+        // `User-Agent` and `Keep-Alive` are as long as `Connection`: neither is one.
         let (taken, buf) = take(
-            b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-One: 1\r\nx-one: 2\r\nAccept:  */* \r\n\r\nGET /next",
+            b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-One: 1\r\nx-one: 2\r\nAccept:  */* \r\nUser-Agent: a b\r\nKeep-Alive: timeout=5\r\n\r\nGET /next",
         );
         let Taken::Request(req, close) = taken else {
             panic!("not taken")
@@ -582,6 +583,7 @@ mod tests {
         let ones: Vec<_> = req.headers().get_all("x-one").iter().collect();
         assert_eq!(ones, ["1", "2"]);
         assert_eq!(req.headers()["accept"], "*/*");
+        assert_eq!(req.headers()["user-agent"], "a b");
         assert!(req.body().is_end_stream());
         assert_eq!(&buf[..], b"GET /next");
     }
@@ -608,6 +610,7 @@ mod tests {
         left_to_hyper(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
         left_to_hyper(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
         left_to_hyper(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n");
+        left_to_hyper(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n");
         left_to_hyper(b"GET / HTTP/1.1\r\nConnection: keep-alive, X-Secret\r\n\r\n");
         left_to_hyper(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n");
         left_to_hyper(b"GET / HTTP/1.1\r\nTE: trailers\r\n\r\n");
@@ -629,6 +632,9 @@ mod tests {
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(1100));
         left_to_hyper(long.as_bytes());
         left_to_hyper(&long.as_bytes()[..1050]);
+        // A head not ended by the limit: no longer one to wait for.
+        left_to_hyper(&long.as_bytes()[..1024]);
+        assert!(matches!(take(&long.as_bytes()[..1023]).0, Taken::Partial));
         // More fields than taken here.
         let many: String = (0..MAX_FIELDS + 1)
             .map(|i| format!("X-{i}: 1\r\n"))
@@ -710,6 +716,17 @@ mod tests {
         );
         assert_eq!(framing, Framing::Length(5));
         assert!(head.contains("content-length: 5\r\n"), "{head}");
+        assert_eq!(head.matches("content-length").count(), 1, "{head}");
+        // Of two lengths, the first frames the body and the second is dropped.
+        let (head, framing) = encoded(
+            200,
+            &[("content-length", "3"), ("content-length", "4")],
+            false,
+            false,
+            SizeHint::default(),
+        );
+        assert_eq!(framing, Framing::Length(3));
+        assert_eq!(head.matches("content-length").count(), 1, "{head}");
     }
 
     #[test]
@@ -770,8 +787,43 @@ mod tests {
 
     #[test]
     fn the_date_is_an_http_date_of_now() {
+        // On a thread whose date was never refreshed, as on one that was.
+        let fresh = std::thread::spawn(|| encoded(200, &[], false, false, SizeHint::with_exact(0)))
+            .join()
+            .expect("thread");
         refresh_date();
-        let (head, _) = encoded(200, &[], false, false, SizeHint::with_exact(0));
+        for (head, _) in [
+            fresh,
+            encoded(200, &[], false, false, SizeHint::with_exact(0)),
+        ] {
+            check_date(&head);
+        }
+    }
+
+    #[tokio::test]
+    async fn buffers_are_written_whole_in_order_and_empty_ones_are_no_write() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut peer = client.expect("connect");
+        let (stream, _) = accepted.expect("accept");
+        let timeouts =
+            crate::activity::Timeouts::from_config(&crate::config::ProxyConfig::default());
+        let (mut io, _activity) = ClientIo::new(stream, timeouts);
+        // Nothing to write, however many empty buffers: done, not a failed write.
+        write_all(&mut io, &mut [b"", b""]).await.expect("nothing");
+        write_all(&mut io, &mut [b"", b"ab", b"", b"cde", b"f"])
+            .await
+            .expect("write");
+        let mut got = [0u8; 6];
+        peer.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"abcdef");
+    }
+
+    fn check_date(head: &str) {
         let date = head
             .lines()
             .find_map(|l| l.strip_prefix("date: "))

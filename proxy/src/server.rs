@@ -307,6 +307,7 @@ fn stopping(stopped: watch::Receiver<Option<Duration>>) -> Stopping {
         signal: stopped.clone(),
         wait: Box::pin(wait_for_stop(stopped)),
         waker: None,
+        stopped: None,
     }
 }
 
@@ -320,12 +321,16 @@ async fn wait_for_stop(mut stopped: watch::Receiver<Option<Duration>>) -> Durati
 /// The stop signal as a connection waits for it: polled beside the connection on every
 /// wake-up of its task, several times a request. Until the signal changes, a poll by the
 /// task already registered is one atomic load, not a new registration with the channel.
+/// Once it has resolved it stays resolved: a connection handed from rolld's own HTTP/1
+/// server to hyper's after the stop (see `h1`) polls it again.
 struct Stopping {
     /// Tells whether the signal changed since the connection began.
     signal: watch::Receiver<Option<Duration>>,
     wait: Pin<Box<dyn Future<Output = Duration> + Send>>,
     /// The task `wait` will wake.
     waker: Option<Waker>,
+    /// The grace period, once the stop came.
+    stopped: Option<Duration>,
 }
 
 impl Future for Stopping {
@@ -333,12 +338,18 @@ impl Future for Stopping {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Duration> {
         let this = &mut *self;
+        if let Some(grace) = this.stopped {
+            return Poll::Ready(grace);
+        }
         let unchanged = this.signal.has_changed().is_ok_and(|changed| !changed);
         if unchanged && this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             return Poll::Pending;
         }
         let polled = this.wait.as_mut().poll(cx);
         this.waker = Some(cx.waker().clone());
+        if let Poll::Ready(grace) = polled {
+            this.stopped = Some(grace);
+        }
         polled
     }
 }
@@ -634,4 +645,19 @@ fn redirect_to_https(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_stop_signal_stays_resolved_once_it_came() {
+        let (tell, told) = watch::channel(None);
+        let mut stop = stopping(told);
+        tell.send(Some(Duration::from_secs(3))).expect("send");
+        assert_eq!((&mut stop).await, Duration::from_secs(3));
+        // Polled again (a connection handed on after the stop): the same answer, at once.
+        assert_eq!((&mut stop).await, Duration::from_secs(3));
+    }
 }

@@ -223,13 +223,91 @@ async fn a_long_head_sent_a_byte_at_a_time_is_answered() {
     let front = front_for(&up).await;
     let mut s = TcpStream::connect(front.addr).await.expect("connect");
     s.set_nodelay(true).expect("nodelay");
+    // Longer than one read's room: the buffer grows as the head comes.
     let head = format!(
         "GET /slow HTTP/1.1\r\nHost: x\r\nX-Long: {}\r\n\r\n",
-        "v".repeat(3000)
+        "v".repeat(6000)
     );
     for byte in head.as_bytes() {
         s.write_all(&[*byte]).await.expect("send");
     }
     assert!(answer(&mut s).await.starts_with("HTTP/1.1 200"));
-    assert!(up.received().contains(&"v".repeat(3000)));
+    assert!(up.received().contains(&"v".repeat(6000)));
+}
+
+/// A head that grows past `max_header_size` without ending is refused once it does,
+/// not read on until the header timeout.
+#[tokio::test]
+async fn a_head_growing_past_the_limit_without_an_end_gets_431_at_once() {
+    let up = Upstream::start(Script::Reply(ok("x"))).await;
+    let cfg = ProxyConfig {
+        max_header_size: 8192,
+        ..ProxyConfig::default()
+    };
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let lines: String = (0..12)
+        .map(|i| format!("X-Filler-{i}: {}\r\n", "f".repeat(1000)))
+        .collect();
+    let unended = format!("GET / HTTP/1.1\r\nHost: x\r\n{lines}");
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(unended.as_bytes()).await.expect("send");
+    let got = text(&read_until_closed(&mut s, SOON).await);
+    assert!(got.starts_with("HTTP/1.1 431"), "{got}");
+    assert_eq!(up.received(), "");
+}
+
+/// Answers larger than the in-memory buffer (read through rolld's buffer, some of them
+/// from a file) and smaller ones, on one connection: each whole, the connection kept.
+#[tokio::test]
+async fn large_and_small_answers_of_known_length_keep_their_connection() {
+    for size in [100, 70 * 1024, 300 * 1024] {
+        let body = "b".repeat(size);
+        let up = Upstream::start(Script::Reply(ok(&body))).await;
+        let front = front_for(&up).await;
+        let mut s = TcpStream::connect(front.addr).await.expect("connect");
+        for _ in 0..3 {
+            s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("send");
+            let got = answer(&mut s).await;
+            assert!(got.starts_with("HTTP/1.1 200"), "{size}");
+            assert!(got.ends_with(&body), "{size}: the whole body");
+            assert!(!got.contains("connection: close"), "{size}");
+        }
+    }
+}
+
+/// Many requests, one after another and pipelined in batches, on one connection: its
+/// read buffer is used up and renewed along the way, and every request is answered.
+#[tokio::test]
+async fn hundreds_of_requests_on_one_connection_are_all_answered() {
+    let up = Upstream::start(Script::Reply(ok("fine"))).await;
+    let front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    // First 32 requests of 128 bytes in one write: a first read fills the buffer to
+    // its last byte, which ends the last request.
+    let short = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let filled = short.replace("GET /", &format!("GET /{}", "q".repeat(128 - short.len())));
+    assert_eq!(filled.len(), 128);
+    s.write_all(filled.repeat(32).as_bytes())
+        .await
+        .expect("send");
+    let got = read_until(&mut s, b"fine", 32, SOON).await;
+    assert_eq!(text(&got).matches("fine").count(), 32);
+    let request = format!(
+        "GET /{} HTTP/1.1\r\nHost: x\r\nUser-Agent: test\r\n\r\n",
+        "p".repeat(100)
+    );
+    for _ in 0..100 {
+        s.write_all(request.as_bytes()).await.expect("send");
+        assert!(answer(&mut s).await.ends_with("fine"));
+    }
+    for _ in 0..20 {
+        s.write_all(request.repeat(10).as_bytes())
+            .await
+            .expect("send");
+        let got = read_until(&mut s, b"fine", 10, SOON).await;
+        assert_eq!(text(&got).matches("fine").count(), 10);
+    }
+    assert_eq!(up.received().matches("GET /").count(), 332);
 }
