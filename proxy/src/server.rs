@@ -367,8 +367,9 @@ struct Connection {
 
 impl Connection {
     /// Serves HTTP/2 (prior knowledge) or HTTP/1. An HTTP/1 connection is served by
-    /// one hyper connection after another: when one goes idle it ends and hands the
-    /// socket back (see `activity`), so an idle client holds no buffers.
+    /// rolld's own server (see `h1`) and, for the heads it hands over, by a hyper
+    /// connection; either ends when the connection goes idle and hands the socket back
+    /// (see `activity`), so an idle client holds no buffers.
     async fn serve(self) {
         let Connection {
             stream,
@@ -448,7 +449,8 @@ impl Connection {
         // `h1`); the redirecting listener leaves all of them to hyper.
         let own = redirect.is_none();
         loop {
-            if own {
+            // rolld's own server first; hyper's takes the heads it hands over.
+            let to_hyper = !own || {
                 // Boxed, as hyper's connection below: an idle connection's task holds
                 // room for neither.
                 let served = Box::pin(crate::h1::serve(
@@ -459,47 +461,39 @@ impl Connection {
                 ));
                 match served.await {
                     crate::h1::Left::Closed => return,
-                    crate::h1::Left::Idle => {
-                        counted.stats().count_idle_release();
-                        tokio::select! {
-                            ready = io.ready() => if let Err(err) = ready {
-                                debug!(client = %peer, error = %err, "client connection ended");
-                                return;
-                            },
-                            _ = &mut stop => return,
-                        }
-                        continue;
-                    }
-                    crate::h1::Left::ToHyper => {}
+                    crate::h1::Left::Idle => false,
+                    crate::h1::Left::ToHyper => true,
                 }
-            }
-            let mut conn = Box::new(
-                protocols
-                    .http1
-                    .serve_connection(io, service.clone())
-                    .with_upgrades(),
-            );
-            let result = tokio::select! {
-                result = &mut conn => result,
-                _ = &mut stop => {
-                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                    if let Err(err) = (&mut conn).await {
-                        debug!(client = %peer, error = %err, "client connection ended");
+            };
+            if to_hyper {
+                let mut conn = Box::new(
+                    protocols
+                        .http1
+                        .serve_connection(io, service.clone())
+                        .with_upgrades(),
+                );
+                let result = tokio::select! {
+                    result = &mut conn => result,
+                    _ = &mut stop => {
+                        std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                        if let Err(err) = (&mut conn).await {
+                            debug!(client = %peer, error = %err, "client connection ended");
+                        }
+                        return;
                     }
+                };
+                if let Err(err) = result {
+                    debug!(client = %peer, error = %err, "client connection ended");
                     return;
                 }
-            };
-            if let Err(err) = result {
-                debug!(client = %peer, error = %err, "client connection ended");
-                return;
-            }
-            // Upgraded: the tunnel has the socket now.
-            let Some(parts) = (*conn).into_parts() else {
-                return;
-            };
-            io = parts.io;
-            if !io.take_shed(parts.read_buf) {
-                return;
+                // Upgraded: the tunnel has the socket now.
+                let Some(parts) = (*conn).into_parts() else {
+                    return;
+                };
+                io = parts.io;
+                if !io.take_shed(parts.read_buf) {
+                    return;
+                }
             }
             counted.stats().count_idle_release();
             // Idle between requests, holding no buffer: wait for the next bytes.
