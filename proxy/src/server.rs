@@ -186,7 +186,6 @@ async fn accept(
         }
     }
 
-    ticker.abort();
     let count = open.strong_count() - 1;
     drop(open);
     info!(
@@ -202,6 +201,8 @@ async fn accept(
             "connections still open after the grace period; closing them"
         );
     }
+    // Only now: the answers of the grace period carry a current `Date` too.
+    ticker.abort();
     Ok(())
 }
 

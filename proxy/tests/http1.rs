@@ -311,3 +311,32 @@ async fn hundreds_of_requests_on_one_connection_are_all_answered() {
     }
     assert_eq!(up.received().matches("GET /").count(), 332);
 }
+
+/// An answer written during a graceful stop's grace period carries the date it was
+/// written at, not the date the stop came.
+#[tokio::test]
+async fn an_answer_during_the_grace_period_has_a_current_date() {
+    // The answer's head comes whole about 4 s after the request.
+    let up = Upstream::start(Script::Trickle(ok("late"), Duration::from_millis(100))).await;
+    let mut front = front_for(&up).await;
+    let mut s = TcpStream::connect(front.addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !up.received().contains("GET / ") {
+        assert!(tokio::time::Instant::now() < deadline, "request never sent");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _stopped = front.shutdown(Duration::from_secs(30));
+    let got = text(&read_until_closed(&mut s, SOON).await);
+    let read_at = std::time::SystemTime::now();
+    assert!(got.ends_with("late"), "{got}");
+    let date = got
+        .lines()
+        .find_map(|l| l.strip_prefix("date: "))
+        .expect("a date");
+    let when = httpdate::parse_http_date(date).expect("an HTTP date");
+    let age = read_at.duration_since(when).unwrap_or_default();
+    assert!(age < Duration::from_secs(3), "{date} is {age:?} old");
+}
