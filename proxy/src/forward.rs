@@ -682,6 +682,12 @@ impl Proxy {
             };
             self.retried(tries, RetryReason::NoAnswer);
             debug!(upstream = %upstream.addr(), error = %err, "upstream failed before answering; sending the request again to another upstream");
+            // A process that reset a request is usually dying, and so may its peers be
+            // (a release that crashes, every process killed at once). Until a process
+            // is dead, connects to it still succeed and the request dies with it; a
+            // moment later they are refused, which holds the request until a process
+            // is back instead of spending its resends.
+            tokio::time::sleep(RESEND_BACKOFF * tries.resent).await;
             // Not marked down: a process that died is the supervisor's to report (it
             // restarts it); one that resets a request is skipped by this request only.
             self.move_on(slot, upload).await?;
@@ -825,6 +831,10 @@ fn client_fault(err: crate::body::BoxError) -> ProxyError {
 /// Attempts at sending one request beyond its `retries`: connects to other upstreams
 /// and resends of what was never written.
 const MAX_ATTEMPTS: usize = 4;
+
+/// How long a request waits before it is sent again after the process it was written
+/// to failed before answering, times the resends so far.
+const RESEND_BACKOFF: Duration = Duration::from_millis(20);
 
 /// Times one request is held again after every connect of its set failed, or after no
 /// other upstream could take it again: a process that is marked ready but refuses
