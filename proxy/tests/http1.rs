@@ -188,11 +188,14 @@ async fn a_head_request_gets_the_apps_length_and_no_body() {
     assert!(second.ends_with("\r\n\r\n"), "{got}");
 }
 
-/// A graceful stop while a request is in progress: the client gets the whole answer,
-/// told that the connection closes, and then the close.
-#[tokio::test]
-async fn a_graceful_stop_answers_the_request_in_progress_with_connection_close() {
-    let up = Upstream::start(Script::Trickle(ok("slowly"), Duration::from_millis(20))).await;
+/// Sends a GET to an app that answers `answer` a byte every `gap`, starts a graceful
+/// stop once the app has the request, and returns all the client got before the
+/// connection closed, with the stop's handle.
+async fn answered_across_a_stop(
+    answer: Vec<u8>,
+    gap: Duration,
+) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let up = Upstream::start(Script::Trickle(answer, gap)).await;
     let mut front = front_for(&up).await;
     let mut s = TcpStream::connect(front.addr).await.expect("connect");
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -203,8 +206,16 @@ async fn a_graceful_stop_answers_the_request_in_progress_with_connection_close()
         assert!(tokio::time::Instant::now() < deadline, "request never sent");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let stopped = front.shutdown(Duration::from_secs(20));
+    let stopped = front.shutdown(Duration::from_secs(30));
     let got = text(&read_until_closed(&mut s, SOON).await);
+    (got, stopped)
+}
+
+/// A graceful stop while a request is in progress: the client gets the whole answer,
+/// told that the connection closes, and then the close.
+#[tokio::test]
+async fn a_graceful_stop_answers_the_request_in_progress_with_connection_close() {
+    let (got, stopped) = answered_across_a_stop(ok("slowly"), Duration::from_millis(20)).await;
     assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
     assert!(got.contains("connection: close\r\n"), "{got}");
     assert!(got.ends_with("slowly"), "{got}");
@@ -317,19 +328,7 @@ async fn hundreds_of_requests_on_one_connection_are_all_answered() {
 #[tokio::test]
 async fn an_answer_during_the_grace_period_has_a_current_date() {
     // The answer's head comes whole about 4 s after the request.
-    let up = Upstream::start(Script::Trickle(ok("late"), Duration::from_millis(100))).await;
-    let mut front = front_for(&up).await;
-    let mut s = TcpStream::connect(front.addr).await.expect("connect");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("send");
-    let deadline = tokio::time::Instant::now() + SOON;
-    while !up.received().contains("GET / ") {
-        assert!(tokio::time::Instant::now() < deadline, "request never sent");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let _stopped = front.shutdown(Duration::from_secs(30));
-    let got = text(&read_until_closed(&mut s, SOON).await);
+    let (got, _stopped) = answered_across_a_stop(ok("late"), Duration::from_millis(100)).await;
     let read_at = std::time::SystemTime::now();
     assert!(got.ends_with("late"), "{got}");
     let date = got
