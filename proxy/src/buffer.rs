@@ -186,13 +186,23 @@ impl Buffers {
     /// header nginx users already set) stream. Takes `X-Accel-Buffering` out: it is for
     /// rolld, as for nginx, not for the client.
     pub(crate) fn buffers_answer(headers: &mut HeaderMap) -> bool {
-        let opted_out = headers
-            .remove(&X_ACCEL_BUFFERING)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
-        let event_stream = headers
-            .get(http::header::CONTENT_TYPE)
+        // One pass over the fields costs less than a lookup of each name; the first
+        // field of each name decides, as a lookup would.
+        let (mut accel, mut content_type) = (None, None);
+        for (name, value) in headers.iter() {
+            if name == http::header::CONTENT_TYPE {
+                content_type = content_type.or(Some(value));
+            } else if name == X_ACCEL_BUFFERING {
+                accel = accel.or(Some(value));
+            }
+        }
+        let event_stream = content_type
             .and_then(|v| v.as_bytes().split(|b| *b == b';').next())
             .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"text/event-stream"));
+        let opted_out = accel.is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no"));
+        if accel.is_some() {
+            headers.remove(&X_ACCEL_BUFFERING);
+        }
         !event_stream && !opted_out
     }
 

@@ -322,9 +322,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Parsed, Bytes)>, UpstreamErr
         return Ok(Some((Parsed::Interim, rest)));
     }
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
-    // Which fields that decide the framing the head has: noted on the way, rather than
-    // looked up in the map one by one.
-    let (mut te, mut cl, mut connection) = (false, false, false);
+    // Which fields that decide the framing the head has, and the length: noted on the
+    // way, rather than looked up in the map one by one.
+    let (mut te, mut connection) = (false, false);
+    let mut length = ContentLength::Absent;
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| UpstreamError::Invalid("bad field name"))?;
@@ -333,7 +334,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Parsed, Bytes)>, UpstreamErr
         if name == header::TRANSFER_ENCODING {
             te = true;
         } else if name == header::CONTENT_LENGTH {
-            cl = true;
+            length.add(field.value);
         } else if name == header::CONNECTION {
             connection = true;
         }
@@ -361,8 +362,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Parsed, Bytes)>, UpstreamErr
             keep_alive = false;
             Framing::Close
         }
-    } else if cl {
-        Framing::Length(content_length(&map)?)
+    } else if let Some(length) = length.value()? {
+        Framing::Length(length)
     } else {
         keep_alive = false;
         Framing::Close
@@ -403,29 +404,46 @@ fn last_coding_is_chunked(map: &HeaderMap) -> bool {
         .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
 }
 
-/// The answer's `Content-Length`: the same number however often it is repeated.
-fn content_length(map: &HeaderMap) -> Result<u64, UpstreamError> {
-    let mut length = None;
-    for value in map.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
+/// The answer's `Content-Length`, read field by field: the same number however often
+/// it is repeated, or invalid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ContentLength {
+    Absent,
+    Is(u64),
+    Invalid(&'static str),
+}
+
+impl ContentLength {
+    /// Adds the value of one more `Content-Length` field.
+    fn add(&mut self, value: &[u8]) {
+        for part in value.split(|b| *b == b',') {
             let part = part.trim_ascii();
-            if part.is_empty() {
-                return Err(UpstreamError::Invalid("bad Content-Length"));
-            }
             let n = part.iter().try_fold(0u64, |n, &digit| {
                 if !digit.is_ascii_digit() {
                     return None;
                 }
                 n.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
             });
-            let n = n.ok_or(UpstreamError::Invalid("bad Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(UpstreamError::Invalid("conflicting Content-Length"));
-            }
-            length = Some(n);
+            *self = match (*self, n) {
+                (ContentLength::Invalid(why), _) => ContentLength::Invalid(why),
+                (_, None) => ContentLength::Invalid("bad Content-Length"),
+                (_, Some(_)) if part.is_empty() => ContentLength::Invalid("bad Content-Length"),
+                (ContentLength::Is(l), Some(n)) if l != n => {
+                    ContentLength::Invalid("conflicting Content-Length")
+                }
+                (_, Some(n)) => ContentLength::Is(n),
+            };
         }
     }
-    length.ok_or(UpstreamError::Invalid("bad Content-Length"))
+
+    /// The length, if the head gave one.
+    fn value(self) -> Result<Option<u64>, UpstreamError> {
+        match self {
+            ContentLength::Absent => Ok(None),
+            ContentLength::Is(n) => Ok(Some(n)),
+            ContentLength::Invalid(why) => Err(UpstreamError::Invalid(why)),
+        }
+    }
 }
 
 /// Whether `buf` holds the empty line that ends a head (a bare LF ends lines too, as
@@ -1217,14 +1235,11 @@ mod tests {
     #[test]
     fn a_content_length_is_digits_and_one_number() {
         let length = |values: &[&str]| {
-            let mut map = HeaderMap::new();
+            let mut length = ContentLength::Absent;
             for v in values {
-                map.append(
-                    header::CONTENT_LENGTH,
-                    HeaderValue::from_str(v).expect("value"),
-                );
+                length.add(v.as_bytes());
             }
-            content_length(&map).ok()
+            length.value().ok().flatten()
         };
         assert_eq!(length(&["0"]), Some(0));
         assert_eq!(length(&["42"]), Some(42));
