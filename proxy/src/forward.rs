@@ -22,11 +22,11 @@ use crate::body::{
 use crate::buffer::{self, BufferStats, Buffers, SpoolError, SpooledBody};
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
-use crate::exchange::{Answer, OutHead, Outgoing, SendError, Upgraded, UpstreamError};
-use crate::headers;
+use crate::exchange::{Answer, Fields, OutHead, Outgoing, SendError, Upgraded, UpstreamError};
+use crate::headers::{self, Forwarding};
 use crate::maintenance::MaintenancePage;
 use crate::moved::{Moved, Tracked};
-use crate::retry::{NotResent, Replay, RetryBudget, RetryReason, Tries};
+use crate::retry::{NotResent, Replay, RetryBudget, RetryReason, Tries, IDEMPOTENCY_KEY};
 use crate::stats::Stats;
 use crate::upstream::{InFlight, Upstreams};
 use crate::watchdog::Progress;
@@ -67,6 +67,11 @@ impl Client {
     /// Marks a request of this client's connection in progress until the guard drops.
     pub(crate) fn begin(&self, with_body: bool) -> Busy {
         self.activity.begin(with_body)
+    }
+
+    /// Whether it is a trusted proxy, whose forwarding fields go on.
+    pub(crate) fn trusted(&self) -> bool {
+        self.trusted
     }
 
     pub(crate) fn new(
@@ -137,6 +142,7 @@ impl Proxy {
     pub(crate) async fn handle(
         &self,
         req: Request<ClientBody>,
+        fields: Option<Fields>,
         client: &Client,
         busy: Busy,
     ) -> Response<ResponseBody> {
@@ -168,7 +174,7 @@ impl Proxy {
             )),
             Some(page) => Err((Err(page), access)),
             None => self
-                .forward(req, client, &mut busy, access)
+                .forward(req, fields, client, &mut busy, access)
                 .await
                 .map_err(|(err, access)| (Ok(err), access)),
         };
@@ -213,9 +219,13 @@ impl Proxy {
         }
     }
 
+    /// `fields`: the request's fields as `h1` wrote them for the app, if it did (then
+    /// `req` has none of its own, and `h1` took only a request this needs not judge:
+    /// no body, no upgrade, one `Host` at most, a `Connection` that names no field).
     async fn forward(
         &self,
         mut req: Request<ClientBody>,
+        fields: Option<Fields>,
         client: &Client,
         busy: &mut Option<Busy>,
         mut access: Option<Box<AccessLog>>,
@@ -240,32 +250,26 @@ impl Proxy {
         };
         let mut lease = Some(lease);
 
-        let upgrade = headers::is_upgrade(req.headers());
+        let upgrade = fields.is_none() && headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        if parts.headers.get(header::HOST).is_none() {
-            // HTTP/2 and absolute-form requests carry the host in the URI instead.
-            if let Some(value) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, value);
+        let (forwarding, keyed) = match &fields {
+            Some(fields) => (
+                Forwarding::untrusted(fields.host.clone(), &client.ip, client.https),
+                fields.keyed,
+            ),
+            None => {
+                let forwarding = headers::for_app(
+                    &mut parts,
+                    upgrade,
+                    (&client.ip, client.trusted, client.https),
+                    &|ip| self.config.trusts(ip),
+                );
+                (forwarding, parts.headers.contains_key(&IDEMPOTENCY_KEY))
             }
-        }
+        };
         parts.uri = origin_form(std::mem::take(&mut parts.uri));
         parts.version = http::Version::HTTP_11;
-        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-        // rolld answers `Expect: 100-continue` to the client itself (when the body is
-        // first read); the upstream gets the body without the handshake.
-        parts.headers.remove(header::EXPECT);
-        let forwarding = headers::Forwarding::of(
-            &parts.headers,
-            &client.ip,
-            client.trusted,
-            client.https,
-            &|ip| self.config.trusts(ip),
-        );
 
         let upload = Upload::new();
         if let Some(spooled) = &spooled {
@@ -284,13 +288,17 @@ impl Proxy {
                 upload.clone(),
             ),
         };
-        let head = OutHead::new(&parts, Some(&forwarding), &body, upgrade);
+        let head = match fields {
+            Some(fields) => OutHead::from_fields(fields, &forwarding, &parts.method),
+            None => OutHead::new(&parts, Some(&forwarding), &body, upgrade),
+        };
         // What it takes to send the request again if its upstream fails under it after
         // it was written (the app crashed, or closed the idle connection at that
         // moment): kept only when that is safe (see `retry`). A buffered body can always
         // be read again.
         let replay = Replay::of(
-            &parts,
+            &parts.method,
+            keyed,
             &head,
             spooled.clone(),
             body.is_end_stream(),

@@ -33,8 +33,9 @@ use tracing::debug;
 
 use crate::activity::ClientIo;
 use crate::body::{ClientBody, ResponseBody};
-use crate::exchange::ends_head;
+use crate::exchange::{ends_head, Fields};
 use crate::forward::{Client, Proxy};
+use crate::headers;
 
 /// The fields a head may have for this server to take it; a head with more goes to
 /// hyper.
@@ -52,14 +53,19 @@ pub(crate) enum Taken {
     Partial,
     /// A head for hyper: the bytes are left as they were.
     Other,
-    /// A request this server serves (its head taken from the buffer), and whether
-    /// its client asked to close the connection after it.
-    Request(Request<ClientBody>, bool),
+    /// A request this server serves (its head taken from the buffer), whether its
+    /// client asked to close the connection after it, and its fields as the app gets
+    /// them when they were written as the head was parsed (then the request's own map
+    /// is empty).
+    Request(Request<ClientBody>, bool, Option<Fields>),
 }
 
 /// Takes the request head at the start of `buf` if it is one this server serves.
-/// `max_head` bounds a head: a longer one goes to hyper, which answers it.
-pub(crate) fn take_request(buf: &mut BytesMut, max_head: usize) -> Taken {
+/// `max_head` bounds a head: a longer one goes to hyper, which answers it. With
+/// `as_written` (a client that is no trusted proxy, whose forwarding fields rolld
+/// replaces), the fields are written for the app at once (see `exchange::Fields`);
+/// else they go into the request's map.
+pub(crate) fn take_request(buf: &mut BytesMut, max_head: usize, as_written: bool) -> Taken {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut parsed = httparse::Request::new(&mut []);
     let len = match parsed.parse_with_uninit_headers(buf, &mut fields) {
@@ -83,10 +89,13 @@ pub(crate) fn take_request(buf: &mut BytesMut, max_head: usize) -> Taken {
     };
     let base = buf.as_ptr() as usize;
     let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let mut written = as_written.then(|| Fields::new(&method, target.as_bytes(), len));
     let target = at(target.as_bytes());
     let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_FIELDS];
+    let mut spanned = 0;
+    let mut host = None;
     let mut close = false;
-    for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+    for field in parsed.headers.iter() {
         let name = field.name.as_bytes();
         let refused: &[u8] = match name.len() {
             2 => b"te",
@@ -106,14 +115,37 @@ pub(crate) fn take_request(buf: &mut BytesMut, max_head: usize) -> Taken {
         if !refused.is_empty() && name.eq_ignore_ascii_case(refused) {
             return Taken::Other;
         }
-        let (name_at, name_len) = at(name);
-        let (value_at, value_len) = at(field.value);
-        *span = (name_at, name_len, value_at, value_len);
+        let Some(fields) = written.as_mut() else {
+            spans[spanned] = (at(name).0, name.len(), at(field.value).0, field.value.len());
+            spanned += 1;
+            continue;
+        };
+        if name.len() == 4 && name.eq_ignore_ascii_case(b"host") {
+            if host.is_some() {
+                // Which one routes? The map's path refuses the request.
+                return Taken::Other;
+            }
+            host = Some(at(field.value));
+        } else if name.len() == 15 && name.eq_ignore_ascii_case(b"idempotency-key") {
+            fields.keyed = true;
+        }
+        if headers::passes_as_written(name) {
+            fields.push(name, field.value);
+        }
     }
-    let count = parsed.headers.len();
     let head = buf.split_to(len).freeze();
-    match request(&head, method, target, &spans[..count]) {
-        Some(req) => Taken::Request(req, close),
+    let built = match written {
+        Some(mut fields) => {
+            // SAFETY: as in `request`.
+            fields.host = host.map(|(value_at, value_len)| unsafe {
+                HeaderValue::from_maybe_shared_unchecked(head.slice(value_at..value_at + value_len))
+            });
+            request(&head, method, target, &[]).map(|req| (req, Some(fields)))
+        }
+        None => request(&head, method, target, &spans[..spanned]).map(|req| (req, None)),
+    };
+    match built {
+        Some((req, fields)) => Taken::Request(req, close, fields),
         None => {
             // Put the head back for hyper, which answers it.
             let mut whole = BytesMut::with_capacity(head.len() + buf.len());
@@ -431,11 +463,11 @@ pub(crate) async fn serve<S: Future<Output = Duration>>(
         // A head: read until it is whole, or until it is clearly one for hyper. It is
         // parsed once its end is here (or it is too long to be one).
         let mut seen = 0;
-        let (req, asked_close) = loop {
+        let (req, asked_close, fields) = loop {
             let whole = ends_head(&buf, seen) || buf.len() >= max_head;
             seen = buf.len();
             match if whole {
-                take_request(&mut buf, max_head)
+                take_request(&mut buf, max_head, !client.trusted())
             } else {
                 Taken::Partial
             } {
@@ -444,7 +476,7 @@ pub(crate) async fn serve<S: Future<Output = Duration>>(
                     io.unread(buf.split().freeze());
                     return Left::ToHyper;
                 }
-                Taken::Request(req, close) => break (req, close),
+                Taken::Request(req, close, fields) => break (req, close, fields),
             }
             if buf.capacity() - buf.len() < READ_SIZE / 4 {
                 buf.reserve(READ_SIZE);
@@ -473,7 +505,7 @@ pub(crate) async fn serve<S: Future<Output = Duration>>(
         let head_request = req.method() == Method::HEAD;
         let busy = client.begin(false);
         // Boxed: an idle connection's task then holds no room for a request's state.
-        let mut handling = Box::pin(proxy.handle(req, client, busy));
+        let mut handling = Box::pin(proxy.handle(req, fields, client, busy));
         if buf.capacity() - buf.len() < READ_SIZE / 4 {
             buf.reserve(READ_SIZE);
         }
@@ -549,22 +581,193 @@ pub(crate) async fn serve<S: Future<Output = Duration>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::RequestBody;
+    use crate::exchange::OutHead;
+    use crate::headers::Forwarding;
 
+    /// Takes a head with its fields into the request's map.
     fn take(bytes: &[u8]) -> (Taken, BytesMut) {
+        take_as(bytes, false)
+    }
+
+    fn take_as(bytes: &[u8], as_written: bool) -> (Taken, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        let taken = take_request(&mut buf, 1024);
+        let taken = take_request(&mut buf, 1024, as_written);
         (taken, buf)
     }
 
-    /// The head is left whole, for hyper.
+    /// The head is left whole, for hyper, whichever way its fields would be taken.
     fn left_to_hyper(bytes: &[u8]) {
-        let (taken, buf) = take(bytes);
+        for as_written in [false, true] {
+            let (taken, buf) = take_as(bytes, as_written);
+            assert!(
+                matches!(taken, Taken::Other),
+                "{:?} ({as_written})",
+                String::from_utf8_lossy(bytes)
+            );
+            assert_eq!(&buf[..], bytes, "the bytes are left as they were");
+        }
+    }
+
+    /// The head the app gets for a request taken with its fields written at once, from
+    /// a client at 10.0.0.1.
+    fn written_head(bytes: &[u8]) -> (String, bool) {
+        let (Taken::Request(req, _, Some(fields)), _) = take_as(bytes, true) else {
+            panic!("not taken with its fields written")
+        };
         assert!(
-            matches!(taken, Taken::Other),
-            "{:?}",
-            String::from_utf8_lossy(bytes)
+            req.headers().is_empty(),
+            "the request's own map stays empty"
         );
-        assert_eq!(&buf[..], bytes, "the bytes are left as they were");
+        let ip = HeaderValue::from_static("10.0.0.1");
+        let forwarding = Forwarding::untrusted(fields.host.clone(), &ip, false);
+        let keyed = fields.keyed;
+        let head = OutHead::from_fields(fields, &forwarding, req.method());
+        (String::from_utf8_lossy(head.as_bytes()).into_owned(), keyed)
+    }
+
+    /// The head the app gets for the same request with its fields in the request's
+    /// map, as `forward` makes it, from the same client.
+    fn mapped_head(bytes: &[u8]) -> (String, bool) {
+        let (Taken::Request(req, _, None), _) = take_as(bytes, false) else {
+            panic!("not taken into a map")
+        };
+        let (mut parts, _) = req.into_parts();
+        let ip = HeaderValue::from_static("10.0.0.1");
+        let forwarding = headers::for_app(&mut parts, false, (&ip, false, false), &|_| false);
+        let keyed = parts.headers.contains_key(&crate::retry::IDEMPOTENCY_KEY);
+        let head = OutHead::new(&parts, Some(&forwarding), &RequestBody::empty(), false);
+        (String::from_utf8_lossy(head.as_bytes()).into_owned(), keyed)
+    }
+
+    /// A head's request line, and its fields with their names in lower case, sorted.
+    fn normalized(head: &str) -> (String, Vec<(String, String)>) {
+        let mut lines = head.split("\r\n");
+        let first = lines.next().unwrap_or_default().to_string();
+        let mut fields: Vec<_> = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (name, value) = l.split_once(": ").expect("a field");
+                (name.to_ascii_lowercase(), value.to_string())
+            })
+            .collect();
+        fields.sort();
+        (first, fields)
+    }
+
+    #[test]
+    fn fields_written_at_once_leave_behind_those_of_the_hop_and_the_forwarding_ones() {
+        let (head, keyed) = written_head(
+            b"DELETE /a?b=1 HTTP/1.1\r\nHost: example.test\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nx-forwarded-proto: https\r\nX-Forwarded-Host: evil\r\nProxy: http://evil\r\nProxy-Connection: close\r\nTrailer: x\r\nProxy-Authenticate: x\r\nIdempotency-Key: k\r\nAccept:  */* \r\nX-Forwarded: kept\r\n\r\n",
+        );
+        assert_eq!(
+            head,
+            "DELETE /a?b=1 HTTP/1.1\r\nHost: example.test\r\nIdempotency-Key: k\r\nAccept: */*\r\nX-Forwarded: kept\r\nx-forwarded-for: 10.0.0.1\r\nx-real-ip: 10.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: example.test\r\n\r\n"
+        );
+        assert!(keyed);
+        // A method whose request usually has a body says it has none; a bare LF ends a
+        // line the app gets with CRLF.
+        let (head, keyed) = written_head(b"POST /p HTTP/1.1\nhost: h\n\n");
+        assert_eq!(
+            head,
+            "POST /p HTTP/1.1\r\nhost: h\r\nx-forwarded-for: 10.0.0.1\r\nx-real-ip: 10.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: h\r\ncontent-length: 0\r\n\r\n"
+        );
+        assert!(!keyed);
+        // Which of two hosts routes is for the map's path to refuse (see `forward`).
+        let two_hosts = b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
+        let (taken, buf) = take_as(two_hosts, true);
+        assert!(matches!(taken, Taken::Other));
+        assert_eq!(&buf[..], two_hosts);
+        assert!(matches!(take(two_hosts).0, Taken::Request(..)));
+    }
+
+    mod written_as_mapped {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Names of every kind: kept, of the hop, rolld's forwarding ones, refused here,
+        /// noted, in any case; and others.
+        fn name() -> impl Strategy<Value = String> {
+            let known = prop::sample::select(vec![
+                "Host",
+                "Connection",
+                "Keep-Alive",
+                "Proxy-Connection",
+                "Proxy",
+                "Trailer",
+                "Proxy-Authenticate",
+                "X-Forwarded-For",
+                "X-Real-IP",
+                "X-Forwarded-Proto",
+                "X-Forwarded-Host",
+                "Idempotency-Key",
+                "TE",
+                "Upgrade",
+                "Expect",
+                "Content-Length",
+                "Transfer-Encoding",
+                "Accept",
+                "User-Agent",
+                "Cookie",
+                "X-Forwarded",
+                "Forwarded",
+                "Date",
+                "Via",
+            ]);
+            prop_oneof![
+                (known, any::<bool>()).prop_map(|(name, upper)| if upper {
+                    name.to_ascii_uppercase()
+                } else {
+                    name.to_ascii_lowercase()
+                }),
+                "[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]{0,20}",
+            ]
+        }
+
+        fn value(name: &str) -> BoxedStrategy<String> {
+            if name.eq_ignore_ascii_case("connection") {
+                prop::sample::select(vec!["close", "keep-alive", "Keep-Alive, close", "x"])
+                    .prop_map(str::to_string)
+                    .boxed()
+            } else {
+                "[!-~]([ -~]{0,30}[!-~])?".boxed()
+            }
+        }
+
+        fn head() -> impl Strategy<Value = String> {
+            let method =
+                prop::sample::select(vec!["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]);
+            let field = name().prop_flat_map(|name| (Just(name.clone()), value(&name)));
+            (method, prop::collection::vec(field, 0..12)).prop_map(|(method, fields)| {
+                let fields: String = fields
+                    .iter()
+                    .map(|(n, v)| format!("{n}: {v}\r\n"))
+                    .collect();
+                format!("{method} /p?q=1 HTTP/1.1\r\n{fields}\r\n")
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn an_app_gets_the_same_fields_either_way(head in head()) {
+                let written = take_as(head.as_bytes(), true).0;
+                let mapped = take_as(head.as_bytes(), false).0;
+                match (&written, &mapped) {
+                    (Taken::Request(..), Taken::Request(..)) => {
+                        let (written, written_keyed) = written_head(head.as_bytes());
+                        let (mapped, mapped_keyed) = mapped_head(head.as_bytes());
+                        prop_assert_eq!(normalized(&written), normalized(&mapped));
+                        prop_assert_eq!(written_keyed, mapped_keyed);
+                    }
+                    (Taken::Other, Taken::Other) => {}
+                    // Two hosts: the map's path refuses the request (see `forward`).
+                    (Taken::Other, Taken::Request(req, ..)) => {
+                        prop_assert!(headers::ambiguous(req.headers()).is_some());
+                    }
+                    _ => prop_assert!(false, "taken one way and not the other"),
+                }
+            }
+        }
     }
 
     #[test]
@@ -573,7 +776,7 @@ mod tests {
         let (taken, buf) = take(
             b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-One: 1\r\nx-one: 2\r\nAccept:  */* \r\nUser-Agent: a b\r\nKeep-Alive: timeout=5\r\n\r\nGET /next",
         );
-        let Taken::Request(req, close) = taken else {
+        let Taken::Request(req, close, None) = taken else {
             panic!("not taken")
         };
         assert!(!close);
@@ -598,10 +801,12 @@ mod tests {
             (" close ", true),
         ] {
             let head = format!("GET / HTTP/1.1\r\nConnection: {value}\r\n\r\n");
-            let (Taken::Request(_, asked), _) = take(head.as_bytes()) else {
-                panic!("{value}: not taken")
-            };
-            assert_eq!(asked, close, "{value}");
+            for as_written in [false, true] {
+                let (Taken::Request(_, asked, _), _) = take_as(head.as_bytes(), as_written) else {
+                    panic!("{value}: not taken")
+                };
+                assert_eq!(asked, close, "{value}");
+            }
         }
     }
 
@@ -641,7 +846,10 @@ mod tests {
             .map(|i| format!("X-{i}: 1\r\n"))
             .collect();
         let mut buf = BytesMut::from(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes());
-        assert!(matches!(take_request(&mut buf, 64 * 1024), Taken::Other));
+        assert!(matches!(
+            take_request(&mut buf, 64 * 1024, true),
+            Taken::Other
+        ));
     }
 
     #[test]

@@ -97,6 +97,51 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION || name == header::UPGRADE || ALWAYS_REMOVED.contains(&name)
 }
 
+/// Makes a request's map of fields the app's: its host in `Host` (HTTP/2 and the
+/// absolute form carry it in the URI), no field of its hop (see `strip_hop_by_hop`), no
+/// `Expect` (rolld answers `100-continue` itself when the body is first read, and the
+/// app gets the body without the handshake); and says what the app is told of the
+/// client, `(address, trusted, https)` (see `Forwarding`).
+pub(crate) fn for_app(
+    parts: &mut http::request::Parts,
+    upgrade: bool,
+    (client_ip, trusted, https): (&HeaderValue, bool, bool),
+    trusts: &dyn Fn(IpAddr) -> bool,
+) -> Forwarding {
+    if parts.headers.get(header::HOST).is_none() {
+        if let Some(value) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::EXPECT);
+    Forwarding::of(&parts.headers, client_ip, trusted, https, trusts)
+}
+
+/// Whether a client's field, by its name, goes to the app as the client wrote it, on a
+/// request that `h1` took (no upgrade, a `Connection` that names no field) from a
+/// client that is no trusted proxy: the fields `strip_hop_by_hop` removes and those
+/// `Forwarding` writes in their place stay behind, as they do from the request's map.
+pub(crate) fn passes_as_written(name: &[u8]) -> bool {
+    let held_back: &[&[u8]] = match name.len() {
+        2 => &[b"te"],
+        5 => &[b"proxy"],
+        7 => &[b"upgrade", b"trailer"],
+        9 => &[b"x-real-ip"],
+        10 => &[b"connection", b"keep-alive"],
+        15 => &[b"x-forwarded-for"],
+        16 => &[b"proxy-connection", b"x-forwarded-host"],
+        17 => &[b"transfer-encoding", b"x-forwarded-proto"],
+        18 => &[b"proxy-authenticate"],
+        _ => return true,
+    };
+    !held_back.iter().any(|held| name.eq_ignore_ascii_case(held))
+}
+
 /// Why a request's framing or routing headers cannot be forwarded safely, if they
 /// cannot: a `Transfer-Encoding` other than exactly one `chunked` (a proxy and an app
 /// that read such framing differently smuggle requests; nginx and HAProxy refuse it
@@ -156,19 +201,11 @@ impl Forwarding {
         https: bool,
         trusts: &dyn Fn(IpAddr) -> bool,
     ) -> Self {
-        let proto = HeaderValue::from_static(if https { "https" } else { "http" });
         let host = headers.get(header::HOST).cloned();
         if !trusted {
-            return Forwarding {
-                values: [
-                    Some(client_ip.clone()),
-                    Some(client_ip.clone()),
-                    Some(proto),
-                    host,
-                ],
-                trusted,
-            };
+            return Forwarding::untrusted(host, client_ip, https);
         }
+        let proto = HeaderValue::from_static(if https { "https" } else { "http" });
         let chain: Vec<u8> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -190,6 +227,25 @@ impl Forwarding {
         Forwarding {
             values: [chain, Some(real), proto, host],
             trusted,
+        }
+    }
+
+    /// What the app is told of a client that is no trusted proxy, whose request's
+    /// `Host` is `host`: every forwarding field is rolld's.
+    pub(crate) fn untrusted(
+        host: Option<HeaderValue>,
+        client_ip: &HeaderValue,
+        https: bool,
+    ) -> Self {
+        let proto = HeaderValue::from_static(if https { "https" } else { "http" });
+        Forwarding {
+            values: [
+                Some(client_ip.clone()),
+                Some(client_ip.clone()),
+                Some(proto),
+                host,
+            ],
+            trusted: false,
         }
     }
 

@@ -170,11 +170,13 @@ pub(crate) struct Replay {
 
 impl Replay {
     /// What it takes to send this request again, or why it cannot be once written.
-    /// `spooled` is its body if it was buffered; else `body_end` says the request has no
-    /// body, `body_at_least` how many bytes it has at least; a body is kept up to
-    /// `limit` bytes.
+    /// `keyed`: whether it has an `Idempotency-Key`. `spooled` is its body if it was
+    /// buffered; else `body_end` says the request has no body, `body_at_least` how many
+    /// bytes it has at least; a body is kept up to `limit` bytes.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn of(
-        parts: &http::request::Parts,
+        method: &http::Method,
+        keyed: bool,
         head: &OutHead,
         spooled: Option<Arc<SpooledBody>>,
         body_end: bool,
@@ -185,7 +187,7 @@ impl Replay {
         if upgrade {
             return Err(NotResent::Upgrade);
         }
-        if !parts.method.is_idempotent() && !parts.headers.contains_key(&IDEMPOTENCY_KEY) {
+        if !method.is_idempotent() && !keyed {
             return Err(NotResent::NotIdempotent);
         }
         let body = if body_end || spooled.is_some() {
@@ -572,7 +574,17 @@ mod tests {
         upgrade: bool,
     ) -> Result<Replay, NotResent> {
         let head = OutHead::new(parts, None, &RequestBody::empty(), upgrade);
-        Replay::of(parts, &head, None, body_end, body_at_least, upgrade, 10)
+        let keyed = parts.headers.contains_key(&IDEMPOTENCY_KEY);
+        Replay::of(
+            &parts.method,
+            keyed,
+            &head,
+            None,
+            body_end,
+            body_at_least,
+            upgrade,
+            10,
+        )
     }
 
     #[test]

@@ -406,7 +406,11 @@ impl Connection {
                     let response = redirect_to_https(&req, https_port);
                     return Ok::<_, Infallible>(response.map(|body| body.holding(Some(busy))));
                 }
-                Ok::<_, Infallible>(proxy.handle(req.map(ClientBody::from), &client, busy).await)
+                Ok::<_, Infallible>(
+                    proxy
+                        .handle(req.map(ClientBody::from), None, &client, busy)
+                        .await,
+                )
             }
         });
 
@@ -558,7 +562,9 @@ impl Connection {
             let client = client.clone();
             let hsts = hsts.clone();
             async move {
-                let mut response = proxy.handle(req.map(ClientBody::from), &client, busy).await;
+                let mut response = proxy
+                    .handle(req.map(ClientBody::from), None, &client, busy)
+                    .await;
                 if let Some(hsts) = hsts {
                     response
                         .headers_mut()
