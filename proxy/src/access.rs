@@ -32,7 +32,10 @@ impl Drop for AccessLog {
             upstream = %self.upstream.map_or_else(|| "-".to_string(), |u| u.to_string()),
             bytes = self.bytes,
             retries = self.retries,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = crate::clock::now()
+                .duration_since(self.started)
+                .as_secs_f64()
+                * 1000.0,
             complete = self.complete,
         );
     }

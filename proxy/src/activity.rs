@@ -45,9 +45,8 @@ pub(crate) struct Activity {
     started: AtomicU64,
     /// The number (in `started`) of the last request that came with a body.
     bodied: AtomicU64,
-    /// When the last request ended, in ms since `epoch`.
+    /// When the last request ended (or the connection began), in `clock::ms`.
     idle_since_ms: AtomicU64,
-    epoch: Instant,
     /// The connection task, parked in a read while a request was in progress: when the
     /// last request ends it must wake to start the keep-alive clock.
     parked: Mutex<Option<Waker>>,
@@ -62,8 +61,7 @@ impl Activity {
             busy: AtomicUsize::new(0),
             started: AtomicU64::new(0),
             bodied: AtomicU64::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            idle_since_ms: AtomicU64::new(crate::clock::ms()),
             parked: Mutex::new(None),
             unsound_framing: AtomicBool::new(false),
         })
@@ -86,7 +84,9 @@ impl Activity {
     }
 
     fn idle_since(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire))
+        Instant::from_std(crate::clock::at_ms(
+            self.idle_since_ms.load(Ordering::Acquire),
+        ))
     }
 }
 
@@ -97,8 +97,7 @@ pub(crate) struct Busy(Arc<Activity>);
 impl Drop for Busy {
     fn drop(&mut self) {
         let a = &self.0;
-        let since = a.epoch.elapsed().as_millis() as u64;
-        a.idle_since_ms.store(since, Ordering::Release);
+        a.idle_since_ms.store(crate::clock::ms(), Ordering::Release);
         if a.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
             let parked = a.parked.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(waker) = parked {
@@ -484,7 +483,7 @@ impl ClientIo<TcpStream> {
         };
         if self.header_started.is_none() && self.activity.busy.load(Ordering::Acquire) == 0 {
             let started = self.activity.started.load(Ordering::Acquire);
-            self.header_started = Some((Instant::now(), started));
+            self.header_started = Some((crate::clock::tokio_now(), started));
         }
         Poll::Ready(Ok(n))
     }
@@ -510,7 +509,7 @@ impl ClientIo<TcpStream> {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     if self.header_started.is_none() {
-                        self.header_started = Some((Instant::now(), 0));
+                        self.header_started = Some((crate::clock::tokio_now(), 0));
                     }
                     got.extend_from_slice(&chunk[..n]);
                     let matches = want.starts_with(&got);
@@ -578,7 +577,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Read for ClientIo<S> {
             && this.activity.busy.load(Ordering::Acquire) == 0
         {
             let started = this.activity.started.load(Ordering::Acquire);
-            this.header_started = Some((Instant::now(), started));
+            this.header_started = Some((crate::clock::tokio_now(), started));
         }
         Poll::Ready(polled)
     }

@@ -104,9 +104,8 @@ impl IdleTimer {
 #[derive(Debug)]
 pub(crate) struct Upload {
     phase: AtomicU8,
-    /// When the request last moved, in ms since `epoch`.
+    /// When the request last moved, in `clock::ms`.
     moved_ms: AtomicU64,
-    epoch: Instant,
     /// Reads of the upstream connection the request went out on: while the answer's
     /// head arrives, each read restarts `response_timeout`.
     reads: std::sync::Mutex<Option<Arc<crate::moved::Moved>>>,
@@ -134,15 +133,13 @@ impl Upload {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Upload {
             phase: AtomicU8::new(CONNECTING),
-            moved_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            moved_ms: AtomicU64::new(crate::clock::ms()),
             reads: std::sync::Mutex::new(None),
         })
     }
 
     fn moved(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.moved_ms.store(ms, Ordering::Release);
+        self.moved_ms.store(crate::clock::ms(), Ordering::Release);
     }
 
     fn enter(&self, phase: u8) {
@@ -174,7 +171,7 @@ impl Upload {
             SENT => response,
             _ => return None,
         };
-        let moved = self.epoch + Duration::from_millis(self.moved_ms.load(Ordering::Acquire));
+        let moved = Instant::from_std(crate::clock::at_ms(self.moved_ms.load(Ordering::Acquire)));
         let read = self.conn().map(|reads| reads.at());
         Some(read.map_or(moved, |read| read.max(moved)) + after)
     }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
@@ -147,7 +147,7 @@ impl Proxy {
         busy: Busy,
     ) -> Response<ResponseBody> {
         let mut busy = Some(busy);
-        let started = Instant::now();
+        let started = crate::clock::now();
         let access = self.config.access_log.then(|| {
             Box::new(AccessLog {
                 client: client.addr,
@@ -312,7 +312,7 @@ impl Proxy {
         };
         self.retry_budget.request();
         let mut req = Outgoing { head, body };
-        let sending = Instant::now();
+        let sending = crate::clock::now();
         let mut tries = Tries::default();
         let sent = loop {
             let sent = self
@@ -358,7 +358,8 @@ impl Proxy {
         };
         let response = match sent {
             Some(Ok(sent)) => {
-                self.stats.observe_upstream(sending.elapsed());
+                self.stats
+                    .observe_upstream(crate::clock::now().duration_since(sending));
                 lease.answered(sent.status().as_u16());
                 sent
             }

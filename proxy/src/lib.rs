@@ -11,6 +11,8 @@
 //! - `maintenance`: the page every request gets while maintenance is on.
 //! - [`config`]: every setting, with production defaults.
 //! - `forward`: the per-request path (route, rewrite, send, stream back).
+//! - `h1`: rolld's own HTTP/1 server, for the bodiless requests most clients send.
+//! - `exchange`: one HTTP/1.1 exchange with an app, driven by the request's own task.
 //! - `pool`: keep-alive connections to each upstream.
 //! - `retry`: what is safe to send again after an upstream failed under a request,
 //!   the kept body, and the retry budget.
@@ -19,6 +21,7 @@
 //!   files, within a global budget), so slow clients never hold an app worker.
 //! - `headers`: hop-by-hop and forwarding headers.
 //! - `moved`: when a socket last read bytes, for idle timeouts.
+//! - `clock`: the time, read once per poll of a client connection's task.
 //! - `activity`: the client connection's IO: header and keep-alive timeouts, and
 //!   giving hyper's buffers back while a connection is idle.
 //! - `access`: the access log line.
@@ -34,6 +37,7 @@ mod access;
 mod activity;
 mod body;
 pub mod buffer;
+mod clock;
 pub mod config;
 pub mod drain;
 pub mod error;

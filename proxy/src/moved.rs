@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -13,8 +12,7 @@ use tokio::time::Instant;
 /// When bytes were last read, shared by the readers that count.
 #[derive(Debug)]
 pub(crate) struct Moved {
-    epoch: Instant,
-    /// Milliseconds since `epoch`.
+    /// When, in `clock::ms`.
     ms: AtomicU64,
     /// The last write found the socket full.
     write_blocked: AtomicBool,
@@ -23,16 +21,14 @@ pub(crate) struct Moved {
 impl Moved {
     pub(crate) fn new() -> Self {
         Moved {
-            epoch: Instant::now(),
-            ms: AtomicU64::new(0),
+            ms: AtomicU64::new(crate::clock::ms()),
             write_blocked: AtomicBool::new(false),
         }
     }
 
     /// Bytes moved now.
     pub(crate) fn now(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.ms.store(ms, Ordering::Relaxed);
+        self.ms.store(crate::clock::ms(), Ordering::Relaxed);
     }
 
     /// Whether the peer takes no more bytes: the last write found the socket full.
@@ -42,7 +38,7 @@ impl Moved {
 
     /// When bytes last moved (at creation, if never).
     pub(crate) fn at(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.ms.load(Ordering::Relaxed))
+        Instant::from_std(crate::clock::at_ms(self.ms.load(Ordering::Relaxed)))
     }
 }
 

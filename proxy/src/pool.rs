@@ -8,7 +8,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -25,7 +25,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 struct Idle {
     conn: Box<Conn>,
-    since: Instant,
+    /// When it went idle, in `clock::ms`.
+    since_ms: u64,
 }
 
 pub(crate) struct Pool {
@@ -56,7 +57,9 @@ impl Pool {
     /// new one.
     pub(crate) async fn checkout(&self, connect_timeout: Duration) -> io::Result<Box<Conn>> {
         while let Some(idle) = self.pop() {
-            if idle.since.elapsed() > IDLE_TIMEOUT || !idle.conn.is_open() {
+            if crate::clock::ms().saturating_sub(idle.since_ms) > IDLE_TIMEOUT.as_millis() as u64
+                || !idle.conn.is_open()
+            {
                 continue;
             }
             let mut conn = idle.conn;
@@ -84,7 +87,7 @@ impl Pool {
         if idle.len() < MAX_IDLE {
             idle.push(Idle {
                 conn,
-                since: Instant::now(),
+                since_ms: crate::clock::ms(),
             });
         }
     }

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderName;
@@ -370,7 +370,6 @@ pub(crate) struct RetryBudget {
     per_million: u64,
     /// Retries per second allowed whatever the request rate.
     floor: u64,
-    epoch: Instant,
     slots: [Slot; WINDOW_SECS as usize],
     taking: Mutex<()>,
 }
@@ -378,7 +377,7 @@ pub(crate) struct RetryBudget {
 /// One second of the window.
 #[derive(Debug, Default)]
 struct Slot {
-    /// The second (since `epoch`, plus one) these counts are of.
+    /// The second (of `clock::ms`, plus one) these counts are of.
     second: AtomicU64,
     requests: AtomicU64,
     /// Retries paid from the share.
@@ -393,7 +392,6 @@ impl RetryBudget {
         RetryBudget {
             per_million: (share.clamp(0.0, 1.0) * 1e6).round() as u64,
             floor: u64::from(floor),
-            epoch: Instant::now(),
             slots: Default::default(),
             taking: Mutex::new(()),
         }
@@ -401,7 +399,7 @@ impl RetryBudget {
 
     fn now(&self) -> u64 {
         // Plus one: a slot never used says second 0.
-        self.epoch.elapsed().as_secs() + 1
+        crate::clock::ms() / 1000 + 1
     }
 
     /// The slot of `second`, emptied if it held an older second. A request counted by
@@ -465,6 +463,7 @@ impl RetryBudget {
 mod tests {
     use super::*;
     use http::Request;
+    use std::time::Instant;
 
     #[test]
     fn the_share_of_the_window_caps_retries() {

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::activity::{ClientIo, Timeouts};
 use crate::body::{ClientBody, ResponseBody};
+use crate::clock::Clocked;
 use crate::config::ProxyConfig;
 use crate::forward::{Client, Proxy};
 use crate::tls::{HandshakeFailure, Tls};
@@ -255,12 +256,13 @@ async fn accept_loop(listener: TcpListener, shared: Shared, slots: Arc<Semaphore
             shared: shared.clone(),
             slot: permit,
         };
+        // Each poll of a connection's task reads the clock once (see `clock`).
         match &shared.front {
             Front::Tls(tls) => {
-                tokio::spawn(conn.serve_tls(tls.clone()));
+                tokio::spawn(Clocked::new(conn.serve_tls(tls.clone())));
             }
             Front::Plain | Front::RedirectToHttps { .. } => {
-                tokio::spawn(conn.serve());
+                tokio::spawn(Clocked::new(conn.serve()));
             }
         }
     }

@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::watch;
@@ -148,10 +148,9 @@ fn pool_count() -> usize {
     })
 }
 
-/// Milliseconds since the first call; cheap monotonic time for passive health.
+/// Cheap monotonic time for passive health (see `clock::ms`).
 fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    crate::clock::ms()
 }
 
 /// The upstreams of one generation. Immutable: a new generation builds a new set.
@@ -736,6 +735,7 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn addrs(n: u16) -> Vec<SocketAddr> {
         (0..n)
