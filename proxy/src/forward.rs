@@ -250,68 +250,13 @@ impl Proxy {
         };
         let mut lease = Some(lease);
 
-        let upgrade = fields.is_none() && headers::is_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        let (forwarding, keyed) = match &fields {
-            Some(fields) => (
-                Forwarding::untrusted(fields.host.clone(), &client.ip, client.https),
-                fields.keyed,
-            ),
-            None => {
-                let forwarding = headers::for_app(
-                    &mut parts,
-                    upgrade,
-                    (&client.ip, client.trusted, client.https),
-                    &|ip| self.config.trusts(ip),
-                );
-                (forwarding, parts.headers.contains_key(&IDEMPOTENCY_KEY))
-            }
-        };
-        parts.uri = origin_form(std::mem::take(&mut parts.uri));
-        parts.version = http::Version::HTTP_11;
-
-        let upload = Upload::new();
-        if let Some(spooled) = &spooled {
-            // Its length is known now: sent with `Content-Length`, which every app
-            // server reads (some refuse chunked requests).
-            parts
-                .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(spooled.len()));
-        }
-        let body = match &spooled {
-            Some(spooled) => RequestBody::spooled(spooled.reader(), upload.clone()),
-            None => RequestBody::new(
-                body,
-                self.config.max_body_size,
-                self.config.body_idle_timeout,
-                upload.clone(),
-            ),
-        };
-        let head = match fields {
-            Some(fields) => OutHead::from_fields(fields, &forwarding, &parts.method),
-            None => OutHead::new(&parts, Some(&forwarding), &body, upgrade),
-        };
-        // What it takes to send the request again if its upstream fails under it after
-        // it was written (the app crashed, or closed the idle connection at that
-        // moment): kept only when that is safe (see `retry`). A buffered body can always
-        // be read again.
-        let replay = Replay::of(
-            &parts.method,
-            keyed,
-            &head,
-            spooled.clone(),
-            body.is_end_stream(),
-            body.size_hint().lower(),
-            upgrade,
-            self.config.retry_body_limit,
-        );
-        let body = match &spooled {
-            Some(_) => body,
-            None => body.keeping(replay.as_ref().ok().and_then(Replay::kept)),
-        };
+        let Prepared {
+            mut req,
+            replay,
+            upload,
+            client_upgrade,
+        } = self.prepare(req, fields, spooled, client);
         self.retry_budget.request();
-        let mut req = Outgoing { head, body };
         let sending = crate::clock::now();
         let mut tries = Tries::default();
         let sent = loop {
@@ -446,6 +391,84 @@ impl Proxy {
             parts,
             ResponseBody::upstream(body).holding(busy.take()),
         ))
+    }
+
+    /// The request as it goes to the app (see `exchange`), with what it takes to send it
+    /// again. Not part of `forward`'s future: what it builds on the way (the request's
+    /// parts, its forwarding fields) would take room there for the whole exchange.
+    fn prepare(
+        &self,
+        mut req: Request<ClientBody>,
+        fields: Option<Fields>,
+        spooled: Option<Arc<SpooledBody>>,
+        client: &Client,
+    ) -> Prepared {
+        let upgrade = fields.is_none() && headers::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let (forwarding, keyed) = match &fields {
+            Some(fields) => (
+                Forwarding::untrusted(fields.host.clone(), &client.ip, client.https),
+                fields.keyed,
+            ),
+            None => {
+                let forwarding = headers::for_app(
+                    &mut parts,
+                    upgrade,
+                    (&client.ip, client.trusted, client.https),
+                    &|ip| self.config.trusts(ip),
+                );
+                (forwarding, parts.headers.contains_key(&IDEMPOTENCY_KEY))
+            }
+        };
+        parts.uri = origin_form(std::mem::take(&mut parts.uri));
+        parts.version = http::Version::HTTP_11;
+
+        let upload = Upload::new();
+        if let Some(spooled) = &spooled {
+            // Its length is known now: sent with `Content-Length`, which every app
+            // server reads (some refuse chunked requests).
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(spooled.len()));
+        }
+        let body = match &spooled {
+            Some(spooled) => RequestBody::spooled(spooled.reader(), upload.clone()),
+            None => RequestBody::new(
+                body,
+                self.config.max_body_size,
+                self.config.body_idle_timeout,
+                upload.clone(),
+            ),
+        };
+        let head = match fields {
+            Some(fields) => OutHead::from_fields(fields, &forwarding, &parts.method),
+            None => OutHead::new(&parts, Some(&forwarding), &body, upgrade),
+        };
+        // What it takes to send the request again if its upstream fails under it after
+        // it was written (the app crashed, or closed the idle connection at that
+        // moment): kept only when that is safe (see `retry`). A buffered body can always
+        // be read again.
+        let replay = Replay::of(
+            &parts.method,
+            keyed,
+            &head,
+            spooled.clone(),
+            body.is_end_stream(),
+            body.size_hint().lower(),
+            upgrade,
+            self.config.retry_body_limit,
+        );
+        let body = match &spooled {
+            Some(_) => body,
+            None => body.keeping(replay.as_ref().ok().and_then(Replay::kept)),
+        };
+        Prepared {
+            req: Outgoing { head, body },
+            replay,
+            upload,
+            client_upgrade,
+        }
     }
 
     /// Sends `req` (see `send`) under the clock of its answer: `None` when
@@ -760,6 +783,17 @@ impl Proxy {
         *slot = Some(self.admit().await?);
         Ok(())
     }
+}
+
+/// A request made ready for its app (see `Proxy::prepare`).
+struct Prepared {
+    req: Outgoing,
+    /// What it takes to send it again, or why it cannot be.
+    replay: Result<Replay, NotResent>,
+    /// The clock of its exchange.
+    upload: Arc<Upload>,
+    /// The client's side of an upgrade it asks for.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 /// Largest answer of known length that is read whole outside the buffer budget (see
