@@ -478,8 +478,8 @@ fn says_no_body(method: &Method) -> bool {
 /// (`headers::passes_as_written`) as the client wrote them; `OutHead::from_fields` ends
 /// it. Only for a request without a body, that asks no upgrade, from a client that is
 /// no trusted proxy. Its `Request` then has no fields of its own (an empty map): what
-/// rolld must know of them is here. Building the map and encoding it again was a tenth
-/// of the proxy's work on a small request.
+/// rolld must know of them is here. Building the map and encoding it again was about
+/// 6% of the proxy's user-space work on a small request.
 pub(crate) struct Fields {
     bytes: BytesMut,
     /// The value of the request's `Host` (for `X-Forwarded-Host`).
