@@ -542,10 +542,14 @@ async fn a_request_whose_upstreams_keep_refusing_is_held_at_most_twice_then_gets
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     let stats = front.proxy.stats().snapshot();
     assert_eq!(bad_gateways(&stats, "connect"), 1, "{stats:?}");
-    assert_eq!(
-        retries(&stats, "connect"),
-        5,
-        "three rounds of two connects, two holds between: {stats:?}"
+    // Three rounds, two holds between: a round tries both upstreams (two counted
+    // connects, the last round's second one failing the request) unless the second is
+    // still marked down when the first comes back (it was marked a moment later), and
+    // then tries one. A third hold would make seven when every round tries both.
+    let connects = retries(&stats, "connect");
+    assert!(
+        (3..=5).contains(&connects),
+        "three rounds of one or two connects, two holds between: {stats:?}"
     );
 }
 
