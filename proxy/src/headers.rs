@@ -127,19 +127,14 @@ pub(crate) fn for_app(
 /// client that is no trusted proxy: the fields `strip_hop_by_hop` removes and those
 /// `Forwarding` writes in their place stay behind, as they do from the request's map.
 pub(crate) fn passes_as_written(name: &[u8]) -> bool {
-    let held_back: &[&[u8]] = match name.len() {
-        2 => &[b"te"],
-        5 => &[b"proxy"],
-        7 => &[b"upgrade", b"trailer"],
-        9 => &[b"x-real-ip"],
-        10 => &[b"connection", b"keep-alive"],
-        15 => &[b"x-forwarded-for"],
-        16 => &[b"proxy-connection", b"x-forwarded-host"],
-        17 => &[b"transfer-encoding", b"x-forwarded-proto"],
-        18 => &[b"proxy-authenticate"],
-        _ => return true,
-    };
-    !held_back.iter().any(|held| name.eq_ignore_ascii_case(held))
+    let held_back = [&header::CONNECTION, &header::UPGRADE]
+        .into_iter()
+        .chain(ALWAYS_REMOVED)
+        .chain(FORWARDING);
+    !held_back.into_iter().any(|held| {
+        let held = held.as_str().as_bytes();
+        held.len() == name.len() && held.eq_ignore_ascii_case(name)
+    })
 }
 
 /// Why a request's framing or routing headers cannot be forwarded safely, if they

@@ -55,7 +55,7 @@ pub struct Upstream {
     in_flight: AtomicUsize,
     /// Set by the supervisor: false while the process is dead or restarting.
     available: AtomicBool,
-    /// Passive health: after a failed connect, skipped until this instant (see [`now_ms`]).
+    /// Passive health: after a failed connect, skipped until this instant (in `clock::ms`).
     down_until_ms: AtomicU64,
     /// Idle keep-alive connections to this process, one pool per proxy worker thread
     /// so that a connection is only used by the thread whose event loop drives it;
@@ -111,7 +111,9 @@ impl Upstream {
             return None;
         }
         let until = self.down_until_ms.load(Ordering::Relaxed);
-        Some(Duration::from_millis(until.saturating_sub(now_ms())))
+        Some(Duration::from_millis(
+            until.saturating_sub(crate::clock::ms()),
+        ))
     }
 
     /// Whether the balancer may pick this upstream now.
@@ -120,7 +122,7 @@ impl Upstream {
         // cleared, so the usual pick over the set reads no clock at all.
         let until = self.down_until_ms.load(Ordering::Relaxed);
         if until != 0 {
-            if until > now_ms() {
+            if until > crate::clock::ms() {
                 return false;
             }
             // Unless a newer mark (another failure) came meanwhile.
@@ -133,7 +135,7 @@ impl Upstream {
 
     /// Passive health: a connect failed, so skip this upstream for `period`.
     pub(crate) fn mark_down_for(&self, period: Duration) {
-        let until = now_ms() + period.as_millis() as u64;
+        let until = crate::clock::ms() + period.as_millis() as u64;
         self.down_until_ms.store(until, Ordering::Relaxed);
     }
 }
@@ -146,11 +148,6 @@ fn pool_count() -> usize {
             .map_or(1, |n| n.get())
             .max(1)
     })
-}
-
-/// Cheap monotonic time for passive health (see `clock::ms`).
-fn now_ms() -> u64 {
-    crate::clock::ms()
 }
 
 /// The upstreams of one generation. Immutable: a new generation builds a new set.
