@@ -389,11 +389,15 @@ pub async fn terminate(
             );
         }
         // A process forking as fast as it can may add members between a listing and
-        // the kill: kill again until none is left (bounded: 10 s).
+        // the kill: kill again until none is left (bounded: 10 s). None means two
+        // listings in a row, 20 ms apart, found none: a marked process caught in the
+        // middle of an exec shows no environment, so one listing can miss it.
         let killing = deadline_in(Duration::from_secs(10));
+        let mut empty_listings = 0;
         loop {
             tree.kill();
-            if !tree.alive() || tokio::time::Instant::now() >= killing {
+            empty_listings = if tree.alive() { 0 } else { empty_listings + 1 };
+            if empty_listings == 2 || tokio::time::Instant::now() >= killing {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
