@@ -36,6 +36,10 @@ use crate::config::ProxyConfig;
 /// every request costs more CPU than holding it that long.
 const SHED_AFTER: Duration = Duration::from_millis(250);
 
+/// The most a read of a new connection's first bytes takes (see
+/// [`ClientIo::starts_with`]): room for most request heads, on the stack.
+const SNIFF_READ: usize = 2048;
+
 /// Shared by a connection's IO and its requests.
 #[derive(Debug)]
 pub(crate) struct Activity {
@@ -495,30 +499,29 @@ impl ClientIo<TcpStream> {
         self.prefix = bytes;
     }
 
-    /// Reads the client's first bytes, up to `want.len()`, for as long as they match
-    /// `want`: true if all of `want` came, false at the first byte that differs. The
-    /// bytes read are handed to hyper later, as if unread. Fails at end of stream, or
-    /// at the keep-alive or header timeout.
+    /// Reads the client's first bytes until they tell whether they start with `want`:
+    /// true if all of `want` came, false at the first byte that differs. Each read
+    /// takes what the client sent, up to [`SNIFF_READ`] bytes: a whole small request
+    /// head in one system call, not the length of `want` first and the rest after it.
+    /// The bytes read are handed on later (to rolld's own HTTP/1 server or hyper), as
+    /// if unread. Fails at end of stream, or at the keep-alive or header timeout.
     pub(crate) async fn starts_with(&mut self, want: &[u8]) -> io::Result<bool> {
-        let mut got = Vec::with_capacity(want.len());
+        debug_assert!(want.len() < SNIFF_READ && self.prefix.is_empty());
+        // On the heap, not in the connection's future; read as `poll_read_into` reads,
+        // so that a short read tells tokio the socket is drained and the next read
+        // waits for the client instead of asking the kernel.
+        let mut got = bytes::BytesMut::with_capacity(SNIFF_READ);
         loop {
-            self.ready().await?;
-            let mut chunk = [0u8; 64];
-            let room = want.len() - got.len();
-            match self.stream.try_read(&mut chunk[..room.min(64)]) {
+            match std::future::poll_fn(|cx| self.poll_read_into(cx, &mut got)).await {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => {
-                    if self.header_started.is_none() {
-                        self.header_started = Some((crate::clock::tokio_now(), 0));
-                    }
-                    got.extend_from_slice(&chunk[..n]);
-                    let matches = want.starts_with(&got);
+                Ok(_) => {
+                    let compared = got.len().min(want.len());
+                    let matches = got[..compared] == want[..compared];
                     if !matches || got.len() >= want.len() {
-                        self.prefix = Bytes::from(got);
+                        self.prefix = got.freeze();
                         return Ok(matches);
                     }
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(err) => return Err(err),
             }
         }

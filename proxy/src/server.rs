@@ -38,11 +38,13 @@ const CONNECTION_WINDOW: u32 = 1024 * 1024;
 const BACKLOG: i32 = 1024;
 
 /// Binds the front listener: SO_REUSEADDR so a restarted rolld binds at once, a real
-/// backlog, and close-on-exec so app processes never inherit it.
+/// backlog, close-on-exec so app processes never inherit it, and `TCP_NODELAY` before
+/// it listens, so that every client it accepts has it too (see [`nodelay`]).
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_cloexec(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     socket.set_nonblocking(true)?;
@@ -170,6 +172,11 @@ async fn accept(
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     let mut loops = tokio::task::JoinSet::new();
     for (listener, front) in listeners {
+        // Set on the listener (again, for one not made by `bind`), where Linux copies
+        // it into each socket it accepts from then on.
+        if let Err(err) = socket2::SockRef::from(&listener).set_nodelay(true) {
+            debug!(error = %err, "set_nodelay on the listener failed");
+        }
         let listener = TcpListener::from_std(listener)?;
         let shared = Shared {
             proxy: proxy.clone(),
@@ -223,6 +230,7 @@ struct Shared {
 async fn accept_loop(listener: TcpListener, shared: Shared, slots: Arc<Semaphore>) -> Duration {
     let shutdown = stopping(shared.stopped.clone());
     tokio::pin!(shutdown);
+    let mut nodelay_inherited = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -247,9 +255,7 @@ async fn accept_loop(listener: TcpListener, shared: Shared, slots: Arc<Semaphore
             },
             grace = &mut shutdown => return grace,
         };
-        if let Err(err) = stream.set_nodelay(true) {
-            debug!(client = %peer, error = %err, "set_nodelay failed");
-        }
+        nodelay(&stream, &mut nodelay_inherited);
         let conn = Connection {
             stream,
             peer,
@@ -264,6 +270,28 @@ async fn accept_loop(listener: TcpListener, shared: Shared, slots: Arc<Semaphore
             Front::Plain | Front::RedirectToHttps { .. } => {
                 tokio::spawn(Clocked::new(conn.serve()));
             }
+        }
+    }
+}
+
+/// Turns Nagle's algorithm off for an accepted client: rolld writes whole answers, and
+/// a small one must not wait for the client's ACK of the last. Linux copies the
+/// listener's `TCP_NODELAY` into the sockets it accepts, which spares a system call per
+/// connection; whether it did is asked of a loop's first connection, and where it did
+/// not (another system, or a client queued before the listener had it), each
+/// connection gets it set.
+fn nodelay(stream: &TcpStream, inherited: &mut Option<bool>) {
+    let set = match *inherited {
+        Some(inherited) => inherited,
+        None => {
+            let set = stream.nodelay().unwrap_or(false);
+            *inherited = Some(set);
+            set
+        }
+    };
+    if !set {
+        if let Err(err) = stream.set_nodelay(true) {
+            debug!(error = %err, "set_nodelay failed");
         }
     }
 }
@@ -662,5 +690,49 @@ mod tests {
         assert_eq!((&mut stop).await, Duration::from_secs(3));
         // Polled again (a connection handed on after the stop): the same answer, at once.
         assert_eq!((&mut stop).await, Duration::from_secs(3));
+    }
+
+    /// Two clients accepted from a listener with or without `TCP_NODELAY`: each has
+    /// it once `nodelay` saw it, and what the first said is kept for the second.
+    async fn accepted_with_nodelay(on_listener: bool) -> (Vec<bool>, Option<bool>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        socket2::SockRef::from(&listener)
+            .set_nodelay(on_listener)
+            .expect("set_nodelay on the listener");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let listener = TcpListener::from_std(listener).expect("listener");
+        let mut inherited = None;
+        let mut set = Vec::new();
+        for _ in 0..2 {
+            let _client = TcpStream::connect(addr).await.expect("connect");
+            let (stream, _) = listener.accept().await.expect("accept");
+            nodelay(&stream, &mut inherited);
+            set.push(stream.nodelay().expect("nodelay"));
+        }
+        (set, inherited)
+    }
+
+    #[tokio::test]
+    async fn accepted_clients_have_nodelay_from_the_listener_or_set_one_by_one() {
+        assert_eq!(
+            accepted_with_nodelay(true).await,
+            (vec![true, true], Some(true))
+        );
+        assert_eq!(
+            accepted_with_nodelay(false).await,
+            (vec![true, true], Some(false))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bound_front_listener_hands_its_clients_nodelay() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Queued before anything but `bind` touched the listener.
+        let _client = std::net::TcpStream::connect(addr).expect("connect");
+        let listener = TcpListener::from_std(listener).expect("listener");
+        let (stream, _) = listener.accept().await.expect("accept");
+        assert!(stream.nodelay().expect("nodelay"));
     }
 }
