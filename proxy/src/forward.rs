@@ -81,11 +81,9 @@ impl Client {
         slot: tokio::sync::OwnedSemaphorePermit,
         https: bool,
     ) -> Self {
-        let ip = HeaderValue::from_str(&addr.ip().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Client {
             addr,
-            ip,
+            ip: headers::ip_value(addr.ip()),
             trusted: config.trusts(addr.ip()),
             https,
             activity,
