@@ -837,9 +837,14 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // Bind first: port 80 needs root, the rest of rolld does not.
+    // Bind first: port 80 needs root, the rest of rolld does not. A front listener
+    // has a socket for each proxy worker.
+    let refused = |addr: std::net::SocketAddr, what: &str, err| {
+        format!("cannot listen on {addr} ({what}): {err}")
+    };
     let bind = |addr: std::net::SocketAddr, what: &str| {
-        rolld_proxy::bind(addr).map_err(|err| format!("cannot listen on {addr} ({what}): {err}"))
+        rolld_proxy::bind_for_workers(addr, config.proxy.workers)
+            .map_err(|err| refused(addr, what, err))
     };
     let listener = match config.listen.map(|addr| bind(addr, "listen")).transpose() {
         Ok(listener) => listener,
@@ -861,7 +866,11 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let admin = match config.admin.map(|addr| bind(addr, "admin")).transpose() {
+    let admin = match config
+        .admin
+        .map(|addr| rolld_proxy::bind(addr).map_err(|err| refused(addr, "admin", err)))
+        .transpose()
+    {
         Ok(admin) => admin,
         Err(why) => {
             say!("{why}");

@@ -124,8 +124,8 @@ impl Supervisor {
     /// `tls_listener` the TLS one, if `tls` is.
     pub async fn run(
         mut self,
-        listener: Option<std::net::TcpListener>,
-        tls_listener: Option<std::net::TcpListener>,
+        listener: Option<rolld_proxy::Listener>,
+        tls_listener: Option<rolld_proxy::Listener>,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), RunError> {
         let mut fronts = Vec::new();

@@ -65,6 +65,6 @@ pub use exchange::UpstreamError;
 pub use forward::{Client, Proxy};
 pub use hold::HoldSnapshot;
 pub use maintenance::MaintenancePage;
-pub use server::{bind, serve, serve_fronts, Front};
+pub use server::{bind, bind_for_workers, serve, serve_fronts, Front, Listener};
 pub use stats::{Stats, StatsSnapshot};
 pub use upstream::{Balance, InFlight, OutcomeCounts, Outcomes, Upstream, UpstreamSet, Upstreams};

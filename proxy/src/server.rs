@@ -37,18 +37,80 @@ const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// Pending connections the kernel queues before rolld accepts them.
 const BACKLOG: i32 = 1024;
 
-/// Binds the front listener: SO_REUSEADDR so a restarted rolld binds at once, a real
-/// backlog, close-on-exec so app processes never inherit it, and `TCP_NODELAY` before
-/// it listens, so that every client it accepts has it too (see [`nodelay`]).
+/// Binds a listener: SO_REUSEADDR so a restarted rolld binds at once, a real backlog,
+/// close-on-exec so app processes never inherit it, `TCP_NODELAY` before it listens,
+/// so that every client it accepts has it too (see [`nodelay`]), and SO_REUSEPORT, for
+/// the sockets of [`bind_for_workers`] beside it. Another process listening on `addr`
+/// is still an error, as without SO_REUSEPORT: a bind without it is tried first.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    if addr.port() != 0 {
+        drop(bound(addr, false)?);
+    }
+    listen_on(addr)
+}
+
+/// Binds a front listener for `workers` proxy workers: a socket for each, all on
+/// `addr` (see [`Listener`]). Called before rolld gives up root: the kernel takes
+/// sockets into one SO_REUSEPORT group only from the user that bound the first.
+pub fn bind_for_workers(addr: SocketAddr, workers: usize) -> io::Result<Listener> {
+    let first = bind(addr)?;
+    // Port 0 chose a port: the other sockets listen on that one.
+    let addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(listen_on(addr)?);
+    }
+    Ok(Listener { sockets })
+}
+
+/// A socket bound to `addr` with the options of a front listener.
+fn bound(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_cloexec(true)?;
     socket.set_nodelay(true)?;
+    socket.set_reuse_port(reuse_port)?;
     socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// A front listener on `addr`, beside any other rolld socket listening there.
+fn listen_on(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = bound(addr, true)?;
     socket.listen(BACKLOG)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// The listening sockets of one front address, from [`bind_for_workers`]: one for
+/// each proxy worker, all on the same address, so that the kernel hands each new
+/// client to one worker's socket and wakes that worker alone (one socket shared by the
+/// workers wakes every one of them for each client, and all but one find nothing to
+/// accept). A listener made from one socket is shared by all workers.
+#[derive(Debug)]
+pub struct Listener {
+    /// Never empty.
+    sockets: Vec<std::net::TcpListener>,
+}
+
+impl Listener {
+    /// The address its sockets listen on.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sockets[0].local_addr()
+    }
+
+    /// The socket worker `id` accepts from.
+    fn for_worker(&self, id: usize) -> io::Result<std::net::TcpListener> {
+        self.sockets[id % self.sockets.len()].try_clone()
+    }
+}
+
+impl From<std::net::TcpListener> for Listener {
+    fn from(socket: std::net::TcpListener) -> Self {
+        Listener {
+            sockets: vec![socket],
+        }
+    }
 }
 
 thread_local! {
@@ -67,16 +129,17 @@ pub(crate) fn worker_id() -> usize {
 /// for up to that grace period, and returns.
 ///
 /// Connections are served by `config.workers` threads, each with a runtime of its own,
-/// accepting from the same listener: a request and its upstream connection stay on one
-/// thread, as in nginx's workers, with no wake-ups across threads. Upgraded connections
+/// each accepting from a socket of its own on the listener's address where it has one
+/// (see [`Listener`]): a request and its upstream connection stay on one thread, as in
+/// nginx's workers, with no wake-ups across threads. Upgraded connections
 /// go on after this returns (a drain waits for them); the worker threads end with the
 /// process.
 pub async fn serve(
-    listener: std::net::TcpListener,
+    listener: impl Into<Listener>,
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = Duration>,
 ) -> io::Result<()> {
-    serve_fronts(vec![(listener, Front::Plain)], proxy, shutdown).await
+    serve_fronts(vec![(listener.into(), Front::Plain)], proxy, shutdown).await
 }
 
 /// What a front listener speaks.
@@ -94,7 +157,7 @@ pub enum Front {
 /// [`serve`] for several listeners at once, each speaking its [`Front`]: the same
 /// workers accept from all of them, and `max_connections` holds for all together.
 pub async fn serve_fronts(
-    listeners: Vec<(std::net::TcpListener, Front)>,
+    listeners: Vec<(Listener, Front)>,
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = Duration>,
 ) -> io::Result<()> {
@@ -106,7 +169,7 @@ pub async fn serve_fronts(
     for id in 0..workers {
         let listeners = listeners
             .iter()
-            .map(|(listener, front)| Ok((listener.try_clone()?, front.clone())))
+            .map(|(listener, front)| Ok((listener.for_worker(id)?, front.clone())))
             .collect::<io::Result<Vec<_>>>()?;
         let (proxy, stopped, slots) = (proxy.clone(), stopped.clone(), slots.clone());
         let (finished, finished_rx) = tokio::sync::oneshot::channel();
@@ -244,6 +307,9 @@ async fn accept_loop(listener: TcpListener, shared: Shared, slots: Arc<Semaphore
             },
             grace = &mut shutdown => return grace,
         };
+        // At once, before anything below waits: an event epoll gave meanwhile would be
+        // lost to it.
+        wait_for_first_bytes(&stream);
         // Backpressure: at max_connections the loop holds the client it accepted and
         // stops accepting, and new clients wait in the kernel's queue instead of being
         // refused or crashing rolld. The slot is taken after the accept so that a loop
@@ -294,6 +360,22 @@ fn nodelay(stream: &TcpStream, inherited: &mut Option<bool>) {
             debug!(error = %err, "set_nodelay failed");
         }
     }
+}
+
+/// Makes the first read of an accepted client wait for epoll to say its bytes came.
+/// tokio takes a socket it accepted as readable, so that read would otherwise ask the
+/// kernel at once, and a client's request mostly arrives a moment after its connect:
+/// the answer is "nothing yet" (`EAGAIN`), one system call for nothing on three new
+/// connections of four under load. Bytes that came before the socket was added to
+/// epoll are reported by epoll all the same, at its next wait: this must be called
+/// before the worker's event loop turns again after the accept, or an event it gave
+/// for those bytes meanwhile is lost (epoll reports an edge once).
+fn wait_for_first_bytes(stream: &TcpStream) {
+    // Not readable until epoll says so: a `WouldBlock` from `try_io` clears the flag
+    // without a system call.
+    let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
 }
 
 /// The HTTP/1 and HTTP/2 settings every connection of a worker is served with.
@@ -723,6 +805,107 @@ mod tests {
             accepted_with_nodelay(false).await,
             (vec![true, true], Some(false))
         );
+    }
+
+    #[test]
+    fn an_address_another_socket_listens_on_is_refused_as_without_reuseport() {
+        let first = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = first.local_addr().expect("addr");
+        let again = bind(addr).map(|_| ()).map_err(|err| err.kind());
+        assert_eq!(again, Err(io::ErrorKind::AddrInUse));
+        let plain = std::net::TcpListener::bind(addr)
+            .map(|_| ())
+            .map_err(|err| err.kind());
+        assert_eq!(plain, Err(io::ErrorKind::AddrInUse));
+        drop(first);
+        bind(addr).expect("free again once the first is closed");
+    }
+
+    /// 64 clients of a listener bound for two workers reach both workers' sockets,
+    /// each of which gets some: the kernel spreads them, and each socket has its own
+    /// queue.
+    #[test]
+    fn each_worker_listens_on_a_socket_of_its_own_and_gets_clients() {
+        let listener = bind_for_workers("127.0.0.1:0".parse().expect("addr"), 2).expect("bind");
+        let first = listener.for_worker(0).expect("first worker's socket");
+        let second = listener.for_worker(1).expect("second worker's socket");
+        let addr = listener.local_addr().expect("addr");
+        assert_eq!(second.local_addr().expect("addr"), addr);
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        // Accepted as they come (the kernel may queue a client just after its
+        // connect returned), until all are.
+        let (mut to_first, mut to_second) = (0, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while to_first + to_second < clients.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not every client came"
+            );
+            to_first += std::iter::from_fn(|| first.accept().ok()).count();
+            to_second += std::iter::from_fn(|| second.accept().ok()).count();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            to_first > 0 && to_second > 0,
+            "{to_first} and {to_second} clients"
+        );
+    }
+
+    /// A listener made elsewhere, without SO_REUSEPORT, is shared by the workers.
+    #[test]
+    fn a_listener_without_reuseport_is_shared() {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        socket.set_nonblocking(true).expect("nonblocking");
+        let listener = Listener::from(socket);
+        let second = listener.for_worker(1).expect("second worker's listener");
+        let _client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while second.accept().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client never came"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// An accepted client is not taken as readable before epoll says so, and its
+    /// bytes are read whether they came before or after the accept.
+    #[tokio::test]
+    async fn the_first_read_of_a_client_waits_for_its_bytes_whenever_they_came() {
+        async fn readable(stream: &TcpStream) -> bool {
+            std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx).is_ready())).await
+        }
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        for sent_before_accept in [true, false] {
+            let mut client = TcpStream::connect(addr).await.expect("connect");
+            if sent_before_accept {
+                client.write_all(b"early").await.expect("send");
+                // Queued in the kernel before the socket is accepted and added to epoll.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            assert!(
+                readable(&stream).await,
+                "tokio takes an accepted socket as readable"
+            );
+            wait_for_first_bytes(&stream);
+            assert!(!readable(&stream).await, "not until epoll says so");
+            if !sent_before_accept {
+                client.write_all(b"early").await.expect("send");
+            }
+            let mut got = [0u8; 5];
+            tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut got))
+                .await
+                .expect("read in time")
+                .expect("read");
+            assert_eq!(&got, b"early");
+        }
     }
 
     #[tokio::test]

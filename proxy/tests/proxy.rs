@@ -949,6 +949,32 @@ async fn at_max_connections_new_clients_wait_instead_of_failing() {
     assert!(answer.ends_with("hi"), "served once a slot frees: {answer}");
 }
 
+/// A client whose request came while it waited for a slot is served once the slot
+/// frees, at once: its bytes, seen before it got the slot, are not forgotten.
+#[tokio::test]
+async fn a_request_sent_while_waiting_for_a_slot_is_answered_when_the_slot_frees() {
+    let up = Upstream::start(Script::Reply(ok("hi"))).await;
+    let mut cfg = config();
+    cfg.max_connections = 1;
+    cfg.workers = 1;
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+    let mut first = TcpStream::connect(front.addr).await.expect("connect");
+    first
+        .write_all(b"GET / HTTP/1.1\r\n")
+        .await
+        .expect("half a head");
+    let mut second = TcpStream::connect(front.addr).await.expect("connect");
+    second
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    // Time for rolld to accept the second client and see its bytes while no slot is free.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first);
+    let answer = read_until_closed(&mut second, Duration::from_secs(5)).await;
+    assert!(text(&answer).ends_with("hi"), "{}", text(&answer));
+}
+
 #[tokio::test]
 async fn shutdown_closes_idle_connections_and_lets_busy_ones_finish_with_connection_close() {
     let up = Upstream::start(Script::Reply(ok("late"))).await;

@@ -144,7 +144,7 @@ fn serve(
     let proxy = Arc::new(Proxy::new(upstreams, ProxyConfig::default()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<Duration>();
     tokio::spawn(rolld_proxy::serve_fronts(
-        vec![(listener, Front::Tls(tls))],
+        vec![(listener.into(), Front::Tls(tls))],
         proxy,
         async move { stopped.await.unwrap_or(Duration::ZERO) },
     ));
@@ -230,7 +230,7 @@ async fn rotation_serves_new_handshakes_while_an_established_connection_goes_on(
     let proxy = Arc::new(Proxy::new(upstreams, ProxyConfig::default()));
     let (stop, stopped) = tokio::sync::oneshot::channel::<Duration>();
     let server = tokio::spawn(rolld_proxy::serve_fronts(
-        vec![(listener, Front::Tls(tls.clone()))],
+        vec![(listener.into(), Front::Tls(tls.clone()))],
         proxy,
         async move { stopped.await.unwrap_or(Duration::ZERO) },
     ));

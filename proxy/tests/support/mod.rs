@@ -26,7 +26,10 @@ pub struct Front {
 
 impl Front {
     pub async fn start(config: ProxyConfig, upstreams: &[SocketAddr], balance: Balance) -> Front {
-        let listener = rolld_proxy::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        // A socket for each worker, as rolld binds its front.
+        let listener =
+            rolld_proxy::bind_for_workers("127.0.0.1:0".parse().expect("addr"), config.workers)
+                .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let set = Arc::new(Upstreams::new());
         if !upstreams.is_empty() {
