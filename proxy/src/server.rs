@@ -99,9 +99,21 @@ impl Listener {
         self.sockets[0].local_addr()
     }
 
-    /// The socket worker `id` accepts from.
-    fn for_worker(&self, id: usize) -> io::Result<std::net::TcpListener> {
-        self.sockets[id % self.sockets.len()].try_clone()
+    /// The sockets worker `id` of `workers` accepts from: its own, and every socket
+    /// beyond the number of workers is taken by one of them too (one nobody accepted
+    /// from would hold its clients until it closed); with fewer sockets than workers,
+    /// workers share them.
+    fn for_worker(&self, id: usize, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+        let count = self.sockets.len();
+        if count < workers {
+            return Ok(vec![self.sockets[id % count].try_clone()?]);
+        }
+        self.sockets
+            .iter()
+            .skip(id)
+            .step_by(workers.max(1))
+            .map(std::net::TcpListener::try_clone)
+            .collect()
     }
 }
 
@@ -167,10 +179,13 @@ pub async fn serve_fronts(
     let slots = Arc::new(Semaphore::new(proxy.config().max_connections.max(1)));
     let mut done = Vec::with_capacity(workers);
     for id in 0..workers {
-        let listeners = listeners
-            .iter()
-            .map(|(listener, front)| Ok((listener.for_worker(id)?, front.clone())))
-            .collect::<io::Result<Vec<_>>>()?;
+        let mut own = Vec::new();
+        for (listener, front) in &listeners {
+            for socket in listener.for_worker(id, workers)? {
+                own.push((socket, front.clone()));
+            }
+        }
+        let listeners = own;
         let (proxy, stopped, slots) = (proxy.clone(), stopped.clone(), slots.clone());
         let (finished, finished_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -827,8 +842,10 @@ mod tests {
     #[test]
     fn each_worker_listens_on_a_socket_of_its_own_and_gets_clients() {
         let listener = bind_for_workers("127.0.0.1:0".parse().expect("addr"), 2).expect("bind");
-        let first = listener.for_worker(0).expect("first worker's socket");
-        let second = listener.for_worker(1).expect("second worker's socket");
+        let mut sockets = [0, 1].map(|id| listener.for_worker(id, 2).expect("a worker's socket"));
+        let [Some(first), Some(second)] = sockets.each_mut().map(Vec::pop) else {
+            panic!("one socket for each worker")
+        };
         let addr = listener.local_addr().expect("addr");
         assert_eq!(second.local_addr().expect("addr"), addr);
         let clients: Vec<_> = (0..64)
@@ -853,13 +870,25 @@ mod tests {
         );
     }
 
+    /// Sockets beyond the number of workers are each taken by one worker.
+    #[test]
+    fn every_socket_has_a_worker_whatever_their_numbers() {
+        let listener = bind_for_workers("127.0.0.1:0".parse().expect("addr"), 3).expect("bind");
+        let count = |id, workers| listener.for_worker(id, workers).expect("sockets").len();
+        assert_eq!((count(0, 2), count(1, 2)), (2, 1));
+        assert_eq!((count(0, 3), count(1, 3), count(2, 3)), (1, 1, 1));
+        assert_eq!((count(0, 4), count(3, 4)), (1, 1));
+    }
+
     /// A listener made elsewhere, without SO_REUSEPORT, is shared by the workers.
     #[test]
     fn a_listener_without_reuseport_is_shared() {
         let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         socket.set_nonblocking(true).expect("nonblocking");
         let listener = Listener::from(socket);
-        let second = listener.for_worker(1).expect("second worker's listener");
+        let second = listener.for_worker(1, 2).expect("second worker's listener");
+        assert_eq!(second.len(), 1);
+        let second = &second[0];
         let _client =
             std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
