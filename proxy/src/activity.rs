@@ -37,7 +37,7 @@ use crate::config::ProxyConfig;
 const SHED_AFTER: Duration = Duration::from_millis(250);
 
 /// The most a read of a new connection's first bytes takes (see
-/// [`ClientIo::starts_with`]): room for most request heads, on the stack.
+/// [`ClientIo::starts_with`]): room for most request heads.
 const SNIFF_READ: usize = 2048;
 
 /// Shared by a connection's IO and its requests.
