@@ -924,8 +924,19 @@ async fn at_max_connections_new_clients_wait_instead_of_failing() {
     let mut cfg = config();
     cfg.max_connections = 2;
     let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
-    let a = TcpStream::connect(front.addr).await.expect("connect");
-    let _b = TcpStream::connect(front.addr).await.expect("connect");
+    // Two keep-alive clients, each answered once, so both surely hold a slot: with a
+    // socket per worker the kernel may queue a later client on a worker that accepts
+    // it before an earlier one on the other.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut client = TcpStream::connect(front.addr).await.expect("connect");
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        read_until(&mut client, b"hi", 1, SOON).await;
+        held.push(client);
+    }
     let third = tokio::spawn({
         let addr = front.addr;
         async move {
@@ -944,7 +955,7 @@ async fn at_max_connections_new_clients_wait_instead_of_failing() {
         !third.is_finished(),
         "a third client is not served while two connections are open"
     );
-    drop(a);
+    drop(held.pop());
     let answer = third.await.expect("task");
     assert!(answer.ends_with("hi"), "served once a slot frees: {answer}");
 }
