@@ -41,7 +41,9 @@ const BACKLOG: i32 = 1024;
 /// close-on-exec so app processes never inherit it, `TCP_NODELAY` before it listens,
 /// so that every client it accepts has it too (see [`nodelay`]), and SO_REUSEPORT, for
 /// the sockets of [`bind_for_workers`] beside it. Another process listening on `addr`
-/// is still an error, as without SO_REUSEPORT: a bind without it is tried first.
+/// is still an error, as without SO_REUSEPORT: a bind without it is tried first. Once
+/// rolld listens, a process of the user that bound it (root, with `user:`) could join
+/// with SO_REUSEPORT of its own and take a share of the clients; any other is refused.
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     if addr.port() != 0 {
         drop(bound(addr, false)?);
