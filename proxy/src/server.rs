@@ -239,12 +239,15 @@ async fn accept(
     // whenever a new timer is due before every armed one: with a single busy client,
     // that is each request's response timeout. A tick every second keeps an earlier
     // timer armed, so request timers never do. It also keeps the `Date` of answers
-    // current (see `h1`).
-    let ticker = tokio::spawn(async {
+    // current (see `h1`), and closes this worker's pooled upstream connections that
+    // idled too long or that the app closed.
+    let upstreams = proxy.upstreams().clone();
+    let ticker = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             crate::h1::refresh_date();
+            upstreams.sweep_idle();
         }
     });
     let protocols = Arc::new(Protocols::new(proxy.config()));

@@ -608,6 +608,21 @@ impl Upstreams {
         self.shared.current.load_full()
     }
 
+    /// Closes the calling proxy worker's idle connections to the installed sets'
+    /// processes that no request may take any more (see `Pool::sweep`). Each worker
+    /// calls it every second; a replaced set's pools close with the set.
+    pub(crate) fn sweep_idle(&self) {
+        let standby = self.shared.standby.load_full();
+        for set in [Some(self.current()), self.canary(), standby]
+            .into_iter()
+            .flatten()
+        {
+            for upstream in set.upstreams() {
+                upstream.pool().sweep();
+            }
+        }
+    }
+
     /// Installs `next` for every request routed from now on (the held ones first, if it
     /// can take them), and returns the drain of the set it replaced. Requests that
     /// loaded the old set before the swap are counted by it: arc-swap turns every
