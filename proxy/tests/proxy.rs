@@ -979,8 +979,23 @@ async fn a_request_sent_while_waiting_for_a_slot_is_answered_when_the_slot_frees
         .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .expect("send");
-    // Time for rolld to accept the second client and see its bytes while no slot is free.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // rolld has accepted the second client once its listener's queue is empty; it then
+    // waits for the only slot, which the first holds, and must not answer meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while accept_queue(front.addr) != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "rolld never accepted the second client: queue {:?}",
+            accept_queue(front.addr)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(200), second.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "answered while the only slot was taken: {early:?}"
+    );
     drop(first);
     let answer = read_until_closed(&mut second, Duration::from_secs(5)).await;
     assert!(text(&answer).ends_with("hi"), "{}", text(&answer));

@@ -362,3 +362,25 @@ pub fn dead_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
 }
+
+/// How many connections wait in the accept queue of the IPv4 listener on `addr`: the
+/// `rx_queue` of its LISTEN row in /proc/net/tcp. None when it is not listed.
+pub fn accept_queue(addr: SocketAddr) -> Option<usize> {
+    let SocketAddr::V4(v4) = addr else {
+        return None;
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) != Some(&local.as_str()) || fields.get(3) != Some(&"0A") {
+            return None;
+        }
+        let (_, rx_queue) = fields.get(4)?.split_once(':')?;
+        usize::from_str_radix(rx_queue, 16).ok()
+    })
+}
