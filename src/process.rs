@@ -366,13 +366,20 @@ pub async fn terminate(
         .and_then(Result::ok);
     // The leader is gone; give the rest (forked workers, daemons) the same deadline.
     // rolld's descendants are listed again every 0.5 s, not at every poll (a process
-    // that forks meanwhile, or leaves the tree, is seen then).
+    // that forks meanwhile, or leaves the tree, is seen then), and once more before
+    // the rest is taken for gone: one listing can miss a process that is re-parented
+    // to rolld while the tree is walked (its parent, stopped by the same signal, exits
+    // just then), and that process would get SIGKILL before its grace period.
     if status.is_some() {
         let mut members = tree.marked_members();
         let mut polls = 0u32;
-        while (tree.group_alive() || members.iter().any(|&pid| tree::live(pid)))
-            && tokio::time::Instant::now() < deadline
-        {
+        while tokio::time::Instant::now() < deadline {
+            if !tree.group_alive() && !members.iter().any(|&pid| tree::live(pid)) {
+                members = tree.marked_members();
+                if !members.iter().any(|&pid| tree::live(pid)) {
+                    break;
+                }
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
             polls += 1;
             if polls % 25 == 0 {

@@ -740,3 +740,26 @@ fn a_cgroup_setting_that_is_no_cgroup_v2_folder_is_a_config_error() {
     let out = output_within(Command::new(ROLLD).arg(&config), SOON);
     assert_eq!(out.status.code(), Some(2), "rolld does not start either");
 }
+
+/// Eight daemons, each re-parented to rolld when the stop signal ends its parent: each
+/// still gets its grace period (rolld lists the tree again before it takes the rest for
+/// gone, since a listing can miss a process re-parented while it walks the tree).
+#[test]
+fn a_roll_stops_every_daemon_of_a_larger_set_with_its_stop_signal() {
+    let (fixture, rolld) = start_daemonizing(8);
+    rolld.signal(Signal::SIGHUP);
+    rolld.wait_log("roll finished", 2);
+    for &port in &fixture.sets[0] {
+        wait_until("the old set's port free", SOON, || port_free(port));
+    }
+    let killed: Vec<u16> = fixture.sets[0]
+        .iter()
+        .copied()
+        .filter(|&port| !stopped_gracefully(&rolld, port))
+        .collect();
+    assert!(
+        killed.is_empty(),
+        "not stopped with SIGTERM: {killed:?}\n{}",
+        rolld.log()
+    );
+}
