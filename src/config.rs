@@ -65,6 +65,7 @@ struct RawProxy {
     http2_keepalive_interval: Option<String>,
     http2_keepalive_timeout: Option<String>,
     tunnel_idle_timeout: Option<String>,
+    upstream_keepalive_timeout: Option<String>,
     hold_timeout: Option<String>,
     max_held: Option<usize>,
     buffering: Option<bool>,
@@ -1256,6 +1257,12 @@ fn validate_proxy(v: &Validator, raw: Option<RawProxy>) -> Result<ProxyConfig, S
             d.tunnel_idle_timeout,
             Duration::from_secs(7 * 24 * 3600),
         )?,
+        upstream_keepalive_timeout: bounded(
+            "upstream_keepalive_timeout",
+            raw.upstream_keepalive_timeout.as_deref(),
+            d.upstream_keepalive_timeout,
+            Duration::from_secs(3600),
+        )?,
         client_header_timeout: duration(
             "client_header_timeout",
             raw.client_header_timeout.as_deref(),
@@ -1951,9 +1958,20 @@ app-servers:
     #[test]
     fn http2_and_tunnel_limits_parse_and_are_bounded() {
         let c = parse(&format!(
-            "proxy:\n  http2_max_concurrent_streams: 50\n  http2_keepalive_interval: 10s\n  http2_keepalive_timeout: 5s\n  tunnel_idle_timeout: 10m\n{ORIGINAL}"
+            "proxy:\n  http2_max_concurrent_streams: 50\n  http2_keepalive_interval: 10s\n  http2_keepalive_timeout: 5s\n  tunnel_idle_timeout: 10m\n  upstream_keepalive_timeout: 3s\n{ORIGINAL}"
         ))
         .expect("valid");
+        assert_eq!(c.proxy.upstream_keepalive_timeout, Duration::from_secs(3));
+        let d = parse(ORIGINAL).expect("valid");
+        assert_eq!(d.proxy.upstream_keepalive_timeout, Duration::from_secs(60));
+        assert_error(
+            &format!("proxy:\n  upstream_keepalive_timeout: 2h\n{ORIGINAL}"),
+            &[
+                "line 2",
+                "proxy.upstream_keepalive_timeout",
+                "between 1s and 1h",
+            ],
+        );
         assert_eq!(c.proxy.http2_max_concurrent_streams, 50);
         assert_eq!(c.proxy.http2_keepalive_interval, Duration::from_secs(10));
         assert_eq!(c.proxy.http2_keepalive_timeout, Duration::from_secs(5));

@@ -475,6 +475,11 @@ fn plan(config: &Config) -> String {
             d(p.http2_keepalive_timeout),
             d(p.tunnel_idle_timeout)
         );
+        let _ = writeln!(
+            out,
+            "upstreams:    idle connections kept {} per process and worker",
+            d(p.upstream_keepalive_timeout)
+        );
         if p.hold_timeout.is_zero() {
             let _ = writeln!(
                 out,

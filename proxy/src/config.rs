@@ -50,6 +50,10 @@ pub struct ProxyConfig {
     /// when moving behind rolld. It frees the connection's `max_connections` slot
     /// and its place in a drain.
     pub tunnel_idle_timeout: Duration,
+    /// An idle connection to an app process is kept this long for the next request, as
+    /// nginx's upstream `keepalive_timeout` (60 s); past 4 s it carries only requests
+    /// that may be sent again (see `pool`).
+    pub upstream_keepalive_timeout: Duration,
     /// How long a request waits for a set while no upstream can take it (start-up,
     /// every process restarting) before it gets 503; zero answers 503 at once. During
     /// a pause, requests wait until the pause ends and then up to this.
@@ -94,6 +98,7 @@ impl Default for ProxyConfig {
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(20),
             tunnel_idle_timeout: Duration::from_secs(3600),
+            upstream_keepalive_timeout: Duration::from_secs(60),
             hold_timeout: Duration::from_secs(5),
             max_held: 1024,
             retries: 2,

@@ -120,6 +120,25 @@ impl Conn {
         }
     }
 
+    /// Lets go of the read buffer of a connection waiting in the pool: the next request
+    /// on it reads into a new one.
+    pub(crate) fn release_buffer(&mut self) {
+        if self.buf.is_empty() && self.rest.is_empty() {
+            self.buf = BytesMut::new();
+            self.rest = Bytes::new();
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn reserve_buffer_for_test(&mut self) {
+        self.buf.reserve(READ_SIZE);
+    }
+
     /// Sends `req` and reads its answer's head. The answer's body reads on from this
     /// connection, and hands it back when it can carry another request.
     pub(crate) async fn send(

@@ -633,7 +633,18 @@ impl Proxy {
             let checkout = if fresh {
                 upstream.pool().connect(self.config.connect_timeout).await
             } else {
-                upstream.pool().checkout(self.config.connect_timeout).await
+                // A connection the app may be closing right now is only for a request
+                // that would go out again whole if it failed there after being written.
+                let resendable =
+                    self.config.retries > 0 && replay.is_ok() && req.body.is_end_stream();
+                upstream
+                    .pool()
+                    .checkout(
+                        self.config.connect_timeout,
+                        self.config.upstream_keepalive_timeout,
+                        resendable,
+                    )
+                    .await
             };
             let conn = match checkout {
                 Ok(conn) => conn,

@@ -242,12 +242,13 @@ async fn accept(
     // current (see `h1`), and closes this worker's pooled upstream connections that
     // idled too long or that the app closed.
     let upstreams = proxy.upstreams().clone();
+    let keepalive = proxy.config().upstream_keepalive_timeout;
     let ticker = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             crate::h1::refresh_date();
-            upstreams.sweep_idle();
+            upstreams.sweep_idle(keepalive);
         }
     });
     let protocols = Arc::new(Protocols::new(proxy.config()));

@@ -611,14 +611,14 @@ impl Upstreams {
     /// Closes the calling proxy worker's idle connections to the installed sets'
     /// processes that no request may take any more (see `Pool::sweep`). Each worker
     /// calls it every second; a replaced set's pools close with the set.
-    pub(crate) fn sweep_idle(&self) {
+    pub(crate) fn sweep_idle(&self, keepalive: Duration) {
         let standby = self.shared.standby.load_full();
         for set in [Some(self.current()), self.canary(), standby]
             .into_iter()
             .flatten()
         {
             for upstream in set.upstreams() {
-                upstream.pool().sweep();
+                upstream.pool().sweep(keepalive);
             }
         }
     }

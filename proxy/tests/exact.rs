@@ -134,30 +134,65 @@ async fn a_post_on_a_reused_connection_the_app_closed_after_reading_gets_502_and
     assert_eq!(up.count("POST /pay"), 1, "the POST reached the app once");
 }
 
+/// A pause in the traffic leaves the app's connections in the pool, to be reused when
+/// requests come back. One that idled past 4 s, when the app may be closing it, takes
+/// only a request that would be sent again whole: a GET reuses it; a POST, a PUT whose
+/// body is still coming, or a GET with `retries: 0` goes out on a new connection.
 #[tokio::test]
-async fn a_pooled_connection_idle_longer_than_4s_is_not_reused() {
-    // App servers close idle keep-alive connections after a few seconds (5 s is common);
-    // reusing one at that moment would fail the request, so rolld keeps them 4 s.
-    let up = Upstream::start(Script::Reply(ok("hi"))).await;
-    // One pool: pools are per upstream and worker thread.
-    let cfg = ProxyConfig {
-        workers: 1,
-        ..ProxyConfig::default()
-    };
-    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
-    assert!(get_once(front.addr).await.ends_with("hi"));
-    assert!(get_once(front.addr).await.ends_with("hi"));
-    assert_eq!(
-        up.connections.load(Ordering::SeqCst),
-        1,
-        "reused while fresh"
+async fn after_a_pause_only_a_request_that_can_be_sent_again_reuses_the_apps_connection() {
+    async fn connections_after_a_pause(next: &[u8], retries: u32) -> usize {
+        let up = Upstream::start(Script::Reply(ok("end"))).await;
+        let cfg = ProxyConfig {
+            retries,
+            ..ProxyConfig::default()
+        };
+        let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
+        // One client connection: one worker, so one pool.
+        let mut s = TcpStream::connect(front.addr).await.expect("connect");
+        for (i, request) in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], next]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                // Longer than a pooled connection may idle and still take any request.
+                tokio::time::sleep(std::time::Duration::from_millis(4500)).await;
+            }
+            let answer = ask(&mut s, request).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200") && answer.ends_with("end"),
+                "request {i}: {answer}"
+            );
+        }
+        up.connections.load(Ordering::SeqCst)
+    }
+    let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let (get_again, post, put, get_no_retries) = tokio::join!(
+        connections_after_a_pause(get, 2),
+        connections_after_a_pause(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            2
+        ),
+        connections_after_a_pause(
+            b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody",
+            2
+        ),
+        connections_after_a_pause(get, 0),
     );
-    tokio::time::sleep(std::time::Duration::from_millis(4_300)).await;
-    assert!(get_once(front.addr).await.ends_with("hi"));
     assert_eq!(
-        up.connections.load(Ordering::SeqCst),
-        2,
-        "a connection idle for 4.3 s is not reused"
+        get_again, 1,
+        "a GET after a pause did not reuse the app's connection"
+    );
+    assert_eq!(
+        get_no_retries, 2,
+        "with `retries: 0`, a GET after a pause was sent on an aged connection"
+    );
+    assert_eq!(
+        post, 2,
+        "a POST after a pause was sent on an aged connection"
+    );
+    assert_eq!(
+        put, 2,
+        "a PUT with a body after a pause was sent on an aged connection"
     );
 }
 

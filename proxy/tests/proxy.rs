@@ -1656,14 +1656,18 @@ async fn an_upstream_that_stops_reading_the_request_body_gives_504() {
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
 }
 
-/// A pooled connection that no request takes for longer than the idle timeout (4 s,
-/// under the 5 s at which many app servers close their side) is closed by rolld on its
-/// own, without a request to find it stale, a roll or anything else to come: an app's
-/// connections are not held open, half-closed, after a burst of traffic has gone.
+/// A pooled connection that no request takes for longer than
+/// `upstream_keepalive_timeout` is closed by rolld on its own, without a request to find
+/// it stale, a roll or anything else to come: an app's connections are not held open,
+/// half-closed, after a burst of traffic has gone.
 #[tokio::test]
 async fn a_pooled_connection_left_idle_is_closed_without_a_request_to_find_it() {
     let up = Upstream::start(Script::Reply(ok("hi"))).await;
-    let front = front_for(&up).await;
+    let cfg = ProxyConfig {
+        upstream_keepalive_timeout: Duration::from_secs(2),
+        ..config()
+    };
+    let front = Front::start(cfg, &[up.addr], Balance::LeastConn).await;
     let answer = get_once(front.addr).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
@@ -1677,8 +1681,8 @@ async fn a_pooled_connection_left_idle_is_closed_without_a_request_to_find_it() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        idle_since.elapsed() >= Duration::from_secs(3),
-        "closed after {:?}: a connection idle for less than the idle timeout is kept",
+        idle_since.elapsed() >= Duration::from_millis(1900),
+        "closed after {:?}: a connection idle for less than upstream_keepalive_timeout is kept",
         idle_since.elapsed()
     );
 }
