@@ -1956,7 +1956,7 @@ app-servers:
     }
 
     #[test]
-    fn http2_and_tunnel_limits_parse_and_are_bounded() {
+    fn http2_tunnel_and_upstream_keepalive_limits_parse_and_are_bounded() {
         let c = parse(&format!(
             "proxy:\n  http2_max_concurrent_streams: 50\n  http2_keepalive_interval: 10s\n  http2_keepalive_timeout: 5s\n  tunnel_idle_timeout: 10m\n  upstream_keepalive_timeout: 3s\n{ORIGINAL}"
         ))

@@ -477,7 +477,7 @@ fn plan(config: &Config) -> String {
         );
         let _ = writeln!(
             out,
-            "upstreams:    idle connections kept {} per process and worker",
+            "upstreams:    idle connections kept up to {}, at most 64 per process and worker",
             d(p.upstream_keepalive_timeout)
         );
         if p.hold_timeout.is_zero() {

@@ -140,10 +140,10 @@ impl Pool {
     }
 
     /// Closes the idle connections that no request may take any more: idle longer than
-    /// `keepalive`, or closed by the app. Without it, those left under the ones in use stay open
-    /// (half-closed by the app, for most) until the set is replaced. The ones kept that
-    /// idled longer than [`SAFE_IDLE`] let go of their read buffers: a pause in the
-    /// traffic holds sockets, not memory.
+    /// `keepalive`, or closed by the app. Without it, those left under the ones in use
+    /// stay open (half-closed by the app, for most) until the set is replaced. The ones
+    /// kept that idled longer than [`SAFE_IDLE`] let go of their read buffers: a pause in
+    /// the traffic holds sockets, not memory.
     pub(crate) fn sweep(&self, keepalive: Duration) {
         self.sweep_at(crate::clock::ms(), keepalive);
     }
