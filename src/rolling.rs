@@ -131,6 +131,18 @@ impl Roll {
     /// A step of the roll, for the log's reader and the watchers.
     fn report(&self, phase: &str, message: String) {
         info!(generation = self.id, "{message}");
+        self.tell(phase, message);
+    }
+
+    /// A step whose message names the old set's generation: the log line carries the
+    /// roll's own as `roll`, so that it has one `generation=`, not two.
+    fn report_old(&self, phase: &str, message: String) {
+        info!(roll = self.id, "{message}");
+        self.tell(phase, message);
+    }
+
+    /// The phase for `rolld status` and the message for every `rolld reload` waiting.
+    fn tell(&self, phase: &str, message: String) {
         self.ctx.board.phase(self.id, phase);
         for watcher in &self.watchers {
             let _ = watcher.send(RollEvent::Progress(message.clone()));
@@ -404,7 +416,7 @@ impl Roll {
         let draining = Instant::now();
         if let Some(mut drain) = drain {
             let in_flight = drain.in_flight();
-            self.report(
+            self.report_old(
                 "draining",
                 format!(
                     "draining {in_flight} request(s) in flight generation={}",
@@ -435,7 +447,7 @@ impl Roll {
         let old_id = old.id;
         if let Some(rollout) = baking {
             let baseline = old_outcomes.as_ref().map(|o| o.counts());
-            self.report(
+            self.report_old(
                 "bake",
                 format!(
                     "baking for {}: the old set generation={old_id} stays up, idle",
@@ -495,12 +507,12 @@ impl Roll {
             }
         }
         old.set_serving(false);
-        self.report(
+        self.report_old(
             "stopping",
             format!("stopping the old set generation={old_id}"),
         );
         old.terminate(StopHow::from_config(&self.config)).await;
-        self.report("stopped", format!("old set stopped generation={old_id}"));
+        self.report_old("stopped", format!("old set stopped generation={old_id}"));
         Ok(())
     }
 

@@ -216,6 +216,9 @@ fn a_request_longer_than_the_roll_completes_on_its_old_process() {
     wait_until("old process gone", SOON, || !alive(old[0]));
     let log = rolld.log();
     assert!(log.contains("draining 1 request(s) in flight"), "{log}");
+    // Lines about the old set name its generation once, and the roll's as `roll`.
+    assert!(log.contains("old set stopped generation=1 roll=2"), "{log}");
+    assert!(!log.contains("generation=1 generation=2"), "{log}");
     // The proxy counts the requests: no watching of the old set's sockets on top.
     assert!(!log.contains("connection to the old set"), "{log}");
 }
