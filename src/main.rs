@@ -477,8 +477,9 @@ fn plan(config: &Config) -> String {
         );
         let _ = writeln!(
             out,
-            "upstreams:    idle connections kept up to {}, at most 64 per process and worker",
-            d(p.upstream_keepalive_timeout)
+            "upstreams:    idle connections kept up to {}, at most {} per process and worker",
+            d(p.upstream_keepalive_timeout),
+            rolld_proxy::MAX_IDLE_UPSTREAM_CONNECTIONS
         );
         if p.hold_timeout.is_zero() {
             let _ = writeln!(

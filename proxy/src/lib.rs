@@ -65,6 +65,7 @@ pub use exchange::UpstreamError;
 pub use forward::{Client, Proxy};
 pub use hold::HoldSnapshot;
 pub use maintenance::MaintenancePage;
+pub use pool::MAX_IDLE as MAX_IDLE_UPSTREAM_CONNECTIONS;
 pub use server::{bind, bind_for_workers, serve, serve_fronts, Front, Listener};
 pub use stats::{Stats, StatsSnapshot};
 pub use upstream::{Balance, InFlight, OutcomeCounts, Outcomes, Upstream, UpstreamSet, Upstreams};

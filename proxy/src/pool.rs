@@ -17,7 +17,7 @@ pub(crate) use crate::exchange::Conn;
 /// Idle connections kept per upstream and worker thread (like nginx's `keepalive`):
 /// enough for a few hundred concurrent clients; a burst beyond it closes the surplus
 /// instead of holding its buffers.
-const MAX_IDLE: usize = 64;
+pub const MAX_IDLE: usize = 64;
 /// An idle connection this young may carry any request. App servers close idle
 /// keep-alive connections themselves (5 s is common), and a request written at that
 /// very moment fails after it was sent, which only a request that can be sent again
